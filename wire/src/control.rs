@@ -1,0 +1,112 @@
+//! The control connection inside the tunnel, from the sidecar to the agent's
+//! control port: a [`crate::preamble`] of kind `Control`, then JSON messages,
+//! each behind a big-endian u32 length. The agent answers the sidecar's
+//! `Hello` with `Info` (version and the env for injection), answers `Ping`
+//! with `Pong` (health), and pushes `Inbound` when a cluster client connects
+//! to one of its ports.
+
+use std::collections::BTreeMap;
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+
+/// Largest message accepted; an env of a few thousand variables fits easily.
+pub const MAX_MESSAGE: usize = 4 << 20;
+const HEADER_LEN: usize = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Sidecar -> agent, first message.
+    Hello { version: String },
+    /// Agent -> sidecar: the agent's build and its process environment minus
+    /// tpd's own variables. Holds secrets: never log it.
+    Info { version: String, env: BTreeMap<String, String> },
+    /// Sidecar -> agent health probe; the agent answers with the same `seq`.
+    Ping { seq: u64 },
+    Pong { seq: u64 },
+    /// Agent -> sidecar: a cluster client connected to `port` on the agent;
+    /// the sidecar opens an [`crate::inbound`] connection naming `id`.
+    Inbound { id: u64, port: u16 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("control message of {0} bytes is larger than the {MAX_MESSAGE}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed control message")]
+    Json(#[source] serde_json::Error),
+}
+
+/// Appends `msg` as one length-prefixed message.
+pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), Error> {
+    let json = serde_json::to_vec(msg).map_err(Error::Json)?;
+    if json.len() > MAX_MESSAGE {
+        return Err(Error::TooLarge(json.len()));
+    }
+    out.reserve(HEADER_LEN + json.len());
+    out.put_u32(json.len() as u32);
+    out.put_slice(&json);
+    Ok(())
+}
+
+/// Takes one message off the front of `buf`; `Ok(None)` until it has fully arrived.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, Error> {
+    let Some(head) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > MAX_MESSAGE {
+        return Err(Error::TooLarge(len));
+    }
+    if buf.len() < HEADER_LEN + len {
+        return Ok(None);
+    }
+    buf.advance(HEADER_LEN);
+    let body = buf.split_to(len);
+    serde_json::from_slice(&body).map(Some).map_err(Error::Json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            ".{0,20}".prop_map(|version| Message::Hello { version }),
+            (".{0,10}", proptest::collection::btree_map(".{0,10}", ".{0,30}", 0..5))
+                .prop_map(|(version, env)| Message::Info { version, env }),
+            any::<u64>().prop_map(|seq| Message::Ping { seq }),
+            any::<u64>().prop_map(|seq| Message::Pong { seq }),
+            (any::<u64>(), any::<u16>()).prop_map(|(id, port)| Message::Inbound { id, port }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(msgs in proptest::collection::vec(message(), 0..6), cut in any::<prop::sample::Index>()) {
+            let mut wire = BytesMut::new();
+            for m in &msgs { encode(m, &mut wire).unwrap(); }
+            let at = cut.index(wire.len() + 1);
+            let mut buf = BytesMut::from(&wire[..at]);
+            let mut got = Vec::new();
+            while let Some(m) = decode(&mut buf).unwrap() { got.push(m); }
+            buf.extend_from_slice(&wire[at..]);
+            while let Some(m) = decode(&mut buf).unwrap() { got.push(m); }
+            prop_assert_eq!(got, msgs);
+        }
+
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = decode(&mut buf) {}
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering() {
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(decode(&mut buf), Err(Error::TooLarge(_))));
+    }
+}

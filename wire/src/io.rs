@@ -1,0 +1,195 @@
+//! Async helpers that drive the pure decoders of this crate over any tokio
+//! byte stream: reading a hello, preamble, control message or inbound header,
+//! and the batching reader and writer of WireGuard frames. The caller owns
+//! the sockets; these take `AsyncRead`/`AsyncWrite`. The exceptions are
+//! [`dns_exchange`], the one-shot UDP query both binaries forward DNS with,
+//! and [`shutdown_signal`], how both learn to stop.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::{control, frame, hello, inbound, preamble};
+
+/// Sends one DNS query to `server` over UDP and returns the answer carrying
+/// the same id, or a timeout after `timeout`.
+pub async fn dns_exchange(query: &[u8], server: std::net::SocketAddr, timeout: Duration) -> io::Result<Vec<u8>> {
+    let bind = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let sock = tokio::net::UdpSocket::bind(bind).await?;
+    sock.connect(server).await?;
+    sock.send(query).await?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(timeout, sock.recv(&mut buf)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        // Only the answer to this query (same id); a late answer to an
+        // earlier one is skipped.
+        if n >= 2 && buf[..2] == query[..2] {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+    }
+}
+
+/// How long a peer may take to send the first bytes of a stream.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of frames gathered into one write, so a burst of small datagrams
+/// costs one syscall.
+const WRITE_BATCH: usize = 128 * 1024;
+
+fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Reads into `buf` until `decode` yields a value; bytes after it stay in `buf`.
+async fn read_until<R, T, E, F>(rd: &mut R, buf: &mut BytesMut, mut decode: F) -> io::Result<T>
+where
+    R: AsyncRead + Unpin,
+    E: std::error::Error + Send + Sync + 'static,
+    F: FnMut(&mut BytesMut) -> Result<Option<T>, E>,
+{
+    loop {
+        if let Some(v) = decode(buf).map_err(invalid)? {
+            return Ok(v);
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Reads the peer's transport hello (bounded by [`HANDSHAKE_TIMEOUT`]).
+pub async fn read_hello<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> io::Result<hello::Hello> {
+    let read = read_until(rd, buf, |b| {
+        let h = hello::Hello::decode(b)?;
+        if h.is_some() {
+            let _ = b.split_to(hello::LEN);
+        }
+        Ok::<_, hello::Error>(h)
+    });
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+/// Reads and checks the preamble of a stream of `kind`.
+pub async fn read_preamble<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, kind: preamble::Kind) -> io::Result<()> {
+    let read = read_until(rd, buf, |b| {
+        let n = preamble::decode(b, kind)?;
+        if let Some(n) = n {
+            let _ = b.split_to(n);
+        }
+        Ok::<_, preamble::Error>(n.map(|_| ()))
+    });
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+/// Reads the inbound header (bounded by [`HANDSHAKE_TIMEOUT`]).
+pub async fn read_inbound_header<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<inbound::Header> {
+    // Exactly LEN bytes, so nothing of the client's stream is consumed.
+    let mut head = [0u8; inbound::LEN];
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, rd.read_exact(&mut head))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    inbound::Header::decode(&head).map_err(invalid)?.ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
+}
+
+/// Reads the next control message; `Ok(None)` at a clean end of stream.
+pub async fn read_message<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> io::Result<Option<control::Message>> {
+    match read_until(rd, buf, control::decode).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && buf.is_empty() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes every control message from `rx` until it closes.
+pub async fn write_messages<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<control::Message>) -> io::Result<()> {
+    let mut out = BytesMut::new();
+    while let Some(msg) = rx.recv().await {
+        control::encode(&msg, &mut out).map_err(invalid)?;
+        wr.write_all(&out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// Calls `on_datagram` for every WireGuard frame read until the stream ends
+/// or turns out corrupt (then the error says why and the caller closes it).
+pub async fn read_frames<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    mut buf: BytesMut,
+    mut on_datagram: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    loop {
+        while let Some(datagram) = frame::decode(&mut buf).map_err(invalid)? {
+            on_datagram(&datagram);
+        }
+        if buf.capacity() - buf.len() < frame::HEADER_LEN + frame::MAX_PAYLOAD {
+            buf.reserve(256 * 1024);
+        }
+        if rd.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes every datagram from `rx` as a frame, batching what is queued.
+pub async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Bytes>) -> io::Result<()> {
+    let mut out = BytesMut::with_capacity(WRITE_BATCH + frame::MAX_PAYLOAD);
+    while let Some(datagram) = rx.recv().await {
+        frame::encode(&datagram, &mut out).map_err(invalid)?;
+        while out.len() < WRITE_BATCH {
+            let Ok(more) = rx.try_recv() else { break };
+            frame::encode(&more, &mut out).map_err(invalid)?;
+        }
+        wr.write_all(&out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+
+/// Resolves on SIGTERM or SIGINT: how both containers are told to stop
+/// (`docker stop`, the kubelet, Ctrl-C in the foreground). If the handlers
+/// cannot be installed it never resolves, and the process ends by SIGKILL.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_cross_a_stream_in_order() {
+        let (a, mut b) = tokio::io::duplex(4096);
+        let (tx, rx) = mpsc::channel(16);
+        let writer = tokio::spawn(write_frames(a, rx));
+        let sent: Vec<Bytes> = (1..200usize).map(|n| Bytes::from(vec![n as u8; n * 7])).collect();
+        let to_send = sent.clone();
+        tokio::spawn(async move {
+            for d in to_send {
+                tx.send(d).await.unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        read_frames(&mut b, BytesMut::new(), |d| got.push(Bytes::copy_from_slice(d))).await.unwrap();
+        writer.await.unwrap().unwrap();
+        assert_eq!(got, sent);
+    }
+
+    #[tokio::test]
+    async fn corrupt_stream_is_an_error_not_a_panic() {
+        let mut rd: &[u8] = &[0, 0, 1, 2, 3];
+        let err = read_frames(&mut rd, BytesMut::new(), |_| {}).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+}

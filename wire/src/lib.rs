@@ -1,0 +1,26 @@
+//! `tpd-wire` owns every contract that two tpd processes must agree on:
+//! the names of env vars, labels, annotations and ports ([`names`]), the
+//! tunnel's addressing, and the framing and message types that travel
+//! between the CLI, the sidecar and the agent.
+//!
+//! Like `kube-core`, it holds types and pure encode/decode functions only and
+//! performs no IO, so every decoder can be unit-, property- and fuzz-tested in
+//! memory. The binaries depend on it, never on each other.
+
+pub mod control;
+pub mod dns;
+pub mod frame;
+pub mod hello;
+pub mod inbound;
+#[cfg(feature = "io")]
+pub mod io;
+pub mod ip;
+pub mod files;
+pub mod names;
+pub mod preamble;
+#[cfg(feature = "io")]
+pub mod tunnel;
+
+/// The version of tpd that built this crate; every binary reports it and the
+/// images are tagged with it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
