@@ -1,0 +1,70 @@
+//! The control service: answers the sidecar's hello with the agent's version
+//! and environment (for env injection), pings with pongs, and carries the
+//! agent's `Inbound` notices to the sidecar over the newest control connection.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tpd_wire::control::Message;
+use tpd_wire::io as wio;
+use tpd_wire::names::agent_env;
+use tpd_wire::preamble::{self, Kind};
+
+use crate::services::BoxConn;
+
+#[derive(Default)]
+pub struct Control {
+    /// Sender of the newest control connection, for `Inbound` notices.
+    notify: Mutex<Option<mpsc::Sender<Message>>>,
+}
+
+/// The environment to inject: the agent's own minus tpd's variables.
+pub fn injectable_env() -> BTreeMap<String, String> {
+    std::env::vars().filter(|(k, _)| !agent_env::ALL.contains(&k.as_str())).collect()
+}
+
+impl Control {
+    /// Sends `msg` to the sidecar; false when no control connection is up.
+    pub fn notify(&self, msg: Message) -> bool {
+        let tx = self.notify.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        tx.is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+
+    pub async fn serve(&self, conn: BoxConn) {
+        if let Err(e) = self.serve_inner(conn).await {
+            tracing::warn!("control connection closed: {e}");
+        }
+    }
+
+    async fn serve_inner(&self, conn: BoxConn) -> std::io::Result<()> {
+        let (mut rd, mut wr) = tokio::io::split(conn);
+        let mut buf = BytesMut::new();
+        wr.write_all(&preamble::encode(Kind::Control)).await?;
+        wio::read_preamble(&mut rd, &mut buf, Kind::Control).await?;
+        let (tx, rx) = mpsc::channel(256);
+        let writer = tokio::spawn(wio::write_messages(wr, rx));
+        *self.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        while let Some(msg) = wio::read_message(&mut rd, &mut buf).await? {
+            let reply = match msg {
+                Message::Hello { version } => {
+                    tracing::info!(sidecar_version = %version, "sidecar connected to control");
+                    Message::Info { version: tpd_wire::VERSION.into(), env: injectable_env() }
+                }
+                Message::Ping { seq } => Message::Pong { seq },
+                _ => {
+                    // Not logged in full: a message may hold env values.
+                    tracing::debug!("ignoring an unexpected control message");
+                    continue;
+                }
+            };
+            if tx.send(reply).await.is_err() {
+                break;
+            }
+        }
+        writer.abort();
+        Ok(())
+    }
+}

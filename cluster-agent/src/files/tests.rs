@@ -1,0 +1,235 @@
+//! The file server driven in memory: a real directory tree, the real codec
+//! over a duplex pipe, the checks a client would make.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tpd_wire::files::{self, FILES_VERSION, Request, Response, VolumeMount};
+
+use super::{MountTable, serve_connection};
+
+const ENOENT: i32 = 2;
+const EACCES: i32 = 13;
+const EEXIST: i32 = 17;
+const ENOTDIR: i32 = 20;
+const ELOOP: i32 = 40;
+const EROFS: i32 = 30;
+const ENOTEMPTY: i32 = 39;
+
+struct Client {
+    io: DuplexStream,
+    buf: BytesMut,
+    next: u64,
+}
+
+impl Client {
+    async fn call(&mut self, req: Request) -> Response {
+        self.next += 1;
+        let mut out = BytesMut::new();
+        files::encode(self.next, &req, &mut out);
+        self.io.write_all(&out).await.expect("write");
+        self.recv(self.next).await
+    }
+
+    async fn recv(&mut self, want: u64) -> Response {
+        loop {
+            if let Some((id, resp)) = files::decode::<Response>(&mut self.buf).expect("decodable") {
+                assert_eq!(id, want);
+                return resp;
+            }
+            assert!(self.io.read_buf(&mut self.buf).await.expect("read") > 0, "server closed");
+        }
+    }
+}
+
+/// A tree with a writable and a read-only mount, and an outside directory
+/// that symlinks in the mounts point at.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    outside: std::path::PathBuf,
+    rw: std::path::PathBuf,
+}
+
+fn fixture() -> (Fixture, Arc<MountTable>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (rw, ro, outside) = (dir.path().join("rw"), dir.path().join("ro"), dir.path().join("outside"));
+    for d in [&rw, &ro, &outside] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    std::fs::write(outside.join("secret"), "outside").expect("write");
+    std::fs::write(rw.join("hello"), "hello world").expect("write");
+    std::fs::create_dir(rw.join("sub")).expect("mkdir");
+    std::fs::write(rw.join("sub/inner"), "x").expect("write");
+    std::os::unix::fs::symlink(&outside, rw.join("abs-dir")).expect("symlink");
+    std::os::unix::fs::symlink("../outside/secret", rw.join("rel-escape")).expect("symlink");
+    std::os::unix::fs::symlink("sub/inner", rw.join("inside")).expect("symlink");
+    std::fs::write(ro.join("config"), "key=value").expect("write");
+    let mount = |name: &str, path: &std::path::Path, read_only| VolumeMount {
+        name: name.into(),
+        mount_path: path.to_string_lossy().into_owned(),
+        read_only,
+        sub_path: None,
+    };
+    let table = MountTable::new(vec![mount("rw", &rw, false), mount("ro", &ro, true)]);
+    (Fixture { _dir: dir, outside, rw }, Arc::new(table))
+}
+
+async fn connect(table: Arc<MountTable>) -> Client {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    tokio::spawn(serve_connection(b, table));
+    let mut c = Client { io: a, buf: BytesMut::new(), next: 0 };
+    match c.call(Request::Hello { version: FILES_VERSION }).await {
+        Response::Welcome { version, mounts } => {
+            assert_eq!(version, FILES_VERSION);
+            assert_eq!(mounts.len(), 2);
+            assert!(mounts[1].read_only);
+        }
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    c
+}
+
+fn p(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+async fn open(c: &mut Client, mount: u16, path: &str, flags: u32) -> Result<u64, i32> {
+    match c.call(Request::Open { mount, path: p(path), flags }).await {
+        Response::Opened { handle, .. } => Ok(handle),
+        Response::Error(e) => Err(e),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn errno(r: Response) -> i32 {
+    match r {
+        Response::Error(e) => e,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reads_writes_and_lists() {
+    let (fx, table) = fixture();
+    let mut c = connect(table).await;
+    let h = open(&mut c, 0, "hello", 0).await.expect("open");
+    assert_eq!(c.call(Request::Read { handle: h, offset: 6, size: 100 }).await, Response::Data(Bytes::from("world")));
+    assert_eq!(c.call(Request::Release { handle: h }).await, Response::Ok);
+
+    let h = match c.call(Request::Create { mount: 0, path: p("sub/new"), mode: 0o640, flags: 2 }).await {
+        Response::Opened { handle, attr } => {
+            assert_eq!(attr.mode & 0o777, 0o640);
+            handle
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(c.call(Request::Write { handle: h, offset: 0, data: Bytes::from("data") }).await, Response::Written(4));
+    assert_eq!(c.call(Request::Release { handle: h }).await, Response::Ok);
+    assert_eq!(std::fs::read_to_string(fx.rw.join("sub/new")).expect("written"), "data");
+
+    match c.call(Request::ReadDir { mount: 0, path: p(""), cursor: 0 }).await {
+        Response::Entries { entries, next } => {
+            assert_eq!(next, None);
+            let mut names: Vec<_> = entries.iter().map(|e| String::from_utf8_lossy(&e.name).into_owned()).collect();
+            names.sort();
+            assert_eq!(names, ["abs-dir", "hello", "inside", "rel-escape", "sub"]);
+            let hello = entries.iter().find(|e| e.name == b"hello").expect("hello");
+            assert_eq!(hello.attr.size, 11);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.call(Request::Readlink { mount: 0, path: p("inside") }).await, Response::Link(p("sub/inner")));
+}
+
+#[tokio::test]
+async fn refuses_traversal_and_escaping_symlinks() {
+    let (fx, table) = fixture();
+    let mut c = connect(table).await;
+    for path in ["../outside/secret", "sub/../../outside/secret", "/etc/passwd", "sub//inner", "./hello"] {
+        assert_eq!(errno(c.call(Request::Stat { mount: 0, path: p(path) }).await), EACCES, "{path}");
+    }
+    // A symlinked directory is never walked through.
+    assert_eq!(errno(c.call(Request::Stat { mount: 0, path: p("abs-dir/secret") }).await), ENOTDIR);
+    assert_eq!(open(&mut c, 0, "abs-dir/secret", 0).await, Err(ENOTDIR));
+    // A symlink as the last component is never opened.
+    assert_eq!(open(&mut c, 0, "rel-escape", 0).await, Err(ELOOP));
+    // Escaping targets are not even shown, nor made.
+    assert_eq!(errno(c.call(Request::Readlink { mount: 0, path: p("abs-dir") }).await), EACCES);
+    assert_eq!(errno(c.call(Request::Readlink { mount: 0, path: p("rel-escape") }).await), EACCES);
+    let made = Request::Symlink { mount: 0, path: p("evil"), target: p("/etc") };
+    assert_eq!(errno(c.call(made).await), EACCES);
+    let made = Request::Symlink { mount: 0, path: p("sub/evil"), target: p("../../outside") };
+    assert_eq!(errno(c.call(made).await), EACCES);
+    // Creating through a symlinked directory fails too, and writes nothing.
+    let create = Request::Create { mount: 0, path: p("abs-dir/planted"), mode: 0o644, flags: 1 };
+    assert_eq!(errno(c.call(create).await), ENOTDIR);
+    assert!(!fx.outside.join("planted").exists());
+    // An unknown mount index is just missing.
+    assert_eq!(errno(c.call(Request::Stat { mount: 9, path: p("") }).await), ENOENT);
+}
+
+#[tokio::test]
+async fn read_only_mounts_refuse_changes() {
+    let (_fx, table) = fixture();
+    let mut c = connect(table).await;
+    assert!(open(&mut c, 1, "config", 0).await.is_ok());
+    assert_eq!(open(&mut c, 1, "config", 1).await, Err(EROFS));
+    assert_eq!(open(&mut c, 1, "config", 0o1000).await, Err(EROFS), "O_TRUNC");
+    let writes = [
+        Request::Create { mount: 1, path: p("new"), mode: 0o644, flags: 1 },
+        Request::Mkdir { mount: 1, path: p("d"), mode: 0o755 },
+        Request::Unlink { mount: 1, path: p("config") },
+        Request::Rename { mount: 1, from: p("config"), to: p("c2"), flags: 0 },
+        Request::Symlink { mount: 1, path: p("l"), target: p("config") },
+        Request::SetAttr { mount: 1, path: p("config"), handle: None, set: files::SetAttr { mode: Some(0o600), ..Default::default() } },
+    ];
+    for w in writes {
+        assert_eq!(errno(c.call(w.clone()).await), EROFS, "{w:?}");
+    }
+}
+
+#[tokio::test]
+async fn maps_errnos() {
+    let (_fx, table) = fixture();
+    let mut c = connect(table).await;
+    assert_eq!(errno(c.call(Request::Stat { mount: 0, path: p("nope") }).await), ENOENT);
+    assert_eq!(errno(c.call(Request::Mkdir { mount: 0, path: p("sub"), mode: 0o755 }).await), EEXIST);
+    assert_eq!(errno(c.call(Request::Rmdir { mount: 0, path: p("sub") }).await), ENOTEMPTY);
+    let excl = Request::Create { mount: 0, path: p("hello"), mode: 0o644, flags: 1 | 0o200 };
+    assert_eq!(errno(c.call(excl).await), EEXIST);
+    // Set size and mode through the path, then see them.
+    let set = files::SetAttr { size: Some(3), mode: Some(0o600), ..Default::default() };
+    match c.call(Request::SetAttr { mount: 0, path: p("hello"), handle: None, set }).await {
+        Response::Attr(a) => assert_eq!((a.size, a.mode & 0o777), (3, 0o600)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.call(Request::Rename { mount: 0, from: p("hello"), to: p("sub/hello"), flags: 0 }).await, Response::Ok);
+    assert_eq!(c.call(Request::Unlink { mount: 0, path: p("sub/hello") }).await, Response::Ok);
+    assert_eq!(errno(c.call(Request::Read { handle: 999, offset: 0, size: 1 }).await), 9, "EBADF");
+}
+
+#[tokio::test]
+async fn malformed_frames_get_eproto_and_the_stream_goes_on() {
+    let (_fx, table) = fixture();
+    let mut c = connect(table).await;
+    // A frame with a valid id and an unknown kind.
+    let mut raw = BytesMut::new();
+    raw.extend_from_slice(&9u32.to_be_bytes());
+    raw.extend_from_slice(&42u64.to_be_bytes());
+    raw.extend_from_slice(&[0xee]);
+    c.io.write_all(&raw).await.expect("write");
+    assert_eq!(c.recv(42).await, Response::Error(files::EPROTO));
+    assert!(matches!(c.call(Request::Stat { mount: 0, path: p("hello") }).await, Response::Attr(_)));
+}
+
+#[tokio::test]
+async fn version_mismatch_is_refused() {
+    let (_fx, table) = fixture();
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(serve_connection(b, table));
+    let mut c = Client { io: a, buf: BytesMut::new(), next: 0 };
+    assert_eq!(c.call(Request::Hello { version: FILES_VERSION + 1 }).await, Response::Error(files::EPROTO));
+    let err = server.await.expect("join").expect_err("mismatch");
+    assert!(err.to_string().contains("version mismatch"), "{err}");
+}

@@ -1,0 +1,112 @@
+//! `tpd-agent`: runs in the cluster in place of the swapped container, as a
+//! non-root user with no capabilities. It owns the WireGuard endpoint, the
+//! userspace TCP/IP stack that turns tunnelled packets into ordinary sockets
+//! in the pod's network, and the control (version, health, env) and file
+//! services inside the tunnel.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod control;
+mod dns;
+mod files;
+mod inbound;
+mod services;
+mod stack;
+mod transport;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tpd_wire::names::{self, agent_env};
+use tpd_wire::tunnel::Endpoint;
+
+use crate::control::Control;
+use crate::inbound::Inbound;
+use crate::services::Services;
+use crate::stack::Stack;
+
+#[derive(Debug, Parser)]
+#[command(name = "tpd-agent", version = tpd_wire::VERSION, about)]
+struct Args {
+    /// Where the transport arrives: TCP (framed stream, e.g. a port-forward) and UDP, same port.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], names::AGENT_TRANSPORT_PORT)))]
+    listen: SocketAddr,
+    /// Ports of the swapped container; cluster clients connecting to them reach the developer's app.
+    #[arg(long, env = agent_env::PORTS, value_delimiter = ',')]
+    ports: Vec<u16>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env(agent_env::LOG)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tpd_agent=info,warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let shutdown = CancellationToken::new();
+    run(args, shutdown.clone()).await?;
+    tpd_wire::io::shutdown_signal().await;
+    shutdown.cancel();
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let streams = TcpListener::bind(args.listen).await.with_context(|| format!("listening on TCP {}", args.listen))?;
+    let udp = Arc::new(UdpSocket::bind(args.listen).await.with_context(|| format!("listening on UDP {}", args.listen))?);
+    let (to_stack, from_wg) = mpsc::channel(4096);
+    let wg = Arc::new(Endpoint::new(None, move |packet| {
+        if to_stack.try_send(packet.to_vec()).is_err() {
+            tracing::debug!("stack queue full; dropped a packet");
+        }
+    }));
+
+    let control = Arc::new(Control::default());
+    let inbound = Arc::new(Inbound::new(control.clone()));
+    inbound.clone().listen(&args.ports).await?;
+    let mounts = Arc::new(files::MountTable::from_env().context("reading the volume mounts to serve")?);
+    let services = local_services(control, inbound, mounts);
+    Stack::start(wg.clone(), services, from_wg);
+
+    let tasks = [
+        tokio::spawn(transport::serve_streams(streams, wg.clone())),
+        tokio::spawn(transport::serve_udp(udp, wg.clone())),
+        tokio::spawn(wg.run_timers()),
+    ];
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tasks.iter().for_each(|t| t.abort());
+    });
+    tracing::info!(version = tpd_wire::VERSION, listen = %args.listen, ports = ?args.ports, "agent ready");
+    Ok(())
+}
+
+/// The services on the agent's tunnel address, by port.
+fn local_services(control: Arc<Control>, inbound: Arc<Inbound>, mounts: Arc<files::MountTable>) -> Services {
+    let mut services = Services::default();
+    services.insert(names::AGENT_CONTROL_PORT, move |c| {
+        let control = control.clone();
+        async move { control.serve(c).await }
+    });
+    services.insert(names::AGENT_INBOUND_PORT, move |c| {
+        let inbound = inbound.clone();
+        async move { inbound.relay(c).await }
+    });
+    services.insert(names::AGENT_FILES_PORT, move |c| {
+        let mounts = mounts.clone();
+        async move {
+            if let Err(e) = files::serve_connection(c, mounts).await {
+                tracing::warn!("file service connection closed: {e}");
+            }
+        }
+    });
+    services
+}

@@ -1,0 +1,219 @@
+//! The userspace TCP/IP side of the agent. Decrypted packets from the peer
+//! pass a gate before the stack sees them: a new TCP connection to the
+//! cluster is only handed to the stack once the agent's own socket to the
+//! real destination has connected, so "connection refused" (RST) and "no
+//! route" (ICMP) reach the developer's app exactly as a kernel would report
+//! them. Accepted flows are then spliced to those sockets, or served locally
+//! when addressed to the agent's tunnel IP. TCP runs on smoltcp
+//! ([`tcp`]); UDP is parsed and answered directly ([`udp`]).
+
+mod tcp;
+mod udp;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tpd_wire::ip::{self, Flow, Packet};
+use tpd_wire::names::{AGENT_DNS_PORT, AGENT_TUNNEL_IP, TUNNEL_MTU};
+use tpd_wire::tunnel::Endpoint as Wg;
+
+use crate::services::Services;
+pub use tcp::{TcpConn, set_transport_lossy};
+pub use udp::UdpFlow;
+
+/// Bound on connecting to a cluster destination; past it the app gets "no route to host".
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes one direction of a TCP splice moves per read.
+const SPLICE_BUFFER: usize = 256 * 1024;
+
+enum Dial {
+    Pending,
+    Connected(Option<TcpStream>),
+}
+
+pub struct Stack {
+    wg: Arc<Wg>,
+    services: Services,
+    dns_servers: Vec<SocketAddr>,
+    dials: Mutex<HashMap<Flow, Dial>>,
+    udp_flows: Mutex<HashMap<Flow, mpsc::Sender<Vec<u8>>>>,
+    tcp: tcp::Tcp,
+}
+
+impl Stack {
+    /// Starts the stack; packets from WireGuard arrive on `from_wg`.
+    pub fn start(wg: Arc<Wg>, services: Services, from_wg: mpsc::Receiver<Vec<u8>>) -> Arc<Self> {
+        let dns_servers = crate::dns::system_nameservers();
+        let stack = Arc::new_cyclic(|me: &std::sync::Weak<Stack>| {
+            let out = wg.clone();
+            let me = me.clone();
+            let tcp = tcp::Tcp::start(
+                AGENT_TUNNEL_IP,
+                usize::from(TUNNEL_MTU),
+                Box::new(move |packet| out.send_ip(packet)),
+                Box::new(move |conn, src, dst| {
+                    if let Some(stack) = me.upgrade() {
+                        stack.on_tcp(conn, src, dst);
+                    }
+                }),
+            );
+            Stack { wg, services, dns_servers, dials: Mutex::default(), udp_flows: Mutex::default(), tcp }
+        });
+        tokio::spawn(stack.clone().gate(from_wg));
+        stack
+    }
+
+    fn dials(&self) -> std::sync::MutexGuard<'_, HashMap<Flow, Dial>> {
+        self.dials.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn udp_flows(&self) -> std::sync::MutexGuard<'_, HashMap<Flow, mpsc::Sender<Vec<u8>>>> {
+        self.udp_flows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn gate(self: Arc<Self>, mut from_wg: mpsc::Receiver<Vec<u8>>) {
+        while let Some(packet) = from_wg.recv().await {
+            // IPv4 TCP and UDP only; ICMP and IPv6 are not carried.
+            match ip::parse(&packet) {
+                Some(p) if p.is_tcp_open() => self.on_open(p, packet),
+                Some(p) if p.flow.protocol == ip::PROTO_TCP => self.pass(packet),
+                Some(p) if p.flow.protocol == ip::PROTO_UDP => self.on_udp(p.flow, &packet),
+                _ => {}
+            }
+        }
+    }
+
+    fn pass(&self, packet: Vec<u8>) {
+        if !self.tcp.input(packet) {
+            tracing::debug!("stack queue full; dropped a packet");
+        }
+    }
+
+    fn on_open(self: &Arc<Self>, p: Packet, packet: Vec<u8>) {
+        let dst = p.flow.dst;
+        if *dst.ip() == AGENT_TUNNEL_IP {
+            if self.services.has(dst.port()) {
+                self.pass(packet);
+            } else {
+                self.wg.send_ip(&ip::tcp_reset_for(&p));
+            }
+            return;
+        }
+        match self.dials().get(&p.flow) {
+            Some(Dial::Pending) => return, // a retransmitted SYN while we dial
+            Some(Dial::Connected(_)) => return self.pass(packet),
+            None => {}
+        }
+        self.dials().insert(p.flow, Dial::Pending);
+        let this = self.clone();
+        tokio::spawn(async move { this.dial(p, packet).await });
+    }
+
+    async fn dial(&self, p: Packet, packet: Vec<u8>) {
+        match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(p.flow.dst)).await {
+            Ok(Ok(sock)) => {
+                let _ = sock.set_nodelay(true);
+                self.dials().insert(p.flow, Dial::Connected(Some(sock)));
+                self.pass(packet);
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                self.dials().remove(&p.flow);
+                self.wg.send_ip(&ip::tcp_reset_for(&p));
+            }
+            outcome => {
+                self.dials().remove(&p.flow);
+                let why = outcome
+                    .map_or_else(|_| "timed out".to_string(), |r| r.err().map(|e| e.to_string()).unwrap_or_default());
+                tracing::debug!(dst = %p.flow.dst, "dial failed: {why}");
+                if let Some(icmp) = ip::icmp_host_unreachable(AGENT_TUNNEL_IP, &packet) {
+                    self.wg.send_ip(&icmp);
+                }
+            }
+        }
+    }
+
+    /// A connection the stack accepted (its SYN passed the gate).
+    fn on_tcp(self: &Arc<Self>, conn: TcpConn, src: SocketAddrV4, dst: SocketAddrV4) {
+        if *dst.ip() == AGENT_TUNNEL_IP {
+            self.services.spawn(dst.port(), Box::new(conn));
+            return;
+        }
+        let flow = Flow { protocol: ip::PROTO_TCP, src, dst };
+        let upstream = match self.dials().get_mut(&flow) {
+            Some(Dial::Connected(sock)) => sock.take(),
+            _ => None,
+        };
+        let Some(mut upstream) = upstream else {
+            // Not dialled by the gate: dropping `conn` closes it.
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut conn = conn;
+            let _ =
+                tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut upstream, SPLICE_BUFFER, SPLICE_BUFFER).await;
+            this.dials().remove(&flow);
+        });
+    }
+
+    fn on_udp(self: &Arc<Self>, flow: Flow, packet: &[u8]) {
+        let Some(payload) = udp::payload(packet) else {
+            return;
+        };
+        let mut flows = self.udp_flows();
+        if let Some(tx) = flows.get(&flow) {
+            match tx.try_send(payload.to_vec()) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    return tracing::debug!("udp flow queue full; dropped a datagram");
+                }
+                // The flow idled out: start it anew.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        let (tx, rx) = mpsc::channel(udp::FLOW_QUEUE);
+        let _ = tx.try_send(payload.to_vec());
+        flows.insert(flow, tx);
+        drop(flows);
+        let udp = UdpFlow::new(flow.src, flow.dst, rx, self.wg.clone());
+        let this = self.clone();
+        tokio::spawn(async move {
+            if flow.dst == SocketAddrV4::new(AGENT_TUNNEL_IP, AGENT_DNS_PORT) {
+                crate::dns::serve(udp, &this.dns_servers, UDP_IDLE_TIMEOUT).await;
+            } else if let Err(e) = relay_udp(udp).await {
+                tracing::debug!(dst = %flow.dst, "udp flow ended: {e}");
+            }
+            let mut flows = this.udp_flows();
+            if flows.get(&flow).is_some_and(mpsc::Sender::is_closed) {
+                flows.remove(&flow);
+            }
+        });
+    }
+}
+
+/// Relays one tunnelled UDP flow through an ordinary socket until it
+/// idles out (nothing in either direction for [`UDP_IDLE_TIMEOUT`]).
+async fn relay_udp(mut flow: UdpFlow) -> io::Result<()> {
+    let sock = UdpSocket::bind("0.0.0.0:0").await?;
+    sock.connect(flow.dst()).await?;
+    let mut down = vec![0u8; 65_536];
+    let idle = tokio::time::sleep(UDP_IDLE_TIMEOUT);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            up = flow.recv() => {
+                let Some(datagram) = up else { return Ok(()) };
+                sock.send(&datagram).await?;
+            }
+            n = sock.recv(&mut down) => flow.reply().send(&down[..n?]),
+            () = &mut idle => return Ok(()),
+        }
+        idle.as_mut().reset(tokio::time::Instant::now() + UDP_IDLE_TIMEOUT);
+    }
+}
