@@ -1,0 +1,621 @@
+//! One FUSE filesystem per remote volume, answering the kernel from the
+//! agent's file service.
+//!
+//! The kernel's requests are never answered on fuser's thread: each becomes
+//! a task that sends a protocol request and replies when the answer comes,
+//! so one reader thread keeps many requests in flight (readahead, parallel
+//! lookups, several processes) over the one connection.
+//!
+//! Inode numbers are ours: each mount-relative path seen gets one for the
+//! session (the agent's inode numbers would not be unique across mounts and
+//! cannot be turned back into paths). The table only grows with the paths a
+//! session touches; renames move the numbers with the files.
+//!
+//! Caching: attributes and directory entries are cached by the kernel for
+//! [`ATTR_TTL`]; file data is not kept across opens (no FOPEN_KEEP_CACHE), so
+//! reopening a file shows the pod's latest content, and within an open the
+//! kernel drops cached pages when it sees the size or mtime change
+//! (FUSE_AUTO_INVAL_DATA).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use tokio::runtime::Handle;
+use tpd_wire::files::{self, Attr, DirEntry, Request as Req, Response, SetAttr, TimeSet, Timespec};
+
+use super::client::FileClient;
+use super::listing::{Listings, Lookup};
+
+/// How long the kernel trusts attributes and names it got from us. Short, so
+/// that a change made in the pod shows up locally within a second, yet long
+/// enough that `ls -l`, `find` and builds do not ask twice per file.
+pub const ATTR_TTL: Duration = Duration::from_secs(1);
+
+const ROOT: u64 = 1;
+const EIO: i32 = 5;
+
+/// Mount-relative paths by inode number, and back.
+#[derive(Debug)]
+struct Inodes {
+    paths: HashMap<u64, Vec<u8>>,
+    inos: HashMap<Vec<u8>, u64>,
+    next: u64,
+}
+
+impl Inodes {
+    fn new() -> Self {
+        Inodes { paths: HashMap::from([(ROOT, Vec::new())]), inos: HashMap::from([(Vec::new(), ROOT)]), next: ROOT + 1 }
+    }
+
+    fn ino(&mut self, path: &[u8]) -> u64 {
+        if let Some(i) = self.inos.get(path) {
+            return *i;
+        }
+        let i = self.next;
+        self.next += 1;
+        self.paths.insert(i, path.to_vec());
+        self.inos.insert(path.to_vec(), i);
+        i
+    }
+
+    /// Moves `from` and everything below it to `to`.
+    fn rename(&mut self, from: &[u8], to: &[u8]) {
+        let below = |p: &[u8], root: &[u8]| p == root || (p.starts_with(root) && p.get(root.len()) == Some(&b'/'));
+        let stale: Vec<Vec<u8>> = self.inos.keys().filter(|p| below(p, to)).cloned().collect();
+        for p in stale {
+            if let Some(i) = self.inos.remove(&p) {
+                self.paths.remove(&i);
+            }
+        }
+        let moved: Vec<Vec<u8>> = self.inos.keys().filter(|p| below(p, from)).cloned().collect();
+        for old in moved {
+            let mut new = to.to_vec();
+            new.extend_from_slice(&old[from.len()..]);
+            if let Some(i) = self.inos.remove(&old) {
+                self.paths.insert(i, new.clone());
+                self.inos.insert(new, i);
+            }
+        }
+    }
+}
+
+fn join(parent: &[u8], name: &OsStr) -> Vec<u8> {
+    let mut p = parent.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name.as_bytes());
+    p
+}
+
+/// The FUSE side of one remote volume.
+#[derive(Debug)]
+pub struct VolumeFs {
+    mount: u16,
+    client: FileClient,
+    rt: Handle,
+    inodes: Arc<Mutex<Inodes>>,
+    /// Directory listings fetched at the first readdir of an opendir.
+    dirs: Arc<Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>>,
+    /// Recent listings that answer lookups (see `listing`).
+    listings: Arc<Mutex<Listings>>,
+    next_dir: AtomicU64,
+}
+
+impl VolumeFs {
+    pub fn new(mount: u16, client: FileClient, rt: Handle) -> Self {
+        VolumeFs {
+            mount,
+            client,
+            rt,
+            inodes: Arc::new(Mutex::new(Inodes::new())),
+            dirs: Arc::new(Mutex::new(HashMap::new())),
+            listings: Arc::new(Mutex::new(Listings::default())),
+            next_dir: AtomicU64::new(1),
+        }
+    }
+
+    fn path(&self, ino: INodeNo) -> Result<Vec<u8>, Errno> {
+        lock(&self.inodes).paths.get(&ino.0).cloned().ok_or(Errno::ESTALE)
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<Vec<u8>, Errno> {
+        Ok(join(&self.path(parent)?, name))
+    }
+
+    /// Runs `f` on the runtime with the client; replies happen inside it.
+    fn spawn<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(FileClient, Arc<Mutex<Inodes>>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f(self.client.clone(), self.inodes.clone()));
+    }
+
+    /// Asks for something whose answer is an entry (lookup, mkdir, symlink).
+    fn entry(&self, path: Vec<u8>, req: Req, reply: ReplyEntry) {
+        self.spawn(move |c, inodes| async move {
+            match c.call(req).await {
+                Response::Attr(a) => {
+                    let ino = lock(&inodes).ino(&path);
+                    reply.entry(&ATTR_TTL, &file_attr(ino, &a), Generation(0));
+                }
+                other => reply.error(errno(other)),
+            }
+        });
+    }
+
+    /// Something is about to change through this mount: listings go stale.
+    fn changing(&self) {
+        lock(&self.listings).clear();
+    }
+
+    fn empty(&self, req: Req, reply: ReplyEmpty) {
+        self.spawn(move |c, _| async move {
+            match c.call(req).await {
+                Response::Ok => reply.ok(),
+                other => reply.error(errno(other)),
+            }
+        });
+    }
+}
+
+/// O_TRUNC on Linux.
+const fn libc_o_trunc() -> i32 {
+    0o1000
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The errno for an unexpected answer.
+fn errno(resp: Response) -> Errno {
+    match resp {
+        Response::Error(e) => Errno::from_i32(e),
+        _ => Errno::from_i32(EIO),
+    }
+}
+
+fn time(t: Timespec) -> SystemTime {
+    let nanos = Duration::new(t.sec.unsigned_abs(), t.nsec);
+    if t.sec >= 0 { UNIX_EPOCH + nanos } else { UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(t.nsec.into()) }
+}
+
+fn timeset(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(s) => TimeSet::At(match s.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timespec { sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX), nsec: d.subsec_nanos() },
+            Err(e) => {
+                let d = e.duration();
+                Timespec { sec: -i64::try_from(d.as_secs()).unwrap_or(i64::MAX) - 1, nsec: 1_000_000_000 - d.subsec_nanos().max(1) }
+            }
+        }),
+    }
+}
+
+fn kind(mode: u32) -> FileType {
+    match mode & 0o170000 {
+        0o040000 => FileType::Directory,
+        0o120000 => FileType::Symlink,
+        0o010000 => FileType::NamedPipe,
+        0o020000 => FileType::CharDevice,
+        0o060000 => FileType::BlockDevice,
+        0o140000 => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+pub fn file_attr(ino: u64, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: time(a.atime),
+        mtime: time(a.mtime),
+        ctime: time(a.ctime),
+        crtime: time(a.ctime),
+        kind: kind(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+impl Filesystem for VolumeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests and a readahead window as large as one request keep
+        // sequential IO at wire speed; failures only mean the kernel's limits.
+        let _ = config.set_max_write(files::MAX_IO).or_else(|max| config.set_max_write(max));
+        let _ = config.set_max_readahead(files::MAX_IO).or_else(|max| config.set_max_readahead(max));
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+            InitFlags::FUSE_ASYNC_DIO,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let dir = match self.path(parent) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        let path = join(&dir, name);
+        let mount = self.mount;
+        match lock(&self.listings).lookup(&dir, name.as_bytes(), Instant::now()) {
+            Lookup::Hit(attr, ttl) => {
+                let ino = lock(&self.inodes).ino(&path);
+                reply.entry(&ttl, &file_attr(ino, &attr), Generation(0));
+            }
+            Lookup::Ask => self.entry(path.clone(), Req::Stat { mount, path }, reply),
+            Lookup::Fetch => {
+                let (listings, name) = (self.listings.clone(), name.as_bytes().to_vec());
+                self.spawn(move |c, inodes| async move {
+                    let at = Instant::now();
+                    let found = match c.list(mount, dir.clone()).await {
+                        Ok(entries) => {
+                            let found = entries.iter().find(|e| e.name == name).map(|e| e.attr);
+                            lock(&listings).store(dir, &entries, at);
+                            found
+                        }
+                        Err(_) => None,
+                    };
+                    let answer = match found {
+                        Some(a) => Response::Attr(a),
+                        None => c.call(Req::Stat { mount, path: path.clone() }).await,
+                    };
+                    match answer {
+                        Response::Attr(a) => {
+                            let ino = lock(&inodes).ino(&path);
+                            reply.entry(&ATTR_TTL, &file_attr(ino, &a), Generation(0));
+                        }
+                        other => reply.error(errno(other)),
+                    }
+                });
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let path = match self.path(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let mount = self.mount;
+        self.spawn(move |c, _| async move {
+            match c.call(Req::Stat { mount, path }).await {
+                Response::Attr(a) => reply.attr(&ATTR_TTL, &file_attr(ino.0, &a)),
+                other => reply.error(errno(other)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        self.changing();
+        let path = match self.path(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let set = SetAttr { mode, uid, gid, size, atime: atime.map(timeset), mtime: mtime.map(timeset) };
+        let req = Req::SetAttr { mount: self.mount, path, handle: fh.map(|h| h.0), set };
+        self.spawn(move |c, _| async move {
+            match c.call(req).await {
+                Response::Attr(a) => reply.attr(&ATTR_TTL, &file_attr(ino.0, &a)),
+                other => reply.error(errno(other)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let path = match self.path(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let mount = self.mount;
+        self.spawn(move |c, _| async move {
+            match c.call(Req::Readlink { mount, path }).await {
+                Response::Link(t) => reply.data(&t),
+                other => reply.error(errno(other)),
+            }
+        });
+    }
+
+    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        self.changing();
+        match self.child(parent, name) {
+            Ok(path) => {
+                let req = Req::Mkdir { mount: self.mount, path: path.clone(), mode: mode & !umask };
+                self.entry(path, req, reply);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        self.changing();
+        match self.child(parent, link_name) {
+            Ok(path) => {
+                let target = target.as_os_str().as_bytes().to_vec();
+                let req = Req::Symlink { mount: self.mount, path: path.clone(), target };
+                self.entry(path, req, reply);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.changing();
+        match self.child(parent, name) {
+            Ok(path) => self.empty(Req::Unlink { mount: self.mount, path }, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.changing();
+        match self.child(parent, name) {
+            Ok(path) => self.empty(Req::Rmdir { mount: self.mount, path }, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.changing();
+        let (from, to) = match (self.child(parent, name), self.child(newparent, newname)) {
+            (Ok(f), Ok(t)) => (f, t),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let req = Req::Rename { mount: self.mount, from: from.clone(), to: to.clone(), flags: flags.bits() };
+        self.spawn(move |c, inodes| async move {
+            match c.call(req).await {
+                Response::Ok => {
+                    lock(&inodes).rename(&from, &to);
+                    reply.ok();
+                }
+                other => reply.error(errno(other)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let path = match self.path(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        if flags.0 & libc_o_trunc() != 0 {
+            self.changing();
+        }
+        let req = Req::Open { mount: self.mount, path, flags: flags.0 as u32 };
+        self.spawn(move |c, _| async move {
+            match c.call(req).await {
+                Response::Opened { handle, .. } => reply.opened(FileHandle(handle), FopenFlags::empty()),
+                other => reply.error(errno(other)),
+            }
+        });
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        self.changing();
+        let path = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let req = Req::Create { mount: self.mount, path: path.clone(), mode: mode & !umask, flags: flags as u32 };
+        self.spawn(move |c, inodes| async move {
+            match c.call(req).await {
+                Response::Opened { handle, attr } => {
+                    let ino = lock(&inodes).ino(&path);
+                    let fa = file_attr(ino, &attr);
+                    reply.created(&ATTR_TTL, &fa, Generation(0), FileHandle(handle), FopenFlags::empty());
+                }
+                other => reply.error(errno(other)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(move |c, _| async move {
+            match c.call(Req::Read { handle: fh.0, offset, size }).await {
+                Response::Data(d) => reply.data(&d),
+                other => reply.error(errno(other)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.changing();
+        let req = Req::Write { handle: fh.0, offset, data: Bytes::copy_from_slice(data) };
+        self.spawn(move |c, _| async move {
+            match c.call(req).await {
+                Response::Written(n) => reply.written(n),
+                other => reply.error(errno(other)),
+            }
+        });
+    }
+
+    /// Writes go straight to the agent, so there is nothing to flush.
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.empty(Req::Release { handle: fh.0 }, reply);
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.empty(Req::Fsync { handle: fh.0 }, reply);
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(self.next_dir.fetch_add(1, Ordering::Relaxed)), FopenFlags::empty());
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        self.with_listing(ino, fh, offset, move |listing, inodes, dir| {
+            let entries = match listing {
+                Ok(l) => l,
+                Err(e) => return reply.error(e),
+            };
+            for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+                let ino = lock(inodes).ino(&join(dir, OsStr::from_bytes(&e.name)));
+                if reply.add(INodeNo(ino), i as u64 + 1, kind(e.attr.mode), OsStr::from_bytes(&e.name)) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    /// Entries with their attributes, so `ls -l` and `find` need no lookup
+    /// per file while the entries are cached.
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        self.with_listing(ino, fh, offset, move |listing, inodes, dir| {
+            let entries = match listing {
+                Ok(l) => l,
+                Err(e) => return reply.error(e),
+            };
+            for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+                let ino = lock(inodes).ino(&join(dir, OsStr::from_bytes(&e.name)));
+                let attr = file_attr(ino, &e.attr);
+                if reply.add(INodeNo(ino), i as u64 + 1, OsStr::from_bytes(&e.name), &ATTR_TTL, &attr, Generation(0)) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let mount = self.mount;
+        self.spawn(move |c, _| async move {
+            match c.call(Req::Statfs { mount }).await {
+                Response::Statfs(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
+                other => reply.error(errno(other)),
+            }
+        });
+    }
+}
+
+impl VolumeFs {
+    /// Hands `fill` the listing of this opendir: fetched whole (with
+    /// attributes, one round trip per page) at offset 0, kept for the
+    /// following offsets until releasedir.
+    fn with_listing<F>(&self, ino: INodeNo, fh: FileHandle, offset: u64, fill: F)
+    where
+        F: FnOnce(Result<Arc<Vec<DirEntry>>, Errno>, &Mutex<Inodes>, &[u8]) + Send + 'static,
+    {
+        let dir = match self.path(ino) {
+            Ok(p) => p,
+            Err(e) => return fill(Err(e), &self.inodes, &[]),
+        };
+        let cached = if offset > 0 { lock(&self.dirs).get(&fh.0).cloned() } else { None };
+        // Later pages of a listing we hold are answered on this thread.
+        if let Some(listing) = cached {
+            return fill(Ok(listing), &self.inodes, &dir);
+        }
+        let (mount, dirs, listings) = (self.mount, self.dirs.clone(), self.listings.clone());
+        self.spawn(move |c, inodes| async move {
+            let at = Instant::now();
+            let listing = c.list(mount, dir.clone()).await.map(Arc::new).map_err(Errno::from_i32);
+            if let Ok(l) = &listing {
+                lock(&listings).store(dir.clone(), l, at);
+            }
+            if let Ok(l) = &listing {
+                lock(&dirs).insert(fh.0, l.clone());
+            }
+            fill(listing, &inodes, &dir);
+        });
+    }
+}

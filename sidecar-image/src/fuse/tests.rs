@@ -1,0 +1,226 @@
+//! The FUSE client against the agent's real file service over loopback TCP,
+//! with real FUSE mounts (these tests need root and /dev/fuse).
+//!
+//! The agent is a binary crate, so its file service is compiled into this
+//! test as it is, from its own source.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tpd_wire::files::VolumeMount;
+
+use super::{MountConfig, MountHandle, mount_all};
+
+#[path = "../../../cluster-agent/src/files/mod.rs"]
+#[allow(dead_code)]
+mod agent_files;
+
+/// A pod-side tree (what the agent serves) and the local mounts of it.
+/// Fields drop in order: unmount before the directories go.
+pub struct Mounted {
+    pub handle: Option<MountHandle>,
+    pub shutdown: CancellationToken,
+    pub local: tempfile::TempDir,
+    pub pod: tempfile::TempDir,
+}
+
+impl Mounted {
+    pub fn rw(&self) -> PathBuf {
+        self.local.path().join("0-data")
+    }
+    pub fn ro(&self) -> PathBuf {
+        self.local.path().join("1-config")
+    }
+    pub fn pod_rw(&self) -> PathBuf {
+        self.pod.path().join("data")
+    }
+}
+
+/// Serves `pod/data` (read-write) and `pod/config` (read-only) on a loopback
+/// port and mounts them under `local`.
+pub async fn mount_fixture() -> Mounted {
+    let pod = tempfile::tempdir().expect("tempdir");
+    let local = tempfile::tempdir().expect("tempdir");
+    for d in ["data", "config", "outside"] {
+        std::fs::create_dir(pod.path().join(d)).expect("mkdir");
+    }
+    std::fs::write(pod.path().join("config/app.yaml"), "level: debug\n").expect("write");
+    std::fs::write(pod.path().join("outside/secret"), "pod secret").expect("write");
+    let vm = |name: &str, read_only| VolumeMount {
+        name: name.into(),
+        mount_path: pod.path().join(name).to_string_lossy().into_owned(),
+        read_only,
+        sub_path: None,
+    };
+    let table = Arc::new(agent_files::MountTable::new(vec![vm("data", false), vm("config", true)]));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(agent_files::serve_connection(s, table.clone()));
+        }
+    });
+    let shutdown = CancellationToken::new();
+    let cfg = MountConfig { server, root: local.path().to_path_buf() };
+    let handle = mount_all(cfg, shutdown.clone()).await.expect("mount");
+    Mounted { handle: Some(handle), shutdown, local, pod }
+}
+
+/// Runs blocking filesystem code off the runtime that serves the mount.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("join")
+}
+
+fn errno(r: std::io::Result<impl std::fmt::Debug>) -> i32 {
+    r.expect_err("should fail").raw_os_error().expect("errno")
+}
+
+fn is_mounted(p: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.to_str().expect("utf8")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn posix_operations_through_fuse() {
+    let m = mount_fixture().await;
+    let (rw, ro, pod) = (m.rw(), m.ro(), m.pod_rw());
+    blocking(move || {
+        // Read what the pod has; write and see it in the pod.
+        assert_eq!(std::fs::read_to_string(ro.join("app.yaml")).expect("read"), "level: debug\n");
+        std::fs::write(rw.join("local.txt"), "from laptop").expect("write");
+        assert_eq!(std::fs::read_to_string(pod.join("local.txt")).expect("pod side"), "from laptop");
+        std::fs::write(pod.join("remote.txt"), "from pod").expect("write");
+        assert_eq!(std::fs::read_to_string(rw.join("remote.txt")).expect("local side"), "from pod");
+
+        // Directories, rename, listings with attributes.
+        std::fs::create_dir(rw.join("d")).expect("mkdir");
+        std::fs::rename(rw.join("local.txt"), rw.join("d/moved.txt")).expect("rename");
+        assert_eq!(std::fs::read_to_string(rw.join("d/moved.txt")).expect("read moved"), "from laptop");
+        let mut names: Vec<String> =
+            std::fs::read_dir(&rw).expect("readdir").map(|e| e.expect("entry").file_name().into_string().expect("utf8")).collect();
+        names.sort();
+        assert_eq!(names, ["d", "remote.txt"]);
+        assert_eq!(errno(std::fs::remove_dir(rw.join("d"))), 39, "ENOTEMPTY");
+        assert_eq!(errno(std::fs::create_dir(rw.join("d"))), 17, "EEXIST");
+        assert_eq!(errno(std::fs::read(rw.join("nope"))), 2, "ENOENT");
+
+        // Truncate, seek and write in the middle, chmod, times.
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(rw.join("remote.txt")).expect("open");
+        f.set_len(4).expect("truncate");
+        f.seek(SeekFrom::Start(2)).expect("seek");
+        f.write_all(b"XYZ").expect("write");
+        f.seek(SeekFrom::Start(0)).expect("seek");
+        let mut s = String::new();
+        f.read_to_string(&mut s).expect("read");
+        assert_eq!(s, "frXYZ");
+        std::fs::set_permissions(rw.join("remote.txt"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(std::fs::metadata(pod.join("remote.txt")).expect("stat").mode() & 0o777, 0o600);
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+        f.set_modified(t).expect("utimens");
+        assert_eq!(std::fs::metadata(pod.join("remote.txt")).expect("stat").mtime(), 1_000_000_000);
+
+        // Symlinks inside the mount work; ones leaving it are refused.
+        std::os::unix::fs::symlink("d/moved.txt", rw.join("link")).expect("symlink");
+        assert_eq!(std::fs::read_to_string(rw.join("link")).expect("follow"), "from laptop");
+        assert_eq!(errno(std::os::unix::fs::symlink("/etc/passwd", rw.join("abs"))), 13, "EACCES");
+        std::os::unix::fs::symlink("../outside/secret", pod.join("escape")).expect("pod-side symlink");
+        assert_eq!(errno(std::fs::read_link(rw.join("escape"))), 13, "EACCES");
+        assert_eq!(errno(std::fs::read(rw.join("escape"))), 13, "EACCES");
+
+        // Read-only volumes refuse every change with EROFS.
+        assert_eq!(errno(std::fs::write(ro.join("app.yaml"), "x")), 30);
+        assert_eq!(errno(std::fs::write(ro.join("new"), "x")), 30);
+        assert_eq!(errno(std::fs::create_dir(ro.join("d"))), 30);
+        assert_eq!(errno(std::fs::remove_file(ro.join("app.yaml"))), 30);
+
+        std::fs::remove_file(rw.join("link")).expect("unlink");
+        std::fs::remove_file(rw.join("d/moved.txt")).expect("unlink");
+        std::fs::remove_dir(rw.join("d")).expect("rmdir");
+        assert!(!pod.join("d").exists());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_files_and_concurrent_readers() {
+    let m = mount_fixture().await;
+    let (rw, pod) = (m.rw(), m.pod_rw());
+    blocking(move || {
+        // 32 MiB of non-repeating bytes, written locally in odd-sized chunks.
+        let data: Vec<u8> = (0..32u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let mut f = std::fs::File::create(rw.join("big")).expect("create");
+        for chunk in data.chunks(3 << 19) {
+            f.write_all(chunk).expect("write");
+        }
+        drop(f);
+        assert!(std::fs::read(pod.join("big")).expect("pod read") == data, "pod sees the same bytes");
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let p = rw.join("big");
+                std::thread::spawn(move || std::fs::read(p).expect("read"))
+            })
+            .collect();
+        for r in readers {
+            assert!(r.join().expect("reader") == data, "every reader sees the same bytes");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unmounts_on_shutdown_and_drop() {
+    let mut m = mount_fixture().await;
+    let (rw, ro) = (m.rw(), m.ro());
+    assert!(is_mounted(&rw) && is_mounted(&ro));
+    m.shutdown.cancel();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while (is_mounted(&rw) || is_mounted(&ro)) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!is_mounted(&rw) && !is_mounted(&ro), "shutdown unmounts");
+
+    let m2 = mount_fixture().await;
+    let rw2 = m2.rw();
+    assert!(is_mounted(&rw2));
+    drop(m2);
+    assert!(!is_mounted(&rw2), "drop unmounts");
+    m.handle.take();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lookups_from_listings_stay_correct() {
+    let m = mount_fixture().await;
+    let (rw, pod) = (m.rw(), m.pod_rw());
+    blocking(move || {
+        std::fs::create_dir(pod.join("many")).expect("mkdir");
+        for i in 0..20 {
+            std::fs::write(pod.join(format!("many/f{i}")), vec![b'x'; i]).expect("write");
+        }
+        // Enough lookups in one directory that it is listed and answered locally.
+        for i in 0..20 {
+            assert_eq!(std::fs::metadata(rw.join(format!("many/f{i}"))).expect("stat").len(), i as u64);
+        }
+        // Names the listing does not have are still found: made in the pod, or locally.
+        std::fs::write(pod.join("many/new-in-pod"), "p").expect("write");
+        assert_eq!(std::fs::read_to_string(rw.join("many/new-in-pod")).expect("read"), "p");
+        std::fs::write(rw.join("many/new-local"), "l").expect("write");
+        assert_eq!(std::fs::metadata(rw.join("many/new-local")).expect("stat").len(), 1);
+        // A local change drops the listing at once; a pod-side one shows after the TTL.
+        std::fs::write(rw.join("many/f3"), "changed locally").expect("write");
+        assert_eq!(std::fs::metadata(rw.join("many/f3")).expect("stat").len(), 15);
+        std::fs::write(pod.join("many/f4"), "changed in the pod").expect("write");
+        std::thread::sleep(super::ATTR_TTL + std::time::Duration::from_millis(200));
+        assert_eq!(std::fs::read_to_string(rw.join("many/f4")).expect("read"), "changed in the pod");
+        std::fs::remove_file(pod.join("many/f5")).expect("rm");
+        std::thread::sleep(super::ATTR_TTL + std::time::Duration::from_millis(200));
+        assert_eq!(errno(std::fs::metadata(rw.join("many/f5"))), 2, "ENOENT once the listing is stale");
+    })
+    .await;
+}

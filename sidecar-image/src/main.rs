@@ -1,0 +1,179 @@
+//! `tpd-sidecar`: the only privileged piece of tpd, and it runs locally.
+//! It owns the TUN device in the session's network namespace, the boringtun
+//! session to the agent, the DNS server the developer's container uses, and
+//! the FUSE mounts of the remote volumes.
+
+mod config;
+mod control;
+mod dns;
+mod fuse;
+mod selfcheck;
+mod transport;
+mod tun;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tpd_wire::names;
+use tpd_wire::tunnel::Endpoint as Wg;
+
+use crate::config::{Cidr, Endpoint, PortMap, Transport};
+use crate::control::Control;
+use crate::tun::Tun;
+
+#[derive(Debug, Parser)]
+#[command(name = "tpd-sidecar", version = tpd_wire::VERSION, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Bring the tunnel up and serve DNS until stopped.
+    Run(RunArgs),
+    /// Check that this host lets the sidecar create a TUN device and open /dev/fuse (used by `tpd doctor`).
+    Selfcheck,
+    /// Unmount what a killed sidecar left below the volume directory (run by tpd's cleanup; needs SYS_ADMIN).
+    ReleaseVolumes {
+        /// The directory holding the volumes' mount points.
+        #[arg(long, default_value = tpd_wire::files::SIDECAR_VOLUMES_DIR)]
+        root: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// How WireGuard reaches the agent: stream:tcp:IP:PORT, stream:unix:/path or udp:IP:PORT.
+    #[arg(long)]
+    transport: Transport,
+    /// For a udp transport, where the key exchange stream goes (default: TCP to the same address).
+    #[arg(long)]
+    hello: Option<Endpoint>,
+    /// For a udp transport: when no answer comes over UDP within SECONDS of the
+    /// first handshake, carry WireGuard over the hello stream instead.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    udp_fallback: Option<std::time::Duration>,
+    /// A cluster CIDR (pods, services) routed into the tunnel. Repeatable.
+    #[arg(long = "cluster-cidr")]
+    cluster_cidrs: Vec<Cidr>,
+    /// Another CIDR to route into the tunnel. Repeatable.
+    #[arg(long = "also-proxy")]
+    also_proxy: Vec<Cidr>,
+    /// Names under this domain are resolved by the agent.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Resolve every name through the agent.
+    #[arg(long)]
+    dns_all_cluster: bool,
+    /// Resolver for names outside the cluster (IP or IP:PORT); without it they are refused.
+    #[arg(long, value_parser = parse_resolver)]
+    upstream_dns: Option<SocketAddr>,
+    /// Where the DNS server listens.
+    #[arg(long, default_value = "127.0.0.1:53")]
+    dns_listen: SocketAddr,
+    /// REMOTE:LOCAL: inbound connections to the agent's port REMOTE reach 127.0.0.1:LOCAL. Repeatable.
+    #[arg(long = "port")]
+    ports: Vec<PortMap>,
+    /// Directory for status.json (and the CLI's Unix socket).
+    #[arg(long, default_value = names::SESSION_DIR)]
+    session_dir: PathBuf,
+    /// FUSE-mount the agent's volumes (needs SYS_ADMIN and /dev/fuse) before announcing ready.
+    #[arg(long)]
+    volumes: bool,
+}
+
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .and_then(|secs| std::time::Duration::try_from_secs_f64(secs).ok())
+        .ok_or_else(|| format!("{s:?} is not a number of seconds"))
+}
+
+fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|e| format!("{s:?} is not an IP or IP:PORT ({e})"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<std::process::ExitCode> {
+    let args = match Args::parse().command {
+        Command::Run(args) => args,
+        Command::Selfcheck => return Ok(selfcheck::run()),
+        Command::ReleaseVolumes { root } => return Ok(fuse::release(&root)),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TPD_SIDECAR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tpd_sidecar=info,warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let shutdown = CancellationToken::new();
+    let result = tokio::select! {
+        r = run(args, shutdown.clone()) => r,
+        () = tpd_wire::io::shutdown_signal() => Ok(()),
+    };
+    shutdown.cancel();
+    if let Err(e) = &result {
+        // The CLI reads stdout: failures are an event there too.
+        println!("{}", serde_json::json!({ "event": "error", "message": format!("{e:#}") }));
+    }
+    result.map(|()| std::process::ExitCode::SUCCESS)
+}
+
+/// Runs until a fatal error; everything else is retried inside.
+async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let routes: Vec<Cidr> = args.cluster_cidrs.iter().chain(&args.also_proxy).copied().collect();
+    let tun = Arc::new(
+        Tun::create(names::SIDECAR_TUNNEL_IP, names::TUNNEL_PREFIX_LEN, names::TUNNEL_MTU, &routes)
+            .context("setting up the tunnel device")?,
+    );
+    let sink = tun.clone();
+    let wg = Arc::new(Wg::new(Some(25), move |packet| sink.write(packet)));
+
+    let dns_sock = UdpSocket::bind(args.dns_listen).await.with_context(|| format!("DNS listening on {}", args.dns_listen))?;
+    let routing = dns::Routing {
+        cluster_domain: args.cluster_domain.clone(),
+        all_to_cluster: args.dns_all_cluster,
+        upstream: args.upstream_dns,
+    };
+    let hello_at = match (&args.transport, args.hello) {
+        (_, Some(at)) => at,
+        (Transport::Stream(at), None) => at.clone(),
+        (Transport::Udp(addr), None) => Endpoint::Tcp(*addr),
+    };
+    let ports: HashMap<u16, u16> = args.ports.iter().map(|p| (p.remote, p.local)).collect();
+    let control = Arc::new(Control { session_dir: args.session_dir, ports, volumes: args.volumes.then(|| shutdown.clone()), mounted: Default::default() });
+
+    let tasks = [
+        tokio::spawn(dns::serve(dns_sock, routing)),
+        tokio::spawn(tun_to_wg(tun, wg.clone())),
+        tokio::spawn(wg.clone().run_timers()),
+        tokio::spawn(control.run()),
+    ];
+    let result = transport::run(args.transport, hello_at, args.udp_fallback, wg).await;
+    tasks.iter().for_each(|t| t.abort());
+    result
+}
+
+/// Packets the developer's container sends into the tunnel.
+async fn tun_to_wg(tun: Arc<Tun>, wg: Arc<Wg>) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        match tun.read(&mut buf).await {
+            Ok(n) => wg.send_ip(&buf[..n]),
+            Err(e) => {
+                tracing::error!("reading the tunnel device: {e}");
+                return;
+            }
+        }
+    }
+}
