@@ -1,0 +1,169 @@
+//! Undoing a session: the one cleanup that `tpd run` runs on every exit path
+//! and that the guardian runs when `tpd run` itself died. Each step has its
+//! own fresh deadline and runs even when an earlier one failed, so one
+//! unreachable API does not leave the rest behind.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bollard::models::NetworkDisconnectRequest;
+use bollard::query_parameters::{InspectNetworkOptions, ListContainersOptions, ListNetworksOptions, RemoveContainerOptions};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams};
+use tpd_wire::names;
+use tracing::info;
+
+use crate::output::progress;
+use crate::swap::apply::{self, Restored};
+
+/// How a cleanup went.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    /// Every step succeeded.
+    pub ok: bool,
+    /// This session's swap was put back.
+    pub restored: bool,
+}
+
+const STEP_DEADLINE: Duration = Duration::from_secs(8);
+
+/// What a session may have created.
+#[derive(Clone)]
+pub struct Cleanup {
+    pub client: kube::Client,
+    pub namespace: String,
+    pub session: String,
+    /// The Deployment the session swapped, if it swapped one.
+    pub deployment: Option<String>,
+}
+
+impl std::fmt::Debug for Cleanup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cleanup").field("session", &self.session).field("deployment", &self.deployment).finish()
+    }
+}
+
+impl Cleanup {
+    /// Restores the Deployment, deletes the session's pods and Services,
+    /// removes its local containers and networks.
+    pub async fn run(&self) -> Outcome {
+        let restored = Arc::new(AtomicBool::new(false));
+        let mut ok = true;
+        if let Some(name) = &self.deployment {
+            ok &= step("restore", self.restore(name, &restored)).await;
+        }
+        ok &= step("delete the session's cluster objects", self.delete_objects()).await;
+        ok &= step("remove the session's containers, networks and volume mounts", remove_local(&self.session)).await;
+        Outcome { ok, restored: restored.load(Ordering::Relaxed) }
+    }
+
+    async fn restore(&self, name: &str, restored: &AtomicBool) -> anyhow::Result<()> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
+        if api.get_opt(name).await?.is_none() {
+            return Ok(());
+        }
+        match apply::restore(&api, &self.namespace, name, Some(&self.session)).await? {
+            Restored::Done { .. } => {
+                progress(&format!("restored deployment/{name}"));
+                restored.store(true, Ordering::Relaxed);
+            }
+            // Never swapped by this session (refused), or restored/taken over by someone else.
+            Restored::NotSwapped | Restored::TakenOver { .. } => info!("deployment/{name} is not swapped by this session"),
+        }
+        Ok(())
+    }
+
+    async fn delete_objects(&self) -> anyhow::Result<()> {
+        delete_cluster_objects(&self.client, &self.namespace, &self.session).await
+    }
+}
+
+/// Deletes what `session` created in the cluster besides the swap: the
+/// outbound-only agent pod and the UDP transport's NodePort Service, found
+/// by their session label. The session's own cleanup runs it, and so does
+/// every restore of its swap from elsewhere (`tpd restore`, the repair of
+/// an expired lease, a takeover).
+pub async fn delete_cluster_objects(client: &kube::Client, namespace: &str, session: &str) -> anyhow::Result<()> {
+    let selector = ListParams::default().labels(&format!("{}={session}", names::LABEL_SESSION));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    // Pods of the swapped Deployment carry the label too; its ReplicaSet
+    // owns them, so only delete pods nobody owns (the outbound-only agent).
+    for pod in pods.list(&selector).await?.items {
+        if pod.metadata.owner_references.as_ref().is_none_or(Vec::is_empty) {
+            let name = pod.metadata.name.unwrap_or_default();
+            pods.delete(&name, &DeleteParams::default()).await?;
+            info!("deleted pod/{name}");
+        }
+    }
+    for svc in services.list(&selector).await?.items {
+        let name = svc.metadata.name.unwrap_or_default();
+        services.delete(&name, &DeleteParams::default()).await?;
+        info!("deleted service/{name}");
+    }
+    Ok(())
+}
+
+/// Removes the session's containers, then its volume directory and any
+/// FUSE mount a killed sidecar left there (see `mounts::release`).
+async fn remove_local(session: &str) -> anyhow::Result<()> {
+    let docker = crate::docker::connect().await?;
+    let image = crate::mounts::stop_sidecar(&docker, session).await.unwrap_or_else(|e| {
+        info!("could not stop the sidecar gracefully: {e:#}");
+        None
+    });
+    remove_containers(session).await?;
+    remove_networks(&docker, session).await?;
+    let image = image.unwrap_or_else(|| crate::config::Images::defaults().sidecar);
+    crate::mounts::release(&docker, session, &image, crate::session::sidecar::labels(session)).await
+}
+
+/// Removes the Docker networks labelled with `session` (`tpd connect` makes
+/// one for compose projects), first detaching what still uses them: the
+/// containers of a project started from a generated file, which lost their
+/// network namespace with the sidecar anyway.
+async fn remove_networks(docker: &bollard::Docker, session: &str) -> anyhow::Result<()> {
+    let filters = [("label".to_owned(), vec![format!("{}={session}", names::LABEL_SESSION)])].into_iter().collect();
+    let networks = docker.list_networks(Some(ListNetworksOptions { filters: Some(filters) })).await?;
+    for net in networks {
+        let name = net.name.unwrap_or_default();
+        let attached = docker.inspect_network(&name, None::<InspectNetworkOptions>).await?.containers.unwrap_or_default();
+        for (id, c) in attached {
+            eprintln!("tpd: detaching container {} from the session's network {name}", c.name.unwrap_or(id.clone()));
+            let _ = docker.disconnect_network(&name, NetworkDisconnectRequest { container: id, force: Some(true) }).await;
+        }
+        docker.remove_network(&name).await?;
+        info!("removed network {name}");
+    }
+    Ok(())
+}
+
+/// Removes every local container labelled with `session`.
+pub async fn remove_containers(session: &str) -> anyhow::Result<()> {
+    let docker = crate::docker::connect().await?;
+    let filters = [("label".to_owned(), vec![format!("{}={session}", names::LABEL_SESSION)])].into_iter().collect();
+    let list = docker.list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() })).await?;
+    for c in list {
+        let id = c.id.unwrap_or_default();
+        docker.remove_container(&id, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() })).await?;
+        info!("removed container {id}");
+    }
+    Ok(())
+}
+
+async fn step(what: &str, fut: impl Future<Output = anyhow::Result<()>>) -> bool {
+    match tokio::time::timeout(STEP_DEADLINE, fut).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            eprintln!("tpd: cleanup could not {what}: {e:#}");
+            false
+        }
+        Err(_) => {
+            eprintln!("tpd: cleanup could not {what} within {} s", STEP_DEADLINE.as_secs());
+            false
+        }
+    }
+}

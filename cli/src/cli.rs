@@ -1,0 +1,263 @@
+//! The command line: global options shared by every subcommand, and the
+//! subcommands themselves (one module each under `commands/`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::output::OutputFormat;
+use crate::swap::plan::Target;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tpd",
+    version = tpd_wire::VERSION,
+    about = "Run a local Docker container as if it were a pod of your Kubernetes cluster",
+    long_about = "Run a local Docker container as if it were a pod of your Kubernetes cluster.\n\n\
+        Your container reaches cluster services by DNS name, receives the traffic meant for the \
+        Deployment it swaps, sees that Deployment's environment and volumes, and when it stops \
+        the cluster is exactly as before.\n\n\
+        Start with `tpd doctor` to check that Docker and your cluster are ready."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand understands.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// More logs on stderr: --verbose for debug, twice for trace. (`-v` is
+    /// `tpd run`'s volume flag, as in `docker run`.)
+    #[arg(long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Output format for commands that report something.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Text, global = true)]
+    pub output: OutputFormat,
+    /// Kubeconfig file to use (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use (default: the current context).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
+    /// Namespace (default: the context's namespace, else "default").
+    #[arg(short, long, global = true, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// The sidecar image [env: TPD_SIDECAR_IMAGE; config: sidecar_image].
+    #[arg(long, global = true, env = "TPD_SIDECAR_IMAGE", value_name = "IMAGE")]
+    pub sidecar_image: Option<String>,
+    /// The agent image the cluster runs [env: TPD_AGENT_IMAGE; config: agent_image].
+    #[arg(long, global = true, env = "TPD_AGENT_IMAGE", value_name = "IMAGE")]
+    pub agent_image: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check that Docker, the tpd images and the cluster are ready, and say how to fix what is not.
+    Doctor,
+    /// Print the versions of tpd and of the images it uses.
+    Version,
+    /// Run a docker-compose project with some services in a tpd session (or print the override).
+    Compose(crate::compose::args::ComposeArgs),
+    /// Run a local container in the cluster's network, optionally swapped in for a Deployment.
+    Run(Box<RunArgs>),
+    /// Start a long-lived session in the background (outbound access, optional swap) that containers join.
+    Connect(ConnectArgs),
+    /// End a session `tpd connect` started: restore its swap, remove its agent pod and sidecar.
+    Quit(QuitArgs),
+    /// Print or write the environment a Deployment's container gets, for IDEs and scripts.
+    Env(EnvArgs),
+    /// List this machine's sessions and the swaps in the namespace, with holder and lease.
+    Status(StatusArgs),
+    /// Put a swapped Deployment back as it was (normally tpd does this itself).
+    Restore(RestoreArgs),
+    /// Restores the session's Deployment when its `tpd run` dies (started by `tpd run`).
+    #[command(hide = true)]
+    Guardian(GuardianArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  tpd run --image myapp:dev --swap deployment/hello --port 8080:9000 -- python3 -m http.server 9000")]
+pub struct RunArgs {
+    /// The local image to run (it must exist in the local Docker engine).
+    #[arg(long, value_name = "IMAGE")]
+    pub image: String,
+    /// Swap this Deployment's container for tpd's agent: deployment/NAME[:CONTAINER].
+    #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
+    pub swap: Option<Target>,
+    /// Take over a swap whose lease expired without waiting for automatic repair.
+    #[arg(long, requires = "swap")]
+    pub force: bool,
+    /// Cluster traffic to the container's REMOTE port goes to LOCAL in your container.
+    #[arg(long = "port", value_name = "REMOTE:LOCAL")]
+    pub ports: Vec<PortPair>,
+    /// Set an env var in your container (overrides the remote env).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Read env vars from a file of KEY=VALUE lines.
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
+    /// Bind mount into your container, as in `docker run -v`.
+    #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]")]
+    pub volumes: Vec<String>,
+    /// Publish a port of your container on the host: HOST:CONTAINER.
+    #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER")]
+    pub publish: Vec<PortPair>,
+    /// Keep stdin open.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Allocate a TTY.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Name of your container.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How WireGuard reaches the agent. The key exchange always goes over a
+    /// port-forward; `udp` needs the cluster's nodes reachable over UDP from
+    /// this machine, and `auto` falls back to the port-forward when the
+    /// first handshake over UDP gets no answer within 2 s. `tpd status`
+    /// shows which one a session uses.
+    #[arg(long, value_enum, default_value_t = Transport::Portforward)]
+    pub transport: Transport,
+    /// Also route this CIDR through the cluster.
+    #[arg(long, value_name = "CIDR")]
+    pub also_proxy: Vec<String>,
+    /// Where all remote volumes also appear in your container.
+    #[arg(long, value_name = "PATH")]
+    pub mount_root: Option<String>,
+    /// Do not mount the remote volumes.
+    #[arg(long)]
+    pub no_mounts: bool,
+    /// How long to wait for the agent pod to become ready.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub ready_timeout: u64,
+    /// The command and its arguments (default: the image's).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `A:B` port pairs of `--port` and `-p`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortPair {
+    pub first: u16,
+    pub second: u16,
+}
+
+impl std::str::FromStr for PortPair {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not PORT:PORT (two numbers from 1 to 65535)");
+        let (a, b) = s.split_once(':').ok_or_else(bad)?;
+        let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(bad);
+        Ok(PortPair { first: port(a)?, second: port(b)? })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// UDP if the first handshake is answered within 2 s, else the port-forward.
+    Auto,
+    /// WireGuard over a Kubernetes port-forward: works on every cluster.
+    Portforward,
+    /// WireGuard over UDP to a NodePort Service tpd creates for the session and deletes with it.
+    Udp,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    tpd connect                                         # outbound access; prints the sidecar's name\n  \
+    docker run --rm --network container:$(tpd connect) myapp:dev\n  \
+    tpd connect --name dev --swap deployment/api --port 8080:9000\n  \
+    tpd quit dev")]
+pub struct ConnectArgs {
+    /// The session's name (default: CONTEXT-NAMESPACE); `tpd compose --session` and `tpd quit` use it.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Swap this Deployment's container for tpd's agent: deployment/NAME[:CONTAINER].
+    #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
+    pub swap: Vec<Target>,
+    /// Take over a swap whose lease expired without waiting for automatic repair.
+    #[arg(long, requires = "swap")]
+    pub force: bool,
+    /// Cluster traffic to the swapped container's REMOTE port goes to LOCAL in the session.
+    #[arg(long = "port", value_name = "REMOTE:LOCAL", requires = "swap")]
+    pub ports: Vec<PortPair>,
+    /// Publish a port of the session's network namespace on the host: HOST:CONTAINER.
+    #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER")]
+    pub publish: Vec<PortPair>,
+    /// How WireGuard reaches the agent (as for `tpd run`).
+    #[arg(long, value_enum, default_value_t = Transport::Portforward)]
+    pub transport: Transport,
+    /// Also route this CIDR through the cluster.
+    #[arg(long, value_name = "CIDR")]
+    pub also_proxy: Vec<String>,
+    /// Do not mount the swapped Deployment's volumes.
+    #[arg(long)]
+    pub no_mounts: bool,
+    /// How long to wait for the agent pod to become ready.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub ready_timeout: u64,
+    /// Hold the session in this process (what the background process runs).
+    #[arg(long, hide = true)]
+    pub hold: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct QuitArgs {
+    /// The session's name (default: CONTEXT-NAMESPACE, as `tpd connect` names it).
+    #[arg(conflicts_with = "all")]
+    pub name: Option<String>,
+    /// Every session `tpd connect` started on this machine.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EnvArgs {
+    /// deployment/NAME[:CONTAINER]
+    pub target: Target,
+    #[arg(long, value_enum, default_value_t = EnvFormat::Dotenv)]
+    pub format: EnvFormat,
+    /// Write to this file (mode 0600) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EnvFormat {
+    Dotenv,
+    Json,
+    Compose,
+    Docker,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Swaps in every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// deployment/NAME
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub target: Option<Target>,
+    /// Every swapped Deployment in the namespace (with -A, in every namespace).
+    #[arg(long)]
+    pub all: bool,
+    #[arg(short = 'A', long, requires = "all")]
+    pub all_namespaces: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GuardianArgs {
+    #[arg(long)]
+    pub session: String,
+    /// The swapped Deployment, if any.
+    #[arg(long)]
+    pub deployment: Option<String>,
+}

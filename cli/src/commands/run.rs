@@ -1,0 +1,148 @@
+//! `tpd run`: check everything local first, start the guardian, swap the
+//! Deployment (or start an outbound-only agent pod), keep the lease, run the
+//! session, and clean up the same way on every exit path: one
+//! CancellationToken is cancelled by the command ending, Ctrl-C, the
+//! developer's container exiting or the lease being lost.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cleanup::Cleanup;
+use crate::cli::{GlobalArgs, RunArgs};
+use crate::cluster::Cluster;
+use crate::config::{self, Images};
+use crate::guardian::Guardian;
+use crate::output::progress;
+use crate::swap::apply;
+use crate::swap::lease;
+use crate::error::Hint;
+use crate::swap::plan::{self, Params};
+use crate::{checks, session};
+
+pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let images = Images::resolve(global, &config::load()?);
+    // Everything that can be checked without changing anything, first.
+    let docker = crate::docker::connect().await?;
+    checks::image_present(&docker, &args.image, "build it (`docker build -t IMAGE .`) or pull it first").await?;
+    checks::image_present(&docker, &images.sidecar, "build tpd's images with `cargo xtask images`").await?;
+    checks::ports_free(args.publish.iter().map(|p| p.first))?;
+    let cluster = super::cluster(global).await?;
+
+    if let Some(target) = &args.swap {
+        // Unknown Deployment or ambiguous container: fail before the guardian exists.
+        let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+        let d = apply::get(&api, &cluster.namespace, &target.name).await?;
+        plan::choose_container(&d, target.container.as_deref()).map_err(|e| {
+            Hint::new(e.to_string(), format!("`kubectl get deployment/{} -n {} -o yaml` shows its containers", target.name, cluster.namespace))
+        })?;
+    }
+    let id = session::new_id();
+    let log = crate::logging::to_file(&id)?;
+    info!(session = %id, log = %log.display(), "session starting");
+    let deployment = args.swap.as_ref().map(|t| t.name.clone());
+    let guardian = Guardian::spawn(global, &cluster, &id, deployment.as_deref())?;
+    let cleanup = Cleanup { client: cluster.client.clone(), namespace: cluster.namespace.clone(), session: id.clone(), deployment };
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(ctrl_c(shutdown.clone()));
+    let result = session_body(&cluster, &args, &images, &id, &shutdown).await;
+    shutdown.cancel();
+    let outcome = cleanup.run().await;
+    if outcome.ok {
+        guardian.dismiss();
+    }
+    if let (Some(target), true) = (&args.swap, outcome.restored) {
+        let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+        progress(&format!("waiting for {target} to roll back"));
+        if let Err(e) = apply::wait_for_rollout(&api, &target.name, Duration::from_secs(60)).await {
+            warn!("{e:#}");
+        }
+    }
+    let code = result?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// Swap (or agent pod), lease renewal, readiness, then the local containers.
+/// Returns the developer container's exit code.
+async fn session_body(cluster: &Cluster, args: &RunArgs, images: &Images, id: &str, shutdown: &CancellationToken) -> anyhow::Result<i64> {
+    let (swap, agent_pod) = start_agent(cluster, args, images, id, shutdown).await?;
+    let ctx = session::Context { cluster, args, images, id, agent_pod, swap: swap.as_ref() };
+    session::run(ctx, shutdown).await
+}
+
+/// The cluster half of a session (also `tpd connect`'s): the swap, whose
+/// lease is renewed until `shutdown`, or the outbound-only agent pod; returns
+/// once the agent pod is ready, with the swap and the pod's name.
+pub(crate) async fn start_agent(cluster: &Cluster, args: &RunArgs, images: &Images, id: &str, shutdown: &CancellationToken) -> anyhow::Result<(Option<plan::Swap>, String)> {
+    let params = Params {
+        agent_image: images.agent.clone(),
+        session: id.to_owned(),
+        holder: session::holder(),
+        now: k8s_openapi::jiff::Timestamp::now(),
+        lease_seconds: lease::LEASE_SECONDS,
+        extra_ports: args.ports.iter().map(|p| p.first).collect(),
+    };
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let swap = match &args.swap {
+        Some(target) => {
+            let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+            progress(&format!("swapping {target} in namespace {} for tpd's agent", cluster.namespace));
+            let swap = apply::swap(&api, &cluster.namespace, target, &params, args.force).await?;
+            tokio::spawn(renew_lease(api, target.name.clone(), swap.record.clone(), shutdown.clone()));
+            Some(swap)
+        }
+        None => {
+            let pod = session::outbound_agent_pod(&cluster.namespace, &params);
+            progress("starting an outbound-only agent pod");
+            pods.create(&PostParams::default(), &pod).await.map_err(|e| anyhow::anyhow!(e).context("cannot create the agent pod"))?;
+            None
+        }
+    };
+    let timeout = Duration::from_secs(args.ready_timeout);
+    let agent = tokio::select! {
+        pod = apply::wait_for_agent(&pods, id, &images.agent, timeout) => pod?,
+        () = shutdown.cancelled() => anyhow::bail!("interrupted before the agent was ready"),
+    };
+    let agent_name = agent.metadata.name.clone().unwrap_or_default();
+    progress(&format!("agent pod {agent_name} is ready"));
+    Ok((swap, agent_name))
+}
+
+/// Renews the lease until shutdown; losing it (someone took the Deployment
+/// over or restored it) ends the session.
+async fn renew_lease(api: Api<Deployment>, name: String, mut record: crate::swap::record::Record, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(lease::RENEW_EVERY) => {}
+            () = shutdown.cancelled() => return,
+        }
+        match apply::renew(&api, &name, &record).await {
+            Ok(renewed) => record = renewed,
+            Err(e) => {
+                eprintln!("tpd: lost the swap of deployment/{name} ({e:#}); ending the session");
+                shutdown.cancel();
+                return;
+            }
+        }
+    }
+}
+
+/// First Ctrl-C: graceful shutdown. Second: exit now and leave the cleanup
+/// to the guardian, which sees the pipe close without `done`.
+async fn ctrl_c(shutdown: CancellationToken) {
+    if tokio::signal::ctrl_c().await.is_err() {
+        return;
+    }
+    eprintln!("tpd: restoring the cluster and removing the session's containers (press Ctrl-C again to force)");
+    shutdown.cancel();
+    if tokio::signal::ctrl_c().await.is_ok() {
+        eprintln!("tpd: forced exit; tpd's guardian restores the cluster in the background");
+        std::process::exit(130);
+    }
+}

@@ -1,0 +1,167 @@
+//! The local half of a session: the cluster's address ranges, the relay of
+//! the stream transport, the sidecar container and the developer's
+//! container. `tpd run` calls [`run`] once the agent pod is ready.
+
+pub mod cidrs;
+pub mod container;
+pub mod env;
+pub mod relay;
+pub mod sidecar;
+pub mod transport;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use kube::api::ObjectMeta;
+use tokio_util::sync::CancellationToken;
+use tpd_wire::names;
+
+use crate::cli::RunArgs;
+use crate::cluster::Cluster;
+use crate::config::Images;
+use crate::output::progress;
+use crate::swap::plan::{self, Params, Swap};
+use transport::Plan;
+
+/// What the session needs from `tpd run`.
+#[derive(Debug)]
+pub struct Context<'a> {
+    pub cluster: &'a Cluster,
+    pub args: &'a RunArgs,
+    pub images: &'a Images,
+    pub id: &'a str,
+    pub agent_pod: String,
+    pub swap: Option<&'a Swap>,
+}
+
+/// A fresh session id: short, and valid as a label value and container name.
+pub fn new_id() -> String {
+    format!("{:010x}", rand::random::<u64>() & 0xff_ffff_ffff)
+}
+
+/// `user@host`, as shown to anyone the swap is refused to.
+pub fn holder() -> String {
+    let uid = nix::unistd::getuid();
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| nix::unistd::User::from_uid(uid).ok().flatten().map(|u| u.name))
+        .unwrap_or_else(|| uid.to_string());
+    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown-host".into());
+    format!("{user}@{host}")
+}
+
+/// The agent pod of a session without `--swap` (outbound only); the
+/// cleanup deletes it by its session label.
+pub fn outbound_agent_pod(namespace: &str, p: &Params) -> Pod {
+    let base = Container { name: "agent".into(), ..Default::default() };
+    let labels = BTreeMap::from([
+        (names::LABEL_MANAGED_BY.to_owned(), names::MANAGED_BY_VALUE.to_owned()),
+        (names::LABEL_SESSION.to_owned(), p.session.clone()),
+    ]);
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("tpd-agent-{}", p.session)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![plan::agent_container(&base, p, &[], &[])],
+            restart_policy: Some("Never".into()),
+            automount_service_account_token: Some(false),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The per-session directory bind-mounted into the sidecar at
+/// `names::SESSION_DIR`; only the user can enter it (it holds the env).
+pub fn session_dir(id: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = session_dir_path(id);
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Where a session's directory is (it may not exist).
+pub fn session_dir_path(id: &str) -> PathBuf {
+    crate::logging::cache_dir().join("sessions").join(id)
+}
+
+/// Runs the local half until the developer's container exits or `shutdown`
+/// fires; returns the container's exit code.
+pub async fn run(ctx: Context<'_>, shutdown: &CancellationToken) -> anyhow::Result<i64> {
+    let Started { sidecar, status, docker } = start(&ctx, shutdown).await?;
+    let env = env::merge(status.env, &ctx.args.env, &ctx.args.env_file)?;
+    container::run(&docker, &ctx, &sidecar, env, shutdown).await
+}
+
+/// The local half up to a ready sidecar (what `tpd connect` holds).
+#[derive(Debug)]
+pub struct Started {
+    pub sidecar: sidecar::Sidecar,
+    /// What the sidecar reported, with the agent's env.
+    pub status: sidecar::Status,
+    pub docker: bollard::Docker,
+}
+
+/// Starts the relay (until `shutdown`), the transport's cluster side (the
+/// NodePort Service for UDP) and the sidecar, and waits until the sidecar
+/// reports the tunnel up.
+pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::Result<Started> {
+    let (routes, plan) = tokio::try_join!(
+        cidrs::discover(&ctx.cluster.client),
+        transport::prepare(ctx.cluster, ctx.args.transport, ctx.id, &ctx.agent_pod),
+    )?;
+    progress(&format!("cluster ranges routed through the tunnel: {}", routes.join(", ")));
+    let dir = session_dir(ctx.id)?;
+    let relay = relay::start(&dir, ctx.cluster, &ctx.agent_pod, shutdown.clone())?;
+    let docker = crate::docker::connect().await?;
+    let volumes = (!ctx.args.no_mounts).then(|| ctx.swap.map(|s| s.mounts.clone())).flatten().unwrap_or_default();
+    progress("starting the sidecar");
+    let sidecar = sidecar::start(&docker, ctx, &dir, &relay, &plan, &routes, &volumes).await?;
+    let mut status = tokio::select! {
+        s = sidecar::ready(&docker, &sidecar, &dir, Duration::from_secs(30)) => s.map_err(|e| not_ready(e, &plan))?,
+        () = shutdown.cancelled() => anyhow::bail!("interrupted before the sidecar was ready"),
+    };
+    let used = status.transport.unwrap_or(match plan {
+        Plan::PortForward => transport::Used::Portforward,
+        Plan::Udp { .. } => transport::Used::Udp,
+    });
+    progress(&format!("session ready ({})", transport_line(ctx.cluster, ctx.id, &plan, used).await));
+    status.transport = Some(used);
+    Ok(Started { sidecar, status, docker })
+}
+
+/// Says which transport carries the session (and why, after a fallback);
+/// an unused NodePort goes at once.
+async fn transport_line(cluster: &Cluster, id: &str, plan: &Plan, used: transport::Used) -> String {
+    let line = match (plan, used) {
+        (Plan::PortForward, _) => "transport: port-forward".to_owned(),
+        (Plan::Udp { at, service, .. }, transport::Used::Udp) => format!("transport: udp to {at}, service/{service}"),
+        (Plan::Udp { at, fallback, .. }, transport::Used::Portforward) => {
+            transport::release_unused(cluster, id).await;
+            let window = fallback.unwrap_or(transport::UDP_FALLBACK);
+            format!("transport: port-forward; udp to {at} got no answer within {} s", window.as_secs_f64())
+        }
+    };
+    tracing::info!("{line}");
+    line
+}
+
+/// A sidecar that never got ready over UDP without a fallback: say what to try.
+fn not_ready(e: anyhow::Error, plan: &Plan) -> anyhow::Error {
+    match plan {
+        Plan::Udp { at, fallback: None, .. } => crate::error::Hint::new(
+            format!("the tunnel did not come up over udp to {at} (is that node port reachable from this machine?): {e:#}"),
+            "use `--transport portforward` (works on every cluster) or `--transport auto`",
+        )
+        .into(),
+        _ => e,
+    }
+}

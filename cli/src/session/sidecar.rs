@@ -1,0 +1,194 @@
+//! The sidecar container: it owns the network namespace the developer's
+//! container joins (TUN, routes, DNS at 127.0.0.1 with the cluster's search
+//! path), the WireGuard session over the relay's socket, and the FUSE mounts
+//! of the remote volumes. It writes `status.json` into the session
+//! directory when the tunnel is up; that file holds the agent's env.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, DeviceMapping, HostConfig, PortBinding, VolumeCreateRequest};
+use bollard::query_parameters::{CreateContainerOptions, InspectContainerOptions, LogsOptions};
+use futures::StreamExt;
+use serde::Deserialize;
+use tpd_wire::files::VolumeMount;
+use tpd_wire::names;
+
+use super::Context;
+use super::relay::Relay;
+use super::transport::{Plan, Used};
+use crate::mounts::{self, VolumeMounts};
+
+/// A started sidecar.
+#[derive(Debug)]
+pub struct Sidecar {
+    pub id: String,
+    /// Mounts for the developer's container, when remote volumes are shown.
+    pub volumes: Option<VolumeMounts>,
+}
+
+/// What the sidecar writes to `status.json` when the session is ready.
+#[derive(Debug, Default, Deserialize)]
+pub struct Status {
+    /// The agent's process env minus tpd's variables. Secrets: never logged.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// What carries WireGuard (older sidecars do not say; `start` fills it in).
+    #[serde(default)]
+    pub transport: Option<Used>,
+}
+
+/// The transport named in a session directory's `status.json`, for `tpd
+/// status`; only that field is read (the file also holds the env).
+pub fn transport_in(dir: &Path) -> Option<Used> {
+    #[derive(Deserialize)]
+    struct Only {
+        transport: Option<Used>,
+    }
+    let text = std::fs::read_to_string(dir.join(names::STATUS_FILE)).ok()?;
+    serde_json::from_str::<Only>(&text).ok()?.transport
+}
+
+/// Labels of everything local the session creates, found by cleanup.
+pub fn labels(session: &str) -> HashMap<String, String> {
+    HashMap::from([
+        (names::LABEL_MANAGED_BY.to_owned(), names::MANAGED_BY_VALUE.to_owned()),
+        (names::LABEL_SESSION.to_owned(), session.to_owned()),
+    ])
+}
+
+/// The sidecar's arguments (`tpd-sidecar run --help`): the transport (the
+/// relay's socket carries the hello, and WireGuard too unless it goes over
+/// UDP), the routes, the inbound port map, and the host's resolver for
+/// names outside the cluster.
+fn command(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[String], volumes: &[VolumeMount]) -> Vec<String> {
+    let stream = format!("stream:unix:{}", relay.socket_in_sidecar);
+    let mut cmd: Vec<String> = vec!["run".into()];
+    match plan {
+        Plan::PortForward => cmd.extend(["--transport".into(), stream]),
+        Plan::Udp { at, fallback, .. } => {
+            cmd.extend(["--transport".into(), format!("udp:{at}"), "--hello".into(), stream]);
+            if let Some(window) = fallback {
+                cmd.extend(["--udp-fallback".into(), window.as_secs_f64().to_string()]);
+            }
+        }
+    }
+    cmd.extend(["--session-dir".into(), names::SESSION_DIR.into()]);
+    for cidr in routes {
+        cmd.extend(["--cluster-cidr".into(), cidr.clone()]);
+    }
+    for cidr in &ctx.args.also_proxy {
+        cmd.extend(["--also-proxy".into(), cidr.clone()]);
+    }
+    for p in &ctx.args.ports {
+        cmd.extend(["--port".into(), format!("{}:{}", p.first, p.second)]);
+    }
+    if let Some(upstream) = host_resolver() {
+        cmd.extend(["--upstream-dns".into(), upstream]);
+    }
+    if !volumes.is_empty() {
+        cmd.push("--volumes".into());
+    }
+    cmd
+}
+
+/// The host's first resolver that a container can reach (not loopback).
+fn host_resolver() -> Option<String> {
+    let conf = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    conf.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .map(str::trim)
+        .find(|ip| ip.parse::<std::net::IpAddr>().is_ok_and(|ip| !ip.is_loopback()))
+        .map(str::to_owned)
+}
+
+fn search_path(namespace: &str) -> Vec<String> {
+    vec![format!("{namespace}.svc.cluster.local"), "svc.cluster.local".into(), "cluster.local".into()]
+}
+
+pub async fn start(docker: &Docker, ctx: &Context<'_>, dir: &Path, relay: &Relay, plan: &Plan, routes: &[String], volumes: &[VolumeMount]) -> anyhow::Result<Sidecar> {
+    let mut host = HostConfig {
+        cap_add: Some(vec!["NET_ADMIN".into()]),
+        devices: Some(vec![device("/dev/net/tun")]),
+        dns: Some(vec!["127.0.0.1".into()]),
+        dns_search: Some(search_path(&ctx.cluster.namespace)),
+        dns_options: Some(vec!["ndots:5".into()]),
+        binds: Some(vec![format!("{}:{}", dir.display(), names::SESSION_DIR)]),
+        port_bindings: Some(
+            ctx.args
+                .publish
+                .iter()
+                .map(|p| (format!("{}/tcp", p.second), Some(vec![PortBinding { host_ip: None, host_port: Some(p.first.to_string()) }])))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    let volume_mounts = match volumes.is_empty() {
+        true => None,
+        false => {
+            let host_dir = volume_dir(docker, ctx.id).await?;
+            let root = ctx.args.mount_root.as_deref().unwrap_or(mounts::DEFAULT_MOUNT_ROOT);
+            let planned = mounts::plan(&host_dir, volumes, root);
+            host.cap_add.get_or_insert_with(Vec::new).push("SYS_ADMIN".into());
+            host.devices.get_or_insert_with(Vec::new).push(device("/dev/fuse"));
+            host.security_opt = Some(vec!["apparmor:unconfined".into()]);
+            host.mounts = Some(planned.sidecar.clone());
+            Some(planned)
+        }
+    };
+    let body = ContainerCreateBody {
+        image: Some(ctx.images.sidecar.clone()),
+        cmd: Some(command(ctx, relay, plan, routes, volumes)),
+        labels: Some(labels(ctx.id)),
+        exposed_ports: Some(ctx.args.publish.iter().map(|p| format!("{}/tcp", p.second)).collect()),
+        host_config: Some(host),
+        ..Default::default()
+    };
+    let name = format!("tpd-sidecar-{}", ctx.id);
+    let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+    let id = docker.create_container(Some(options), body).await.context("cannot create the sidecar container")?.id;
+    docker.start_container(&id, None).await.with_context(|| format!("cannot start the sidecar container {name}"))?;
+    Ok(Sidecar { id, volumes: volume_mounts })
+}
+
+/// A Docker volume on the engine's (shared) data root, labelled for cleanup;
+/// see `mounts.rs` for why its mount point carries the FUSE mounts.
+async fn volume_dir(docker: &Docker, session: &str) -> anyhow::Result<String> {
+    let request = VolumeCreateRequest { name: Some(format!("tpd-{session}-volumes")), labels: Some(labels(session)), ..Default::default() };
+    let volume = docker.create_volume(request).await.context("cannot create the session's volume directory")?;
+    Ok(volume.mountpoint)
+}
+
+fn device(path: &str) -> DeviceMapping {
+    DeviceMapping { path_on_host: Some(path.into()), path_in_container: Some(path.into()), cgroup_permissions: Some("rwm".into()) }
+}
+
+/// Waits for `status.json`; fails with the sidecar's last log lines if it exits.
+pub async fn ready(docker: &Docker, sidecar: &Sidecar, dir: &Path, timeout: Duration) -> anyhow::Result<Status> {
+    let path = dir.join(names::STATUS_FILE);
+    let started = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(status) = serde_json::from_str::<Status>(&text)
+        {
+            return Ok(status);
+        }
+        let state = docker.inspect_container(&sidecar.id, None::<InspectContainerOptions>).await?.state;
+        if state.and_then(|s| s.running) == Some(false) {
+            anyhow::bail!("the sidecar exited before the session was ready:\n{}", last_logs(docker, &sidecar.id).await);
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("the sidecar was not ready after {} s:\n{}", timeout.as_secs(), last_logs(docker, &sidecar.id).await);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn last_logs(docker: &Docker, id: &str) -> String {
+    let options = LogsOptions { stdout: true, stderr: true, tail: "20".into(), ..Default::default() };
+    let lines: Vec<String> = docker.logs(id, Some(options)).filter_map(|l| async { l.ok().map(|l| l.to_string()) }).collect().await;
+    lines.concat()
+}

@@ -1,0 +1,270 @@
+//! The kube-rs side of a swap: read the Deployment, check the lease, send
+//! the planned patch, wait for the agent pod, renew, restore, and repair
+//! swaps whose session vanished. Every decision is made by the pure modules.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use tpd_wire::names;
+
+use super::lease::{self, Claim};
+use super::plan::{self, Guard, Params, Swap, Target};
+use super::record::Record;
+use crate::error::Hint;
+use crate::output::progress;
+
+/// Reads a Deployment, turning 404 into a message that says where we looked.
+pub async fn get(api: &Api<Deployment>, namespace: &str, name: &str) -> anyhow::Result<Deployment> {
+    match api.get(name).await {
+        Ok(d) => Ok(d),
+        Err(e) if crate::cluster::is_not_found(&e) => Err(Hint::new(
+            format!("there is no deployment/{name} in namespace {namespace:?}"),
+            format!("list them with `kubectl get deployments -n {namespace}`, or pick the namespace with -n"),
+        )
+        .into()),
+        Err(e) => Err(e).with_context(|| format!("cannot read deployment/{name} in namespace {namespace:?}")),
+    }
+}
+
+/// Swaps `target` for the agent: refuses a live holder, restores an
+/// abandoned swap first, warns about GitOps controllers, then patches.
+pub async fn swap(api: &Api<Deployment>, namespace: &str, target: &Target, params: &Params, force: bool) -> anyhow::Result<Swap> {
+    let mut current = get(api, namespace, &target.name).await?;
+    match lease::claim(Record::read(&current)?.as_ref(), force, Timestamp::now()) {
+        Claim::Free => {}
+        Claim::Held { holder, since, expired } => {
+            let help = if expired {
+                format!("its lease expired; take it over with `tpd run --force ...`, or restore it with `tpd restore {target}`")
+            } else {
+                format!("wait for that session to end, or ask {holder} to stop it (`tpd restore {target}` ends it by force)")
+            };
+            return Err(Hint::new(format!("{target} is swapped by {holder} since {since}"), help).into());
+        }
+        Claim::Abandoned(record) => {
+            progress(&format!("{target} was left swapped by {} (its session stopped renewing); restoring it first", record.holder));
+            restore_record(api, &current, &record).await?;
+            current = get(api, namespace, &target.name).await?;
+        }
+    }
+    if let Some(warning) = super::gitops::warning(&current) {
+        eprintln!("warning: {warning}");
+    }
+    let swap = plan::plan(&current, target.container.as_deref(), params)?;
+    let patch = plan::patch_between(&current, &swap.deployment, Guard::ResourceVersion);
+    api.patch(&target.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await.map_err(|e| match conflict(&e) {
+        true => anyhow::Error::from(Hint::new(format!("{target} changed while tpd was swapping it"), "run the command again")),
+        false => anyhow::Error::from(e).context(format!("cannot swap {target}")),
+    })?;
+    Ok(swap)
+}
+
+/// How a restore went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restored {
+    /// Put back what the session of `holder` had swapped.
+    Done { holder: String },
+    NotSwapped,
+    /// Another session took the Deployment over; it is theirs to restore.
+    TakenOver { holder: String },
+}
+
+/// Restores `name` if it is swapped (by `session`, when given).
+pub async fn restore(api: &Api<Deployment>, namespace: &str, name: &str, session: Option<&str>) -> anyhow::Result<Restored> {
+    let current = get(api, namespace, name).await?;
+    let Some(record) = Record::read(&current)? else { return Ok(Restored::NotSwapped) };
+    if session.is_some_and(|s| s != record.session) {
+        return Ok(Restored::TakenOver { holder: record.holder });
+    }
+    restore_record(api, &current, &record).await?;
+    Ok(Restored::Done { holder: record.holder })
+}
+
+/// Puts the Deployment back, then deletes the session's other cluster
+/// objects (its UDP transport's Service): a session restored from elsewhere
+/// leaves nothing behind either.
+async fn restore_record(api: &Api<Deployment>, current: &Deployment, record: &Record) -> anyhow::Result<()> {
+    let name = current.metadata.name.clone().unwrap_or_default();
+    let restored = plan::restore(current, record)?;
+    let patch = plan::patch_between(current, &restored, Guard::Record);
+    api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .with_context(|| format!("cannot restore deployment/{name}"))?;
+    let namespace = current.metadata.namespace.clone().unwrap_or_default();
+    if let Err(e) = crate::cleanup::delete_cluster_objects(&api.clone().into_client(), &namespace, &record.session).await {
+        eprintln!("tpd: restored deployment/{name}, but could not delete the other objects of its session {}: {e:#}", record.session);
+    }
+    Ok(())
+}
+
+/// Renews the lease; fails if the record is no longer ours.
+pub async fn renew(api: &Api<Deployment>, name: &str, record: &Record) -> anyhow::Result<Record> {
+    let renewed = record.renewed(Timestamp::now());
+    let pointer = plan::annotation_pointer();
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        { "op": "test", "path": pointer, "value": record.to_annotation() },
+        { "op": "replace", "path": pointer, "value": renewed.to_annotation() },
+    ]))?;
+    api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .with_context(|| format!("cannot renew the lease on deployment/{name}"))?;
+    Ok(renewed)
+}
+
+/// Waits until the session's agent pod is Running and Ready, printing each
+/// change of state; fails early on states that will not fix themselves.
+pub async fn wait_for_agent(pods: &Api<Pod>, session: &str, image: &str, timeout: Duration) -> anyhow::Result<Pod> {
+    let selector = ListParams::default().labels(&format!("{}={session}", names::LABEL_SESSION));
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let list = pods.list(&selector).await.context("cannot list the agent's pod")?;
+        let pod = list.items.into_iter().find(|p| p.metadata.deletion_timestamp.is_none());
+        let state = pod.as_ref().map(pod_state).unwrap_or_else(|| "waiting for the agent pod to be created".into());
+        if state != last {
+            progress(&format!("{state} ({:.1} s)", started.elapsed().as_secs_f64()));
+            last.clone_from(&state);
+        }
+        if let Some(pod) = pod {
+            if is_ready(&pod) {
+                return Ok(pod);
+            }
+            if state.contains("ErrImagePull") || state.contains("ImagePullBackOff") || state.contains("InvalidImageName") {
+                return Err(Hint::new(
+                    format!("the cluster cannot pull the agent image {image}"),
+                    "push it where the cluster can pull it and pass --agent-image (for the sandbox: `cargo xtask images`)",
+                )
+                .into());
+            }
+            // A failed agent does not come back by waiting: say so now.
+            if agent_gave_up(&pod) {
+                let name = pod.metadata.name.as_deref().unwrap_or("?");
+                let namespace = pods.namespace().unwrap_or("default");
+                return Err(Hint::new(
+                    format!("the agent pod failed ({state})"),
+                    format!("its log says why: kubectl logs -n {namespace} pod/{name}"),
+                )
+                .into());
+            }
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("the agent pod was not ready after {} s (last state: {last})", timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits for a Deployment's rollout to finish (all replicas updated and available).
+pub async fn wait_for_rollout(api: &Api<Deployment>, name: &str, timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let d = api.get(name).await.with_context(|| format!("cannot read deployment/{name}"))?;
+        if rolled_out(&d) {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("deployment/{name} did not finish rolling out within {} s", timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn rolled_out(d: &Deployment) -> bool {
+    let (Some(spec), Some(status)) = (&d.spec, &d.status) else { return false };
+    let want = spec.replicas.unwrap_or(1);
+    status.observed_generation >= d.metadata.generation
+        && status.updated_replicas.unwrap_or(0) == want
+        && status.available_replicas.unwrap_or(0) == want
+        && status.replicas.unwrap_or(0) == want
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    status.and_then(|s| s.phase.as_deref()) == Some("Running")
+        && status.and_then(|s| s.conditions.as_ref()).into_iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// "pod NAME: Running, ready" / "pod NAME: Pending (ErrImagePull: ...)".
+/// The pod ended (`Failed`, or `Succeeded`: the agent never exits on its
+/// own) or its container keeps crashing.
+fn agent_gave_up(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    let ended = matches!(status.and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"));
+    let crashing = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()) == Some("CrashLoopBackOff"));
+    ended || crashing
+}
+
+fn pod_state(pod: &Pod) -> String {
+    let name = pod.metadata.name.as_deref().unwrap_or("?");
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    let waiting = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone());
+    match (waiting, is_ready(pod)) {
+        (_, true) => format!("agent pod {name}: Running, ready"),
+        (Some(reason), _) => format!("agent pod {name}: {phase} ({reason})"),
+        (None, _) => format!("agent pod {name}: {phase}"),
+    }
+}
+
+/// Restores every swap in `namespace` (or all namespaces) whose session
+/// stopped renewing, and says so. Every command that talks to the cluster
+/// calls this, so a laptop that vanished mid-session leaves nothing behind
+/// for long.
+pub async fn repair_abandoned(client: &kube::Client, namespace: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let api: Api<Deployment> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let now = Timestamp::now();
+    let mut repaired = Vec::new();
+    for d in api.list(&ListParams::default()).await.context("cannot list deployments")?.items {
+        let Ok(Some(record)) = Record::read(&d) else { continue };
+        if !lease::abandoned(&record, now) {
+            continue;
+        }
+        let ns = d.metadata.namespace.clone().unwrap_or_default();
+        let name = d.metadata.name.clone().unwrap_or_default();
+        let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        restore_record(&api, &d, &record).await?;
+        eprintln!(
+            "tpd: restored deployment/{name} in {ns}: its session ({} since {}) stopped renewing its lease at {}",
+            record.holder, record.since.0, record.renew_time.0
+        );
+        repaired.push(format!("{ns}/{name}"));
+    }
+    Ok(repaired)
+}
+
+/// A JSON patch whose `test` failed, or a stale write.
+fn conflict(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 409 || status.code == 422)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "agent"}, "status": status})).expect("a pod")
+    }
+
+    #[test]
+    fn a_failed_or_crashing_agent_is_given_up_on_but_a_starting_one_is_not() {
+        let waiting = |reason: &str| pod(serde_json::json!({"phase": "Running", "containerStatuses": [{"name": "agent", "image": "a", "imageID": "", "ready": false, "restartCount": 3, "state": {"waiting": {"reason": reason}}}]}));
+        assert!(agent_gave_up(&pod(serde_json::json!({"phase": "Failed"}))));
+        assert!(agent_gave_up(&waiting("CrashLoopBackOff")));
+        assert!(!agent_gave_up(&waiting("ContainerCreating")));
+        assert!(!agent_gave_up(&pod(serde_json::json!({"phase": "Pending"}))));
+    }
+}

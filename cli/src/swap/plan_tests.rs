@@ -1,0 +1,175 @@
+use super::*;
+use crate::swap::record::Record;
+
+fn fixture(name: &str) -> Deployment {
+    let path = format!("{}/src/swap/testdata/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn params() -> Params {
+    Params {
+        agent_image: "tpd/agent:0.1.0".into(),
+        session: "s-1234".into(),
+        holder: "ana@laptop".into(),
+        now: "2026-11-22T03:30:00Z".parse().unwrap(),
+        lease_seconds: 15,
+        extra_ports: vec![],
+    }
+}
+
+fn pod(d: &Deployment) -> &k8s_openapi::api::core::v1::PodSpec {
+    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
+fn env_of<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.as_deref())
+}
+
+#[test]
+fn targets_parse_like_kubectl() {
+    let t = |s: &str| s.parse::<Target>().map_err(|e| e.to_string());
+    let ok = |name: &str, c: Option<&str>| Ok(Target { name: name.into(), container: c.map(Into::into) });
+    assert_eq!(t("deployment/hello"), ok("hello", None));
+    assert_eq!(t("deploy/hello:web"), ok("hello", Some("web")));
+    assert_eq!(t("deployments.apps/hello"), ok("hello", None));
+    for bad in ["hello", "pod/hello", "deployment/", "deployment/a/b", "deployment/hello:"] {
+        assert!(t(bad).unwrap_err().contains("deployment/NAME"), "{bad}");
+    }
+}
+
+#[test]
+fn container_choice() {
+    // (fixture, wanted, expected index or error text)
+    let table: [(&str, Option<&str>, Result<usize, &str>); 6] = [
+        ("hello", None, Ok(0)),
+        ("shop", None, Ok(0)), // named like the Deployment
+        ("shop", Some("proxy"), Ok(1)),
+        ("pair", None, Err("has 2 containers (api, worker) and none is named like the Deployment; pick one with deployment/pair:CONTAINER")),
+        ("pair", Some("nope"), Err("deployment/pair has no container named \"nope\" (it has: api, worker)")),
+        ("pair", Some("worker"), Ok(1)),
+    ];
+    for (name, wanted, want) in table {
+        let got = choose_container(&fixture(name), wanted).map_err(|e| e.to_string());
+        match (got, want) {
+            (Ok(i), Ok(j)) => assert_eq!(i, j, "{name} {wanted:?}"),
+            (Err(e), Err(text)) => assert!(e.contains(text), "{name} {wanted:?}: {e}"),
+            (got, want) => panic!("{name} {wanted:?}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_service_account_token_is_served_unless_the_pod_opts_out() {
+    fn pod_mut(d: &mut Deployment) -> &mut k8s_openapi::api::core::v1::PodSpec {
+        d.spec.as_mut().and_then(|s| s.template.spec.as_mut()).expect("a pod template")
+    }
+    let sa = |d: &Deployment| plan(d, None, &params()).expect("plans").mounts.iter().filter(|m| m.mount_path == SERVICE_ACCOUNT_DIR).count();
+    let mut d = fixture("hello");
+    assert_eq!(sa(&d), 1, "admission mounts it in the pod, so the agent serves it");
+    pod_mut(&mut d).automount_service_account_token = Some(false);
+    assert_eq!(sa(&d), 0, "the pod opted out");
+    let mut d = fixture("hello");
+    let c = &mut pod_mut(&mut d).containers[0];
+    let own = k8s_openapi::api::core::v1::VolumeMount { name: "token".into(), mount_path: SERVICE_ACCOUNT_DIR.into(), ..Default::default() };
+    c.volume_mounts.get_or_insert_with(Vec::new).push(own);
+    let swap = plan(&d, None, &params()).expect("plans");
+    let at_sa: Vec<&str> = swap.mounts.iter().filter(|m| m.mount_path == SERVICE_ACCOUNT_DIR).map(|m| m.name.as_str()).collect();
+    assert_eq!(at_sa, ["token"], "the container's own mount there is served, not a second one");
+}
+
+#[test]
+fn the_agent_takes_the_containers_place() {
+    let original = fixture("shop");
+    let swap = plan(&original, None, &Params { extra_ports: vec![8080, 3000], ..params() }).unwrap();
+    let (before, after) = (pod(&original), pod(&swap.deployment));
+    let (orig, agent) = (&before.containers[0], &after.containers[0]);
+
+    assert_eq!(agent.name, "shop");
+    assert_eq!(agent.image.as_deref(), Some("tpd/agent:0.1.0"));
+    // What the pod's environment and volumes are made of stays.
+    assert_eq!(agent.env_from, orig.env_from);
+    assert_eq!(agent.env.as_ref().unwrap()[..3], orig.env.as_ref().unwrap()[..]);
+    assert_eq!((&agent.volume_mounts, &agent.ports, &agent.resources, &agent.working_dir), (&orig.volume_mounts, &orig.ports, &orig.resources, &orig.working_dir));
+    // The agent is told its ports, session and mounts.
+    assert_eq!(env_of(agent, agent_env::PORTS), Some("3000,7946,8080,9090"));
+    assert_eq!(env_of(agent, agent_env::SESSION), Some("s-1234"));
+    let mounts = tpd_wire::files::parse_mounts(env_of(agent, agent_env::MOUNTS).unwrap()).unwrap();
+    assert_eq!(mounts, swap.mounts);
+    let served = [("/work", false), ("/etc/shop", true), ("/etc/ssl/shop.pem", true), (SERVICE_ACCOUNT_DIR, true)];
+    assert_eq!(mounts.iter().map(|m| (m.mount_path.as_str(), m.read_only)).collect::<Vec<_>>(), served);
+    // The app's command, probes and hooks would fail against the agent.
+    assert_eq!((&agent.command, &agent.args, &agent.lifecycle, &agent.liveness_probe, &agent.startup_probe), (&None, &None, &None, &None, &None));
+    let ready = agent.readiness_probe.as_ref().unwrap().tcp_socket.as_ref().unwrap();
+    assert_eq!(ready.port, IntOrString::Int(7700));
+    // Restricted: non-root, read-only, no capabilities.
+    let sc = agent.security_context.as_ref().unwrap();
+    assert_eq!((sc.run_as_non_root, sc.run_as_user, sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(65532), Some(true), Some(false)));
+    assert_eq!(sc.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_owned()]));
+    // The rest of the pod is untouched.
+    assert_eq!(after.containers[1], before.containers[1]);
+    assert_eq!((&after.init_containers, &after.volumes, &after.service_account_name), (&before.init_containers, &before.volumes, &before.service_account_name));
+    let spec = swap.deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.strategy.as_ref().unwrap().type_.as_deref(), Some("Recreate"));
+    assert_eq!(spec.selector, original.spec.as_ref().unwrap().selector);
+    let labels = spec.template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+    assert_eq!((labels.get("app").map(String::as_str), labels.get(names::LABEL_SESSION).map(String::as_str)), (Some("shop"), Some("s-1234")));
+    assert_eq!(swap.deployment.metadata.labels, original.metadata.labels);
+    // The record on the Deployment is the one returned.
+    assert_eq!(Record::read(&swap.deployment).unwrap(), Some(swap.record.clone()));
+    assert_eq!(swap.record.original.replicas, Some(3));
+}
+
+#[test]
+fn restore_of_plan_is_the_original() {
+    for (name, container) in [("hello", None), ("shop", None), ("shop", Some("proxy")), ("pair", Some("worker"))] {
+        let original = fixture(name);
+        let swap = plan(&original, container, &params()).unwrap();
+        assert_ne!(swap.deployment, original);
+        let record = Record::read(&swap.deployment).unwrap().unwrap();
+        assert_eq!(restore(&swap.deployment, &record).unwrap(), original, "{name} {container:?}");
+    }
+}
+
+#[test]
+fn patches_carry_exactly_the_planned_change() {
+    let original = fixture("shop");
+    let swap = plan(&original, None, &params()).unwrap();
+    let mut doc = serde_json::to_value(&original).unwrap();
+    let to_swap = patch_between(&original, &swap.deployment, Guard::ResourceVersion);
+    json_patch::patch(&mut doc, &to_swap).unwrap();
+    assert_eq!(doc, serde_json::to_value(&swap.deployment).unwrap());
+
+    let restored = restore(&swap.deployment, &swap.record).unwrap();
+    let back = patch_between(&swap.deployment, &restored, Guard::Record);
+    json_patch::patch(&mut doc, &back).unwrap();
+    assert_eq!(doc, serde_json::to_value(&original).unwrap());
+
+    // A record that changed meanwhile (another session took over) makes the
+    // restore patch fail instead of overwriting it.
+    let mut taken = serde_json::to_value(&swap.deployment).unwrap();
+    taken["metadata"]["annotations"][names::ANNOTATION_SWAP] = "{\"session\":\"other\"}".into();
+    assert!(json_patch::patch(&mut taken, &back).is_err());
+}
+
+#[test]
+fn the_agents_tunnel_port_cannot_be_taken() {
+    let err = plan(&fixture("pair"), Some("api"), &params()).unwrap_err().to_string();
+    assert!(err.contains("uses port 7700"), "{err}");
+}
+
+#[test]
+fn a_restore_after_someone_renamed_the_container_says_so() {
+    let swap = plan(&fixture("hello"), None, &params()).unwrap();
+    let mut edited = swap.deployment.clone();
+    edited.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].name = "renamed".into();
+    assert!(matches!(restore(&edited, &swap.record), Err(Error::ContainerGone(..))));
+}
+
+#[test]
+fn an_agent_without_ports_gets_no_port_variable() {
+    // The outbound-only agent pod: the agent would read "" as one empty port.
+    let agent = agent_container(&Container { name: "agent".into(), ..Default::default() }, &params(), &[], &[]);
+    assert_eq!(env_of(&agent, agent_env::PORTS), None);
+    assert_eq!(env_of(&agent, agent_env::SESSION), Some("s-1234"));
+}
