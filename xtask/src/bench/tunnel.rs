@@ -1,0 +1,267 @@
+//! `cargo xtask bench tunnel`: the data plane with real containers (the
+//! e2e fixture `tpd_e2e::dataplane::Lab`), against TCP over veth between
+//! network namespaces (a container on the cluster network, no tunnel) and
+//! wireguard-go between two network namespaces this harness creates, same
+//! run, same client and server (a small Python program, so every path is
+//! measured with the same tool).
+//!
+//! Needs root, Docker, the tpd and test images, and `apt-get install
+//! wireguard-go wireguard-tools` for the WireGuard baseline (installed here
+//! when missing). Traffic stays inside the containers and namespaces made here.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tpd_e2e::dataplane::{Lab, Via, docker};
+
+use super::Figure;
+
+/// Port of the benchmark server.
+const PORT: u16 = 5201;
+const SINGLE_MIB: u64 = 256;
+const MULTI_MIB_EACH: u64 = 96;
+const HTTP_REQUESTS: u32 = 1000;
+const NEW_CONNECTIONS: u32 = 500;
+const DNS_QUERIES: u32 = 100;
+
+/// Client and server of every measurement.
+const PROBE: &str = r#"
+import socket, sys, time, threading
+mode = sys.argv[1]
+def serve(port):
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(('0.0.0.0', port)); srv.listen(512)
+    buf = b'\0' * 262144
+    def handle(c):
+        try:
+            head = b''
+            while len(head) < 16:
+                b = c.recv(16 - len(head))
+                if not b: return
+                head += b
+            if head[:1] == b'd':
+                left = int(head[1:])
+                while left > 0: left -= c.send(buf[:min(left, len(buf))])
+            elif head[:1] == b'e':
+                c.sendall(head)
+            elif head[:1] == b'h':
+                f = c.makefile('rb')
+                while True:
+                    line = f.readline()
+                    if not line: return
+                    c.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok')
+        finally:
+            c.close()
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=handle, args=(c,), daemon=True).start()
+def down(host, port, mib, streams):
+    n = mib * 1048576
+    def one():
+        s = socket.create_connection((host, port)); s.sendall(b'd' + str(n).encode().rjust(15))
+        got = 0
+        while got < n:
+            b = s.recv(1048576)
+            if not b: raise SystemExit('short read')
+            got += len(b)
+        s.close()
+    ts = [threading.Thread(target=one) for _ in range(streams)]
+    t = time.time(); [x.start() for x in ts]; [x.join() for x in ts]
+    print(n * streams * 8 / (time.time() - t) / 1e6)
+def http(host, port, count):
+    s = socket.create_connection((host, port)); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.sendall(b'h' + b' ' * 15)
+    f = s.makefile('rb'); lat = []
+    for _ in range(count):
+        t = time.perf_counter(); s.sendall(b'GET / HTTP/1.1\r\n')
+        while f.readline().strip(): pass
+        f.read(2); lat.append((time.perf_counter() - t) * 1000)
+    lat.sort(); print(lat[len(lat) // 2], lat[int(len(lat) * 0.99)])
+def conns(host, port, count):
+    t = time.time()
+    for _ in range(count):
+        s = socket.create_connection((host, port)); s.sendall(b'e' + b' ' * 15); s.recv(16); s.close()
+    print(count / (time.time() - t))
+def dns(name, count):
+    lat = []
+    for _ in range(count):
+        t = time.perf_counter(); socket.getaddrinfo(name, 80, socket.AF_INET); lat.append((time.perf_counter() - t) * 1000)
+    lat.sort(); print(lat[len(lat) // 2])
+a = sys.argv[2:]
+if mode == 'serve': serve(int(a[0]))
+elif mode == 'down': down(a[0], int(a[1]), int(a[2]), int(a[3]))
+elif mode == 'http': http(a[0], int(a[1]), int(a[2]))
+elif mode == 'conns': conns(a[0], int(a[1]), int(a[2]))
+elif mode == 'dns': dns(a[0], int(a[1]))
+"#;
+
+/// Where a client runs: `argv` prefix that runs `python3 -c PROBE args…` there.
+type Runner = dyn Fn(&[String]) -> Result<String>;
+
+fn in_container(container: String) -> Box<Runner> {
+    Box::new(move |args: &[String]| {
+        let mut all = vec!["exec", container.as_str(), "timeout", "120", "python3", "-c", PROBE];
+        all.extend(args.iter().map(String::as_str));
+        docker(&all)
+    })
+}
+
+fn numbers(out: &str) -> Result<Vec<f64>> {
+    out.split_whitespace().map(|v| v.parse::<f64>().with_context(|| format!("probe printed {out:?}"))).collect()
+}
+
+/// Throughput figures (single, 4 streams) and latency for one path.
+struct Path {
+    single: f64,
+    multi: f64,
+    http_p50: f64,
+    http_p99: f64,
+    conns: f64,
+}
+
+fn measure(run: &Runner, server: &str) -> Result<Path> {
+    let a = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
+    let port = PORT.to_string();
+    let single = numbers(&run(&a(&["down", server, &port, &SINGLE_MIB.to_string(), "1"]))?)?[0];
+    let multi = numbers(&run(&a(&["down", server, &port, &MULTI_MIB_EACH.to_string(), "4"]))?)?[0];
+    let http = numbers(&run(&a(&["http", server, &port, &HTTP_REQUESTS.to_string()]))?)?;
+    let conns = numbers(&run(&a(&["conns", server, &port, &NEW_CONNECTIONS.to_string()]))?)?[0];
+    Ok(Path { single, multi, http_p50: http[0], http_p99: http[1], conns })
+}
+
+pub fn run() -> Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    let wg = WireguardGo::start().map_err(|e| eprintln!("wireguard-go baseline skipped: {e:#}")).ok();
+    let wg_path = match &wg {
+        Some(w) => {
+            eprintln!("measuring wireguard-go between netns…");
+            Some(measure(&*w.runner(), &w.server_ip)?)
+        }
+        None => None,
+    };
+
+    for (via, label) in [(Via::StreamTcp, "stream"), (Via::Udp, "udp")] {
+        let mut lab = Lab::start()?;
+        let server = lab.run_on_cluster("bench-server", tpd_e2e::images::DEBIAN, &["python3", "-c", PROBE, "serve", &PORT.to_string()])?;
+        let server_ip = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &server])?;
+        lab.start_sidecar(&via)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let (sidecar_rss, agent_rss) = (Lab::rss_kib(&lab.sidecar)?, Lab::rss_kib(&lab.agent)?);
+        let direct = lab.run_on_cluster("bench-direct", tpd_e2e::images::DEBIAN, &["sleep", "infinity"])?;
+
+        eprintln!("measuring tpd ({label} transport) and TCP over veth…");
+        let tpd = measure(&*in_container(lab.dev.clone()), &server_ip)?;
+        let veth = measure(&*in_container(direct.clone()), &server_ip)?;
+        // Absolute (trailing dot): the search list would add lookups that
+        // Docker's DNS on an internal network never answers.
+        let fqdn = format!("{}.", tpd_e2e::dataplane::echo_fqdn());
+        let dns_tpd = numbers(&in_container(lab.dev.clone())(&["dns".into(), fqdn.clone(), DNS_QUERIES.to_string()])?)?[0];
+        let dns_direct = numbers(&in_container(direct)(&["dns".into(), fqdn, DNS_QUERIES.to_string()])?)?[0];
+
+        let veth_name = "TCP over veth (no tunnel)";
+        let mut push = |name: &str, value: f64, unit: &str, base: f64, wg_value: Option<f64>| {
+            figures.push(Figure::new(format!("{name} (tpd {label})"), value, unit).against(veth_name, base));
+            if let Some(w) = wg_value {
+                figures.push(Figure::new(format!("{name} (tpd {label})"), value, unit).against("wireguard-go between netns", w));
+            }
+        };
+        let w = wg_path.as_ref();
+        push("throughput 1 stream", tpd.single, "Mbit/s", veth.single, w.map(|p| p.single));
+        push("throughput 4 streams", tpd.multi, "Mbit/s", veth.multi, w.map(|p| p.multi));
+        push("http keep-alive p50", tpd.http_p50, "ms", veth.http_p50, w.map(|p| p.http_p50));
+        push("http keep-alive p99", tpd.http_p99, "ms", veth.http_p99, w.map(|p| p.http_p99));
+        push("new connections", tpd.conns, "conn/s", veth.conns, w.map(|p| p.conns));
+        push("dns query p50 (cluster name)", dns_tpd, "ms", dns_direct, None);
+        figures.push(Figure::new(format!("sidecar RSS idle (tpd {label})"), sidecar_rss as f64 / 1024.0, "MiB"));
+        figures.push(Figure::new(format!("agent RSS idle (tpd {label})"), agent_rss as f64 / 1024.0, "MiB"));
+    }
+    Ok(figures)
+}
+
+/// Two network namespaces joined by a veth pair, with a wireguard-go
+/// tunnel between them and the probe server on the far side.
+struct WireguardGo {
+    ns: [String; 2],
+    server_ip: String,
+    server: Child,
+}
+
+fn sh(cmd: &str) -> Result<String> {
+    let out = Command::new("sh").args(["-c", cmd]).output()?;
+    if !out.status.success() {
+        bail!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl WireguardGo {
+    fn start() -> Result<WireguardGo> {
+        if sh("command -v wireguard-go && command -v wg").is_err() {
+            eprintln!("installing wireguard-go and wireguard-tools for the baseline…");
+            sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wireguard-go wireguard-tools")?;
+        }
+        let id = std::process::id();
+        let ns = [format!("tpdbench-a-{id}"), format!("tpdbench-b-{id}")];
+        let mut this = WireguardGo { ns: ns.clone(), server_ip: "10.77.1.2".into(), server: Command::new("true").spawn()? };
+        let keys: Vec<(String, String)> = (0..2)
+            .map(|_| {
+                let private = sh("wg genkey")?;
+                let public = sh(&format!("echo {private} | wg pubkey"))?;
+                Ok((private, public))
+            })
+            .collect::<Result<_>>()?;
+        for n in &ns {
+            sh(&format!("ip netns add {n}"))?;
+        }
+        sh(&format!("ip link add tpdb-a{id} netns {} type veth peer name tpdb-b{id} netns {}", ns[0], ns[1]))?;
+        for (i, n) in ns.iter().enumerate() {
+            let side = if i == 0 { 'a' } else { 'b' };
+            let other = 1 - i;
+            let key_file = format!("/tmp/tpdbench-{id}-{i}.key");
+            std::fs::write(&key_file, &keys[i].0)?;
+            // One UAPI socket per interface name in /var/run/wireguard: names must differ.
+            let up = sh(&format!(
+                "ip -n {n} link set lo up && ip -n {n} addr add 10.77.0.{a}/24 dev tpdb-{side}{id} && ip -n {n} link set tpdb-{side}{id} up && \
+                 WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 ip netns exec {n} wireguard-go {wg} 2>/dev/null && \
+                 ip netns exec {n} wg set {wg} private-key {key_file} listen-port 51820 peer {peer} allowed-ips 10.77.1.{pa}/32 endpoint 10.77.0.{pa}:51820 && \
+                 ip -n {n} addr add 10.77.1.{a}/24 dev {wg} && ip -n {n} link set {wg} mtu 1420 up",
+                a = i + 1,
+                pa = other + 1,
+                peer = keys[other].1,
+                wg = format!("tpdwg{side}{id}"),
+            ));
+            // The private key file goes whether or not the setup worked.
+            let _ = std::fs::remove_file(&key_file);
+            up?;
+        }
+        this.server = Command::new("ip")
+            .args(["netns", "exec", &ns[1], "python3", "-c", PROBE, "serve", &PORT.to_string()])
+            .stdout(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(this)
+    }
+
+    fn runner(&self) -> Box<Runner> {
+        let ns = self.ns[0].clone();
+        Box::new(move |args: &[String]| {
+            let out = Command::new("ip").args(["netns", "exec", &ns, "timeout", "120", "python3", "-c", PROBE]).args(args).output()?;
+            if !out.status.success() {
+                bail!("probe in {ns}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        })
+    }
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        for n in &self.ns {
+            // Deleting the namespace ends wireguard-go (its TUN goes away) and the veth pair.
+            let _ = Command::new("sh").args(["-c", &format!("ip netns pids {n} | xargs -r kill; ip netns del {n}")]).output();
+        }
+    }
+}

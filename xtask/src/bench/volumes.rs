@@ -1,0 +1,297 @@
+//! `cargo xtask bench volumes`: the volume bridge two ways, against sshfs
+//! over loopback (openssh-server + sshfs, default options, a throwaway key,
+//! sshd on 127.0.0.1 only) and the local disk, same tree, same run:
+//!
+//! - **tpd over loopback**: the agent's file service and the sidecar's FUSE
+//!   client in this process over loopback TCP, without the tunnel: the
+//!   bridge's own cost;
+//! - **tpd through the tunnel**: what a user gets, minus the cluster: the
+//!   `tpd/agent` container (uid 65532, read-only) serving the tree and the
+//!   `tpd/sidecar` container FUSE-mounting it through the WireGuard tunnel
+//!   (agent's userspace TCP/IP stack, stream transport over TCP between the
+//!   two containers), measured on the host through the rshared mount
+//!   (`tpd_e2e::volumes::TunnelMount`). `TPD_AGENT_IMAGE` and
+//!   `TPD_SIDECAR_IMAGE` choose other images than this version's.
+//!
+//! Each workload runs on a fresh mount, so no target starts with the names
+//! or attributes an earlier workload cached. Needs root (FUSE mounts, sshd),
+//! /dev/fuse, Docker with the tpd images (`cargo xtask images`), and
+//! `apt-get install openssh-server sshfs`.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tpd_e2e::volumes::{LoopbackMount, TunnelMount};
+use tpd_wire::files::{VolumeMount, mount_dir_name};
+
+use super::Figure;
+
+const BIG_MIB: usize = 256;
+const STAT_FILES: usize = 5_000;
+const SMALL_FILES: usize = 1_000;
+const SMALL_SIZE: usize = 4 << 10;
+
+/// Runs every workload on tpd, sshfs and the local disk.
+pub fn run() -> Result<Vec<Figure>> {
+    let work = tempfile::Builder::new().prefix("tpd-bench-volumes").tempdir()?;
+    let src = work.path().join("src");
+    make_tree(&src)?;
+    // The agent runs as uid 65532: it must be able to create the written file.
+    std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    let images = tunnel_images();
+    let sshd = Sshd::start(work.path())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut figures = Vec::new();
+    for w in WORKLOADS {
+        let tpd = measure_tpd(&rt, &src, work.path(), w)?;
+        let tunnel = measure_tunnel(&images, &src, w)?;
+        let ssh = sshd.measure(&src, work.path(), w)?;
+        let local = (w.run)(&src)?;
+        let (value, base, local_value) = (w.figure)(tpd, ssh, local);
+        let (through_tunnel, _, _) = (w.figure)(tunnel, ssh, local);
+        figures.push(Figure::new(format!("volumes {} (tpd, loopback)", w.name), value, w.unit).against("sshfs over loopback", base));
+        figures.push(Figure::new(format!("volumes {} (tpd, tunnel)", w.name), through_tunnel, w.unit).against("sshfs over loopback", base));
+        figures.push(Figure::new(format!("volumes {} (local disk)", w.name), local_value, w.unit));
+    }
+    Ok(figures)
+}
+
+struct Workload {
+    name: &'static str,
+    unit: &'static str,
+    run: fn(&Path) -> Result<Duration>,
+    /// (tpd, sshfs, local) durations -> the figures' values.
+    figure: fn(Duration, Duration, Duration) -> (f64, f64, f64),
+}
+
+fn mib_per_s(d: Duration) -> f64 {
+    BIG_MIB as f64 / d.as_secs_f64()
+}
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "seq read 256 MiB",
+        unit: "MiB/s",
+        run: seq_read,
+        figure: |t, s, l| (mib_per_s(t), mib_per_s(s), mib_per_s(l)),
+    },
+    Workload {
+        name: "seq write 256 MiB",
+        unit: "MiB/s",
+        run: seq_write,
+        figure: |t, s, l| (mib_per_s(t), mib_per_s(s), mib_per_s(l)),
+    },
+    Workload { name: "stat 5,000 files", unit: "ms", run: stat_many, figure: |t, s, l| (ms(t), ms(s), ms(l)) },
+    Workload { name: "read 1,000 x 4 KiB", unit: "ms", run: read_small, figure: |t, s, l| (ms(t), ms(s), ms(l)) },
+    Workload { name: "find over the tree", unit: "ms", run: find_tree, figure: |t, s, l| (ms(t), ms(s), ms(l)) },
+];
+
+/// big (256 MiB), many/ (5,000 files), small/ (1,000 x 4 KiB), deep/ (nested).
+fn make_tree(src: &Path) -> Result<()> {
+    for d in ["many", "small"] {
+        std::fs::create_dir_all(src.join(d))?;
+    }
+    let block: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let mut big = std::fs::File::create(src.join("big"))?;
+    for _ in 0..BIG_MIB {
+        big.write_all(&block)?;
+    }
+    for i in 0..STAT_FILES {
+        std::fs::write(src.join(format!("many/f{i:05}")), b"x")?;
+    }
+    for i in 0..SMALL_FILES {
+        std::fs::write(src.join(format!("small/s{i:04}")), &block[i..i + SMALL_SIZE])?;
+    }
+    for a in 0..10 {
+        for b in 0..10 {
+            let d = src.join(format!("deep/a{a}/b{b}"));
+            std::fs::create_dir_all(&d)?;
+            for c in 0..10 {
+                std::fs::write(d.join(format!("c{c}")), b"y")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn timed(f: impl FnOnce() -> Result<()>) -> Result<Duration> {
+    let start = Instant::now();
+    f()?;
+    Ok(start.elapsed())
+}
+
+fn seq_read(root: &Path) -> Result<Duration> {
+    let mut buf = vec![0u8; 1 << 20];
+    timed(|| {
+        let mut f = std::fs::File::open(root.join("big"))?;
+        let mut total = 0;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        anyhow::ensure!(total == BIG_MIB << 20, "read {total} bytes");
+        Ok(())
+    })
+}
+
+fn seq_write(root: &Path) -> Result<Duration> {
+    let block = vec![7u8; 1 << 20];
+    let path = root.join("written");
+    let d = timed(|| {
+        let mut f = std::fs::File::create(&path)?;
+        for _ in 0..BIG_MIB {
+            f.write_all(&block)?;
+        }
+        Ok(())
+    })?;
+    std::fs::remove_file(&path)?;
+    Ok(d)
+}
+
+fn stat_many(root: &Path) -> Result<Duration> {
+    timed(|| {
+        for i in 0..STAT_FILES {
+            std::fs::metadata(root.join(format!("many/f{i:05}")))?;
+        }
+        Ok(())
+    })
+}
+
+fn read_small(root: &Path) -> Result<Duration> {
+    timed(|| {
+        for i in 0..SMALL_FILES {
+            let data = std::fs::read(root.join(format!("small/s{i:04}")))?;
+            anyhow::ensure!(data.len() == SMALL_SIZE, "short read");
+        }
+        Ok(())
+    })
+}
+
+fn find_tree(root: &Path) -> Result<Duration> {
+    timed(|| {
+        let out = Command::new("find").arg(root).output().context("running find")?;
+        anyhow::ensure!(out.status.success(), "find failed");
+        let lines = out.stdout.iter().filter(|b| **b == b'\n').count();
+        anyhow::ensure!(lines > STAT_FILES + SMALL_FILES, "find saw only {lines} entries");
+        Ok(())
+    })
+}
+
+fn measure_tpd(rt: &tokio::runtime::Runtime, src: &Path, work: &Path, w: &Workload) -> Result<Duration> {
+    let local = work.join("tpd");
+    std::fs::create_dir_all(&local)?;
+    let volume = VolumeMount {
+        name: "bench".into(),
+        mount_path: src.to_string_lossy().into_owned(),
+        read_only: false,
+        sub_path: None,
+    };
+    let mount = rt.block_on(LoopbackMount::start(vec![volume], &local))?;
+    let result = (w.run)(&local.join(mount_dir_name(0, "bench")));
+    drop(mount);
+    result
+}
+
+/// `(agent, sidecar)` images: this version's, or `TPD_AGENT_IMAGE` / `TPD_SIDECAR_IMAGE`.
+fn tunnel_images() -> (String, String) {
+    let image = |var: &str, repo: &str| std::env::var(var).unwrap_or_else(|_| format!("{repo}:{}", tpd_wire::VERSION));
+    (image("TPD_AGENT_IMAGE", tpd_wire::names::AGENT_IMAGE_REPO), image("TPD_SIDECAR_IMAGE", tpd_wire::names::SIDECAR_IMAGE_REPO))
+}
+
+fn measure_tunnel(images: &(String, String), src: &Path, w: &Workload) -> Result<Duration> {
+    let volume = VolumeMount { name: "bench".into(), mount_path: "/bench".into(), read_only: false, sub_path: None };
+    let mount = TunnelMount::start(&[(src.to_path_buf(), volume)], &images.0, &images.1).context("starting agent and sidecar containers")?;
+    (w.run)(&mount.paths[0])
+}
+
+/// sshd on 127.0.0.1 with a throwaway host and client key, for sshfs.
+struct Sshd {
+    child: Child,
+    port: u16,
+    key: PathBuf,
+}
+
+impl Sshd {
+    fn start(work: &Path) -> Result<Self> {
+        let dir = work.join("ssh");
+        std::fs::create_dir_all(&dir)?;
+        let (host_key, key) = (dir.join("host_key"), dir.join("client_key"));
+        for k in [&host_key, &key] {
+            let ok = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(k)
+                .status()
+                .context("ssh-keygen is missing: apt-get install openssh-server sshfs")?;
+            anyhow::ensure!(ok.success(), "ssh-keygen failed");
+        }
+        std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))?;
+        let port = free_port()?;
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+                 PermitRootLogin prohibit-password\nPidFile {}\nSubsystem sftp internal-sftp\n",
+                host_key.display(),
+                dir.join("authorized_keys").display(),
+                dir.join("sshd.pid").display()
+            ),
+        )?;
+        std::fs::create_dir_all("/run/sshd")?;
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting sshd (apt-get install openssh-server sshfs)")?;
+        let sshd = Sshd { child, port, key };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "sshd did not listen on 127.0.0.1:{port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(sshd)
+    }
+
+    fn measure(&self, src: &Path, work: &Path, w: &Workload) -> Result<Duration> {
+        let mnt = work.join("sshfs");
+        std::fs::create_dir_all(&mnt)?;
+        let status = Command::new("sshfs")
+            .arg(format!("root@127.0.0.1:{}", src.display()))
+            .arg(&mnt)
+            .args(["-p", &self.port.to_string(), "-o"])
+            .arg(format!(
+                "IdentityFile={},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,LogLevel=ERROR",
+                self.key.display()
+            ))
+            .status()
+            .context("running sshfs")?;
+        if !status.success() {
+            bail!("sshfs mount failed ({status})");
+        }
+        let result = (w.run)(&mnt);
+        let _ = Command::new("fusermount").arg("-u").arg(&mnt).status();
+        result
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,0 +1,106 @@
+//! `cargo xtask`: project automation, in Rust so it runs wherever cargo does.
+//!
+//! - `images`: the sidecar and agent images (static binaries, FROM scratch).
+//! - `test`: everything the test suite needs, then the whole suite.
+//! - `demo`: the main job end to end on the sandbox cluster.
+//! - `bench <tunnel|volumes|session|sandbox>`: printed figures, never a failure.
+
+mod bench;
+mod demo;
+mod images;
+mod prereqs;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Build, test, demo and benchmark tpd")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Build the tpd/sidecar and tpd/agent images and print their sizes.
+    Images,
+    /// Build the images the tests use (busybox, echo, debian).
+    TestImages,
+    /// Install missing host tools, build all images, run the whole test suite.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build everything, start a sandbox cluster, swap a Deployment for a local container, restore it.
+    Demo,
+    /// Print benchmark figures (compared with a baseline from the same run).
+    Bench {
+        #[arg(value_enum)]
+        which: bench::Which,
+        /// One JSON object per figure instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run_task(cli.command) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_task(task: Task) -> Result<()> {
+    let root = workspace_root();
+    match task {
+        Task::Images => images::build(&root).map(drop),
+        Task::TestImages => test_images(&root),
+        Task::Test { args } => test(&root, &args),
+        Task::Demo => demo::run(&root),
+        Task::Bench { which, json } => bench::run(which, json, &root),
+    }
+}
+
+fn test_images(root: &Path) -> Result<()> {
+    run(cargo(root).args(["run", "--quiet", "-p", "tpd-e2e", "--bin", "tpd-test-images"]))
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    prereqs::ensure()?;
+    images::build(root)?;
+    test_images(root)?;
+    run(cargo(root).args(["build", "--workspace", "--bins"]))?;
+    run(cargo(root).args(["test", "--workspace", "--no-fail-fast"]).args(args))
+}
+
+/// A `cargo` command rooted at the workspace.
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+/// Runs a command with inherited output; a failure names the command.
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap_or_else(|_| "..".into())
+}
+
+/// Cargo's target directory, honouring CARGO_TARGET_DIR.
+fn target_dir(root: &Path) -> Result<PathBuf> {
+    let out = cargo(root).args(["metadata", "--format-version", "1", "--no-deps"]).output()?;
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading cargo metadata")?;
+    meta["target_directory"].as_str().map(PathBuf::from).context("cargo metadata has no target_directory")
+}
