@@ -1,0 +1,9 @@
+//! Fixtures shared by tpd's integration and end-to-end tests: where the built
+//! binaries and images are, and guards that remove every container, network
+//! and mount a test creates, even when it fails.
+
+pub mod dataplane;
+pub mod images;
+pub mod sandbox;
+pub mod session;
+pub mod volumes;

@@ -1,0 +1,201 @@
+//! Fixtures for driving the real `tpd` binary against a sandbox cluster:
+//! building it, running it with the sandbox's kubeconfig, reading a
+//! Deployment as kubectl users see it (minus the fields the API server
+//! owns), and removing whatever a session left locally.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::images;
+use crate::sandbox::Sandbox;
+
+/// The annotation holding the swap record (tpd_wire::names::ANNOTATION_SWAP).
+pub const SWAP_ANNOTATION: &str = tpd_wire::names::ANNOTATION_SWAP;
+
+/// Builds `tpd` once per test process and returns its path; `TPD_BIN` overrides.
+pub fn binary() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    images::cargo_binary(&BIN, "tpd-cli", "tpd", "TPD_BIN")
+}
+
+/// The tpd images a session needs, built by `cargo xtask images`.
+pub fn require_tpd_images() -> Result<()> {
+    for image in [format!("tpd/sidecar:{}", tpd_wire::VERSION), format!("tpd/agent:{}", tpd_wire::VERSION)] {
+        let ok = Command::new("docker").args(["image", "inspect", &image]).stdout(Stdio::null()).stderr(Stdio::null()).status()?.success();
+        if !ok {
+            bail!("the image {image} is missing: build it with `cargo xtask images`");
+        }
+    }
+    Ok(())
+}
+
+/// A `tpd` command aimed at the sandbox (its kubeconfig, namespace default).
+pub fn tpd(sb: &Sandbox) -> Result<Command> {
+    let mut cmd = Command::new(binary()?);
+    cmd.env("KUBECONFIG", &sb.kubeconfig).env_remove("TPD_CONFIG").stdin(Stdio::null());
+    Ok(cmd)
+}
+
+/// Runs `tpd ARGS` to completion.
+pub fn tpd_output(sb: &Sandbox, args: &[&str]) -> Result<Output> {
+    tpd(sb)?.args(args).output().context("running tpd")
+}
+
+/// Starts `tpd ARGS` in the background with its output captured.
+pub fn tpd_spawn(sb: &Sandbox, args: &[&str]) -> Result<Child> {
+    tpd(sb)?.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("starting tpd")
+}
+
+/// `kubectl get deployment NAME -o json`.
+pub fn deployment_json(sb: &Sandbox, ns: &str, name: &str) -> Result<Value> {
+    let out = sb.kubectl_ok(&["get", "deployment", name, "-n", ns, "-o", "json"])?;
+    serde_json::from_str(&out).context("parsing kubectl's JSON")
+}
+
+/// The Deployment without what the API server owns (resourceVersion,
+/// generation, managedFields, status, the revision annotation): what must be
+/// identical before a swap and after its restore.
+pub fn user_owned(mut d: Value) -> Value {
+    if let Some(meta) = d.get_mut("metadata").and_then(Value::as_object_mut) {
+        for key in ["resourceVersion", "generation", "managedFields"] {
+            meta.remove(key);
+        }
+        if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+            a.remove("deployment.kubernetes.io/revision");
+            if a.is_empty() {
+                meta.remove("annotations");
+            }
+        }
+    }
+    if let Some(obj) = d.as_object_mut() {
+        obj.remove("status");
+    }
+    d
+}
+
+/// The swap record on the Deployment, if swapped.
+pub fn swap_record(d: &Value) -> Option<Value> {
+    let text = d["metadata"]["annotations"][SWAP_ANNOTATION].as_str()?;
+    serde_json::from_str(text).ok()
+}
+
+/// Polls until `pred` holds for the Deployment; returns it and the time taken.
+pub fn wait_deployment(sb: &Sandbox, ns: &str, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<(Value, Duration)> {
+    let started = Instant::now();
+    loop {
+        let d = deployment_json(sb, ns, name)?;
+        if pred(&d) {
+            return Ok((d, started.elapsed()));
+        }
+        if started.elapsed() > timeout {
+            bail!("deployment/{name} did not reach the expected state in {timeout:?}; last: {}", d["metadata"]);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Local containers of a tpd session (any state).
+pub fn session_containers(session: &str) -> Result<Vec<String>> {
+    let filter = format!("label={}={session}", tpd_wire::names::LABEL_SESSION);
+    let out = Command::new("docker").args(["ps", "-aq", "--filter", &filter]).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+}
+
+/// Kills, on drop, the tpd processes a test started and removes the local
+/// containers and volumes of the sessions it saw (by their session label),
+/// so a failing test leaves nothing behind.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    pub children: Vec<Child>,
+    pub sessions: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for session in &self.sessions {
+            let filter = format!("label={}={session}", tpd_wire::names::LABEL_SESSION);
+            for (ls, rm) in [(vec!["ps", "-aq"], vec!["rm", "-f"]), (vec!["volume", "ls", "-q"], vec!["volume", "rm", "-f"])] {
+                let Ok(out) = Command::new("docker").args(&ls).args(["--filter", &filter]).output() else { continue };
+                let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+                if !ids.is_empty() {
+                    let _ = Command::new("docker").args(&rm).args(&ids).output();
+                }
+            }
+        }
+    }
+}
+
+/// Runs a one-shot pod (`kubectl run NAME --restart=Never -- CMD…`), waits
+/// until it has finished, and returns its phase and output.
+pub fn run_pod(sb: &Sandbox, name: &str, image: &str, cmd: &[&str]) -> Result<(String, String)> {
+    let mut args = vec!["run", name, "--image", image, "--restart=Never", "--"];
+    args.extend_from_slice(cmd);
+    sb.kubectl_ok(&args)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let phase = loop {
+        let phase = sb.kubectl_ok(&["get", "pod", name, "-o", "jsonpath={.status.phase}"]).unwrap_or_default();
+        if phase == "Succeeded" || phase == "Failed" {
+            break phase;
+        }
+        if Instant::now() > deadline {
+            bail!("pod {name} did not finish within 60 s (phase {phase:?})");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    Ok((phase, sb.kubectl_ok(&["logs", name])?))
+}
+
+/// `kubectl create deployment NAME --image echo` with a Service on port 80
+/// (target 8080), rolled out.
+pub fn deploy_echo(sb: &Sandbox, name: &str) -> Result<()> {
+    sb.kubectl_ok(&["create", "deployment", name, "--image", images::ECHO, "--port", "8080"])?;
+    sb.kubectl_ok(&["expose", "deployment", name, "--port", "80", "--target-port", "8080"])?;
+    sb.kubectl_ok(&["rollout", "status", &format!("deployment/{name}"), "--timeout", "60s"])?;
+    Ok(())
+}
+
+/// Names (`service/NAME`) of the Services a tpd session created in the namespace.
+pub fn session_services(sb: &Sandbox, ns: &str, session: &str) -> Result<Vec<String>> {
+    let selector = format!("{}={session}", tpd_wire::names::LABEL_SESSION);
+    let out = sb.kubectl_ok(&["get", "services", "-n", ns, "-l", &selector, "-o", "name"])?;
+    Ok(out.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect())
+}
+
+/// Waits until the local container `name` runs (`docker exec NAME true` works).
+pub fn wait_container(name: &str, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let ok = Command::new("docker").args(["exec", name, "true"]).stdout(Stdio::null()).stderr(Stdio::null()).status()?.success();
+        if ok {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("the container {name} did not start within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `child` exits; kills it and fails after `timeout`.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            bail!("tpd did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
