@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bollard::models::NetworkDisconnectRequest;
-use bollard::query_parameters::{InspectNetworkOptions, ListContainersOptions, ListNetworksOptions, RemoveContainerOptions};
+use bollard::query_parameters::{
+    InspectNetworkOptions, ListContainersOptions, ListNetworksOptions, RemoveContainerOptions,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams};
@@ -71,7 +73,9 @@ impl Cleanup {
                 restored.store(true, Ordering::Relaxed);
             }
             // Never swapped by this session (refused), or restored/taken over by someone else.
-            Restored::NotSwapped | Restored::TakenOver { .. } => info!("deployment/{name} is not swapped by this session"),
+            Restored::NotSwapped | Restored::TakenOver { .. } => {
+                info!("deployment/{name} is not swapped by this session")
+            }
         }
         Ok(())
     }
@@ -130,10 +134,12 @@ async fn remove_networks(docker: &bollard::Docker, session: &str) -> anyhow::Res
     let networks = docker.list_networks(Some(ListNetworksOptions { filters: Some(filters) })).await?;
     for net in networks {
         let name = net.name.unwrap_or_default();
-        let attached = docker.inspect_network(&name, None::<InspectNetworkOptions>).await?.containers.unwrap_or_default();
+        let attached =
+            docker.inspect_network(&name, None::<InspectNetworkOptions>).await?.containers.unwrap_or_default();
         for (id, c) in attached {
             eprintln!("tpd: detaching container {} from the session's network {name}", c.name.unwrap_or(id.clone()));
-            let _ = docker.disconnect_network(&name, NetworkDisconnectRequest { container: id, force: Some(true) }).await;
+            let _ =
+                docker.disconnect_network(&name, NetworkDisconnectRequest { container: id, force: Some(true) }).await;
         }
         docker.remove_network(&name).await?;
         info!("removed network {name}");
@@ -141,14 +147,40 @@ async fn remove_networks(docker: &bollard::Docker, session: &str) -> anyhow::Res
     Ok(())
 }
 
+/// How long the guardian keeps removing what appears after its cleanup.
+const LATE_SWEEP: Duration = Duration::from_secs(5);
+
+/// Removes containers and networks of `session` that show up after the
+/// cleanup for a while. A `tpd run` killed mid-request leaves the Docker
+/// engine finishing a create it asked for, and that container appears only
+/// once the first sweep is done.
+pub async fn sweep_late_arrivals(session: &str) {
+    let Ok(docker) = crate::docker::connect().await else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + LATE_SWEEP;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for result in [remove_containers(session).await, remove_networks(&docker, session).await] {
+            if let Err(e) = result {
+                info!("late sweep: {e:#}");
+            }
+        }
+    }
+}
+
 /// Removes every local container labelled with `session`.
 pub async fn remove_containers(session: &str) -> anyhow::Result<()> {
     let docker = crate::docker::connect().await?;
     let filters = [("label".to_owned(), vec![format!("{}={session}", names::LABEL_SESSION)])].into_iter().collect();
-    let list = docker.list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() })).await?;
+    let list = docker
+        .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+        .await?;
     for c in list {
         let id = c.id.unwrap_or_default();
-        docker.remove_container(&id, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() })).await?;
+        docker
+            .remove_container(&id, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }))
+            .await?;
         info!("removed container {id}");
     }
     Ok(())

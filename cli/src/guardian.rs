@@ -28,7 +28,12 @@ pub struct Guardian {
 impl Guardian {
     /// Starts the guardian for `session` and waits until it is connected to
     /// the cluster, so it can act the moment `tpd run` dies.
-    pub fn spawn(global: &GlobalArgs, cluster: &Cluster, session: &str, deployment: Option<&str>) -> anyhow::Result<Self> {
+    pub fn spawn(
+        global: &GlobalArgs,
+        cluster: &Cluster,
+        session: &str,
+        deployment: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the tpd executable to start its guardian")?;
         let mut cmd = Command::new(exe);
         cmd.args(["guardian", "--session", session, "--namespace", &cluster.namespace, "--context", &cluster.context]);
@@ -64,7 +69,12 @@ impl Guardian {
 pub async fn run(global: &GlobalArgs, args: &GuardianArgs) -> anyhow::Result<ExitCode> {
     crate::logging::to_file(&format!("{}-guardian", args.session))?;
     let cluster = crate::cluster::connect(global).await?;
-    let cleanup = Cleanup { client: cluster.client, namespace: cluster.namespace, session: args.session.clone(), deployment: args.deployment.clone() };
+    let cleanup = Cleanup {
+        client: cluster.client,
+        namespace: cluster.namespace,
+        session: args.session.clone(),
+        deployment: args.deployment.clone(),
+    };
     println!("{READY}");
     std::io::stdout().flush()?;
     info!(session = %args.session, deployment = ?args.deployment, "guarding");
@@ -78,6 +88,7 @@ pub async fn run(global: &GlobalArgs, args: &GuardianArgs) -> anyhow::Result<Exi
     }
     info!("tpd run ended without cleaning up; cleaning up for it");
     let outcome = cleanup.run().await;
+    crate::cleanup::sweep_late_arrivals(&args.session).await;
     info!(?outcome, "cleanup finished");
     Ok(if outcome.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -38,7 +38,10 @@ pub struct Sandbox {
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sandbox").field("name", &self.name).field("kubeconfig", &self.kubeconfig).finish_non_exhaustive()
+        f.debug_struct("Sandbox")
+            .field("name", &self.name)
+            .field("kubeconfig", &self.kubeconfig)
+            .finish_non_exhaustive()
     }
 }
 
@@ -50,7 +53,8 @@ pub fn binary() -> Result<PathBuf> {
 }
 
 fn machine_lock() -> Result<File> {
-    let lock = File::create(std::env::temp_dir().join("tpd-sandbox-instance.lock")).context("creating the sandbox lock file")?;
+    let lock = File::create(std::env::temp_dir().join("tpd-sandbox-instance.lock"))
+        .context("creating the sandbox lock file")?;
     lock.lock().context("waiting for the machine's sandbox lock")?;
     Ok(lock)
 }
@@ -70,7 +74,8 @@ impl Sandbox {
         let dir = tempfile::tempdir().context("creating the kubeconfig directory")?;
         let kubeconfig = dir.path().join("kubeconfig");
         let sandbox = Self { name, kubeconfig, bin, dir, _lock: lock };
-        let out = sandbox.tool(&["up", "--name", &sandbox.name, "--kubeconfig", &sandbox.kubeconfig.to_string_lossy()])?;
+        let out =
+            sandbox.tool(&["up", "--name", &sandbox.name, "--kubeconfig", &sandbox.kubeconfig.to_string_lossy()])?;
         if !out.status.success() {
             bail!("tpd-sandbox up failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -102,7 +107,9 @@ impl Sandbox {
     /// A kube-rs client from the instance's kubeconfig.
     pub async fn client(&self) -> Result<kube::Client> {
         let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig).context("reading the kubeconfig")?;
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.context("loading the kubeconfig")?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .context("loading the kubeconfig")?;
         kube::Client::try_from(config).context("building the kube client")
     }
 
@@ -112,7 +119,8 @@ impl Sandbox {
     }
 }
 
-fn dirs_cache() -> PathBuf {
+/// The user's cache directory, where tpd and the sandbox keep state and logs.
+pub(crate) fn dirs_cache() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))

@@ -26,7 +26,12 @@ pub fn binary() -> Result<PathBuf> {
 /// The tpd images a session needs, built by `cargo xtask images`.
 pub fn require_tpd_images() -> Result<()> {
     for image in [format!("tpd/sidecar:{}", tpd_wire::VERSION), format!("tpd/agent:{}", tpd_wire::VERSION)] {
-        let ok = Command::new("docker").args(["image", "inspect", &image]).stdout(Stdio::null()).stderr(Stdio::null()).status()?.success();
+        let ok = Command::new("docker")
+            .args(["image", "inspect", &image])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success();
         if !ok {
             bail!("the image {image} is missing: build it with `cargo xtask images`");
         }
@@ -85,7 +90,13 @@ pub fn swap_record(d: &Value) -> Option<Value> {
 }
 
 /// Polls until `pred` holds for the Deployment; returns it and the time taken.
-pub fn wait_deployment(sb: &Sandbox, ns: &str, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<(Value, Duration)> {
+pub fn wait_deployment(
+    sb: &Sandbox,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<(Value, Duration)> {
     let started = Instant::now();
     loop {
         let d = deployment_json(sb, ns, name)?;
@@ -106,6 +117,26 @@ pub fn session_containers(session: &str) -> Result<Vec<String>> {
     Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
 }
 
+/// What tpd and its guardian logged for `session` (their files under the
+/// cache directory), for failure messages: the guardian runs detached, so
+/// its log is the only account of a cleanup that went wrong.
+pub fn session_logs(session: &str) -> String {
+    let dir = crate::sandbox::dirs_cache().join("tpd");
+    let mut out = String::new();
+    for name in [format!("{session}.log"), format!("{session}-guardian.log")] {
+        let text = std::fs::read_to_string(dir.join(&name)).unwrap_or_else(|e| format!("({e})"));
+        out.push_str(&format!("--- {name} ---\n{text}\n"));
+    }
+    let filter = format!("label={}={session}", tpd_wire::names::LABEL_SESSION);
+    if let Ok(ps) = Command::new("docker")
+        .args(["ps", "-a", "--filter", &filter, "--format", "{{.ID}} {{.Names}} {{.Status}}"])
+        .output()
+    {
+        out.push_str(&format!("--- its containers ---\n{}", String::from_utf8_lossy(&ps.stdout)));
+    }
+    out
+}
+
 /// Kills, on drop, the tpd processes a test started and removes the local
 /// containers and volumes of the sessions it saw (by their session label),
 /// so a failing test leaves nothing behind.
@@ -123,8 +154,12 @@ impl Drop for Cleanup {
         }
         for session in &self.sessions {
             let filter = format!("label={}={session}", tpd_wire::names::LABEL_SESSION);
-            for (ls, rm) in [(vec!["ps", "-aq"], vec!["rm", "-f"]), (vec!["volume", "ls", "-q"], vec!["volume", "rm", "-f"])] {
-                let Ok(out) = Command::new("docker").args(&ls).args(["--filter", &filter]).output() else { continue };
+            for (ls, rm) in
+                [(vec!["ps", "-aq"], vec!["rm", "-f"]), (vec!["volume", "ls", "-q"], vec!["volume", "rm", "-f"])]
+            {
+                let Ok(out) = Command::new("docker").args(&ls).args(["--filter", &filter]).output() else {
+                    continue;
+                };
                 let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
                 if !ids.is_empty() {
                     let _ = Command::new("docker").args(&rm).args(&ids).output();
@@ -174,7 +209,12 @@ pub fn session_services(sb: &Sandbox, ns: &str, session: &str) -> Result<Vec<Str
 pub fn wait_container(name: &str, timeout: Duration) -> Result<()> {
     let started = Instant::now();
     loop {
-        let ok = Command::new("docker").args(["exec", name, "true"]).stdout(Stdio::null()).stderr(Stdio::null()).status()?.success();
+        let ok = Command::new("docker")
+            .args(["exec", name, "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success();
         if ok {
             return Ok(());
         }

@@ -10,6 +10,9 @@
 //! the pod, the sidecar and the developer's container locally. One sandbox
 //! instance serves every step (one instance per machine).
 
+// A failed unwrap is a failed test, with its message and line.
+#![allow(clippy::unwrap_used)]
+
 use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Output};
@@ -39,8 +42,15 @@ fn refused(sb: &Sandbox, args: &[&str], expect: &str, original: &Value) {
 
 /// Starts a session that holds deployment/hello, and waits until it is swapped.
 fn hold(sb: &Sandbox, cleanup: &mut Cleanup) -> (Child, Value) {
-    let child = tpd_spawn(sb, &["run", "--image", images::DEBIAN, "--swap", "deployment/hello", "--", "sleep", "600"]).unwrap();
-    let (d, _) = wait_deployment(sb, NS, "hello", Duration::from_secs(90), |d| swap_record(d).is_some()).unwrap();
+    let mut child =
+        tpd_spawn(sb, &["run", "--image", images::DEBIAN, "--swap", "deployment/hello", "--", "sleep", "600"]).unwrap();
+    let d = match wait_deployment(sb, NS, "hello", Duration::from_secs(90), |d| swap_record(d).is_some()) {
+        Ok((d, _)) => d,
+        Err(e) => {
+            let _ = child.kill();
+            panic!("{e:#}\ntpd said:\n{}", stderr(&child.wait_with_output().unwrap()))
+        }
+    };
     let record = swap_record(&d).unwrap();
     cleanup.sessions.push(record["session"].as_str().unwrap().to_owned());
     (child, record)
@@ -69,15 +79,40 @@ fn swap_lifecycle_on_the_sandbox() {
         args.extend_from_slice(extra);
         args
     };
-    refused(&sb, &run(&["--swap", "deployment/nope"]), "there is no deployment/nope in namespace \"default\"", &original);
-    refused(&sb, &run(&["--swap", "deployment/hello", "-n", "nope-ns"]), "namespace \"nope-ns\" does not exist", &original);
-    refused(&sb, &run(&["--swap", "deployment/hello", "--context", "nope"]), "the kubeconfig has no context named \"nope\"", &original);
-    refused(&sb, &["run", "--image", "tpd-test/absent:1", "--swap", "deployment/hello"], "the image tpd-test/absent:1 is not in the local Docker engine", &original);
+    refused(
+        &sb,
+        &run(&["--swap", "deployment/nope"]),
+        "there is no deployment/nope in namespace \"default\"",
+        &original,
+    );
+    refused(
+        &sb,
+        &run(&["--swap", "deployment/hello", "-n", "nope-ns"]),
+        "namespace \"nope-ns\" does not exist",
+        &original,
+    );
+    refused(
+        &sb,
+        &run(&["--swap", "deployment/hello", "--context", "nope"]),
+        "the kubeconfig has no context named \"nope\"",
+        &original,
+    );
+    refused(
+        &sb,
+        &["run", "--image", "tpd-test/absent:1", "--swap", "deployment/hello"],
+        "the image tpd-test/absent:1 is not in the local Docker engine",
+        &original,
+    );
     let taken = TcpListener::bind("0.0.0.0:0").unwrap();
     let port = format!("{}:80", taken.local_addr().unwrap().port());
     let port: &'static str = Box::leak(port.into_boxed_str());
     refused(&sb, &run(&["--swap", "deployment/hello", "-p", port]), "is not available", &original);
-    let out = session::tpd(&sb).unwrap().env("DOCKER_HOST", "unix:///nonexistent/docker.sock").args(run(&["--swap", "deployment/hello"])).output().unwrap();
+    let out = session::tpd(&sb)
+        .unwrap()
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .args(run(&["--swap", "deployment/hello"]))
+        .output()
+        .unwrap();
     assert!(!out.status.success() && stderr(&out).contains("Docker is not reachable"), "{}", stderr(&out));
     sb.kubectl_ok(&["create", "deployment", "pair", "--image", images::ECHO, "--image", images::BUSYBOX]).unwrap();
     refused(&sb, &run(&["--swap", "deployment/pair"]), "has 2 containers", &original);
@@ -92,7 +127,10 @@ fn swap_lifecycle_on_the_sandbox() {
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     let swaps = status["swaps"].as_array().unwrap();
     assert_eq!(swaps.len(), 1, "{status}");
-    assert_eq!((swaps[0]["deployment"].as_str(), swaps[0]["holder"].as_str(), swaps[0]["lease_live"].as_bool()), (Some("hello"), Some(holder.as_str()), Some(true)));
+    assert_eq!(
+        (swaps[0]["deployment"].as_str(), swaps[0]["holder"].as_str(), swaps[0]["lease_live"].as_bool()),
+        (Some("hello"), Some(holder.as_str()), Some(true))
+    );
 
     // kill -9 of tpd: the guardian restores within 10 s and removes the
     // session's containers.
@@ -103,7 +141,11 @@ fn swap_lifecycle_on_the_sandbox() {
     assert_eq!(status.signal(), Some(9));
     let took = restored(&sb, &original, Duration::from_secs(10));
     eprintln!("kill -9: restored after {took:?}");
-    assert!(session::session_containers(&session_id).unwrap().is_empty(), "containers of session {session_id} left behind");
+    assert!(
+        session::session_containers(&session_id).unwrap().is_empty(),
+        "containers of session {session_id} left behind\n{}",
+        session::session_logs(&session_id)
+    );
 
     // `tpd restore` by hand ends a live session: its next renewal fails and
     // it exits, cleaning up.
@@ -131,7 +173,25 @@ fn swap_lifecycle_on_the_sandbox() {
     let dev = format!("tpd-e2e-walk-{}", std::process::id());
     let serve = "mkdir -p /srv && echo served-locally > /srv/index.html && exec busybox httpd -f -p 9000 -h /srv";
     let started = Instant::now();
-    let walk = tpd_spawn(&sb, &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", "deployment/hello", "--port", "8080:9000", "--", "sh", "-c", serve]).unwrap();
+    let walk = tpd_spawn(
+        &sb,
+        &[
+            "run",
+            "--image",
+            images::DEBIAN,
+            "--name",
+            &dev,
+            "--swap",
+            "deployment/hello",
+            "--port",
+            "8080:9000",
+            "--",
+            "sh",
+            "-c",
+            serve,
+        ],
+    )
+    .unwrap();
     let walk_pid = walk.id();
     cleanup.children.push(walk);
     while !docker_ok(&["exec", &dev, "true"]) {
@@ -144,17 +204,24 @@ fn swap_lifecycle_on_the_sandbox() {
         let out = docker_out(&["exec", &dev, "curl", "-s", "-m", "10", &format!("http://{name}/")]);
         assert!(out.starts_with("hello from world-"), "curl {name} from the local container: {out:?}");
     }
-    let (phase, served) = session::run_pod(&sb, "client", images::DEBIAN, &["curl", "-s", "-m", "10", "http://hello"]).unwrap();
+    let (phase, served) =
+        session::run_pod(&sb, "client", images::DEBIAN, &["curl", "-s", "-m", "10", "http://hello"]).unwrap();
     let diagnose = || {
         let endpoints = sb.kubectl_ok(&["get", "endpoints", "hello", "-o", "json"]).unwrap_or_default();
         let agent = sb.kubectl_ok(&["logs", "deployment/hello"]).unwrap_or_default();
         format!("endpoints: {endpoints}\nagent log: {agent}")
     };
-    assert_eq!((phase.as_str(), served.trim()), ("Succeeded", "served-locally"), "a client pod calling hello\n{}", diagnose());
+    assert_eq!(
+        (phase.as_str(), served.trim()),
+        ("Succeeded", "served-locally"),
+        "a client pod calling hello\n{}",
+        diagnose()
+    );
     std::process::Command::new("kill").args(["-INT", &walk_pid.to_string()]).status().unwrap();
     restored(&sb, &original, Duration::from_secs(15));
     sb.kubectl_ok(&["rollout", "status", "deployment/hello", "--timeout", "60s"]).unwrap();
-    let (_, answer) = session::run_pod(&sb, "client2", images::DEBIAN, &["curl", "-s", "-m", "10", "http://hello"]).unwrap();
+    let (_, answer) =
+        session::run_pod(&sb, "client2", images::DEBIAN, &["curl", "-s", "-m", "10", "http://hello"]).unwrap();
     assert!(answer.starts_with("hello from hello-"), "the echo answers again: {answer:?}");
 
     drop(taken);

@@ -16,6 +16,9 @@
 //!
 //! One sandbox instance serves every step (one instance per machine).
 
+// A failed unwrap is a failed test, with its message and line.
+#![allow(clippy::unwrap_used)]
+
 use std::fs::File;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
@@ -63,11 +66,16 @@ fn all_gone(sb: &Sandbox, original: &Value, session: &str, timeout: Duration) {
     let (d, _) = wait_deployment(sb, NS, "hello", timeout, |d| swap_record(d).is_none()).unwrap();
     assert_eq!(&user_owned(d), original, "the restored Deployment differs from the original");
     loop {
-        let (services, containers) = (session::session_services(sb, NS, session).unwrap(), session::session_containers(session).unwrap());
+        let (services, containers) =
+            (session::session_services(sb, NS, session).unwrap(), session::session_containers(session).unwrap());
         if services.is_empty() && containers.is_empty() {
             return;
         }
-        assert!(started.elapsed() < timeout, "left behind by session {session}: {services:?}, containers {containers:?}");
+        assert!(
+            started.elapsed() < timeout,
+            "left behind by session {session}: {services:?}, containers {containers:?}\n{}",
+            session::session_logs(session)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -75,11 +83,20 @@ fn all_gone(sb: &Sandbox, original: &Value, session: &str, timeout: Duration) {
 /// Starts a `--transport udp` session holding hello and waits until its
 /// NodePort Service exists; returns tpd's pid and the session id.
 fn udp_session(sb: &Sandbox, cleanup: &mut Cleanup, log: &tempfile::NamedTempFile) -> (u32, String) {
-    let pid = spawn_logged(sb, cleanup, log, &["run", "--transport", "udp", "--image", images::DEBIAN, "--swap", "deployment/hello", "--", "sleep", "600"]);
+    let pid = spawn_logged(
+        sb,
+        cleanup,
+        log,
+        &["run", "--transport", "udp", "--image", images::DEBIAN, "--swap", "deployment/hello", "--", "sleep", "600"],
+    );
     let id = swapped(sb, cleanup);
     let started = Instant::now();
     while session::session_services(sb, NS, &id).unwrap().is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(60), "no NodePort Service for session {id}; tpd said:\n{}", self::log(log));
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no NodePort Service for session {id}; tpd said:\n{}",
+            self::log(log)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     (pid, id)
@@ -91,7 +108,8 @@ fn guardian_pid(session: &str) -> Option<u32> {
         let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
         let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_guardian = args.contains(&&b"guardian"[..]) && args.windows(2).any(|w| w[0] == b"--session" && w[1] == session.as_bytes());
+        let is_guardian = args.contains(&&b"guardian"[..])
+            && args.windows(2).any(|w| w[0] == b"--session" && w[1] == session.as_bytes());
         is_guardian.then_some(pid)
     })
 }
@@ -114,24 +132,49 @@ fn transports_and_how_the_developers_container_ends_a_session() {
     // --transport udp: the walkthrough over the NodePort Service.
     let dev = format!("tpd-e2e-udp-{}", std::process::id());
     let udp_log = tempfile::NamedTempFile::new().unwrap();
-    let args =
-        ["run", "--transport", "udp", "--image", images::DEBIAN, "--name", &dev, "--swap", "deployment/hello", "--port", "8080:9000", "--", "sh", "-c", SERVE];
+    let args = [
+        "run",
+        "--transport",
+        "udp",
+        "--image",
+        images::DEBIAN,
+        "--name",
+        &dev,
+        "--swap",
+        "deployment/hello",
+        "--port",
+        "8080:9000",
+        "--",
+        "sh",
+        "-c",
+        SERVE,
+    ];
     let pid = spawn_logged(&sb, &mut cleanup, &udp_log, &args);
     let id = swapped(&sb, &mut cleanup);
-    session::wait_container(&dev, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\ntpd said:\n{}", log(&udp_log)));
+    session::wait_container(&dev, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\ntpd said:\n{}", log(&udp_log)));
     let services = session::session_services(&sb, NS, &id).unwrap();
     assert_eq!(services, vec![format!("service/tpd-transport-{id}")], "the session's NodePort Service");
     let svc: Value = serde_json::from_str(&sb.kubectl_ok(&["get", &services[0], "-o", "json"]).unwrap()).unwrap();
-    assert_eq!((svc["spec"]["type"].as_str(), svc["spec"]["ports"][0]["protocol"].as_str()), (Some("NodePort"), Some("UDP")), "{svc}");
+    assert_eq!(
+        (svc["spec"]["type"].as_str(), svc["spec"]["ports"][0]["protocol"].as_str()),
+        (Some("NodePort"), Some("UDP")),
+        "{svc}"
+    );
     let status = tpd_output(&sb, &["status", "--output", "json"]).unwrap();
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     let mine = status["sessions"].as_array().unwrap().iter().find(|s| s["session"] == id.as_str()).cloned();
     assert_eq!(mine.as_ref().map(|s| &s["transport"]), Some(&Value::from("udp")), "tpd status: {status}");
     for name in ["world", "world.default.svc.cluster.local"] {
         let out = docker_out(&["exec", &dev, "curl", "-s", "-m", "10", &format!("http://{name}/")]);
-        assert!(out.starts_with("hello from world-"), "curl {name} from the local container over udp: {out:?}\ntpd said:\n{}", log(&udp_log));
+        assert!(
+            out.starts_with("hello from world-"),
+            "curl {name} from the local container over udp: {out:?}\ntpd said:\n{}",
+            log(&udp_log)
+        );
     }
-    let (phase, served) = session::run_pod(&sb, "client-udp", images::DEBIAN, &["curl", "-s", "-m", "10", "http://hello"]).unwrap();
+    let (phase, served) =
+        session::run_pod(&sb, "client-udp", images::DEBIAN, &["curl", "-s", "-m", "10", "http://hello"]).unwrap();
     assert_eq!((phase.as_str(), served.trim()), ("Succeeded", "served-locally"), "a client pod calling hello over udp");
     Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
     let code = session::wait_exit(child(&mut cleanup, pid), Duration::from_secs(60)).unwrap();
@@ -152,7 +195,11 @@ fn transports_and_how_the_developers_container_ends_a_session() {
     let (pid, id) = udp_session(&sb, &mut cleanup, &restore_log);
     let out = tpd_output(&sb, &["restore", "deployment/hello"]).unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(session::session_services(&sb, NS, &id).unwrap(), Vec::<String>::new(), "tpd restore deletes the session's Service");
+    assert_eq!(
+        session::session_services(&sb, NS, &id).unwrap(),
+        Vec::<String>::new(),
+        "tpd restore deletes the session's Service"
+    );
     session::wait_exit(child(&mut cleanup, pid), Duration::from_secs(30)).unwrap();
     all_gone(&sb, &original, &id, Duration::from_secs(15));
     sb.kubectl_ok(&["rollout", "status", "deployment/hello", "--timeout", "60s"]).unwrap();
@@ -173,7 +220,11 @@ fn transports_and_how_the_developers_container_ends_a_session() {
         assert!(started.elapsed() < Duration::from_secs(90), "the expired swap was never repaired");
         std::thread::sleep(Duration::from_secs(2));
     }
-    assert_eq!(session::session_services(&sb, NS, &id).unwrap(), Vec::<String>::new(), "the repair deletes the session's Service");
+    assert_eq!(
+        session::session_services(&sb, NS, &id).unwrap(),
+        Vec::<String>::new(),
+        "the repair deletes the session's Service"
+    );
     let (d, _) = wait_deployment(&sb, NS, "hello", Duration::from_secs(5), |d| swap_record(d).is_none()).unwrap();
     assert_eq!(user_owned(d), original);
     sb.kubectl_ok(&["rollout", "status", "deployment/hello", "--timeout", "60s"]).unwrap();
@@ -181,7 +232,23 @@ fn transports_and_how_the_developers_container_ends_a_session() {
     // --transport auto picks udp here; tpd exits with the command's exit
     // code, which is 7 only if the cluster answered through the tunnel.
     let check = "curl -sf -m 10 http://world/ >/dev/null || exit 3; exit 7";
-    let out = tpd_output(&sb, &["run", "--transport", "auto", "--image", images::DEBIAN, "--swap", "deployment/hello", "--", "sh", "-c", check]).unwrap();
+    let out = tpd_output(
+        &sb,
+        &[
+            "run",
+            "--transport",
+            "auto",
+            "--image",
+            images::DEBIAN,
+            "--swap",
+            "deployment/hello",
+            "--",
+            "sh",
+            "-c",
+            check,
+        ],
+    )
+    .unwrap();
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(7), "tpd's exit code is the command's; it said:\n{said}");
     assert!(said.contains("session ready (transport: udp to "), "auto picks udp on the sandbox:\n{said}");
@@ -196,10 +263,15 @@ fn transports_and_how_the_developers_container_ends_a_session() {
     // says why, exits with the container's code and restores.
     let dev = format!("tpd-e2e-kill-{}", std::process::id());
     let kill_log = tempfile::NamedTempFile::new().unwrap();
-    let pid =
-        spawn_logged(&sb, &mut cleanup, &kill_log, &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", "deployment/hello", "--", "sleep", "600"]);
+    let pid = spawn_logged(
+        &sb,
+        &mut cleanup,
+        &kill_log,
+        &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", "deployment/hello", "--", "sleep", "600"],
+    );
     let id = swapped(&sb, &mut cleanup);
-    session::wait_container(&dev, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\ntpd said:\n{}", log(&kill_log)));
+    session::wait_container(&dev, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\ntpd said:\n{}", log(&kill_log)));
     assert!(Command::new("docker").args(["kill", &dev]).output().unwrap().status.success());
     let code = session::wait_exit(child(&mut cleanup, pid), Duration::from_secs(60)).unwrap();
     let said = log(&kill_log);
@@ -209,8 +281,13 @@ fn transports_and_how_the_developers_container_ends_a_session() {
 
     // -i: piped stdin reaches the container (outbound only, no swap).
     let mut tpd = session::tpd(&sb).unwrap();
-    let mut cat =
-        tpd.args(["run", "-i", "--image", images::DEBIAN, "--", "cat"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut cat = tpd
+        .args(["run", "-i", "--image", images::DEBIAN, "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     cat.stdin.take().unwrap().write_all(b"hi\n").unwrap();
     let code = session::wait_exit(&mut cat, Duration::from_secs(120));
     let out = cat.wait_with_output().unwrap();
