@@ -15,7 +15,8 @@ pub async fn image_present(docker: &Docker, image: &str, fix: &str) -> anyhow::R
     match docker.inspect_image(image).await {
         Ok(_) => Ok(()),
         Err(e) if crate::docker::is_not_found(&e) => {
-            Err(Hint::new(format!("the image {image} is not in the local Docker engine"), fix.replace("IMAGE", image)).into())
+            Err(Hint::new(format!("the image {image} is not in the local Docker engine"), fix.replace("IMAGE", image))
+                .into())
         }
         Err(e) => Err(anyhow::Error::from(e).context(format!("cannot inspect the image {image}"))),
     }
@@ -27,7 +28,9 @@ pub fn ports_free(ports: impl IntoIterator<Item = u16>) -> anyhow::Result<()> {
         if let Err(e) = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
             return Err(Hint::new(
                 format!("local port {port} is not available: {e}"),
-                format!("pick another HOST port in -p HOST:CONTAINER (`ss -ltnp 'sport = :{port}'` shows who uses {port})"),
+                format!(
+                    "pick another HOST port in -p HOST:CONTAINER (`ss -ltnp 'sport = :{port}'` shows who uses {port})"
+                ),
             )
             .into());
         }

@@ -79,7 +79,9 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  tpd run --image myapp:dev --swap deployment/hello --port 8080:9000 -- python3 -m http.server 9000")]
+#[command(
+    after_help = "Example:\n  tpd run --image myapp:dev --swap deployment/hello --port 8080:9000 -- python3 -m http.server 9000"
+)]
 pub struct RunArgs {
     /// The local image to run (it must exist in the local Docker engine).
     #[arg(long, value_name = "IMAGE")]

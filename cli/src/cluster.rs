@@ -40,17 +40,21 @@ pub async fn connect(args: &GlobalArgs) -> Result<Cluster, Hint> {
             name.clone()
         }
         None => kubeconfig.current_context.clone().ok_or_else(|| {
-            Hint::new("the kubeconfig has no current context", "pick one with `--context NAME` or `kubectl config use-context NAME`")
+            Hint::new(
+                "the kubeconfig has no current context",
+                "pick one with `--context NAME` or `kubectl config use-context NAME`",
+            )
         })?,
     };
     let options = KubeConfigOptions { context: Some(context.clone()), ..Default::default() };
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
-        .await
-        .map_err(|e| Hint::new(format!("cannot use context {context:?}: {e}"), "check it with `kubectl config view --minify`"))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|e| {
+        Hint::new(format!("cannot use context {context:?}: {e}"), "check it with `kubectl config view --minify`")
+    })?;
     let namespace = args.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
     let server = config.cluster_url.to_string();
-    let client = client_with_nodelay(config)
-        .map_err(|e| Hint::new(format!("cannot build a client for {server}: {e}"), "check the context's cluster and user settings"))?;
+    let client = client_with_nodelay(config).map_err(|e| {
+        Hint::new(format!("cannot build a client for {server}: {e}"), "check the context's cluster and user settings")
+    })?;
     Ok(Cluster { client, context, server, namespace })
 }
 

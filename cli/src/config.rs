@@ -57,7 +57,9 @@ fn config_path() -> Option<PathBuf> {
 
 /// Reads the config file; a missing file is an empty config.
 pub fn load() -> Result<FileConfig, ConfigError> {
-    let Some(path) = config_path() else { return Ok(FileConfig::default()) };
+    let Some(path) = config_path() else {
+        return Ok(FileConfig::default());
+    };
     match std::fs::read_to_string(&path) {
         Ok(text) => toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),

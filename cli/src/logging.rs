@@ -25,7 +25,8 @@ pub fn init(verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(verbose > 1).with_filter(filter);
+    let stderr =
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(verbose > 1).with_filter(filter);
     let file = tracing_subscriber::fmt::layer()
         .with_ansi(false)
         .with_writer(|| FileWriter)

@@ -123,7 +123,9 @@ pub async fn release(
     let dir = match docker.inspect_volume(&volume).await {
         Ok(v) => v.mountpoint,
         Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("cannot inspect the Docker volume {volume}")),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot inspect the Docker volume {volume}"));
+        }
     };
     let filters = [("label".to_owned(), vec![format!("{}={session}", names::LABEL_SESSION)])].into_iter().collect();
     let running =

@@ -43,14 +43,27 @@ pub fn resolve(pod: &Pod, container: &Container, sources: &Sources) -> Result<En
             match sources.config_maps.get(&r.name) {
                 Some(cm) => env.extend(cm.data.iter().flatten().map(|(k, v)| (format!("{prefix}{k}"), v.clone()))),
                 None if r.optional == Some(true) => {}
-                None => return Err(Error::MissingObject { var: "envFrom".into(), kind: "ConfigMap", name: r.name.clone() }),
+                None => {
+                    return Err(Error::MissingObject {
+                        var: "envFrom".into(),
+                        kind: "ConfigMap",
+                        name: r.name.clone(),
+                    });
+                }
             }
         }
         if let Some(r) = &from.secret_ref {
             match sources.secrets.get(&r.name) {
-                Some(s) => env.extend(s.data.iter().flatten().map(|(k, v)| (format!("{prefix}{k}"), String::from_utf8_lossy(&v.0).into_owned()))),
+                Some(s) => env.extend(
+                    s.data
+                        .iter()
+                        .flatten()
+                        .map(|(k, v)| (format!("{prefix}{k}"), String::from_utf8_lossy(&v.0).into_owned())),
+                ),
                 None if r.optional == Some(true) => {}
-                None => return Err(Error::MissingObject { var: "envFrom".into(), kind: "Secret", name: r.name.clone() }),
+                None => {
+                    return Err(Error::MissingObject { var: "envFrom".into(), kind: "Secret", name: r.name.clone() });
+                }
             }
         }
     }
@@ -67,7 +80,9 @@ fn value_of(var: &EnvVar, pod: &Pod, sources: &Sources, env: &Env) -> Result<Opt
     if let Some(value) = &var.value {
         return Ok(Some(expand(value, env)));
     }
-    let Some(from) = &var.value_from else { return Ok(Some(String::new())) };
+    let Some(from) = &var.value_from else {
+        return Ok(Some(String::new()));
+    };
     let name = || var.name.clone();
     if let Some(r) = &from.config_map_key_ref {
         let optional = r.optional == Some(true);
@@ -75,7 +90,9 @@ fn value_of(var: &EnvVar, pod: &Pod, sources: &Sources, env: &Env) -> Result<Opt
             Some(cm) => match cm.data.as_ref().and_then(|d| d.get(&r.key)) {
                 Some(v) => Ok(Some(v.clone())),
                 None if optional => Ok(None),
-                None => Err(Error::MissingKey { var: name(), kind: "ConfigMap", name: r.name.clone(), key: r.key.clone() }),
+                None => {
+                    Err(Error::MissingKey { var: name(), kind: "ConfigMap", name: r.name.clone(), key: r.key.clone() })
+                }
             },
             None if optional => Ok(None),
             None => Err(Error::MissingObject { var: name(), kind: "ConfigMap", name: r.name.clone() }),
@@ -87,7 +104,9 @@ fn value_of(var: &EnvVar, pod: &Pod, sources: &Sources, env: &Env) -> Result<Opt
             Some(s) => match s.data.as_ref().and_then(|d| d.get(&r.key)) {
                 Some(v) => Ok(Some(String::from_utf8_lossy(&v.0).into_owned())),
                 None if optional => Ok(None),
-                None => Err(Error::MissingKey { var: name(), kind: "Secret", name: r.name.clone(), key: r.key.clone() }),
+                None => {
+                    Err(Error::MissingKey { var: name(), kind: "Secret", name: r.name.clone(), key: r.key.clone() })
+                }
             },
             None if optional => Ok(None),
             None => Err(Error::MissingObject { var: name(), kind: "Secret", name: r.name.clone() }),
@@ -148,13 +167,17 @@ fn expand(value: &str, env: &Env) -> String {
 
 /// The Docker-links-style variables the kubelet sets for a Service.
 fn service_links(svc: &Service) -> Vec<(String, String)> {
-    let Some(spec) = &svc.spec else { return Vec::new() };
+    let Some(spec) = &svc.spec else {
+        return Vec::new();
+    };
     let ip = match spec.cluster_ip.as_deref() {
         Some(ip) if !ip.is_empty() && ip != "None" => ip,
         _ => return Vec::new(),
     };
     let ports = spec.ports.as_deref().unwrap_or_default();
-    let Some(first) = ports.first() else { return Vec::new() };
+    let Some(first) = ports.first() else {
+        return Vec::new();
+    };
     let n = svc.metadata.name.as_deref().unwrap_or_default().to_uppercase().replace('-', "_");
     let proto = |p: &k8s_openapi::api::core::v1::ServicePort| p.protocol.as_deref().unwrap_or("TCP").to_owned();
     let mut vars = vec![
@@ -194,11 +217,16 @@ mod tests {
     }
 
     fn sources() -> Sources {
-        let cm: ConfigMap = json(serde_json::json!({"metadata": {"name": "shop-config"}, "data": {"MODE": "prod", "LEVEL": "3"}}));
+        let cm: ConfigMap =
+            json(serde_json::json!({"metadata": {"name": "shop-config"}, "data": {"MODE": "prod", "LEVEL": "3"}}));
         let mut secret: Secret = json(serde_json::json!({"metadata": {"name": "shop-db"}}));
         secret.data = Some(BTreeMap::from([("password".to_owned(), ByteString(b"s3cret".to_vec()))]));
-        let svc: Service = json(serde_json::json!({"metadata": {"name": "pay-api"}, "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}));
-        let headless: Service = json(serde_json::json!({"metadata": {"name": "db"}, "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}}));
+        let svc: Service = json(
+            serde_json::json!({"metadata": {"name": "pay-api"}, "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
+        );
+        let headless: Service = json(
+            serde_json::json!({"metadata": {"name": "db"}, "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}}),
+        );
         Sources {
             config_maps: BTreeMap::from([("shop-config".to_owned(), cm)]),
             secrets: BTreeMap::from([("shop-db".to_owned(), secret)]),
@@ -207,7 +235,9 @@ mod tests {
     }
 
     fn container(env: serde_json::Value) -> Container {
-        json(serde_json::json!({"name": "shop", "envFrom": [{"configMapRef": {"name": "shop-config"}, "prefix": "CFG_"}], "env": env}))
+        json(
+            serde_json::json!({"name": "shop", "envFrom": [{"configMapRef": {"name": "shop-config"}, "prefix": "CFG_"}], "env": env}),
+        )
     }
 
     #[test]
@@ -237,12 +267,16 @@ mod tests {
 
     #[test]
     fn missing_required_sources_are_errors() {
-        let c = container(serde_json::json!([{"name": "X", "valueFrom": {"secretKeyRef": {"name": "shop-db", "key": "user"}}}]));
+        let c = container(
+            serde_json::json!([{"name": "X", "valueFrom": {"secretKeyRef": {"name": "shop-db", "key": "user"}}}]),
+        );
         assert_eq!(
             resolve(&pod(), &c, &sources()),
             Err(Error::MissingKey { var: "X".into(), kind: "Secret", name: "shop-db".into(), key: "user".into() })
         );
-        let c = container(serde_json::json!([{"name": "Y", "valueFrom": {"configMapKeyRef": {"name": "gone", "key": "k"}}}]));
+        let c = container(
+            serde_json::json!([{"name": "Y", "valueFrom": {"configMapKeyRef": {"name": "gone", "key": "k"}}}]),
+        );
         assert!(matches!(resolve(&pod(), &c, &sources()), Err(Error::MissingObject { kind: "ConfigMap", .. })));
     }
 

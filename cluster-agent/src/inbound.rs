@@ -53,7 +53,9 @@ impl Inbound {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, port: u16) {
         loop {
-            let Ok((client, _)) = listener.accept().await else { continue };
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = client.set_nodelay(true);
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             self.pending().insert(id, client);

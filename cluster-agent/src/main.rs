@@ -61,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let streams = TcpListener::bind(args.listen).await.with_context(|| format!("listening on TCP {}", args.listen))?;
-    let udp = Arc::new(UdpSocket::bind(args.listen).await.with_context(|| format!("listening on UDP {}", args.listen))?);
+    let udp =
+        Arc::new(UdpSocket::bind(args.listen).await.with_context(|| format!("listening on UDP {}", args.listen))?);
     let (to_stack, from_wg) = mpsc::channel(4096);
     let wg = Arc::new(Endpoint::new(None, move |packet| {
         if to_stack.try_send(packet.to_vec()).is_err() {

@@ -34,7 +34,9 @@ impl Services {
 
     /// Runs the handler for `port` on `conn`; false when nothing serves it.
     pub fn spawn(&self, port: u16, conn: BoxConn) -> bool {
-        let Some(h) = self.0.get(&port) else { return false };
+        let Some(h) = self.0.get(&port) else {
+            return false;
+        };
         tokio::spawn(h(conn));
         true
     }

@@ -71,7 +71,8 @@ impl FromStr for Cidr {
     fn from_str(s: &str) -> Result<Self, String> {
         let (ip, prefix) = s.split_once('/').unwrap_or((s, "32"));
         let addr = ip.parse().map_err(|e| format!("{s:?}: {e}"))?;
-        let prefix = prefix.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{s:?}: bad prefix length"))?;
+        let prefix =
+            prefix.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{s:?}: bad prefix length"))?;
         Ok(Cidr { addr, prefix })
     }
 }
@@ -111,8 +112,14 @@ mod tests {
 
     #[test]
     fn transports() {
-        assert_eq!("stream:tcp:10.0.0.1:7700".parse(), Ok(Transport::Stream(Endpoint::Tcp("10.0.0.1:7700".parse().unwrap()))));
-        assert_eq!("stream:unix:/run/tpd/agent.sock".parse(), Ok(Transport::Stream(Endpoint::Unix("/run/tpd/agent.sock".into()))));
+        assert_eq!(
+            "stream:tcp:10.0.0.1:7700".parse(),
+            Ok(Transport::Stream(Endpoint::Tcp("10.0.0.1:7700".parse().unwrap())))
+        );
+        assert_eq!(
+            "stream:unix:/run/tpd/agent.sock".parse(),
+            Ok(Transport::Stream(Endpoint::Unix("/run/tpd/agent.sock".into())))
+        );
         assert_eq!("udp:10.0.0.1:7700".parse(), Ok(Transport::Udp("10.0.0.1:7700".parse().unwrap())));
         assert!("tcp:1.2.3.4:5".parse::<Transport>().unwrap_err().contains("stream:tcp"));
         assert!("udp:host:5".parse::<Transport>().is_err());

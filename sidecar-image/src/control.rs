@@ -71,7 +71,11 @@ impl Control {
     }
 
     async fn connection(self: &Arc<Self>, announced: &mut bool) -> anyhow::Result<()> {
-        let sock = connect_through_the_tunnel(SocketAddr::from((AGENT_TUNNEL_IP, AGENT_CONTROL_PORT)), Duration::from_secs(10)).await?;
+        let sock = connect_through_the_tunnel(
+            SocketAddr::from((AGENT_TUNNEL_IP, AGENT_CONTROL_PORT)),
+            Duration::from_secs(10),
+        )
+        .await?;
         let (mut rd, mut wr) = sock.into_split();
         let mut buf = BytesMut::new();
         wr.write_all(&preamble::encode(Kind::Control)).await?;
@@ -96,7 +100,8 @@ impl Control {
             match msg {
                 Message::Info { version, env } if !*announced => {
                     if let Some(shutdown) = &self.volumes {
-                        let mounts = crate::fuse::mount_all(crate::fuse::MountConfig::in_tunnel(), shutdown.clone()).await?;
+                        let mounts =
+                            crate::fuse::mount_all(crate::fuse::MountConfig::in_tunnel(), shutdown.clone()).await?;
                         tracing::info!(count = mounts.paths().len(), "volumes mounted");
                         *self.mounted.lock().unwrap_or_else(|p| p.into_inner()) = Some(mounts);
                     }
@@ -125,7 +130,8 @@ impl Control {
             env,
         };
         let path = write_status(&self.session_dir, &status)?;
-        let line = ReadyLine { event: "ready", protocol_version: names::PROTOCOL_VERSION, agent_version, status_file: &path };
+        let line =
+            ReadyLine { event: "ready", protocol_version: names::PROTOCOL_VERSION, agent_version, status_file: &path };
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", serde_json::to_string(&line)?)?;
         out.flush()?;
@@ -140,7 +146,11 @@ impl Control {
         let mut local = match local {
             Ok(Ok(s)) => Some(s),
             _ => {
-                tracing::warn!(port, local_port, "inbound connection refused: nothing listens on 127.0.0.1:{local_port}");
+                tracing::warn!(
+                    port,
+                    local_port,
+                    "inbound connection refused: nothing listens on 127.0.0.1:{local_port}"
+                );
                 None
             }
         };

@@ -37,7 +37,9 @@ pub async fn serve(sock: UdpSocket, routing: Routing) {
     let routing = Arc::new(routing);
     let mut buf = vec![0u8; 4096];
     loop {
-        let Ok((n, client)) = sock.recv_from(&mut buf).await else { continue };
+        let Ok((n, client)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
         let query = buf[..n].to_vec();
         let (sock, routing) = (sock.clone(), routing.clone());
         tokio::spawn(async move {

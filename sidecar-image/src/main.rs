@@ -3,6 +3,9 @@
 //! session to the agent, the DNS server the developer's container uses, and
 //! the FUSE mounts of the remote volumes.
 
+// Property tests unwrap inside proptest!, which clippy does not see as a test.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 mod config;
 mod control;
 mod dns;
@@ -37,7 +40,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Bring the tunnel up and serve DNS until stopped.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check that this host lets the sidecar create a TUN device and open /dev/fuse (used by `tpd doctor`).
     Selfcheck,
     /// Unmount what a killed sidecar left below the volume directory (run by tpd's cleanup; needs SYS_ADMIN).
@@ -105,7 +108,7 @@ fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     let args = match Args::parse().command {
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
         Command::Selfcheck => return Ok(selfcheck::run()),
         Command::ReleaseVolumes { root } => return Ok(fuse::release(&root)),
     };
@@ -139,7 +142,8 @@ async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let sink = tun.clone();
     let wg = Arc::new(Wg::new(Some(25), move |packet| sink.write(packet)));
 
-    let dns_sock = UdpSocket::bind(args.dns_listen).await.with_context(|| format!("DNS listening on {}", args.dns_listen))?;
+    let dns_sock =
+        UdpSocket::bind(args.dns_listen).await.with_context(|| format!("DNS listening on {}", args.dns_listen))?;
     let routing = dns::Routing {
         cluster_domain: args.cluster_domain.clone(),
         all_to_cluster: args.dns_all_cluster,
@@ -151,7 +155,12 @@ async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         (Transport::Udp(addr), None) => Endpoint::Tcp(*addr),
     };
     let ports: HashMap<u16, u16> = args.ports.iter().map(|p| (p.remote, p.local)).collect();
-    let control = Arc::new(Control { session_dir: args.session_dir, ports, volumes: args.volumes.then(|| shutdown.clone()), mounted: Default::default() });
+    let control = Arc::new(Control {
+        session_dir: args.session_dir,
+        ports,
+        volumes: args.volumes.then(|| shutdown.clone()),
+        mounted: Default::default(),
+    });
 
     let tasks = [
         tokio::spawn(dns::serve(dns_sock, routing)),

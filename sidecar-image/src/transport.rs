@@ -60,7 +60,12 @@ struct Udp {
 /// Fails only on what redialling cannot fix (a version mismatch).
 /// `fallback`: for a UDP transport, how long the first handshake may wait
 /// for an answer over UDP before WireGuard moves onto the hello stream.
-pub async fn run(transport: Transport, hello_at: Endpoint, fallback: Option<Duration>, wg: Arc<Wg>) -> anyhow::Result<()> {
+pub async fn run(
+    transport: Transport,
+    hello_at: Endpoint,
+    fallback: Option<Duration>,
+    wg: Arc<Wg>,
+) -> anyhow::Result<()> {
     let udp = match &transport {
         Transport::Udp(addr) => {
             let sock = Arc::new(UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).await?);
@@ -108,9 +113,11 @@ async fn dial(at: &Endpoint) -> io::Result<Box<dyn Stream>> {
             s.set_nodelay(true)?;
             Box::new(s)
         }
-        Endpoint::Unix(path) => Box::new(UnixStream::connect(path).await.map_err(|e| {
-            io::Error::new(e.kind(), format!("connecting to {}: {e}", path.display()))
-        })?),
+        Endpoint::Unix(path) => Box::new(
+            UnixStream::connect(path)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("connecting to {}: {e}", path.display())))?,
+        ),
     })
 }
 
@@ -137,7 +144,9 @@ async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg
             // UDP's first answer and the end of the window race for the decision.
             if !answered && CHOSEN.set(Chosen::Stream).is_ok() {
                 fell_back = true;
-                tracing::warn!("no answer over UDP from {addr} within {window:?}; WireGuard goes over the stream instead");
+                tracing::warn!(
+                    "no answer over UDP from {addr} within {window:?}; WireGuard goes over the stream instead"
+                );
             }
         }
         if chosen() == Some(Chosen::Udp) {

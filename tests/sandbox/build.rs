@@ -10,11 +10,10 @@ fn main() {
     println!("cargo::rerun-if-changed={src}");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("pause");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-    let status = Command::new(&cc)
-        .args(["-static", "-Os", "-s", "-o"])
-        .arg(&out)
-        .arg(src)
-        .status()
-        .unwrap_or_else(|e| panic!("running `{cc}` to build the pause program: {e} (install a C compiler with static libc, e.g. `apt-get install gcc libc6-dev`)"));
+    let status = Command::new(&cc).args(["-static", "-Os", "-s", "-o"]).arg(&out).arg(src).status().unwrap_or_else(|e| {
+        panic!(
+            "running `{cc}` to build the pause program: {e} (install a C compiler with static libc, e.g. `apt-get install gcc libc6-dev`)"
+        )
+    });
     assert!(status.success(), "`{cc} -static` failed on {src}: install libc6-dev for a static libc");
 }

@@ -18,16 +18,28 @@ const HEADER_LEN: usize = 4;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
     /// Sidecar -> agent, first message.
-    Hello { version: String },
+    Hello {
+        version: String,
+    },
     /// Agent -> sidecar: the agent's build and its process environment minus
     /// tpd's own variables. Holds secrets: never log it.
-    Info { version: String, env: BTreeMap<String, String> },
+    Info {
+        version: String,
+        env: BTreeMap<String, String>,
+    },
     /// Sidecar -> agent health probe; the agent answers with the same `seq`.
-    Ping { seq: u64 },
-    Pong { seq: u64 },
+    Ping {
+        seq: u64,
+    },
+    Pong {
+        seq: u64,
+    },
     /// Agent -> sidecar: a cluster client connected to `port` on the agent;
     /// the sidecar opens an [`crate::inbound`] connection naming `id`.
-    Inbound { id: u64, port: u16 },
+    Inbound {
+        id: u64,
+        port: u16,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -51,10 +51,8 @@ pub const SIDECAR_VOLUMES_DIR: &str = "/tpd/volumes";
 /// gets under [`SIDECAR_VOLUMES_DIR`]: unique per index, since two mounts may
 /// share a volume through subPaths, and readable.
 pub fn mount_dir_name(index: usize, volume_name: &str) -> String {
-    let clean: String = volume_name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-        .collect();
+    let clean: String =
+        volume_name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     format!("{index}-{clean}")
 }
 
@@ -211,38 +209,106 @@ pub struct DirEntry {
 /// is mount-relative (see [`components`]); `handle` is one the server gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Hello { version: u16 },
-    Stat { mount: u16, path: Vec<u8> },
+    Hello {
+        version: u16,
+    },
+    Stat {
+        mount: u16,
+        path: Vec<u8>,
+    },
     /// A page of entries starting at `cursor` (0 for the first page).
-    ReadDir { mount: u16, path: Vec<u8>, cursor: u64 },
+    ReadDir {
+        mount: u16,
+        path: Vec<u8>,
+        cursor: u64,
+    },
     /// `flags` are Linux open(2) flags; O_CREAT/O_NOFOLLOW are the server's.
-    Open { mount: u16, path: Vec<u8>, flags: u32 },
-    Create { mount: u16, path: Vec<u8>, mode: u32, flags: u32 },
-    Read { handle: u64, offset: u64, size: u32 },
-    Write { handle: u64, offset: u64, data: Bytes },
-    Release { handle: u64 },
-    Fsync { handle: u64 },
+    Open {
+        mount: u16,
+        path: Vec<u8>,
+        flags: u32,
+    },
+    Create {
+        mount: u16,
+        path: Vec<u8>,
+        mode: u32,
+        flags: u32,
+    },
+    Read {
+        handle: u64,
+        offset: u64,
+        size: u32,
+    },
+    Write {
+        handle: u64,
+        offset: u64,
+        data: Bytes,
+    },
+    Release {
+        handle: u64,
+    },
+    Fsync {
+        handle: u64,
+    },
     /// Changes attributes, through `handle` when the file is open.
-    SetAttr { mount: u16, path: Vec<u8>, handle: Option<u64>, set: SetAttr },
-    Mkdir { mount: u16, path: Vec<u8>, mode: u32 },
-    Unlink { mount: u16, path: Vec<u8> },
-    Rmdir { mount: u16, path: Vec<u8> },
+    SetAttr {
+        mount: u16,
+        path: Vec<u8>,
+        handle: Option<u64>,
+        set: SetAttr,
+    },
+    Mkdir {
+        mount: u16,
+        path: Vec<u8>,
+        mode: u32,
+    },
+    Unlink {
+        mount: u16,
+        path: Vec<u8>,
+    },
+    Rmdir {
+        mount: u16,
+        path: Vec<u8>,
+    },
     /// `flags` are renameat2 flags (RENAME_NOREPLACE, RENAME_EXCHANGE).
-    Rename { mount: u16, from: Vec<u8>, to: Vec<u8>, flags: u32 },
-    Symlink { mount: u16, path: Vec<u8>, target: Vec<u8> },
-    Readlink { mount: u16, path: Vec<u8> },
-    Statfs { mount: u16 },
+    Rename {
+        mount: u16,
+        from: Vec<u8>,
+        to: Vec<u8>,
+        flags: u32,
+    },
+    Symlink {
+        mount: u16,
+        path: Vec<u8>,
+        target: Vec<u8>,
+    },
+    Readlink {
+        mount: u16,
+        path: Vec<u8>,
+    },
+    Statfs {
+        mount: u16,
+    },
 }
 
 /// What the server answers, under the request's id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
-    Welcome { version: u16, mounts: Vec<MountInfo> },
+    Welcome {
+        version: u16,
+        mounts: Vec<MountInfo>,
+    },
     Ok,
     Attr(Attr),
     /// `next` is the cursor of the following page, `None` at the end.
-    Entries { entries: Vec<DirEntry>, next: Option<u64> },
-    Opened { handle: u64, attr: Attr },
+    Entries {
+        entries: Vec<DirEntry>,
+        next: Option<u64>,
+    },
+    Opened {
+        handle: u64,
+        attr: Attr,
+    },
     Data(Bytes),
     Written(u32),
     Link(Vec<u8>),
@@ -355,10 +421,7 @@ fn put_bytes(out: &mut BytesMut, v: &[u8]) {
     out.put_u32(u32::try_from(v.len()).unwrap_or(u32::MAX));
     out.put_slice(v);
 }
-fn get_opt<T>(
-    b: &mut Bytes,
-    f: impl FnOnce(&mut Bytes) -> Result<T, &'static str>,
-) -> Result<Option<T>, &'static str> {
+fn get_opt<T>(b: &mut Bytes, f: impl FnOnce(&mut Bytes) -> Result<T, &'static str>) -> Result<Option<T>, &'static str> {
     if get_bool(b)? { f(b).map(Some) } else { Ok(None) }
 }
 fn put_opt<T>(out: &mut BytesMut, v: &Option<T>, f: impl FnOnce(&mut BytesMut, &T)) {
@@ -605,12 +668,7 @@ impl Message for Request {
             kind::READDIR => ReadDir { mount, path, cursor: get_u64(b)? },
             kind::OPEN => Open { mount, path, flags: get_u32(b)? },
             kind::CREATE => Create { mount, path, mode: get_u32(b)?, flags: get_u32(b)? },
-            kind::SETATTR => SetAttr {
-                mount,
-                path,
-                handle: get_opt(b, get_u64)?,
-                set: self::SetAttr::decode(b)?,
-            },
+            kind::SETATTR => SetAttr { mount, path, handle: get_opt(b, get_u64)?, set: self::SetAttr::decode(b)? },
             kind::MKDIR => Mkdir { mount, path, mode: get_u32(b)? },
             kind::UNLINK => Unlink { mount, path },
             kind::RMDIR => Rmdir { mount, path },
@@ -781,20 +839,31 @@ mod tests {
             (any::<u16>(), bytes()).prop_map(|(mount, path)| Stat { mount, path }),
             (any::<u16>(), bytes(), any::<u64>()).prop_map(|(mount, path, cursor)| ReadDir { mount, path, cursor }),
             (any::<u16>(), bytes(), any::<u32>()).prop_map(|(mount, path, flags)| Open { mount, path, flags }),
-            (any::<u16>(), bytes(), any::<u32>(), any::<u32>())
-                .prop_map(|(mount, path, mode, flags)| Create { mount, path, mode, flags }),
+            (any::<u16>(), bytes(), any::<u32>(), any::<u32>()).prop_map(|(mount, path, mode, flags)| Create {
+                mount,
+                path,
+                mode,
+                flags
+            }),
             (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(handle, offset, size)| Read { handle, offset, size }),
-            (any::<u64>(), any::<u64>(), bytes())
-                .prop_map(|(handle, offset, d)| Write { handle, offset, data: Bytes::from(d) }),
+            (any::<u64>(), any::<u64>(), bytes()).prop_map(|(handle, offset, d)| Write {
+                handle,
+                offset,
+                data: Bytes::from(d)
+            }),
             any::<u64>().prop_map(|handle| Release { handle }),
             any::<u64>().prop_map(|handle| Fsync { handle }),
-            (any::<u16>(), bytes(), any::<Option<u64>>(), setattr())
-                .prop_map(|(mount, path, handle, set)| SetAttr { mount, path, handle, set }),
+            (any::<u16>(), bytes(), any::<Option<u64>>(), setattr()).prop_map(|(mount, path, handle, set)| SetAttr {
+                mount,
+                path,
+                handle,
+                set
+            }),
             (any::<u16>(), bytes(), any::<u32>()).prop_map(|(mount, path, mode)| Mkdir { mount, path, mode }),
             (any::<u16>(), bytes()).prop_map(|(mount, path)| Unlink { mount, path }),
             (any::<u16>(), bytes()).prop_map(|(mount, path)| Rmdir { mount, path }),
             (any::<u16>(), bytes(), bytes(), any::<u32>())
-                .prop_map(|(mount, from, to, flags)| Rename { mount, from, to, flags }),
+                .prop_map(|(mount, from, to, flags)| { Rename { mount, from, to, flags } }),
             (any::<u16>(), bytes(), bytes()).prop_map(|(mount, path, target)| Symlink { mount, path, target }),
             (any::<u16>(), bytes()).prop_map(|(mount, path)| Readlink { mount, path }),
             any::<u16>().prop_map(|mount| Statfs { mount }),
@@ -820,9 +889,11 @@ mod tests {
             bytes().prop_map(|d| Data(Bytes::from(d))),
             any::<u32>().prop_map(Written),
             bytes().prop_map(Link),
-            (any::<[u64; 5]>(), any::<[u32; 3]>()).prop_map(|([blocks, bfree, bavail, files, ffree], [bsize, namelen, frsize])| {
-                Statfs(self::StatFs { blocks, bfree, bavail, files, ffree, bsize, namelen, frsize })
-            }),
+            (any::<[u64; 5]>(), any::<[u32; 3]>()).prop_map(
+                |([blocks, bfree, bavail, files, ffree], [bsize, namelen, frsize])| {
+                    Statfs(self::StatFs { blocks, bfree, bavail, files, ffree, bsize, namelen, frsize })
+                }
+            ),
             any::<i32>().prop_map(Error),
         ]
     }

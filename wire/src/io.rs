@@ -23,7 +23,9 @@ pub async fn dns_exchange(query: &[u8], server: std::net::SocketAddr, timeout: D
     sock.send(query).await?;
     let mut buf = vec![0u8; 4096];
     loop {
-        let n = tokio::time::timeout(timeout, sock.recv(&mut buf)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        let n = tokio::time::timeout(timeout, sock.recv(&mut buf))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         // Only the answer to this query (same id); a late answer to an
         // earlier one is skipped.
         if n >= 2 && buf[..2] == query[..2] {
@@ -73,7 +75,11 @@ pub async fn read_hello<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) ->
 }
 
 /// Reads and checks the preamble of a stream of `kind`.
-pub async fn read_preamble<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, kind: preamble::Kind) -> io::Result<()> {
+pub async fn read_preamble<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    kind: preamble::Kind,
+) -> io::Result<()> {
     let read = read_until(rd, buf, |b| {
         let n = preamble::decode(b, kind)?;
         if let Some(n) = n {
@@ -95,7 +101,10 @@ pub async fn read_inbound_header<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result
 }
 
 /// Reads the next control message; `Ok(None)` at a clean end of stream.
-pub async fn read_message<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> io::Result<Option<control::Message>> {
+pub async fn read_message<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> io::Result<Option<control::Message>> {
     match read_until(rd, buf, control::decode).await {
         Ok(m) => Ok(Some(m)),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && buf.is_empty() => Ok(None),
@@ -104,7 +113,10 @@ pub async fn read_message<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) 
 }
 
 /// Writes every control message from `rx` until it closes.
-pub async fn write_messages<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<control::Message>) -> io::Result<()> {
+pub async fn write_messages<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<control::Message>,
+) -> io::Result<()> {
     let mut out = BytesMut::new();
     while let Some(msg) = rx.recv().await {
         control::encode(&msg, &mut out).map_err(invalid)?;
@@ -148,7 +160,6 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiv
     }
     Ok(())
 }
-
 
 /// Resolves on SIGTERM or SIGINT: how both containers are told to stop
 /// (`docker stop`, the kubelet, Ctrl-C in the foreground). If the handlers

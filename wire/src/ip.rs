@@ -88,9 +88,8 @@ pub fn parse(p: &[u8]) -> Option<Packet> {
 
 /// The RST|ACK a kernel answers a SYN to a closed port with ("connection refused").
 pub fn tcp_reset_for(syn: &Packet) -> Vec<u8> {
-    let consumed = syn.tcp_payload_len as u32
-        + u32::from(syn.tcp_flags & TCP_SYN != 0)
-        + u32::from(syn.tcp_flags & TCP_FIN != 0);
+    let consumed =
+        syn.tcp_payload_len as u32 + u32::from(syn.tcp_flags & TCP_SYN != 0) + u32::from(syn.tcp_flags & TCP_FIN != 0);
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&syn.flow.dst.port().to_be_bytes());
     tcp[2..4].copy_from_slice(&syn.flow.src.port().to_be_bytes());

@@ -50,7 +50,14 @@ impl Endpoint {
     pub fn new(keepalive: Option<u16>, deliver: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
         let secret = StaticSecret::from(rand::random::<[u8; 32]>());
         let public = PublicKey::from(&secret).to_bytes();
-        Endpoint { secret, public, keepalive, peer: Mutex::new(None), route: Mutex::new(Route::None), deliver: Box::new(deliver) }
+        Endpoint {
+            secret,
+            public,
+            keepalive,
+            peer: Mutex::new(None),
+            route: Mutex::new(Route::None),
+            deliver: Box::new(deliver),
+        }
     }
 
     pub fn public_key(&self) -> [u8; 32] {
@@ -100,7 +107,9 @@ impl Endpoint {
         let authentic = SCRATCH.with_borrow_mut(|buf| {
             let mut peer = lock(&self.peer);
             // Before a hello there is no session: drop silently.
-            let Some((_, t)) = peer.as_mut() else { return false };
+            let Some((_, t)) = peer.as_mut() else {
+                return false;
+            };
             let mut res = t.decapsulate(src, datagram, buf);
             loop {
                 match res {
@@ -183,7 +192,10 @@ fn send(route: &Route, datagram: &[u8]) {
 mod tests {
     use super::*;
 
-    fn pair() -> (Arc<Endpoint>, Arc<Endpoint>, mpsc::Receiver<Bytes>, mpsc::Receiver<Bytes>, Arc<Mutex<Vec<Vec<u8>>>>) {
+    /// Packets `b` delivered to its stack.
+    type Delivered = Arc<Mutex<Vec<Vec<u8>>>>;
+
+    fn pair() -> (Arc<Endpoint>, Arc<Endpoint>, mpsc::Receiver<Bytes>, mpsc::Receiver<Bytes>, Delivered) {
         let got = Arc::new(Mutex::new(Vec::new()));
         let sink = got.clone();
         let a = Arc::new(Endpoint::new(Some(25), |_| {}));

@@ -44,9 +44,26 @@ pub fn run(root: &Path) -> Result<()> {
     show(&before);
 
     step("tpd run --image tpd-test/debian --swap deployment/hello --port 8080:9000 -- python3 -m http.server 9000");
-    let serve = format!("mkdir -p /srv && echo '{LOCAL_PAGE}' > /srv/index.html && cd /srv && exec python3 -m http.server 9000");
-    let swap_args = ["run", "--image", images::DEBIAN, "--name", DEV, "--swap", "deployment/hello", "--port", "8080:9000", "--", "sh", "-c", &serve];
-    let mut session = Session(Some(session::tpd(&sb)?.args(swap_args).stdout(Stdio::inherit()).stderr(Stdio::inherit()).spawn()?));
+    let serve = format!(
+        "mkdir -p /srv && echo '{LOCAL_PAGE}' > /srv/index.html && cd /srv && exec python3 -m http.server 9000"
+    );
+    let swap_args = [
+        "run",
+        "--image",
+        images::DEBIAN,
+        "--name",
+        DEV,
+        "--swap",
+        "deployment/hello",
+        "--port",
+        "8080:9000",
+        "--",
+        "sh",
+        "-c",
+        &serve,
+    ];
+    let mut session =
+        Session(Some(session::tpd(&sb)?.args(swap_args).stdout(Stdio::inherit()).stderr(Stdio::inherit()).spawn()?));
     wait_for_dev_container(&mut session)?;
 
     step("the local container calls the cluster service `world` by its DNS name");
@@ -60,7 +77,8 @@ pub fn run(root: &Path) -> Result<()> {
 
     step("Ctrl-C: tpd restores the Deployment and removes its containers");
     session.interrupt()?;
-    let (restored, took) = wait_deployment(&sb, "default", "hello", Duration::from_secs(30), |d| swap_record(d).is_none())?;
+    let (restored, took) =
+        wait_deployment(&sb, "default", "hello", Duration::from_secs(30), |d| swap_record(d).is_none())?;
     if user_owned(restored) != original {
         bail!("deployment/hello differs from the original after the restore");
     }
@@ -78,7 +96,9 @@ struct Session(Option<Child>);
 
 impl Session {
     fn interrupt(&mut self) -> Result<()> {
-        let Some(mut child) = self.0.take() else { return Ok(()) };
+        let Some(mut child) = self.0.take() else {
+            return Ok(());
+        };
         Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while child.try_wait()?.is_none() {

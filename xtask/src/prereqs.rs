@@ -17,8 +17,7 @@ const NEEDED: &[(&str, &str)] = &[
 
 /// Installs (or names) whatever of [`NEEDED`] is missing.
 pub fn ensure() -> Result<()> {
-    let missing: Vec<&str> =
-        NEEDED.iter().filter(|(path, _)| !Path::new(path).exists()).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = NEEDED.iter().filter(|(path, _)| !Path::new(path).exists()).map(|(_, pkg)| *pkg).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -28,5 +27,7 @@ pub fn ensure() -> Result<()> {
     }
     eprintln!("installing {} with apt-get…", missing.join(" "));
     crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    crate::run(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    crate::run(
+        Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }

@@ -117,7 +117,14 @@ pub struct Held {
 /// Starts a session named `name` and returns once its sidecar is ready.
 /// On failure (or `shutdown` before it is ready) everything it created is
 /// removed before the error is returned.
-pub async fn establish(global: &GlobalArgs, cluster: &Cluster, images: &Images, name: &str, spec: &Spec, shutdown: &CancellationToken) -> anyhow::Result<Held> {
+pub async fn establish(
+    global: &GlobalArgs,
+    cluster: &Cluster,
+    images: &Images,
+    name: &str,
+    spec: &Spec,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Held> {
     let docker = crate::docker::connect().await?;
     checks::image_present(&docker, &images.sidecar, "build tpd's images with `cargo xtask images`").await?;
     checks::ports_free(spec.publish.iter().map(|p| p.first))?;
@@ -125,14 +132,26 @@ pub async fn establish(global: &GlobalArgs, cluster: &Cluster, images: &Images, 
         // Unknown Deployment or ambiguous container: fail before the guardian exists.
         let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
         let d = apply::get(&api, &cluster.namespace, &target.name).await?;
-        plan::choose_container(&d, target.container.as_deref())
-            .map_err(|e| Hint::new(e.to_string(), format!("`kubectl get deployment/{} -n {} -o yaml` shows its containers", target.name, cluster.namespace)))?;
+        plan::choose_container(&d, target.container.as_deref()).map_err(|e| {
+            Hint::new(
+                e.to_string(),
+                format!(
+                    "`kubectl get deployment/{} -n {} -o yaml` shows its containers",
+                    target.name, cluster.namespace
+                ),
+            )
+        })?;
     }
     let id = session::new_id();
     info!(session = %id, name, "connect session starting");
     let deployment = spec.swap.as_ref().map(|t| t.name.clone());
     let guardian = Guardian::spawn(global, cluster, &id, deployment.as_deref())?;
-    let cleanup = Cleanup { client: cluster.client.clone(), namespace: cluster.namespace.clone(), session: id.clone(), deployment };
+    let cleanup = Cleanup {
+        client: cluster.client.clone(),
+        namespace: cluster.namespace.clone(),
+        session: id.clone(),
+        deployment,
+    };
     let tasks = shutdown.child_token();
     let network = format!("tpd-{id}");
     match start(&docker, cluster, images, name, &id, &network, spec, &tasks).await {
@@ -161,12 +180,22 @@ async fn start(
 ) -> anyhow::Result<Record> {
     let args = spec.run_args();
     let (swap, agent_pod) = super::run::start_agent(cluster, &args, images, id, tasks).await?;
-    let request = NetworkCreateRequest { name: network.to_owned(), labels: Some(session::sidecar::labels(id)), ..Default::default() };
-    docker.create_network(request).await.with_context(|| format!("cannot create the session's Docker network {network}"))?;
+    let request = NetworkCreateRequest {
+        name: network.to_owned(),
+        labels: Some(session::sidecar::labels(id)),
+        ..Default::default()
+    };
+    docker
+        .create_network(request)
+        .await
+        .with_context(|| format!("cannot create the session's Docker network {network}"))?;
     let ctx = session::Context { cluster, args: &args, images, id, agent_pod, swap: swap.as_ref() };
     let started = session::start(&ctx, tasks).await?;
     let connect = NetworkConnectRequest { container: started.sidecar.id.clone(), ..Default::default() };
-    docker.connect_network(network, connect).await.with_context(|| format!("cannot attach the sidecar to the network {network}"))?;
+    docker
+        .connect_network(network, connect)
+        .await
+        .with_context(|| format!("cannot attach the sidecar to the network {network}"))?;
     let inspect = docker.inspect_container(&started.sidecar.id, None::<InspectContainerOptions>).await?;
     let sidecar = inspect.name.unwrap_or_default().trim_start_matches('/').to_owned();
 
@@ -279,7 +308,11 @@ pub async fn run(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitC
     checks::ports_free(spec.publish.iter().map(|p| p.first))?;
     crate::checks::namespace_exists(&cluster).await?;
     let record = spawn_holder(global, &cluster, &images, &name, &args).await?;
-    show(global, &record, &format!("session {name:?} is ready (process {}, log {})", record.pid, log_path(&name).display()));
+    show(
+        global,
+        &record,
+        &format!("session {name:?} is ready (process {}, log {})", record.pid, log_path(&name).display()),
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -291,14 +324,18 @@ fn checked_name(name: &str) -> Result<String, Hint> {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     match ok {
         true => Ok(name.to_owned()),
-        false => Err(Hint::new(format!("{name:?} is not a valid session name"), "use letters, digits, '-', '_' and '.' (at most 63)")),
+        false => Err(Hint::new(
+            format!("{name:?} is not a valid session name"),
+            "use letters, digits, '-', '_' and '.' (at most 63)",
+        )),
     }
 }
 
 /// `CONTEXT-NAMESPACE`, reduced to the characters a session name may hold.
 pub fn default_name(context: &str, namespace: &str) -> String {
     let raw = format!("{context}-{namespace}");
-    let mut name: String = raw.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' }).collect();
+    let mut name: String =
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' }).collect();
     name = name.trim_start_matches(['.', '-']).to_owned();
     name.truncate(63);
     if name.is_empty() { "default".into() } else { name }
@@ -322,10 +359,21 @@ pub fn log_path(name: &str) -> PathBuf {
 
 /// Starts `tpd connect --hold` detached, relays its progress from the log,
 /// and waits for its `ready` or `error`.
-async fn spawn_holder(global: &GlobalArgs, cluster: &Cluster, images: &Images, name: &str, args: &ConnectArgs) -> anyhow::Result<Record> {
+async fn spawn_holder(
+    global: &GlobalArgs,
+    cluster: &Cluster,
+    images: &Images,
+    name: &str,
+    args: &ConnectArgs,
+) -> anyhow::Result<Record> {
     record::ensure_dir()?;
     let log = log_path(name);
-    let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&log).with_context(|| format!("cannot open {}", log.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
     let mut tail = Tail::new(&log, file.metadata()?.len());
     let exe = std::env::current_exe().context("cannot find the tpd executable to start the session's process")?;
     let mut cmd = tokio::process::Command::new(exe);
@@ -400,13 +448,20 @@ async fn spawn_holder(global: &GlobalArgs, cluster: &Cluster, images: &Images, n
             let _ = child.wait().await;
             tail.echo();
             eprintln!("tpd: the session's log is {}", log.display());
-            Err(Hint::new(message, help.unwrap_or_else(|| format!("the session's log ({}) has the details", log.display()))).into())
+            Err(Hint::new(
+                message,
+                help.unwrap_or_else(|| format!("the session's log ({}) has the details", log.display())),
+            )
+            .into())
         }
         None => {
             let status = child.wait().await;
             tail.echo();
             Err(Hint::new(
-                format!("the session's background process ended before the session was ready ({})", status.map_or_else(|e| e.to_string(), |s| s.to_string())),
+                format!(
+                    "the session's background process ended before the session was ready ({})",
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                ),
                 format!("see its log, {}", log.display()),
             )
             .into())
@@ -428,12 +483,16 @@ impl Tail {
     }
 
     fn echo(&mut self) {
-        let Ok(mut file) = std::fs::File::open(&self.path) else { return };
+        let Ok(mut file) = std::fs::File::open(&self.path) else {
+            return;
+        };
         if file.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
             return;
         }
         let mut buf = Vec::new();
-        let Ok(n) = file.read_to_end(&mut buf) else { return };
+        let Ok(n) = file.read_to_end(&mut buf) else {
+            return;
+        };
         self.offset += n as u64;
         self.partial.push_str(&String::from_utf8_lossy(&buf));
         while let Some(end) = self.partial.find('\n') {
@@ -521,7 +580,11 @@ fn show(global: &GlobalArgs, r: &Record, headline: &str) {
     progress(&format!("  context {}, namespace {}", r.context, r.namespace));
     for s in &r.swaps {
         let ports: Vec<String> = s.local_ports.iter().map(u16::to_string).collect();
-        progress(&format!("  swaps {}: its cluster traffic arrives in the session on port(s) {}", s.deployment, ports.join(", ")));
+        progress(&format!(
+            "  swaps {}: its cluster traffic arrives in the session on port(s) {}",
+            s.deployment,
+            ports.join(", ")
+        ));
     }
     if !r.published.is_empty() {
         progress(&format!("  publishes {}", r.published.join(", ")));
@@ -593,7 +656,11 @@ async fn quit_one(global: &GlobalArgs, name: &str) -> anyhow::Result<()> {
                 tail.echo();
                 return Err(Hint::new(
                     format!("session {name:?} did not end within {} s", QUIT_DEADLINE.as_secs()),
-                    format!("see {}; `kill -9 {}` and `tpd quit {name}` again clean up without it", log.display(), r.pid),
+                    format!(
+                        "see {}; `kill -9 {}` and `tpd quit {name}` again clean up without it",
+                        log.display(),
+                        r.pid
+                    ),
                 )
                 .into());
             }
@@ -617,7 +684,12 @@ async fn quit_one(global: &GlobalArgs, name: &str) -> anyhow::Result<()> {
 async fn repair(global: &GlobalArgs, r: &Record) -> anyhow::Result<()> {
     let cluster = cluster_of(global, r).await?;
     let deployment = r.swaps.first().and_then(|s| s.deployment.parse::<Target>().ok()).map(|t| t.name);
-    let cleanup = Cleanup { client: cluster.client.clone(), namespace: cluster.namespace.clone(), session: r.id.clone(), deployment };
+    let cleanup = Cleanup {
+        client: cluster.client.clone(),
+        namespace: cluster.namespace.clone(),
+        session: r.id.clone(),
+        deployment,
+    };
     let mut outcome = cleanup.run().await;
     if !outcome.ok {
         // The guardian may have been restoring at the same moment: once more.
@@ -641,13 +713,19 @@ async fn cluster_of(global: &GlobalArgs, r: &Record) -> anyhow::Result<Cluster> 
 
 /// Says, from the cluster's current state, what the session left swapped.
 async fn report_restored(global: &GlobalArgs, r: &Record) {
-    let Ok(cluster) = cluster_of(global, r).await else { return };
+    let Ok(cluster) = cluster_of(global, r).await else {
+        return;
+    };
     let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     for s in &r.swaps {
-        let Ok(target) = s.deployment.parse::<Target>() else { continue };
+        let Ok(target) = s.deployment.parse::<Target>() else {
+            continue;
+        };
         match api.get_opt(&target.name).await {
             Ok(Some(d)) => match crate::swap::record::Record::read(&d) {
-                Ok(Some(rec)) if rec.session == r.id => progress(&format!("{target} is STILL swapped by this session: `tpd restore {target}`")),
+                Ok(Some(rec)) if rec.session == r.id => {
+                    progress(&format!("{target} is STILL swapped by this session: `tpd restore {target}`"))
+                }
                 Ok(Some(rec)) => progress(&format!("{target} is restored (and now swapped by {})", rec.holder)),
                 _ => progress(&format!("{target} is restored as it was")),
             },
@@ -689,9 +767,13 @@ pub fn summaries() -> Vec<SessionSummary> {
 
 impl std::fmt::Display for SessionSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state =
-            if self.running { format!("running (process {})", self.pid) } else { format!("ENDED (process {} is gone): `tpd quit {}`", self.pid, self.name) };
-        let swaps = if self.swaps.is_empty() { "outbound only".to_owned() } else { format!("swaps {}", self.swaps.join(", ")) };
+        let state = if self.running {
+            format!("running (process {})", self.pid)
+        } else {
+            format!("ENDED (process {} is gone): `tpd quit {}`", self.pid, self.name)
+        };
+        let swaps =
+            if self.swaps.is_empty() { "outbound only".to_owned() } else { format!("swaps {}", self.swaps.join(", ")) };
         write!(f, "{}  {state}  {}/{}  {swaps}  sidecar {}", self.name, self.context, self.namespace, self.sidecar)
     }
 }
@@ -703,7 +785,10 @@ mod tests {
     #[test]
     fn default_names_are_file_and_command_safe() {
         assert_eq!(default_name("sandbox", "default"), "sandbox-default");
-        assert_eq!(default_name("arn:aws:eks:eu-west-1:1:cluster/prod", "team a"), "arn-aws-eks-eu-west-1-1-cluster-prod-team-a");
+        assert_eq!(
+            default_name("arn:aws:eks:eu-west-1:1:cluster/prod", "team a"),
+            "arn-aws-eks-eu-west-1-1-cluster-prod-team-a"
+        );
         assert_eq!(default_name("..", "x"), "x");
         assert!(checked_name(&default_name(&"c".repeat(100), "ns")).is_ok());
         assert!(checked_name("dev").is_ok());

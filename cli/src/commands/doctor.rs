@@ -143,7 +143,9 @@ fn judge_image(name: &'static str, image: &str, flag: &str, probe: ImageProbe) -
             format!("{image} is not in the local Docker engine"),
             format!("build it with `cargo xtask images` in the tpd repo, or name another image with {flag}"),
         ),
-        ImageProbe::Error(e) => Check::fail(name, format!("cannot inspect {image}: {e}"), "check that Docker is healthy"),
+        ImageProbe::Error(e) => {
+            Check::fail(name, format!("cannot inspect {image}: {e}"), "check that Docker is healthy")
+        }
     }
 }
 
@@ -159,7 +161,9 @@ async fn probe_selfcheck(docker: &Docker, image: &str) -> SelfcheckProbe {
     let body = ContainerCreateBody {
         image: Some(image.to_string()),
         cmd: Some(vec!["selfcheck".into()]),
-        labels: Some([(tpd_wire::names::LABEL_MANAGED_BY.to_string(), tpd_wire::names::MANAGED_BY_VALUE.to_string())].into()),
+        labels: Some(
+            [(tpd_wire::names::LABEL_MANAGED_BY.to_string(), tpd_wire::names::MANAGED_BY_VALUE.to_string())].into(),
+        ),
         host_config: Some(HostConfig {
             cap_add: Some(vec!["NET_ADMIN".into(), "SYS_ADMIN".into()]),
             devices: Some(["/dev/net/tun", "/dev/fuse"].map(device).to_vec()),
@@ -198,7 +202,8 @@ async fn run_to_exit(docker: &Docker, id: &str) -> SelfcheckProbe {
         None => return SelfcheckProbe::DockerError("the container vanished".into()),
     };
     let logs = LogsOptions { stdout: true, stderr: true, ..Default::default() };
-    let output: Vec<String> = docker.logs(id, Some(logs)).filter_map(|l| async { l.ok().map(|l| l.to_string()) }).collect().await;
+    let output: Vec<String> =
+        docker.logs(id, Some(logs)).filter_map(|l| async { l.ok().map(|l| l.to_string()) }).collect().await;
     SelfcheckProbe::Ran { exit_code, output: output.concat() }
 }
 
@@ -233,7 +238,9 @@ fn device_fix(message: &str) -> String {
         fixes.push("load FUSE (`sudo modprobe fuse`) so /dev/fuse exists");
     }
     if fixes.is_empty() {
-        fixes.push("run `docker run --rm --cap-add NET_ADMIN --device /dev/net/tun busybox true` to see what Docker refuses");
+        fixes.push(
+            "run `docker run --rm --cap-add NET_ADMIN --device /dev/net/tun busybox true` to see what Docker refuses",
+        );
     }
     fixes.join("; ")
 }
@@ -273,7 +280,10 @@ async fn cluster_checks(args: &GlobalArgs) -> Vec<Check> {
 fn judge_context(cluster: &Cluster, version: Result<String, String>) -> Check {
     const NAME: &str = "kube context";
     match version {
-        Ok(v) => Check::pass(NAME, format!("{} at {} (Kubernetes {v}), namespace {}", cluster.context, cluster.server, cluster.namespace)),
+        Ok(v) => Check::pass(
+            NAME,
+            format!("{} at {} (Kubernetes {v}), namespace {}", cluster.context, cluster.server, cluster.namespace),
+        ),
         Err(e) => Check::fail(
             NAME,
             format!("{} at {} is not reachable: {e}", cluster.context, cluster.server),
@@ -334,7 +344,9 @@ fn judge_access(namespace: &str, probe: AccessProbe) -> Check {
     Check::fail(
         NAME,
         format!("may not {} in namespace {namespace}", denied.join(", ")),
-        format!("ask a cluster admin for a Role in {namespace} granting these verbs (check with `kubectl auth can-i --list -n {namespace}`)"),
+        format!(
+            "ask a cluster admin for a Role in {namespace} granting these verbs (check with `kubectl auth can-i --list -n {namespace}`)"
+        ),
     )
 }
 
@@ -355,7 +367,8 @@ mod tests {
         assert_eq!(check.status, Status::Fail);
         let fix = check.fix.unwrap();
         assert!(fix.contains("cargo xtask images") && fix.contains("--agent-image"), "{fix}");
-        let present = judge_image("agent image", "tpd/agent:0.1.0", "--agent-image", ImageProbe::Present { size: 4_000_000 });
+        let present =
+            judge_image("agent image", "tpd/agent:0.1.0", "--agent-image", ImageProbe::Present { size: 4_000_000 });
         assert_eq!(present.status, Status::Pass);
         assert!(present.detail.contains("4.0 MB"));
     }
@@ -391,7 +404,8 @@ mod tests {
 
     #[test]
     fn access_review_missing_is_a_warning_not_a_failure() {
-        let status = kube::core::Status::failure("the server could not find the requested resource", "NotFound").with_code(404);
+        let status =
+            kube::core::Status::failure("the server could not find the requested resource", "NotFound").with_code(404);
         let check = judge_access("dev", Err(kube::Error::Api(Box::new(status))));
         assert_eq!(check.status, Status::Warn);
         assert!(check.detail.contains("could not check"));

@@ -28,12 +28,21 @@ pub async fn run(global: &GlobalArgs, args: &EnvArgs) -> anyhow::Result<ExitCode
     // A swapped Deployment runs the agent; its record keeps the app's container.
     let container = match Record::read(&d)? {
         Some(record) => record.original.container,
-        None => d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers[index].clone()).unwrap_or_default(),
+        None => d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .map(|p| p.containers[index].clone())
+            .unwrap_or_default(),
     };
     let pod = running_pod(&cluster, &d).await?;
     let sources = sources(&cluster, &container).await?;
-    let env = remote_env::resolve(&pod, &container, &sources)
-        .map_err(|e| Hint::new(format!("cannot compute the env of {}: {e}", args.target), format!("check with `kubectl describe pod -n {ns}`")))?;
+    let env = remote_env::resolve(&pod, &container, &sources).map_err(|e| {
+        Hint::new(
+            format!("cannot compute the env of {}: {e}", args.target),
+            format!("check with `kubectl describe pod -n {ns}`"),
+        )
+    })?;
     let text = render(&env, args.format)?;
     match &args.out {
         Some(path) => {
@@ -60,10 +69,14 @@ async fn running_pod(cluster: &Cluster, d: &Deployment) -> anyhow::Result<Pod> {
     let labels = d.spec.as_ref().and_then(|s| s.selector.match_labels.clone()).unwrap_or_default();
     let selector = labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let list = pods.list(&ListParams::default().labels(&selector)).await.context("cannot list the Deployment's pods")?;
+    let list =
+        pods.list(&ListParams::default().labels(&selector)).await.context("cannot list the Deployment's pods")?;
     list.items
         .into_iter()
-        .find(|p| p.metadata.deletion_timestamp.is_none() && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .find(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
         .ok_or_else(|| {
             Hint::new(
                 format!("deployment/{name} has no running pod to read the env of"),

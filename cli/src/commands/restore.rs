@@ -16,7 +16,11 @@ pub async fn run(global: &GlobalArgs, args: &RestoreArgs) -> anyhow::Result<Exit
     let targets: Vec<(String, String)> = match &args.target {
         Some(t) => vec![(cluster.namespace.clone(), t.name.clone())],
         None => {
-            let api: Api<Deployment> = if args.all_namespaces { Api::all(cluster.client.clone()) } else { Api::namespaced(cluster.client.clone(), &cluster.namespace) };
+            let api: Api<Deployment> = if args.all_namespaces {
+                Api::all(cluster.client.clone())
+            } else {
+                Api::namespaced(cluster.client.clone(), &cluster.namespace)
+            };
             api.list(&ListParams::default())
                 .await?
                 .items
@@ -32,8 +36,12 @@ pub async fn run(global: &GlobalArgs, args: &RestoreArgs) -> anyhow::Result<Exit
     for (ns, name) in targets {
         let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns);
         match apply::restore(&api, &ns, &name, None).await? {
-            Restored::Done { holder } => println!("restored deployment/{name} in {ns} (was swapped by {holder})"),
-            Restored::NotSwapped | Restored::TakenOver { .. } => println!("deployment/{name} in {ns} is not swapped"),
+            Restored::Done { holder } => {
+                println!("restored deployment/{name} in {ns} (was swapped by {holder})")
+            }
+            Restored::NotSwapped | Restored::TakenOver { .. } => {
+                println!("deployment/{name} in {ns} is not swapped")
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

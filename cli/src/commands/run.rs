@@ -17,11 +17,11 @@ use crate::cleanup::Cleanup;
 use crate::cli::{GlobalArgs, RunArgs};
 use crate::cluster::Cluster;
 use crate::config::{self, Images};
+use crate::error::Hint;
 use crate::guardian::Guardian;
 use crate::output::progress;
 use crate::swap::apply;
 use crate::swap::lease;
-use crate::error::Hint;
 use crate::swap::plan::{self, Params};
 use crate::{checks, session};
 
@@ -39,7 +39,13 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
         let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
         let d = apply::get(&api, &cluster.namespace, &target.name).await?;
         plan::choose_container(&d, target.container.as_deref()).map_err(|e| {
-            Hint::new(e.to_string(), format!("`kubectl get deployment/{} -n {} -o yaml` shows its containers", target.name, cluster.namespace))
+            Hint::new(
+                e.to_string(),
+                format!(
+                    "`kubectl get deployment/{} -n {} -o yaml` shows its containers",
+                    target.name, cluster.namespace
+                ),
+            )
         })?;
     }
     let id = session::new_id();
@@ -47,7 +53,12 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     info!(session = %id, log = %log.display(), "session starting");
     let deployment = args.swap.as_ref().map(|t| t.name.clone());
     let guardian = Guardian::spawn(global, &cluster, &id, deployment.as_deref())?;
-    let cleanup = Cleanup { client: cluster.client.clone(), namespace: cluster.namespace.clone(), session: id.clone(), deployment };
+    let cleanup = Cleanup {
+        client: cluster.client.clone(),
+        namespace: cluster.namespace.clone(),
+        session: id.clone(),
+        deployment,
+    };
 
     let shutdown = CancellationToken::new();
     tokio::spawn(ctrl_c(shutdown.clone()));
@@ -70,7 +81,13 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
 
 /// Swap (or agent pod), lease renewal, readiness, then the local containers.
 /// Returns the developer container's exit code.
-async fn session_body(cluster: &Cluster, args: &RunArgs, images: &Images, id: &str, shutdown: &CancellationToken) -> anyhow::Result<i64> {
+async fn session_body(
+    cluster: &Cluster,
+    args: &RunArgs,
+    images: &Images,
+    id: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<i64> {
     let (swap, agent_pod) = start_agent(cluster, args, images, id, shutdown).await?;
     let ctx = session::Context { cluster, args, images, id, agent_pod, swap: swap.as_ref() };
     session::run(ctx, shutdown).await
@@ -79,7 +96,13 @@ async fn session_body(cluster: &Cluster, args: &RunArgs, images: &Images, id: &s
 /// The cluster half of a session (also `tpd connect`'s): the swap, whose
 /// lease is renewed until `shutdown`, or the outbound-only agent pod; returns
 /// once the agent pod is ready, with the swap and the pod's name.
-pub(crate) async fn start_agent(cluster: &Cluster, args: &RunArgs, images: &Images, id: &str, shutdown: &CancellationToken) -> anyhow::Result<(Option<plan::Swap>, String)> {
+pub(crate) async fn start_agent(
+    cluster: &Cluster,
+    args: &RunArgs,
+    images: &Images,
+    id: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Option<plan::Swap>, String)> {
     let params = Params {
         agent_image: images.agent.clone(),
         session: id.to_owned(),
@@ -100,7 +123,9 @@ pub(crate) async fn start_agent(cluster: &Cluster, args: &RunArgs, images: &Imag
         None => {
             let pod = session::outbound_agent_pod(&cluster.namespace, &params);
             progress("starting an outbound-only agent pod");
-            pods.create(&PostParams::default(), &pod).await.map_err(|e| anyhow::anyhow!(e).context("cannot create the agent pod"))?;
+            pods.create(&PostParams::default(), &pod)
+                .await
+                .map_err(|e| anyhow::anyhow!(e).context("cannot create the agent pod"))?;
             None
         }
     };
@@ -116,7 +141,12 @@ pub(crate) async fn start_agent(cluster: &Cluster, args: &RunArgs, images: &Imag
 
 /// Renews the lease until shutdown; losing it (someone took the Deployment
 /// over or restored it) ends the session.
-async fn renew_lease(api: Api<Deployment>, name: String, mut record: crate::swap::record::Record, shutdown: CancellationToken) {
+async fn renew_lease(
+    api: Api<Deployment>,
+    name: String,
+    mut record: crate::swap::record::Record,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(lease::RENEW_EVERY) => {}

@@ -38,7 +38,11 @@ struct LocalSession {
 
 pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let cluster = super::cluster(global).await?;
-    let api: Api<Deployment> = if args.all_namespaces { Api::all(cluster.client.clone()) } else { Api::namespaced(cluster.client.clone(), &cluster.namespace) };
+    let api: Api<Deployment> = if args.all_namespaces {
+        Api::all(cluster.client.clone())
+    } else {
+        Api::namespaced(cluster.client.clone(), &cluster.namespace)
+    };
     let now = Timestamp::now();
     let swaps: Vec<Swap> = api
         .list(&ListParams::default())
@@ -67,7 +71,10 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitC
     let connect = super::connect::summaries();
 
     if global.output == OutputFormat::Json {
-        println!("{}", serde_json::json!({ "context": cluster.context, "sessions": local, "connect": connect, "swaps": swaps }));
+        println!(
+            "{}",
+            serde_json::json!({ "context": cluster.context, "sessions": local, "connect": connect, "swaps": swaps })
+        );
         return Ok(ExitCode::SUCCESS);
     }
     println!("tpd connect sessions:");
@@ -84,14 +91,22 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitC
             println!("  {}  transport: {transport}  containers: {}", s.session, s.containers.join(", "));
         }),
     }
-    let scope = if args.all_namespaces { "all namespaces".to_owned() } else { format!("namespace {}", cluster.namespace) };
+    let scope =
+        if args.all_namespaces { "all namespaces".to_owned() } else { format!("namespace {}", cluster.namespace) };
     println!("swapped deployments in {scope}:");
     if swaps.is_empty() {
         println!("  none");
     }
     for s in &swaps {
-        let lease = if s.lease_live { format!("lease until {}", s.lease_expires) } else { format!("lease EXPIRED at {}", s.lease_expires) };
-        println!("  {}/deployment/{}:{}  held by {} since {}  session {}  {lease}", s.namespace, s.deployment, s.container, s.holder, s.since, s.session);
+        let lease = if s.lease_live {
+            format!("lease until {}", s.lease_expires)
+        } else {
+            format!("lease EXPIRED at {}", s.lease_expires)
+        };
+        println!(
+            "  {}/deployment/{}:{}  held by {} since {}  session {}  {lease}",
+            s.namespace, s.deployment, s.container, s.holder, s.since, s.session
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -99,7 +114,9 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitC
 /// Local containers tpd started, grouped by session.
 async fn local_sessions() -> Result<Vec<LocalSession>, String> {
     let docker = crate::docker::connect().await.map_err(|h| h.message)?;
-    let filters = [("label".to_owned(), vec![format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGED_BY_VALUE)])].into_iter().collect();
+    let filters = [("label".to_owned(), vec![format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGED_BY_VALUE)])]
+        .into_iter()
+        .collect();
     let list = docker
         .list_containers(Some(ListContainersOptions { filters: Some(filters), ..Default::default() }))
         .await
@@ -107,7 +124,8 @@ async fn local_sessions() -> Result<Vec<LocalSession>, String> {
     let mut by_session: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for c in list {
         let session = c.labels.as_ref().and_then(|l| l.get(names::LABEL_SESSION)).cloned().unwrap_or_default();
-        let name = c.names.unwrap_or_default().first().map(|n| n.trim_start_matches('/').to_owned()).unwrap_or_default();
+        let name =
+            c.names.unwrap_or_default().first().map(|n| n.trim_start_matches('/').to_owned()).unwrap_or_default();
         by_session.entry(session).or_default().push(name);
     }
     Ok(by_session

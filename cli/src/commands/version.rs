@@ -49,17 +49,15 @@ async fn image_version(docker: &Docker, image: &str) -> String {
 }
 
 async fn run_version(docker: &Docker, image: &str) -> Result<String, bollard::errors::Error> {
-    let body = ContainerCreateBody {
-        image: Some(image.into()),
-        cmd: Some(vec!["--version".into()]),
-        ..Default::default()
-    };
+    let body =
+        ContainerCreateBody { image: Some(image.into()), cmd: Some(vec!["--version".into()]), ..Default::default() };
     let id = docker.create_container(None, body).await?.id;
     let result = async {
         docker.start_container(&id, None).await?;
         let _ = docker.wait_container(&id, None).next().await;
         let logs = LogsOptions { stdout: true, ..Default::default() };
-        let out: Vec<String> = docker.logs(&id, Some(logs)).filter_map(|l| async { l.ok().map(|l| l.to_string()) }).collect().await;
+        let out: Vec<String> =
+            docker.logs(&id, Some(logs)).filter_map(|l| async { l.ok().map(|l| l.to_string()) }).collect().await;
         Ok(out.concat())
     }
     .await;

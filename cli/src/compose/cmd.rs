@@ -59,7 +59,11 @@ impl Loaded {
         let tool = Tool::detect().await?;
         let files = if choice.files.is_empty() { tool::default_files() } else { choice.files.clone() };
         if files.is_empty() {
-            return Err(Hint::new("no compose file here", "run tpd in your project's directory, or name the files with -f FILE").into());
+            return Err(Hint::new(
+                "no compose file here",
+                "run tpd in your project's directory, or name the files with -f FILE",
+            )
+            .into());
         }
         let project = tool.config(&files).await?;
         Ok(Loaded { tool, files, project, pairs, outbound: choice.outbound.clone() })
@@ -67,7 +71,11 @@ impl Loaded {
 
     /// The override for this project on the session `record` describes.
     fn generate(&self, record: &Record) -> anyhow::Result<Generated> {
-        let swapped = self.pairs.iter().map(|(deployment, service)| record.swapped(deployment, service)).collect::<Result<Vec<_>, _>>()?;
+        let swapped = self
+            .pairs
+            .iter()
+            .map(|(deployment, service)| record.swapped(deployment, service))
+            .collect::<Result<Vec<_>, _>>()?;
         let request = Request {
             project: &self.project,
             session: &record.name,
@@ -109,7 +117,13 @@ async fn up(global: &GlobalArgs, choice: &Choice, compose_args: &[String]) -> an
 
 /// `up` without `--session`: the same session `tpd connect` holds, held by
 /// this process (and its guardian) for as long as compose runs.
-async fn up_in_own_session(global: &GlobalArgs, choice: &Choice, loaded: &Loaded, project: &str, compose_args: &[String]) -> anyhow::Result<ExitCode> {
+async fn up_in_own_session(
+    global: &GlobalArgs,
+    choice: &Choice,
+    loaded: &Loaded,
+    project: &str,
+    compose_args: &[String],
+) -> anyhow::Result<ExitCode> {
     let targets = loaded
         .pairs
         .iter()
@@ -128,7 +142,15 @@ async fn up_in_own_session(global: &GlobalArgs, choice: &Choice, loaded: &Loaded
         network: "tpd-network".into(),
         pid: std::process::id(),
         published: Vec::new(),
-        swaps: targets.iter().map(|t| SwapRecord { deployment: t.to_string(), env: Default::default(), mounts: Vec::new(), local_ports: Vec::new() }).collect(),
+        swaps: targets
+            .iter()
+            .map(|t| SwapRecord {
+                deployment: t.to_string(),
+                env: Default::default(),
+                mounts: Vec::new(),
+                local_ports: Vec::new(),
+            })
+            .collect(),
     };
     loaded.generate(&provisional)?;
     let cluster = crate::commands::cluster(global).await?;
@@ -158,7 +180,9 @@ async fn up_in_own_session(global: &GlobalArgs, choice: &Choice, loaded: &Loaded
 /// session removes what it had started). Once it has started, compose
 /// gets the terminal's signals and `wait_forwarding_signals` handles them.
 async fn cancel_on_signal(token: CancellationToken, starting: Arc<AtomicBool>) {
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else { return };
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return;
+    };
     loop {
         tokio::select! {
             _ = int.recv() => {}
@@ -182,8 +206,16 @@ async fn run_compose(
     let override_file = OverrideFile::write(&record.name, project, &generated.yaml)?;
     let mut files = loaded.files.clone();
     files.push(override_file.0.clone());
-    progress(&format!("{} up: project {project} on session {:?} (sidecar {})", loaded.tool.display(), record.name, record.sidecar));
-    let mut child = loaded.tool.spawn(project, &files, compose_args).with_context(|| format!("cannot start `{}`", loaded.tool.display()))?;
+    progress(&format!(
+        "{} up: project {project} on session {:?} (sidecar {})",
+        loaded.tool.display(),
+        record.name,
+        record.sidecar
+    ));
+    let mut child = loaded
+        .tool
+        .spawn(project, &files, compose_args)
+        .with_context(|| format!("cannot start `{}`", loaded.tool.display()))?;
     let status = wait_forwarding_signals(&mut child, lost).await;
     progress(&format!("{} down: removing what project {project} started", loaded.tool.display()));
     let down = loaded.tool.down(project, &files).await;
@@ -202,7 +234,10 @@ async fn run_compose(
 /// tpd only stays alive for the cleanup. SIGTERM is passed on to compose,
 /// and sent to it when the session ends under it (`lost`: its swap was
 /// restored or taken over).
-async fn wait_forwarding_signals(child: &mut tokio::process::Child, lost: Option<CancellationToken>) -> std::io::Result<std::process::ExitStatus> {
+async fn wait_forwarding_signals(
+    child: &mut tokio::process::Child,
+    lost: Option<CancellationToken>,
+) -> std::io::Result<std::process::ExitStatus> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let lost = lost.unwrap_or_default();

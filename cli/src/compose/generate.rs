@@ -82,11 +82,15 @@ pub enum GenerateError {
     ChosenTwice { service: String },
     #[error("service {service:?} already sets `network_mode: {mode}`")]
     NetworkModeTaken { service: String, mode: String },
-    #[error("service {service:?} joins its own networks ({networks}), which a service in the sidecar's namespace cannot")]
+    #[error(
+        "service {service:?} joins its own networks ({networks}), which a service in the sidecar's namespace cannot"
+    )]
     OwnNetworks { service: String, networks: String },
     #[error("services {first:?} and {second:?} both listen on {port}/{proto} and would share one network namespace")]
     PortClash { port: u16, proto: &'static str, first: String, second: String },
-    #[error("service {service:?} publishes or exposes ports ({ports}), which docker-compose v1 cannot drop in an override file")]
+    #[error(
+        "service {service:?} publishes or exposes ports ({ports}), which docker-compose v1 cannot drop in an override file"
+    )]
     PortsNeedV2 { service: String, ports: String },
 }
 
@@ -97,10 +101,14 @@ impl GenerateError {
             Self::UnknownService { known, .. } => {
                 format!("use one of: {} (`docker compose config --services` lists them)", known.join(", "))
             }
-            Self::ChosenTwice { service } => format!("name {service} once: either with --swap ... --service or with --outbound"),
-            Self::NetworkModeTaken { service, mode } => format!(
-                "remove `network_mode: {mode}` from service {service} while tpd runs it (tpd puts it in the sidecar's namespace), or do not choose it"
-            ),
+            Self::ChosenTwice { service } => {
+                format!("name {service} once: either with --swap ... --service or with --outbound")
+            }
+            Self::NetworkModeTaken { service, mode } => {
+                format!(
+                    "remove `network_mode: {mode}` from service {service} while tpd runs it (tpd puts it in the sidecar's namespace), or do not choose it"
+                )
+            }
             Self::OwnNetworks { service, .. } => format!(
                 "remove `networks:` from service {service} while tpd runs it: it shares the sidecar's network, which is on the project's default network"
             ),
@@ -171,7 +179,8 @@ fn check<'a>(req: &'a Request<'_>) -> Result<Vec<&'a str>, GenerateError> {
         // `docker compose config` (v2) lists `default` for every service, so
         // only other names are the user's; v1 lists only what the user wrote,
         // and compose refuses `network_mode` with any `networks:`.
-        let own: Vec<&str> = svc.networks.iter().map(String::as_str).filter(|n| req.flavor == Flavor::V1 || *n != "default").collect();
+        let own: Vec<&str> =
+            svc.networks.iter().map(String::as_str).filter(|n| req.flavor == Flavor::V1 || *n != "default").collect();
         if !own.is_empty() {
             return Err(GenerateError::OwnNetworks { service: name.to_string(), networks: own.join(", ") });
         }
@@ -179,7 +188,10 @@ fn check<'a>(req: &'a Request<'_>) -> Result<Vec<&'a str>, GenerateError> {
         // container's namespace, and only v2 can drop them in an override.
         if req.flavor == Flavor::V1 && !(svc.ports.is_empty() && svc.expose.is_empty()) {
             let published = svc.ports.iter().map(|p| p.spec.clone());
-            let exposed = svc.expose.iter().map(|(p, proto)| format!("expose {p}{}", if *proto == Proto::Udp { "/udp" } else { "" }));
+            let exposed = svc
+                .expose
+                .iter()
+                .map(|(p, proto)| format!("expose {p}{}", if *proto == Proto::Udp { "/udp" } else { "" }));
             let ports = published.chain(exposed).collect::<Vec<_>>().join(", ");
             return Err(GenerateError::PortsNeedV2 { service: name.to_string(), ports });
         }
@@ -194,12 +206,21 @@ fn check_port_clash(req: &Request<'_>, chosen: &[&str]) -> Result<(), GenerateEr
     let mut owner: BTreeMap<(u16, Proto), &str> = BTreeMap::new();
     for name in chosen {
         let svc = &req.project.services[*name];
-        let swap_ports = req.swapped.iter().filter(|s| s.service == *name).flat_map(|s| s.local_ports.iter().map(|p| (*p, Proto::Tcp)));
+        let swap_ports = req
+            .swapped
+            .iter()
+            .filter(|s| s.service == *name)
+            .flat_map(|s| s.local_ports.iter().map(|p| (*p, Proto::Tcp)));
         let mine: BTreeSet<(u16, Proto)> = svc.listening().chain(swap_ports).collect();
         for key in mine {
             if let Some(first) = owner.insert(key, name) {
                 let proto = if key.1 == Proto::Udp { "udp" } else { "tcp" };
-                return Err(GenerateError::PortClash { port: key.0, proto, first: first.to_string(), second: name.to_string() });
+                return Err(GenerateError::PortClash {
+                    port: key.0,
+                    proto,
+                    first: first.to_string(),
+                    second: name.to_string(),
+                });
             }
         }
     }
@@ -247,16 +268,33 @@ fn default_network(network: &str) -> Value {
 fn header(req: &Request<'_>, chosen: &[&str], moved: &[MovedPort]) -> String {
     let mut h = String::new();
     let w = &mut h;
-    let _ = writeln!(w, "# Generated by tpd {} for session {:?}: an override for your compose files.", tpd_wire::VERSION, req.session);
+    let _ = writeln!(
+        w,
+        "# Generated by tpd {} for session {:?}: an override for your compose files.",
+        tpd_wire::VERSION,
+        req.session
+    );
     let _ = writeln!(w, "# Use it after them:  docker compose -f docker-compose.yml -f THIS_FILE up");
     let _ = writeln!(w, "# (docker-compose v1 takes the same flags). It changes only what is below:");
     let _ = writeln!(w, "#");
-    let _ = writeln!(w, "# - {} run(s) in the network namespace of tpd's sidecar container {:?}", chosen.join(", "), req.sidecar);
+    let _ = writeln!(
+        w,
+        "# - {} run(s) in the network namespace of tpd's sidecar container {:?}",
+        chosen.join(", "),
+        req.sidecar
+    );
     let _ = writeln!(w, "#   (network_mode: container:...): they reach cluster services by name (svc, svc.ns,");
     let _ = writeln!(w, "#   svc.ns.svc.cluster.local) through the session's tunnel, and each other on localhost.");
     for s in req.swapped {
-        let _ = writeln!(w, "# - {} replaces {} in the cluster: the traffic the cluster sends it arrives here,", s.service, s.deployment);
-        let _ = writeln!(w, "#   with the remote container's env (your own `environment`/`env_file` keys win) and volumes.");
+        let _ = writeln!(
+            w,
+            "# - {} replaces {} in the cluster: the traffic the cluster sends it arrives here,",
+            s.service, s.deployment
+        );
+        let _ = writeln!(
+            w,
+            "#   with the remote container's env (your own `environment`/`env_file` keys win) and volumes."
+        );
     }
     let _ = writeln!(w, "# - The project's default network is the session's network {:?} (external: tpd", req.network);
     let _ = writeln!(w, "#   created it and removes it with the session); the other services reach the services");
@@ -266,11 +304,13 @@ fn header(req: &Request<'_>, chosen: &[&str], moved: &[MovedPort]) -> String {
     if !moved.is_empty() {
         let _ = writeln!(w, "#   Moved off your services (`ports: !reset []`), publish them on the sidecar instead:");
         for m in moved {
-            let _ = writeln!(w, "#     {}: {}  ->  tpd connect --name {} -p {}", m.service, m.spec, req.session, m.spec);
+            let _ =
+                writeln!(w, "#     {}: {}  ->  tpd connect --name {} -p {}", m.service, m.spec, req.session, m.spec);
         }
     }
     if !req.swapped.is_empty() {
-        let _ = writeln!(w, "# - The env below holds the remote pod's values, which may include secrets: keep this file");
+        let _ =
+            writeln!(w, "# - The env below holds the remote pod's values, which may include secrets: keep this file");
         let _ = writeln!(w, "#   out of version control, and regenerate it when the Deployment's env changes.");
     }
     h
@@ -306,7 +346,15 @@ mod tests {
     fn run(flavor: Flavor, swapped: &[Swapped], outbound: &[&str]) -> Result<Generated, GenerateError> {
         let project = project();
         let outbound: Vec<String> = outbound.iter().map(|s| s.to_string()).collect();
-        generate(&Request { project: &project, session: "dev", sidecar: "tpd-dev", network: "tpd-dev", flavor, swapped, outbound: &outbound })
+        generate(&Request {
+            project: &project,
+            session: "dev",
+            sidecar: "tpd-dev",
+            network: "tpd-dev",
+            flavor,
+            swapped,
+            outbound: &outbound,
+        })
     }
 
     fn doc(g: &Generated) -> Value {
@@ -377,22 +425,54 @@ mod tests {
     #[test]
     fn bad_choices_are_refused_with_a_fix() {
         let cases: Vec<(Flavor, Vec<Swapped>, Vec<&str>, GenerateError)> = vec![
-            (Flavor::V1, vec![swap("nope")], vec![], GenerateError::UnknownService {
-                service: "nope".into(),
-                known: ["api", "cache", "db", "listed", "same", "tagged", "web", "worker"].map(String::from).to_vec(),
-            }),
-            (Flavor::V1, vec![], vec!["cache"], GenerateError::NetworkModeTaken { service: "cache".into(), mode: "host".into() }),
-            (Flavor::V1, vec![], vec!["tagged"], GenerateError::OwnNetworks { service: "tagged".into(), networks: "back".into() }),
-            (Flavor::V1, vec![], vec!["listed"], GenerateError::OwnNetworks { service: "listed".into(), networks: "default".into() }),
+            (
+                Flavor::V1,
+                vec![swap("nope")],
+                vec![],
+                GenerateError::UnknownService {
+                    service: "nope".into(),
+                    known: ["api", "cache", "db", "listed", "same", "tagged", "web", "worker"]
+                        .map(String::from)
+                        .to_vec(),
+                },
+            ),
+            (
+                Flavor::V1,
+                vec![],
+                vec!["cache"],
+                GenerateError::NetworkModeTaken { service: "cache".into(), mode: "host".into() },
+            ),
+            (
+                Flavor::V1,
+                vec![],
+                vec!["tagged"],
+                GenerateError::OwnNetworks { service: "tagged".into(), networks: "back".into() },
+            ),
+            (
+                Flavor::V1,
+                vec![],
+                vec!["listed"],
+                GenerateError::OwnNetworks { service: "listed".into(), networks: "default".into() },
+            ),
             (Flavor::V2, vec![swap("api")], vec!["api"], GenerateError::ChosenTwice { service: "api".into() }),
-            (Flavor::V2, vec![swap("api")], vec!["same"], GenerateError::PortClash {
-                port: 8080,
-                proto: "tcp",
-                first: "api".into(),
-                second: "same".into(),
-            }),
-            (Flavor::V1, vec![], vec!["worker"], GenerateError::PortsNeedV2 { service: "worker".into(), ports: "9000:9000".into() }),
-            (Flavor::V1, vec![swap("api")], vec![], GenerateError::PortsNeedV2 { service: "api".into(), ports: "expose 8080".into() }),
+            (
+                Flavor::V2,
+                vec![swap("api")],
+                vec!["same"],
+                GenerateError::PortClash { port: 8080, proto: "tcp", first: "api".into(), second: "same".into() },
+            ),
+            (
+                Flavor::V1,
+                vec![],
+                vec!["worker"],
+                GenerateError::PortsNeedV2 { service: "worker".into(), ports: "9000:9000".into() },
+            ),
+            (
+                Flavor::V1,
+                vec![swap("api")],
+                vec![],
+                GenerateError::PortsNeedV2 { service: "api".into(), ports: "expose 8080".into() },
+            ),
         ];
         for (flavor, swapped, outbound, want) in cases {
             let got = run(flavor, &swapped, &outbound).unwrap_err();

@@ -80,8 +80,13 @@ impl Project {
 impl Service {
     fn parse(name: &str, body: &Value) -> Result<Self, ProjectError> {
         let field = |key: &'static str, why: String| ProjectError::Field { service: name.to_string(), key, why };
-        let ports = list(body.get("ports")).iter().map(Port::parse).collect::<Result<_, _>>().map_err(|w| field("ports", w))?;
-        let expose = list(body.get("expose")).iter().map(parse_expose).collect::<Result<_, _>>().map_err(|w| field("expose", w))?;
+        let ports =
+            list(body.get("ports")).iter().map(Port::parse).collect::<Result<_, _>>().map_err(|w| field("ports", w))?;
+        let expose = list(body.get("expose"))
+            .iter()
+            .map(parse_expose)
+            .collect::<Result<_, _>>()
+            .map_err(|w| field("expose", w))?;
         Ok(Service {
             ports,
             expose,
@@ -193,9 +198,11 @@ fn names(v: Option<&Value>) -> BTreeSet<String> {
 /// `environment:` as a map, or as a list of `KEY=VALUE` / `KEY`.
 fn env_keys(v: Option<&Value>) -> BTreeSet<String> {
     match v {
-        Some(Value::Sequence(s)) => {
-            s.iter().filter_map(scalar).map(|kv| kv.split_once('=').map_or(kv.clone(), |(k, _)| k.to_string())).collect()
-        }
+        Some(Value::Sequence(s)) => s
+            .iter()
+            .filter_map(scalar)
+            .map(|kv| kv.split_once('=').map_or(kv.clone(), |(k, _)| k.to_string()))
+            .collect(),
         other => names(other),
     }
 }

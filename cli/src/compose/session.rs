@@ -76,15 +76,26 @@ impl Record {
         let swap = self.swaps.iter().find(|s| same(&s.deployment, deployment)).ok_or_else(|| {
             let held: Vec<&str> = self.swaps.iter().map(|s| s.deployment.as_str()).collect();
             Hint::new(
-                format!("session {:?} does not swap {deployment} (it swaps: {})", self.name, if held.is_empty() { "nothing".into() } else { held.join(", ") }),
-                format!("end it with `tpd quit {}` and start it again with `tpd connect --name {} --swap {deployment}`", self.name, self.name),
+                format!(
+                    "session {:?} does not swap {deployment} (it swaps: {})",
+                    self.name,
+                    if held.is_empty() { "nothing".into() } else { held.join(", ") }
+                ),
+                format!(
+                    "end it with `tpd quit {}` and start it again with `tpd connect --name {} --swap {deployment}`",
+                    self.name, self.name
+                ),
             )
         })?;
         Ok(Swapped {
             service: service.to_string(),
             deployment: deployment.to_string(),
             env: swap.env.clone(),
-            mounts: swap.mounts.iter().map(|m| Mount { source: m.source.clone(), target: m.target.clone(), read_only: m.read_only }).collect(),
+            mounts: swap
+                .mounts
+                .iter()
+                .map(|m| Mount { source: m.source.clone(), target: m.target.clone(), read_only: m.read_only })
+                .collect(),
             local_ports: swap.local_ports.clone(),
         })
     }
@@ -107,7 +118,8 @@ pub fn read(name: &str) -> anyhow::Result<Option<Record>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let record = serde_json::from_str(&text).with_context(|| format!("{} is not a tpd session record", path.display()))?;
+    let record =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a tpd session record", path.display()))?;
     Ok(Some(record))
 }
 
@@ -130,7 +142,11 @@ pub fn load(name: &str) -> anyhow::Result<Record> {
 pub fn ensure_dir() -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = dir();
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).with_context(|| format!("cannot create {}", dir.display()))
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
 }
 
 /// Writes the record, mode 0600, atomically (readers never see half a file).
@@ -152,9 +168,14 @@ pub fn remove(name: &str) {
 
 /// The names of the running sessions.
 pub fn list() -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir()) else { return Vec::new() };
-    let mut names: Vec<String> =
-        entries.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".json").filter(|n| !n.starts_with('.')).map(str::to_string)).collect();
+    let Ok(entries) = std::fs::read_dir(dir()) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| {
+            e.ok()?.file_name().to_str()?.strip_suffix(".json").filter(|n| !n.starts_with('.')).map(str::to_string)
+        })
+        .collect();
     names.sort();
     names
 }
@@ -171,7 +192,9 @@ fn no_session_help(name: &str) -> String {
 /// Whether the process holding a session still lives (a zombie that no
 /// one has reaped yet counts as ended).
 pub fn alive(pid: u32) -> bool {
-    let Ok(raw) = i32::try_from(pid) else { return false };
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
     if raw <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None).is_err() {
         return false;
     }

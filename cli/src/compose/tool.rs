@@ -94,17 +94,32 @@ impl Tool {
 /// the first file's directory name, lowercased, [a-z0-9_-] only).
 pub fn project_name(files: &[PathBuf]) -> String {
     let first = files.first().map(PathBuf::as_path).unwrap_or(Path::new("docker-compose.yml"));
-    let dir = std::path::absolute(first).ok().and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()));
-    let name: String = dir.unwrap_or_default().to_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-').collect();
+    let dir = std::path::absolute(first)
+        .ok()
+        .and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()));
+    let name: String = dir
+        .unwrap_or_default()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .collect();
     if name.is_empty() { "tpd".into() } else { name }
 }
 
 /// The files compose reads when none are given.
 pub fn default_files() -> Vec<PathBuf> {
-    let base = ["compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"].into_iter().map(PathBuf::from).find(|p| p.exists());
-    let over = ["compose.override.yaml", "compose.override.yml", "docker-compose.override.yml", "docker-compose.override.yaml"]
+    let base = ["compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"]
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.exists());
+    let over = [
+        "compose.override.yaml",
+        "compose.override.yml",
+        "docker-compose.override.yml",
+        "docker-compose.override.yaml",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
     base.into_iter().chain(over).collect()
 }

@@ -7,7 +7,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec, ServicePort};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use tracing::debug;
@@ -51,7 +51,9 @@ async fn service_ranges(client: &kube::Client) -> anyhow::Result<Vec<String>> {
         Err(kube::Error::Api(status)) if status.code == 422 => {
             range_in_message(&status.message).map(|r| vec![r]).context("the cluster did not name its service range")
         }
-        other => anyhow::bail!("cannot find the cluster's service range (probe answered {:?})", other.map(|_| "created")),
+        other => {
+            anyhow::bail!("cannot find the cluster's service range (probe answered {:?})", other.map(|_| "created"))
+        }
     }
 }
 
@@ -71,7 +73,10 @@ mod tests {
     #[test]
     fn range_from_the_invalid_message() {
         let table = [
-            ("Service \"x\" is invalid: spec.clusterIPs: Invalid value: []string{\"1.1.1.1\"}: failed to allocate IP 1.1.1.1: the provided IP (1.1.1.1) is not in the valid range. The range of valid IPs is 10.96.0.0/12", Some("10.96.0.0/12")),
+            (
+                "Service \"x\" is invalid: spec.clusterIPs: Invalid value: []string{\"1.1.1.1\"}: failed to allocate IP 1.1.1.1: the provided IP (1.1.1.1) is not in the valid range. The range of valid IPs is 10.96.0.0/12",
+                Some("10.96.0.0/12"),
+            ),
             ("... The range of valid IPs is fd00:10:96::/108, ...", Some("fd00:10:96::/108")),
             ("The range of valid IPs is banana", None),
             ("something else entirely", None),

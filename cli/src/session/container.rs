@@ -12,7 +12,8 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, KillContainerOptions, ResizeContainerTTYOptions, WaitContainerOptions,
+    AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, KillContainerOptions,
+    ResizeContainerTTYOptions, WaitContainerOptions,
 };
 use futures::StreamExt;
 use nix::sys::termios;
@@ -24,7 +25,13 @@ use super::Context;
 use super::env::Env;
 use super::sidecar::{self, Sidecar};
 
-pub async fn run(docker: &Docker, ctx: &Context<'_>, sidecar: &Sidecar, mut env: Env, shutdown: &CancellationToken) -> anyhow::Result<i64> {
+pub async fn run(
+    docker: &Docker,
+    ctx: &Context<'_>,
+    sidecar: &Sidecar,
+    mut env: Env,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<i64> {
     let args = ctx.args;
     if let Some(v) = &sidecar.volumes {
         env.insert(v.env.0.clone(), v.env.1.clone());
@@ -51,8 +58,19 @@ pub async fn run(docker: &Docker, ctx: &Context<'_>, sidecar: &Sidecar, mut env:
     };
     let name = args.name.clone().unwrap_or_else(|| format!("tpd-{}", ctx.id));
     let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
-    let id = docker.create_container(Some(options), body).await.with_context(|| format!("cannot create your container {name}"))?.id;
-    let attach = AttachContainerOptions { stream: true, stdin: args.interactive, stdout: true, stderr: true, logs: true, detach_keys: None };
+    let id = docker
+        .create_container(Some(options), body)
+        .await
+        .with_context(|| format!("cannot create your container {name}"))?
+        .id;
+    let attach = AttachContainerOptions {
+        stream: true,
+        stdin: args.interactive,
+        stdout: true,
+        stderr: true,
+        logs: true,
+        detach_keys: None,
+    };
     let io = docker.attach_container(&id, Some(attach)).await.context("cannot attach to your container")?;
     let _raw = if args.tty { RawMode::enable() } else { None };
     docker.start_container(&id, None).await.with_context(|| format!("cannot start your container {name}"))?;
@@ -119,10 +137,14 @@ async fn ended_badly(docker: &Docker, id: &str, code: i64) -> Option<String> {
     }
 }
 
-async fn stream_output(mut output: std::pin::Pin<Box<dyn futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>) {
+async fn stream_output(
+    mut output: std::pin::Pin<Box<dyn futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>,
+) {
     while let Some(Ok(chunk)) = output.next().await {
         let _ = match chunk {
-            LogOutput::StdErr { message } => std::io::stderr().write_all(&message).and_then(|()| std::io::stderr().flush()),
+            LogOutput::StdErr { message } => {
+                std::io::stderr().write_all(&message).and_then(|()| std::io::stderr().flush())
+            }
             LogOutput::StdOut { message } | LogOutput::Console { message } => {
                 std::io::stdout().write_all(&message).and_then(|()| std::io::stdout().flush())
             }
@@ -133,7 +155,9 @@ async fn stream_output(mut output: std::pin::Pin<Box<dyn futures::Stream<Item = 
 
 /// Keeps the container's TTY the size of ours.
 async fn follow_window_size(docker: Docker, id: String) {
-    let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) else { return };
+    let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) else {
+        return;
+    };
     loop {
         if let Some((w, h)) = terminal_size() {
             let _ = docker.resize_container_tty(&id, ResizeContainerTTYOptions { w: w.into(), h: h.into() }).await;

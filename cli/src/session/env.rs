@@ -17,7 +17,8 @@ pub use crate::remote_env::Env;
 pub fn merge(remote: Env, flags: &[String], files: &[PathBuf]) -> anyhow::Result<Env> {
     let mut env: Env = remote.into_iter().filter(|(k, _)| !agent_env::ALL.contains(&k.as_str())).collect();
     for file in files {
-        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the env file {}", file.display()))?;
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("cannot read the env file {}", file.display()))?;
         env.extend(parse_env_file(&text).map_err(|line| {
             Hint::new(format!("line {line} of {} is not KEY=VALUE", file.display()), "fix that line or remove it")
         })?);
@@ -27,7 +28,9 @@ pub fn merge(remote: Env, flags: &[String], files: &[PathBuf]) -> anyhow::Result
             Some((k, v)) if !k.is_empty() => {
                 env.insert(k.to_owned(), v.to_owned());
             }
-            Some(_) => return Err(Hint::new(format!("-e {flag:?} has no name"), "write -e KEY=VALUE").into()),
+            Some(_) => {
+                return Err(Hint::new(format!("-e {flag:?} has no name"), "write -e KEY=VALUE").into());
+            }
             None => {
                 if let Ok(v) = std::env::var(flag) {
                     env.insert(flag.clone(), v);
@@ -130,7 +133,10 @@ mod tests {
         let e = env(&[("A", "x y"), ("B", "say \"hi\" $HOME\nbye")]);
         assert_eq!(render(&e, EnvFormat::Dotenv).unwrap(), "A=\"x y\"\nB=\"say \\\"hi\\\" $HOME\\nbye\"\n");
         assert_eq!(serde_json::from_str::<Env>(&render(&e, EnvFormat::Json).unwrap()).unwrap(), e);
-        assert_eq!(render(&e, EnvFormat::Compose).unwrap(), "environment:\n  \"A\": \"x y\"\n  \"B\": \"say \\\"hi\\\" $$HOME\\nbye\"\n");
+        assert_eq!(
+            render(&e, EnvFormat::Compose).unwrap(),
+            "environment:\n  \"A\": \"x y\"\n  \"B\": \"say \\\"hi\\\" $$HOME\\nbye\"\n"
+        );
         assert!(render(&e, EnvFormat::Docker).unwrap_err().message.contains("B holds several lines"));
         assert_eq!(render(&env(&[("A", "x y")]), EnvFormat::Docker).unwrap(), "A=x y\n");
     }

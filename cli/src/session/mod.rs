@@ -50,7 +50,8 @@ pub fn holder() -> String {
         .filter(|u| !u.is_empty())
         .or_else(|| nix::unistd::User::from_uid(uid).ok().flatten().map(|u| u.name))
         .unwrap_or_else(|| uid.to_string());
-    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown-host".into());
+    let host =
+        nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown-host".into());
     format!("{user}@{host}")
 }
 
@@ -84,7 +85,11 @@ pub fn outbound_agent_pod(namespace: &str, p: &Params) -> Pod {
 pub fn session_dir(id: &str) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = session_dir_path(id);
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }
 
@@ -143,7 +148,9 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
 async fn transport_line(cluster: &Cluster, id: &str, plan: &Plan, used: transport::Used) -> String {
     let line = match (plan, used) {
         (Plan::PortForward, _) => "transport: port-forward".to_owned(),
-        (Plan::Udp { at, service, .. }, transport::Used::Udp) => format!("transport: udp to {at}, service/{service}"),
+        (Plan::Udp { at, service, .. }, transport::Used::Udp) => {
+            format!("transport: udp to {at}, service/{service}")
+        }
         (Plan::Udp { at, fallback, .. }, transport::Used::Portforward) => {
             transport::release_unused(cluster, id).await;
             let window = fallback.unwrap_or(transport::UDP_FALLBACK);
@@ -158,7 +165,9 @@ async fn transport_line(cluster: &Cluster, id: &str, plan: &Plan, used: transpor
 fn not_ready(e: anyhow::Error, plan: &Plan) -> anyhow::Error {
     match plan {
         Plan::Udp { at, fallback: None, .. } => crate::error::Hint::new(
-            format!("the tunnel did not come up over udp to {at} (is that node port reachable from this machine?): {e:#}"),
+            format!(
+                "the tunnel did not come up over udp to {at} (is that node port reachable from this machine?): {e:#}"
+            ),
             "use `--transport portforward` (works on every cluster) or `--transport auto`",
         )
         .into(),

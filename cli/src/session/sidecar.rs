@@ -109,7 +109,15 @@ fn search_path(namespace: &str) -> Vec<String> {
     vec![format!("{namespace}.svc.cluster.local"), "svc.cluster.local".into(), "cluster.local".into()]
 }
 
-pub async fn start(docker: &Docker, ctx: &Context<'_>, dir: &Path, relay: &Relay, plan: &Plan, routes: &[String], volumes: &[VolumeMount]) -> anyhow::Result<Sidecar> {
+pub async fn start(
+    docker: &Docker,
+    ctx: &Context<'_>,
+    dir: &Path,
+    relay: &Relay,
+    plan: &Plan,
+    routes: &[String],
+    volumes: &[VolumeMount],
+) -> anyhow::Result<Sidecar> {
     let mut host = HostConfig {
         cap_add: Some(vec!["NET_ADMIN".into()]),
         devices: Some(vec![device("/dev/net/tun")]),
@@ -121,7 +129,12 @@ pub async fn start(docker: &Docker, ctx: &Context<'_>, dir: &Path, relay: &Relay
             ctx.args
                 .publish
                 .iter()
-                .map(|p| (format!("{}/tcp", p.second), Some(vec![PortBinding { host_ip: None, host_port: Some(p.first.to_string()) }])))
+                .map(|p| {
+                    (
+                        format!("{}/tcp", p.second),
+                        Some(vec![PortBinding { host_ip: None, host_port: Some(p.first.to_string()) }]),
+                    )
+                })
                 .collect(),
         ),
         ..Default::default()
@@ -157,13 +170,21 @@ pub async fn start(docker: &Docker, ctx: &Context<'_>, dir: &Path, relay: &Relay
 /// A Docker volume on the engine's (shared) data root, labelled for cleanup;
 /// see `mounts.rs` for why its mount point carries the FUSE mounts.
 async fn volume_dir(docker: &Docker, session: &str) -> anyhow::Result<String> {
-    let request = VolumeCreateRequest { name: Some(format!("tpd-{session}-volumes")), labels: Some(labels(session)), ..Default::default() };
+    let request = VolumeCreateRequest {
+        name: Some(format!("tpd-{session}-volumes")),
+        labels: Some(labels(session)),
+        ..Default::default()
+    };
     let volume = docker.create_volume(request).await.context("cannot create the session's volume directory")?;
     Ok(volume.mountpoint)
 }
 
 fn device(path: &str) -> DeviceMapping {
-    DeviceMapping { path_on_host: Some(path.into()), path_in_container: Some(path.into()), cgroup_permissions: Some("rwm".into()) }
+    DeviceMapping {
+        path_on_host: Some(path.into()),
+        path_in_container: Some(path.into()),
+        cgroup_permissions: Some("rwm".into()),
+    }
 }
 
 /// Waits for `status.json`; fails with the sidecar's last log lines if it exits.
@@ -181,7 +202,11 @@ pub async fn ready(docker: &Docker, sidecar: &Sidecar, dir: &Path, timeout: Dura
             anyhow::bail!("the sidecar exited before the session was ready:\n{}", last_logs(docker, &sidecar.id).await);
         }
         if started.elapsed() > timeout {
-            anyhow::bail!("the sidecar was not ready after {} s:\n{}", timeout.as_secs(), last_logs(docker, &sidecar.id).await);
+            anyhow::bail!(
+                "the sidecar was not ready after {} s:\n{}",
+                timeout.as_secs(),
+                last_logs(docker, &sidecar.id).await
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -189,6 +214,7 @@ pub async fn ready(docker: &Docker, sidecar: &Sidecar, dir: &Path, timeout: Dura
 
 async fn last_logs(docker: &Docker, id: &str) -> String {
     let options = LogsOptions { stdout: true, stderr: true, tail: "20".into(), ..Default::default() };
-    let lines: Vec<String> = docker.logs(id, Some(options)).filter_map(|l| async { l.ok().map(|l| l.to_string()) }).collect().await;
+    let lines: Vec<String> =
+        docker.logs(id, Some(options)).filter_map(|l| async { l.ok().map(|l| l.to_string()) }).collect().await;
     lines.concat()
 }

@@ -91,10 +91,11 @@ pub async fn prepare(cluster: &Cluster, choice: Transport, session: &str, agent_
             delete_service(cluster, session).await;
             Ok(Plan::PortForward)
         }
-        Err(e) => {
-            Err(Hint::new(format!("cannot set up the UDP transport: {e:#}"), "use `--transport portforward` (works on every cluster), or `--transport auto`")
-                .into())
-        }
+        Err(e) => Err(Hint::new(
+            format!("cannot set up the UDP transport: {e:#}"),
+            "use `--transport portforward` (works on every cluster), or `--transport auto`",
+        )
+        .into()),
     }
 }
 
@@ -136,11 +137,18 @@ async fn node_port(cluster: &Cluster, session: &str, agent_pod: &str) -> anyhow:
 
 /// The Service: NodePort, UDP, selecting the session's agent pod by its session label.
 pub fn node_port_service(namespace: &str, session: &str) -> Service {
-    let labels =
-        BTreeMap::from([(names::LABEL_MANAGED_BY.to_owned(), names::MANAGED_BY_VALUE.to_owned()), (names::LABEL_SESSION.to_owned(), session.to_owned())]);
+    let labels = BTreeMap::from([
+        (names::LABEL_MANAGED_BY.to_owned(), names::MANAGED_BY_VALUE.to_owned()),
+        (names::LABEL_SESSION.to_owned(), session.to_owned()),
+    ]);
     let port = i32::from(names::AGENT_TRANSPORT_PORT);
     Service {
-        metadata: ObjectMeta { name: Some(service_name(session)), namespace: Some(namespace.to_owned()), labels: Some(labels), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(service_name(session)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels),
+            ..Default::default()
+        },
         spec: Some(ServiceSpec {
             type_: Some("NodePort".into()),
             selector: Some(BTreeMap::from([(names::LABEL_SESSION.to_owned(), session.to_owned())])),
@@ -182,7 +190,9 @@ async fn node_address(cluster: &Cluster, agent_pod: &str) -> anyhow::Result<IpAd
 /// ExternalIP before InternalIP.
 pub fn pick_address(node: &Node) -> Option<IpAddr> {
     let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref())?;
-    ["ExternalIP", "InternalIP"].iter().find_map(|kind| addresses.iter().filter(|a| a.type_ == *kind).find_map(|a| a.address.parse().ok()))
+    ["ExternalIP", "InternalIP"]
+        .iter()
+        .find_map(|kind| addresses.iter().filter(|a| a.type_ == *kind).find_map(|a| a.address.parse().ok()))
 }
 
 async fn wait_for_endpoint(cluster: &Cluster, service: &str) -> anyhow::Result<()> {
@@ -190,8 +200,13 @@ async fn wait_for_endpoint(cluster: &Cluster, service: &str) -> anyhow::Result<(
     let selector = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
     let started = Instant::now();
     loop {
-        let list = slices.list(&selector).await.with_context(|| format!("cannot read the endpoints of service/{service}"))?;
-        let ready = list.items.iter().flat_map(|s| &s.endpoints).any(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false) && !e.addresses.is_empty());
+        let list =
+            slices.list(&selector).await.with_context(|| format!("cannot read the endpoints of service/{service}"))?;
+        let ready = list
+            .items
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .any(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false) && !e.addresses.is_empty());
         if ready {
             return Ok(());
         }
@@ -208,7 +223,8 @@ mod tests {
     use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus};
 
     fn node(addresses: &[(&str, &str)]) -> Node {
-        let addresses = addresses.iter().map(|(t, a)| NodeAddress { type_: (*t).into(), address: (*a).into() }).collect();
+        let addresses =
+            addresses.iter().map(|(t, a)| NodeAddress { type_: (*t).into(), address: (*a).into() }).collect();
         Node { status: Some(NodeStatus { addresses: Some(addresses), ..Default::default() }), ..Default::default() }
     }
 

@@ -32,20 +32,33 @@ pub async fn get(api: &Api<Deployment>, namespace: &str, name: &str) -> anyhow::
 
 /// Swaps `target` for the agent: refuses a live holder, restores an
 /// abandoned swap first, warns about GitOps controllers, then patches.
-pub async fn swap(api: &Api<Deployment>, namespace: &str, target: &Target, params: &Params, force: bool) -> anyhow::Result<Swap> {
+pub async fn swap(
+    api: &Api<Deployment>,
+    namespace: &str,
+    target: &Target,
+    params: &Params,
+    force: bool,
+) -> anyhow::Result<Swap> {
     let mut current = get(api, namespace, &target.name).await?;
     match lease::claim(Record::read(&current)?.as_ref(), force, Timestamp::now()) {
         Claim::Free => {}
         Claim::Held { holder, since, expired } => {
             let help = if expired {
-                format!("its lease expired; take it over with `tpd run --force ...`, or restore it with `tpd restore {target}`")
+                format!(
+                    "its lease expired; take it over with `tpd run --force ...`, or restore it with `tpd restore {target}`"
+                )
             } else {
-                format!("wait for that session to end, or ask {holder} to stop it (`tpd restore {target}` ends it by force)")
+                format!(
+                    "wait for that session to end, or ask {holder} to stop it (`tpd restore {target}` ends it by force)"
+                )
             };
             return Err(Hint::new(format!("{target} is swapped by {holder} since {since}"), help).into());
         }
         Claim::Abandoned(record) => {
-            progress(&format!("{target} was left swapped by {} (its session stopped renewing); restoring it first", record.holder));
+            progress(&format!(
+                "{target} was left swapped by {} (its session stopped renewing); restoring it first",
+                record.holder
+            ));
             restore_record(api, &current, &record).await?;
             current = get(api, namespace, &target.name).await?;
         }
@@ -55,9 +68,14 @@ pub async fn swap(api: &Api<Deployment>, namespace: &str, target: &Target, param
     }
     let swap = plan::plan(&current, target.container.as_deref(), params)?;
     let patch = plan::patch_between(&current, &swap.deployment, Guard::ResourceVersion);
-    api.patch(&target.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await.map_err(|e| match conflict(&e) {
-        true => anyhow::Error::from(Hint::new(format!("{target} changed while tpd was swapping it"), "run the command again")),
-        false => anyhow::Error::from(e).context(format!("cannot swap {target}")),
+    api.patch(&target.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await.map_err(|e| {
+        match conflict(&e) {
+            true => anyhow::Error::from(Hint::new(
+                format!("{target} changed while tpd was swapping it"),
+                "run the command again",
+            )),
+            false => anyhow::Error::from(e).context(format!("cannot swap {target}")),
+        }
     })?;
     Ok(swap)
 }
@@ -66,16 +84,27 @@ pub async fn swap(api: &Api<Deployment>, namespace: &str, target: &Target, param
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Restored {
     /// Put back what the session of `holder` had swapped.
-    Done { holder: String },
+    Done {
+        holder: String,
+    },
     NotSwapped,
     /// Another session took the Deployment over; it is theirs to restore.
-    TakenOver { holder: String },
+    TakenOver {
+        holder: String,
+    },
 }
 
 /// Restores `name` if it is swapped (by `session`, when given).
-pub async fn restore(api: &Api<Deployment>, namespace: &str, name: &str, session: Option<&str>) -> anyhow::Result<Restored> {
+pub async fn restore(
+    api: &Api<Deployment>,
+    namespace: &str,
+    name: &str,
+    session: Option<&str>,
+) -> anyhow::Result<Restored> {
     let current = get(api, namespace, name).await?;
-    let Some(record) = Record::read(&current)? else { return Ok(Restored::NotSwapped) };
+    let Some(record) = Record::read(&current)? else {
+        return Ok(Restored::NotSwapped);
+    };
     if session.is_some_and(|s| s != record.session) {
         return Ok(Restored::TakenOver { holder: record.holder });
     }
@@ -94,8 +123,13 @@ async fn restore_record(api: &Api<Deployment>, current: &Deployment, record: &Re
         .await
         .with_context(|| format!("cannot restore deployment/{name}"))?;
     let namespace = current.metadata.namespace.clone().unwrap_or_default();
-    if let Err(e) = crate::cleanup::delete_cluster_objects(&api.clone().into_client(), &namespace, &record.session).await {
-        eprintln!("tpd: restored deployment/{name}, but could not delete the other objects of its session {}: {e:#}", record.session);
+    if let Err(e) =
+        crate::cleanup::delete_cluster_objects(&api.clone().into_client(), &namespace, &record.session).await
+    {
+        eprintln!(
+            "tpd: restored deployment/{name}, but could not delete the other objects of its session {}: {e:#}",
+            record.session
+        );
     }
     Ok(())
 }
@@ -132,7 +166,10 @@ pub async fn wait_for_agent(pods: &Api<Pod>, session: &str, image: &str, timeout
             if is_ready(&pod) {
                 return Ok(pod);
             }
-            if state.contains("ErrImagePull") || state.contains("ImagePullBackOff") || state.contains("InvalidImageName") {
+            if state.contains("ErrImagePull")
+                || state.contains("ImagePullBackOff")
+                || state.contains("InvalidImageName")
+            {
                 return Err(Hint::new(
                     format!("the cluster cannot pull the agent image {image}"),
                     "push it where the cluster can pull it and pass --agent-image (for the sandbox: `cargo xtask images`)",
@@ -173,7 +210,9 @@ pub async fn wait_for_rollout(api: &Api<Deployment>, name: &str, timeout: Durati
 }
 
 fn rolled_out(d: &Deployment) -> bool {
-    let (Some(spec), Some(status)) = (&d.spec, &d.status) else { return false };
+    let (Some(spec), Some(status)) = (&d.spec, &d.status) else {
+        return false;
+    };
     let want = spec.replicas.unwrap_or(1);
     status.observed_generation >= d.metadata.generation
         && status.updated_replicas.unwrap_or(0) == want
@@ -184,7 +223,11 @@ fn rolled_out(d: &Deployment) -> bool {
 fn is_ready(pod: &Pod) -> bool {
     let status = pod.status.as_ref();
     status.and_then(|s| s.phase.as_deref()) == Some("Running")
-        && status.and_then(|s| s.conditions.as_ref()).into_iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True")
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
 /// "pod NAME: Running, ready" / "pod NAME: Pending (ErrImagePull: ...)".
@@ -193,11 +236,9 @@ fn is_ready(pod: &Pod) -> bool {
 fn agent_gave_up(pod: &Pod) -> bool {
     let status = pod.status.as_ref();
     let ended = matches!(status.and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"));
-    let crashing = status
-        .and_then(|s| s.container_statuses.as_ref())
-        .into_iter()
-        .flatten()
-        .any(|c| c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()) == Some("CrashLoopBackOff"));
+    let crashing = status.and_then(|s| s.container_statuses.as_ref()).into_iter().flatten().any(|c| {
+        c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()) == Some("CrashLoopBackOff")
+    });
     ended || crashing
 }
 
@@ -229,7 +270,9 @@ pub async fn repair_abandoned(client: &kube::Client, namespace: Option<&str>) ->
     let now = Timestamp::now();
     let mut repaired = Vec::new();
     for d in api.list(&ListParams::default()).await.context("cannot list deployments")?.items {
-        let Ok(Some(record)) = Record::read(&d) else { continue };
+        let Ok(Some(record)) = Record::read(&d) else {
+            continue;
+        };
         if !lease::abandoned(&record, now) {
             continue;
         }
@@ -261,7 +304,11 @@ mod tests {
 
     #[test]
     fn a_failed_or_crashing_agent_is_given_up_on_but_a_starting_one_is_not() {
-        let waiting = |reason: &str| pod(serde_json::json!({"phase": "Running", "containerStatuses": [{"name": "agent", "image": "a", "imageID": "", "ready": false, "restartCount": 3, "state": {"waiting": {"reason": reason}}}]}));
+        let waiting = |reason: &str| {
+            pod(
+                serde_json::json!({"phase": "Running", "containerStatuses": [{"name": "agent", "image": "a", "imageID": "", "ready": false, "restartCount": 3, "state": {"waiting": {"reason": reason}}}]}),
+            )
+        };
         assert!(agent_gave_up(&pod(serde_json::json!({"phase": "Failed"}))));
         assert!(agent_gave_up(&waiting("CrashLoopBackOff")));
         assert!(!agent_gave_up(&waiting("ContainerCreating")));

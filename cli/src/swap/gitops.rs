@@ -40,14 +40,20 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Deployment {
-        serde_json::from_str(&std::fs::read_to_string(format!("{}/src/swap/testdata/{name}.json", env!("CARGO_MANIFEST_DIR"))).unwrap()).unwrap()
+        serde_json::from_str(
+            &std::fs::read_to_string(format!("{}/src/swap/testdata/{name}.json", env!("CARGO_MANIFEST_DIR"))).unwrap(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn names_the_controller_and_the_pause_command() {
         assert_eq!(warning(&fixture("hello")), None);
         let argo = warning(&fixture("shop")).unwrap();
-        assert!(argo.contains("Argo CD application \"shop\"") && argo.contains("argocd app set shop --sync-policy none"), "{argo}");
+        assert!(
+            argo.contains("Argo CD application \"shop\"") && argo.contains("argocd app set shop --sync-policy none"),
+            "{argo}"
+        );
         let flux = warning(&fixture("pair")).unwrap();
         assert!(flux.contains("flux suspend kustomization apps -n flux-system"), "{flux}");
     }

@@ -30,7 +30,9 @@ pub enum Error {
     NoContainers(String),
     #[error("container {container:?} uses port {port}, which the tpd agent needs for its tunnel")]
     PortClash { container: String, port: u16 },
-    #[error("deployment/{0} has no container named {1:?} any more; restore it by hand from its tpd.dev/swap annotation")]
+    #[error(
+        "deployment/{0} has no container named {1:?} any more; restore it by hand from its tpd.dev/swap annotation"
+    )]
     ContainerGone(String, String),
 }
 
@@ -101,12 +103,15 @@ pub fn choose_container(deployment: &Deployment, wanted: Option<&str>) -> Result
     let containers = containers(deployment).ok_or_else(|| Error::NoContainers(name.clone()))?;
     let have = || containers.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
     match wanted {
-        Some(w) => containers
-            .iter()
-            .position(|c| c.name == w)
-            .ok_or_else(|| Error::NoSuchContainer { deployment: name.clone(), wanted: w.to_owned(), have: have() }),
+        Some(w) => containers.iter().position(|c| c.name == w).ok_or_else(|| Error::NoSuchContainer {
+            deployment: name.clone(),
+            wanted: w.to_owned(),
+            have: have(),
+        }),
         None if containers.len() == 1 => Ok(0),
-        None => containers.iter().position(|c| c.name == name).ok_or(Error::Ambiguous { deployment: name, have: have() }),
+        None => {
+            containers.iter().position(|c| c.name == name).ok_or(Error::Ambiguous { deployment: name, have: have() })
+        }
     }
 }
 
@@ -138,7 +143,11 @@ pub fn plan(original: &Deployment, container: Option<&str>, p: &Params) -> Resul
     if let Some(pod) = spec.template.spec.as_mut() {
         pod.containers[index] = agent_container(orig, p, &ports, &mounts);
     }
-    swapped.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(names::ANNOTATION_SWAP.into(), record.to_annotation());
+    swapped
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(names::ANNOTATION_SWAP.into(), record.to_annotation());
     Ok(Swap { deployment: swapped, record, ports, mounts })
 }
 
@@ -178,7 +187,10 @@ pub fn patch_between(from: &Deployment, to: &Deployment, guard: Guard) -> json_p
     let to_json = serde_json::to_value(to).unwrap_or_default();
     let test = match guard {
         Guard::ResourceVersion => ("/metadata/resourceVersion".to_owned(), from.metadata.resource_version.clone()),
-        Guard::Record => (annotation_pointer(), from.metadata.annotations.as_ref().and_then(|a| a.get(names::ANNOTATION_SWAP).cloned())),
+        Guard::Record => (
+            annotation_pointer(),
+            from.metadata.annotations.as_ref().and_then(|a| a.get(names::ANNOTATION_SWAP).cloned()),
+        ),
     };
     let mut ops = Vec::new();
     if let (path, Some(value)) = test {
@@ -212,7 +224,8 @@ pub fn agent_container(orig: &Container, p: &Params, ports: &[u16], mounts: &[Vo
         (agent_env::SESSION, p.session.clone()),
         (agent_env::MOUNTS, tpd_wire::files::mounts_env_value(mounts)),
     ];
-    let mut env: Vec<EnvVar> = orig.env.iter().flatten().filter(|e| !agent_env::ALL.contains(&e.name.as_str())).cloned().collect();
+    let mut env: Vec<EnvVar> =
+        orig.env.iter().flatten().filter(|e| !agent_env::ALL.contains(&e.name.as_str())).cloned().collect();
     // The agent reads an empty port list as one empty port: no ports, no variable.
     let ours = ours.into_iter().filter(|(name, value)| *name != agent_env::PORTS || !value.is_empty());
     env.extend(ours.map(|(name, value)| EnvVar { name: name.into(), value: Some(value), value_from: None }));
@@ -232,7 +245,10 @@ pub fn agent_container(orig: &Container, p: &Params, ports: &[u16], mounts: &[Vo
         // The app's probes would fail against the agent; ready means the
         // tunnel port accepts connections.
         readiness_probe: Some(Probe {
-            tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(names::AGENT_TRANSPORT_PORT.into()), host: None }),
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(names::AGENT_TRANSPORT_PORT.into()),
+                host: None,
+            }),
             period_seconds: Some(1),
             ..Default::default()
         }),

@@ -44,7 +44,13 @@ fn container_choice() {
         ("hello", None, Ok(0)),
         ("shop", None, Ok(0)), // named like the Deployment
         ("shop", Some("proxy"), Ok(1)),
-        ("pair", None, Err("has 2 containers (api, worker) and none is named like the Deployment; pick one with deployment/pair:CONTAINER")),
+        (
+            "pair",
+            None,
+            Err(
+                "has 2 containers (api, worker) and none is named like the Deployment; pick one with deployment/pair:CONTAINER",
+            ),
+        ),
         ("pair", Some("nope"), Err("deployment/pair has no container named \"nope\" (it has: api, worker)")),
         ("pair", Some("worker"), Ok(1)),
     ];
@@ -63,17 +69,24 @@ fn the_service_account_token_is_served_unless_the_pod_opts_out() {
     fn pod_mut(d: &mut Deployment) -> &mut k8s_openapi::api::core::v1::PodSpec {
         d.spec.as_mut().and_then(|s| s.template.spec.as_mut()).expect("a pod template")
     }
-    let sa = |d: &Deployment| plan(d, None, &params()).expect("plans").mounts.iter().filter(|m| m.mount_path == SERVICE_ACCOUNT_DIR).count();
+    let sa = |d: &Deployment| {
+        plan(d, None, &params()).expect("plans").mounts.iter().filter(|m| m.mount_path == SERVICE_ACCOUNT_DIR).count()
+    };
     let mut d = fixture("hello");
     assert_eq!(sa(&d), 1, "admission mounts it in the pod, so the agent serves it");
     pod_mut(&mut d).automount_service_account_token = Some(false);
     assert_eq!(sa(&d), 0, "the pod opted out");
     let mut d = fixture("hello");
     let c = &mut pod_mut(&mut d).containers[0];
-    let own = k8s_openapi::api::core::v1::VolumeMount { name: "token".into(), mount_path: SERVICE_ACCOUNT_DIR.into(), ..Default::default() };
+    let own = k8s_openapi::api::core::v1::VolumeMount {
+        name: "token".into(),
+        mount_path: SERVICE_ACCOUNT_DIR.into(),
+        ..Default::default()
+    };
     c.volume_mounts.get_or_insert_with(Vec::new).push(own);
     let swap = plan(&d, None, &params()).expect("plans");
-    let at_sa: Vec<&str> = swap.mounts.iter().filter(|m| m.mount_path == SERVICE_ACCOUNT_DIR).map(|m| m.name.as_str()).collect();
+    let at_sa: Vec<&str> =
+        swap.mounts.iter().filter(|m| m.mount_path == SERVICE_ACCOUNT_DIR).map(|m| m.name.as_str()).collect();
     assert_eq!(at_sa, ["token"], "the container's own mount there is served, not a second one");
 }
 
@@ -89,7 +102,10 @@ fn the_agent_takes_the_containers_place() {
     // What the pod's environment and volumes are made of stays.
     assert_eq!(agent.env_from, orig.env_from);
     assert_eq!(agent.env.as_ref().unwrap()[..3], orig.env.as_ref().unwrap()[..]);
-    assert_eq!((&agent.volume_mounts, &agent.ports, &agent.resources, &agent.working_dir), (&orig.volume_mounts, &orig.ports, &orig.resources, &orig.working_dir));
+    assert_eq!(
+        (&agent.volume_mounts, &agent.ports, &agent.resources, &agent.working_dir),
+        (&orig.volume_mounts, &orig.ports, &orig.resources, &orig.working_dir)
+    );
     // The agent is told its ports, session and mounts.
     assert_eq!(env_of(agent, agent_env::PORTS), Some("3000,7946,8080,9090"));
     assert_eq!(env_of(agent, agent_env::SESSION), Some("s-1234"));
@@ -98,22 +114,34 @@ fn the_agent_takes_the_containers_place() {
     let served = [("/work", false), ("/etc/shop", true), ("/etc/ssl/shop.pem", true), (SERVICE_ACCOUNT_DIR, true)];
     assert_eq!(mounts.iter().map(|m| (m.mount_path.as_str(), m.read_only)).collect::<Vec<_>>(), served);
     // The app's command, probes and hooks would fail against the agent.
-    assert_eq!((&agent.command, &agent.args, &agent.lifecycle, &agent.liveness_probe, &agent.startup_probe), (&None, &None, &None, &None, &None));
+    assert_eq!(
+        (&agent.command, &agent.args, &agent.lifecycle, &agent.liveness_probe, &agent.startup_probe),
+        (&None, &None, &None, &None, &None)
+    );
     let ready = agent.readiness_probe.as_ref().unwrap().tcp_socket.as_ref().unwrap();
     assert_eq!(ready.port, IntOrString::Int(7700));
     // Restricted: non-root, read-only, no capabilities.
     let sc = agent.security_context.as_ref().unwrap();
-    assert_eq!((sc.run_as_non_root, sc.run_as_user, sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(65532), Some(true), Some(false)));
+    assert_eq!(
+        (sc.run_as_non_root, sc.run_as_user, sc.read_only_root_filesystem, sc.allow_privilege_escalation),
+        (Some(true), Some(65532), Some(true), Some(false))
+    );
     assert_eq!(sc.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_owned()]));
     // The rest of the pod is untouched.
     assert_eq!(after.containers[1], before.containers[1]);
-    assert_eq!((&after.init_containers, &after.volumes, &after.service_account_name), (&before.init_containers, &before.volumes, &before.service_account_name));
+    assert_eq!(
+        (&after.init_containers, &after.volumes, &after.service_account_name),
+        (&before.init_containers, &before.volumes, &before.service_account_name)
+    );
     let spec = swap.deployment.spec.as_ref().unwrap();
     assert_eq!(spec.replicas, Some(1));
     assert_eq!(spec.strategy.as_ref().unwrap().type_.as_deref(), Some("Recreate"));
     assert_eq!(spec.selector, original.spec.as_ref().unwrap().selector);
     let labels = spec.template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
-    assert_eq!((labels.get("app").map(String::as_str), labels.get(names::LABEL_SESSION).map(String::as_str)), (Some("shop"), Some("s-1234")));
+    assert_eq!(
+        (labels.get("app").map(String::as_str), labels.get(names::LABEL_SESSION).map(String::as_str)),
+        (Some("shop"), Some("s-1234"))
+    );
     assert_eq!(swap.deployment.metadata.labels, original.metadata.labels);
     // The record on the Deployment is the one returned.
     assert_eq!(Record::read(&swap.deployment).unwrap(), Some(swap.record.clone()));

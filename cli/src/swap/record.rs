@@ -71,7 +71,8 @@ impl Record {
         let Some(json) = deployment.metadata.annotations.as_ref().and_then(|a| a.get(names::ANNOTATION_SWAP)) else {
             return Ok(None);
         };
-        let record: Record = serde_json::from_str(json).map_err(|source| Error::Malformed { name: name.clone(), source })?;
+        let record: Record =
+            serde_json::from_str(json).map_err(|source| Error::Malformed { name: name.clone(), source })?;
         if record.version > RECORD_VERSION {
             return Err(Error::Version { name, version: record.version });
         }

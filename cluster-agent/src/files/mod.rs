@@ -34,7 +34,9 @@ pub enum FilesError {
     Io(#[from] std::io::Error),
     #[error("undecodable file-protocol frame")]
     Decode(#[from] DecodeError),
-    #[error("file protocol version mismatch: this agent speaks {FILES_VERSION}, the sidecar {0}; use the same tpd version for both")]
+    #[error(
+        "file protocol version mismatch: this agent speaks {FILES_VERSION}, the sidecar {0}; use the same tpd version for both"
+    )]
     VersionMismatch(u16),
     #[error("the first file-protocol message was not a hello")]
     NoHello,
@@ -63,11 +65,7 @@ impl MountTable {
         let mounts = mounts
             .into_iter()
             .map(|mount| {
-                let root = rustix::fs::open(
-                    mount.mount_path.as_str(),
-                    OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                );
+                let root = rustix::fs::open(mount.mount_path.as_str(), OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty());
                 if let Err(e) = &root {
                     tracing::warn!(path = %mount.mount_path, error = %e, "cannot open volume mount; serving it as an error");
                 }

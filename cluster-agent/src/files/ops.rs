@@ -355,4 +355,3 @@ pub fn attr(st: &Stat) -> Attr {
 fn io_errno(e: std::io::Error) -> Errno {
     e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error)
 }
-

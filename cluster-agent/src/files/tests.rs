@@ -182,7 +182,12 @@ async fn read_only_mounts_refuse_changes() {
         Request::Unlink { mount: 1, path: p("config") },
         Request::Rename { mount: 1, from: p("config"), to: p("c2"), flags: 0 },
         Request::Symlink { mount: 1, path: p("l"), target: p("config") },
-        Request::SetAttr { mount: 1, path: p("config"), handle: None, set: files::SetAttr { mode: Some(0o600), ..Default::default() } },
+        Request::SetAttr {
+            mount: 1,
+            path: p("config"),
+            handle: None,
+            set: files::SetAttr { mode: Some(0o600), ..Default::default() },
+        },
     ];
     for w in writes {
         assert_eq!(errno(c.call(w.clone()).await), EROFS, "{w:?}");
@@ -204,7 +209,10 @@ async fn maps_errnos() {
         Response::Attr(a) => assert_eq!((a.size, a.mode & 0o777), (3, 0o600)),
         other => panic!("{other:?}"),
     }
-    assert_eq!(c.call(Request::Rename { mount: 0, from: p("hello"), to: p("sub/hello"), flags: 0 }).await, Response::Ok);
+    assert_eq!(
+        c.call(Request::Rename { mount: 0, from: p("hello"), to: p("sub/hello"), flags: 0 }).await,
+        Response::Ok
+    );
     assert_eq!(c.call(Request::Unlink { mount: 0, path: p("sub/hello") }).await, Response::Ok);
     assert_eq!(errno(c.call(Request::Read { handle: 999, offset: 0, size: 1 }).await), 9, "EBADF");
 }

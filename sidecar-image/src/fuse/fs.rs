@@ -190,7 +190,11 @@ fn errno(resp: Response) -> Errno {
 
 fn time(t: Timespec) -> SystemTime {
     let nanos = Duration::new(t.sec.unsigned_abs(), t.nsec);
-    if t.sec >= 0 { UNIX_EPOCH + nanos } else { UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(t.nsec.into()) }
+    if t.sec >= 0 {
+        UNIX_EPOCH + nanos
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(t.nsec.into())
+    }
 }
 
 fn timeset(t: TimeOrNow) -> TimeSet {
@@ -200,7 +204,10 @@ fn timeset(t: TimeOrNow) -> TimeSet {
             Ok(d) => Timespec { sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX), nsec: d.subsec_nanos() },
             Err(e) => {
                 let d = e.duration();
-                Timespec { sec: -i64::try_from(d.as_secs()).unwrap_or(i64::MAX) - 1, nsec: 1_000_000_000 - d.subsec_nanos().max(1) }
+                Timespec {
+                    sec: -i64::try_from(d.as_secs()).unwrap_or(i64::MAX) - 1,
+                    nsec: 1_000_000_000 - d.subsec_nanos().max(1),
+                }
             }
         }),
     }
@@ -581,7 +588,9 @@ impl Filesystem for VolumeFs {
         let mount = self.mount;
         self.spawn(move |c, _| async move {
             match c.call(Req::Statfs { mount }).await {
-                Response::Statfs(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
+                Response::Statfs(s) => {
+                    reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize)
+                }
                 other => reply.error(errno(other)),
             }
         });

@@ -95,7 +95,9 @@ mod tests {
         l.store(b"d".to_vec(), &[entry("a", 1), entry("c", 3)], t0);
         let later = t0 + Duration::from_millis(400);
         match l.lookup(b"d", b"c", later) {
-            Lookup::Hit(a, ttl) => assert_eq!((a.size, ttl), (3, ATTR_TTL - Duration::from_millis(400))),
+            Lookup::Hit(a, ttl) => {
+                assert_eq!((a.size, ttl), (3, ATTR_TTL - Duration::from_millis(400)))
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(l.lookup(b"d", b"new", later), Lookup::Ask, "a name not listed may be new");

@@ -32,9 +32,9 @@ use tokio_util::sync::CancellationToken;
 use tpd_wire::{files, names};
 
 pub use client::FileClient;
-use fs::VolumeFs;
 #[cfg(test)]
 use fs::ATTR_TTL;
+use fs::VolumeFs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {

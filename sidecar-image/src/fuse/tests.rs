@@ -103,8 +103,10 @@ async fn posix_operations_through_fuse() {
         std::fs::create_dir(rw.join("d")).expect("mkdir");
         std::fs::rename(rw.join("local.txt"), rw.join("d/moved.txt")).expect("rename");
         assert_eq!(std::fs::read_to_string(rw.join("d/moved.txt")).expect("read moved"), "from laptop");
-        let mut names: Vec<String> =
-            std::fs::read_dir(&rw).expect("readdir").map(|e| e.expect("entry").file_name().into_string().expect("utf8")).collect();
+        let mut names: Vec<String> = std::fs::read_dir(&rw)
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf8"))
+            .collect();
         names.sort();
         assert_eq!(names, ["d", "remote.txt"]);
         assert_eq!(errno(std::fs::remove_dir(rw.join("d"))), 39, "ENOTEMPTY");

@@ -75,7 +75,8 @@ impl Lab {
     pub fn start() -> Result<Lab> {
         crate::images::ensure()?;
         for image in [AGENT_IMAGE, SIDECAR_IMAGE] {
-            docker(&["image", "inspect", image]).with_context(|| format!("{image} is missing: run `cargo xtask images`"))?;
+            docker(&["image", "inspect", image])
+                .with_context(|| format!("{image} is missing: run `cargo xtask images`"))?;
         }
         let id = format!("{}-{}", std::process::id(), rand_suffix());
         let session_dir = tempfile::Builder::new().prefix("tpd-dp-session-").tempdir()?;
@@ -98,23 +99,44 @@ impl Lab {
             docker(&["network", "create", "--internal", "--label", "tpd.test=1", "--label", &lab.label(), &net])?;
             lab.networks.push(net);
         }
-        lab.cluster_subnet = docker(&["network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", &lab.cluster_net])?;
+        lab.cluster_subnet =
+            docker(&["network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", &lab.cluster_net])?;
 
         let echo = format!("tpd-dp-echo-{}", lab.id);
         let fqdn = echo_fqdn();
         lab.run(&[
-            "--name", &echo, "--network", &lab.cluster_net.clone(),
-            "--network-alias", ECHO_NAME, "--network-alias", &fqdn, crate::images::ECHO,
+            "--name",
+            &echo,
+            "--network",
+            &lab.cluster_net.clone(),
+            "--network-alias",
+            ECHO_NAME,
+            "--network-alias",
+            &fqdn,
+            crate::images::ECHO,
         ])?;
         lab.echo_ip = ip_on(&echo, &lab.cluster_net)?;
 
         let ports = format!("{}={INBOUND_PORT}", tpd_wire::names::agent_env::PORTS);
         let (agent, cluster_net) = (lab.agent.clone(), lab.cluster_net.clone());
         lab.run(&[
-            "--name", &agent, "--network", &cluster_net,
-            "--user", "65532", "--cap-drop", "ALL", "--read-only",
-            "-e", &ports, "-e", "TPD_AGENT_LOG=tpd_agent=debug,info",
-            "-e", "APP_GREETING=hello from the cluster", "-e", "DB_PASSWORD=s3cret",
+            "--name",
+            &agent,
+            "--network",
+            &cluster_net,
+            "--user",
+            "65532",
+            "--cap-drop",
+            "ALL",
+            "--read-only",
+            "-e",
+            &ports,
+            "-e",
+            "TPD_AGENT_LOG=tpd_agent=debug,info",
+            "-e",
+            "APP_GREETING=hello from the cluster",
+            "-e",
+            "DB_PASSWORD=s3cret",
             AGENT_IMAGE,
         ])?;
         docker(&["network", "connect", &laptop_net, &agent])?;
@@ -166,13 +188,36 @@ impl Lab {
         let cidr = self.cluster_subnet.clone();
         let port = format!("{INBOUND_PORT}:{LOCAL_APP_PORT}");
         self.run(&[
-            "--name", &sidecar, "--network", &laptop_net,
-            "--cap-add", "NET_ADMIN", "--device", "/dev/net/tun",
-            "--dns", "127.0.0.1", "--dns-search", &search, "--dns-search", "svc.cluster.local",
-            "--dns-search", "cluster.local", "--dns-option", "ndots:5",
-            "-e", "TPD_SIDECAR_LOG=tpd_sidecar=debug,info",
-            "-v", &session, SIDECAR_IMAGE,
-            "run", "--transport", &transport, "--cluster-cidr", &cidr, "--port", &port,
+            "--name",
+            &sidecar,
+            "--network",
+            &laptop_net,
+            "--cap-add",
+            "NET_ADMIN",
+            "--device",
+            "/dev/net/tun",
+            "--dns",
+            "127.0.0.1",
+            "--dns-search",
+            &search,
+            "--dns-search",
+            "svc.cluster.local",
+            "--dns-search",
+            "cluster.local",
+            "--dns-option",
+            "ndots:5",
+            "-e",
+            "TPD_SIDECAR_LOG=tpd_sidecar=debug,info",
+            "-v",
+            &session,
+            SIDECAR_IMAGE,
+            "run",
+            "--transport",
+            &transport,
+            "--cluster-cidr",
+            &cidr,
+            "--port",
+            &port,
         ])?;
         let ready = self.wait_ready(Duration::from_secs(40))?;
         let dev = self.dev.clone();
@@ -187,7 +232,9 @@ impl Lab {
             let out = Command::new("docker").args(["logs", &self.sidecar]).output()?;
             let stdout = String::from_utf8_lossy(&out.stdout);
             for line in stdout.lines() {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
                 match v["event"].as_str() {
                     Some("ready") => return Ok(v),
                     Some("error") => bail!("the sidecar failed: {}", v["message"]),
@@ -200,7 +247,11 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        bail!("the sidecar was not ready in {limit:?}:\n{}\nagent:\n{}", self.logs(&self.sidecar), self.logs(&self.agent))
+        bail!(
+            "the sidecar was not ready in {limit:?}:\n{}\nagent:\n{}",
+            self.logs(&self.sidecar),
+            self.logs(&self.agent)
+        )
     }
 
     /// A container's stdout and stderr, for failure messages.
@@ -243,8 +294,18 @@ impl Lab {
     pub fn cluster_sh(&self, script: &str) -> Result<String> {
         let label = self.label();
         docker(&[
-            "run", "--rm", "--label", "tpd.test=1", "--label", &label, "--network", &self.cluster_net,
-            crate::images::DEBIAN, "sh", "-c", script,
+            "run",
+            "--rm",
+            "--label",
+            "tpd.test=1",
+            "--label",
+            &label,
+            "--network",
+            &self.cluster_net,
+            crate::images::DEBIAN,
+            "sh",
+            "-c",
+            script,
         ])
     }
 
@@ -285,7 +346,8 @@ fn ip_on(container: &str, network: &str) -> Result<String> {
 }
 
 fn rand_suffix() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     format!("{:06x}", nanos & 0xff_ffff)
 }
 
@@ -315,7 +377,8 @@ pub struct Relay {
 
 impl Relay {
     pub fn start(socket: &Path, agent: String) -> Result<Relay> {
-        let listener = std::os::unix::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+        let listener =
+            std::os::unix::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
         listener.set_nonblocking(true)?;
         let (cut, cut_rx) = tokio::sync::watch::channel(0u64);
         let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -324,7 +387,9 @@ impl Relay {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         std::thread::spawn(move || {
             rt.block_on(async move {
-                let Ok(listener) = tokio::net::UnixListener::from_std(listener) else { return };
+                let Ok(listener) = tokio::net::UnixListener::from_std(listener) else {
+                    return;
+                };
                 let serve = async {
                     while let Ok((client, _)) = listener.accept().await {
                         count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -348,7 +413,9 @@ impl Relay {
 
 async fn relay_one(mut client: tokio::net::UnixStream, agent: String, mut cut: tokio::sync::watch::Receiver<u64>) {
     cut.mark_unchanged();
-    let Ok(mut upstream) = tokio::net::TcpStream::connect(&agent).await else { return };
+    let Ok(mut upstream) = tokio::net::TcpStream::connect(&agent).await else {
+        return;
+    };
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
         _ = cut.changed() => {}

@@ -62,9 +62,8 @@ fn ensure_echo() -> Result<()> {
     }
     let ctx = tempfile::tempdir()?;
     std::fs::copy(&binary, ctx.path().join("tpd-echo"))?;
-    let dockerfile = format!(
-        "FROM {BUSYBOX}\nCOPY tpd-echo /bin/tpd-echo\nEXPOSE 8080 9000 9000/udp\nCMD [\"/bin/tpd-echo\"]\n"
-    );
+    let dockerfile =
+        format!("FROM {BUSYBOX}\nCOPY tpd-echo /bin/tpd-echo\nEXPOSE 8080 9000 9000/udp\nCMD [\"/bin/tpd-echo\"]\n");
     docker_build(ctx.path(), &dockerfile, ECHO, &source)
 }
 

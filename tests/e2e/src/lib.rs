@@ -2,6 +2,9 @@
 //! binaries and images are, and guards that remove every container, network
 //! and mount a test creates, even when it fails.
 
+// Property tests unwrap inside proptest!, which clippy does not see as a test.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod dataplane;
 pub mod images;
 pub mod sandbox;

@@ -26,8 +26,10 @@ use tpd_wire::files::VolumeMount;
 #[allow(dead_code)]
 pub mod agent_files;
 
+// Its own unit tests load the agent's file service too; in this crate's
+// test build that is a second copy of `agent_files`, which is harmless.
 #[path = "../../../sidecar-image/src/fuse/mod.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, clippy::duplicate_mod)]
 pub mod fuse;
 
 #[path = "../../../cli/src/mounts.rs"]

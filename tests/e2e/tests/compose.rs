@@ -8,6 +8,9 @@
 //! between the services and the sidecar's namespace, the cleanup and the
 //! refusals — and not cluster access, which needs a real session.
 
+// A failed unwrap is a failed test, with its message and line.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -61,13 +64,19 @@ impl Session {
     fn start(swaps: serde_json::Value) -> Result<Self> {
         images::ensure()?;
         let tag = format!("{}-{}", std::process::id(), rand_suffix());
-        let (name, sidecar, network) = (format!("s{tag}"), format!("tpd-test-sidecar-{tag}"), format!("tpd-test-net-{tag}"));
+        let (name, sidecar, network) =
+            (format!("s{tag}"), format!("tpd-test-sidecar-{tag}"), format!("tpd-test-net-{tag}"));
         let cache = tempfile::tempdir()?;
         let session = Session { name, sidecar, network, cache, tag };
         let labels = ["--label", "tpd.test=1", "--label", &format!("{TEST_LABEL}={}", session.tag)];
         let out = docker(&[&["network", "create"], &labels[..], &[&session.network]].concat());
         anyhow::ensure!(out.status.success(), "network create: {}", String::from_utf8_lossy(&out.stderr));
-        let run = [&["run", "-d", "--name", &session.sidecar, "--network", &session.network], &labels[..], &[images::BUSYBOX, "sleep", "600"]].concat();
+        let run = [
+            &["run", "-d", "--name", &session.sidecar, "--network", &session.network],
+            &labels[..],
+            &[images::BUSYBOX, "sleep", "600"],
+        ]
+        .concat();
         let out = docker(&run);
         anyhow::ensure!(out.status.success(), "sidecar: {}", String::from_utf8_lossy(&out.stderr));
         let record = serde_json::json!({
@@ -161,12 +170,18 @@ fn generated_overrides_of_both_examples_pass_compose_config() -> Result<()> {
             .output()?;
         anyhow::ensure!(config.status.success(), "{example}: compose config rejects the override: {}", text(&config));
         let merged = String::from_utf8_lossy(&config.stdout);
-        assert!(merged.contains(&format!("network_mode: container:{}", session.sidecar)), "{moved} joins the sidecar:\n{merged}");
+        assert!(
+            merged.contains(&format!("network_mode: container:{}", session.sidecar)),
+            "{moved} joins the sidecar:\n{merged}"
+        );
         assert!(merged.contains(&session.network), "the default network is the session's:\n{merged}");
     }
     // The swapped api: the remote env, `$` kept literal, the user's LOG_LEVEL winning.
     let dir = examples().join("web-api-db");
-    let out = session.tpd(&dir).args(["compose", "generate", "--session", &session.name, "--swap", "deployment/api", "--service", "api"]).output()?;
+    let out = session
+        .tpd(&dir)
+        .args(["compose", "generate", "--session", &session.name, "--swap", "deployment/api", "--service", "api"])
+        .output()?;
     let yaml = String::from_utf8(out.stdout)?;
     assert!(yaml.contains("GREETING: hello from the cluster's $$ConfigMap"), "{yaml}");
     assert!(!yaml.contains("LOG_LEVEL"), "api/local.env sets LOG_LEVEL, which wins:\n{yaml}");
@@ -187,7 +202,10 @@ fn compose_features_keep_working_under_the_override() -> Result<()> {
     );
     std::fs::write(project.path().join("docker-compose.yml"), file)?;
     std::fs::write(project.path().join("app.env"), "FROM_ENV_FILE=yes\n")?;
-    let out = session.tpd(project.path()).args(["compose", "generate", "--session", &session.name, "--outbound", "app"]).output()?;
+    let out = session
+        .tpd(project.path())
+        .args(["compose", "generate", "--session", &session.name, "--outbound", "app"])
+        .output()?;
     anyhow::ensure!(out.status.success(), "{}", text(&out));
     std::fs::write(project.path().join("tpd.yml"), &out.stdout)?;
     let tool = compose();
@@ -209,7 +227,8 @@ fn compose_features_keep_working_under_the_override() -> Result<()> {
 
 #[test]
 fn bad_input_is_refused_with_a_fix_and_starts_nothing() -> Result<()> {
-    let two_swaps = serde_json::json!([api_swap(&[8080]), { "deployment": "deployment/admin", "env": {}, "local_ports": [8080] }]);
+    let two_swaps =
+        serde_json::json!([api_swap(&[8080]), { "deployment": "deployment/admin", "env": {}, "local_ports": [8080] }]);
     let session = Session::start(two_swaps)?;
     let project = tempfile::Builder::new().prefix("tpd-compose-bad-").tempdir()?;
     let labels = format!("labels: {{{TEST_LABEL}: \"{}\"}}", session.tag);
@@ -231,17 +250,48 @@ fn bad_input_is_refused_with_a_fix_and_starts_nothing() -> Result<()> {
         ("network_mode", vec!["--session", s, "--outbound", "hostnet"], None, "already sets `network_mode: host`"),
         (
             "port clash",
-            vec!["--session", s, "--swap", "deployment/api", "--service", "api", "--swap", "deployment/admin", "--service", "admin"],
+            vec![
+                "--session",
+                s,
+                "--swap",
+                "deployment/api",
+                "--service",
+                "api",
+                "--swap",
+                "deployment/admin",
+                "--service",
+                "admin",
+            ],
             None,
             "both listen on 8080/tcp",
         ),
         ("unknown session", vec!["--session", "nosuch", "--outbound", "api"], None, "no tpd session named \"nosuch\""),
-        ("swap not in the session", vec!["--session", s, "--swap", "deployment/web", "--service", "api"], None, "does not swap deployment/web"),
-        ("--swap without --service", vec!["--session", s, "--swap", "deployment/api"], None, "1 --swap but 0 --service"),
-        ("compose not installed", vec!["--session", s, "--outbound", "api"], Some(empty_path.path()), "neither `docker compose` (v2) nor `docker-compose` (v1)"),
+        (
+            "swap not in the session",
+            vec!["--session", s, "--swap", "deployment/web", "--service", "api"],
+            None,
+            "does not swap deployment/web",
+        ),
+        (
+            "--swap without --service",
+            vec!["--session", s, "--swap", "deployment/api"],
+            None,
+            "1 --swap but 0 --service",
+        ),
+        (
+            "compose not installed",
+            vec!["--session", s, "--outbound", "api"],
+            Some(empty_path.path()),
+            "neither `docker compose` (v2) nor `docker-compose` (v1)",
+        ),
     ];
     if v1 {
-        cases.push(("ports under v1", vec!["--session", s, "--outbound", "published"], None, "publishes or exposes ports (18080:8080)"));
+        cases.push((
+            "ports under v1",
+            vec!["--session", s, "--outbound", "published"],
+            None,
+            "publishes or exposes ports (18080:8080)",
+        ));
     }
     for (what, choice, path, expected) in cases {
         let mut cmd = session.tpd(project.path());
@@ -255,7 +305,10 @@ fn bad_input_is_refused_with_a_fix_and_starts_nothing() -> Result<()> {
         assert!(said.contains(expected), "{what}: expected {expected:?} in:\n{said}");
         assert!(said.contains("help: "), "{what}: names the fix:\n{said}");
     }
-    let out = session.tpd(project.path()).args(["compose", "--session", s, "--outbound", "api", "--", "up", "-d"]).output()?;
+    let out = session
+        .tpd(project.path())
+        .args(["compose", "--session", s, "--outbound", "api", "--", "up", "-d"])
+        .output()?;
     assert!(!out.status.success() && text(&out).contains("does not run detached projects"), "{}", text(&out));
 
     let name = project.path().file_name().and_then(|n| n.to_str()).context("project dir name")?.to_lowercase();
@@ -285,7 +338,11 @@ fn up_runs_web_api_db_in_the_session_and_takes_it_down_on_ctrl_c() -> Result<()>
     assert_eq!(project_containers("web-api-db"), Vec::<String>::new(), "compose down removed the project:\n{said}");
     assert_eq!(session.leftovers(), Vec::<String>::new(), "the override file is removed");
     let sidecar = docker(&["inspect", "-f", "{{.State.Running}}", &session.sidecar]);
-    assert_eq!(String::from_utf8_lossy(&sidecar.stdout).trim(), "true", "a `tpd connect` session outlives `tpd compose`");
+    assert_eq!(
+        String::from_utf8_lossy(&sidecar.stdout).trim(),
+        "true",
+        "a `tpd connect` session outlives `tpd compose`"
+    );
     Ok(())
 }
 
@@ -296,7 +353,14 @@ fn check_web_api_db(session: &Session) -> Result<()> {
     let mut last = String::new();
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
-        let web = docker(&["ps", "-q", "--filter", "label=com.docker.compose.project=web-api-db", "--filter", "label=com.docker.compose.service=web"]);
+        let web = docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            "label=com.docker.compose.project=web-api-db",
+            "--filter",
+            "label=com.docker.compose.service=web",
+        ]);
         let web = String::from_utf8_lossy(&web.stdout).trim().to_string();
         if web.is_empty() {
             continue;
@@ -305,7 +369,10 @@ fn check_web_api_db(session: &Session) -> Result<()> {
         last = text(&out);
         if last.contains("db: hello from") {
             assert!(last.contains("served_by: the local api"), "{last}");
-            assert!(last.contains("greeting: hello from the cluster's $ConfigMap"), "the remote env, literally:\n{last}");
+            assert!(
+                last.contains("greeting: hello from the cluster's $ConfigMap"),
+                "the remote env, literally:\n{last}"
+            );
             assert!(last.contains("log_level: debug"), "the user's env_file wins:\n{last}");
             // api listens in the sidecar's namespace.
             let direct = docker(&["exec", &session.sidecar, "wget", "-qO-", "http://127.0.0.1:8080/cgi-bin/hello"]);
@@ -355,9 +422,16 @@ impl RealSessions {
 
 impl Drop for RealSessions {
     fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(self.cache.path().join("tpd/connect")) else { return };
+        let Ok(entries) = std::fs::read_dir(self.cache.path().join("tpd/connect")) else {
+            return;
+        };
         for entry in entries.flatten() {
-            let Some(record) = std::fs::read_to_string(entry.path()).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) else { continue };
+            let Some(record) = std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            else {
+                continue;
+            };
             if let Some(pid) = record["pid"].as_u64() {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
             }
@@ -402,10 +476,17 @@ fn examples_run_on_the_sandbox_through_the_tunnel() -> Result<()> {
     let out = sessions.tpd(&sb, &web_api_db).args(["connect", "--name", "dev", "--swap", "deployment/api"]).output()?;
     anyhow::ensure!(out.status.success(), "tpd connect: {}", text(&out));
     let sidecar = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let generated = sessions.tpd(&sb, &web_api_db).args(["compose", "generate", "--session", "dev", "--swap", "deployment/api", "--service", "api"]).output()?;
+    let generated = sessions
+        .tpd(&sb, &web_api_db)
+        .args(["compose", "generate", "--session", "dev", "--swap", "deployment/api", "--service", "api"])
+        .output()?;
     anyhow::ensure!(generated.status.success(), "generate: {}", text(&generated));
     let yaml = String::from_utf8_lossy(&generated.stdout);
-    assert!(yaml.contains(&format!("network_mode: container:{sidecar}")) && yaml.contains("GREETING: hello from the cluster's ConfigMap"), "{yaml}");
+    assert!(
+        yaml.contains(&format!("network_mode: container:{sidecar}"))
+            && yaml.contains("GREETING: hello from the cluster's ConfigMap"),
+        "{yaml}"
+    );
 
     let mut up = sessions.tpd(&sb, &web_api_db);
     up.args(["compose", "--session", "dev", "--swap", "deployment/api", "--service", "api", "--", "up"]);
@@ -415,7 +496,12 @@ fn examples_run_on_the_sandbox_through_the_tunnel() -> Result<()> {
     Command::new("kill").args(["-INT", "--", &format!("-{}", guard.0.id())]).status()?;
     let out = wait_with_deadline(guard, Duration::from_secs(60))?;
     checked.with_context(|| format!("tpd compose output:\n{}", text(&out)))?;
-    assert_eq!(project_containers("web-api-db"), Vec::<String>::new(), "compose down removed the project:\n{}", text(&out));
+    assert_eq!(
+        project_containers("web-api-db"),
+        Vec::<String>::new(),
+        "compose down removed the project:\n{}",
+        text(&out)
+    );
 
     let quit = sessions.tpd(&sb, &web_api_db).args(["quit", "dev"]).output()?;
     anyhow::ensure!(quit.status.success(), "tpd quit: {}", text(&quit));
@@ -431,7 +517,8 @@ fn examples_run_on_the_sandbox_through_the_tunnel() -> Result<()> {
     let said = text(&out);
     assert!(said.contains("worker: round 3: hello from quotes-") && said.contains("worker: done"), "{said}");
     assert!(said.contains("ending the session of project worker-outbound"), "{said}");
-    let own = said.split("(sidecar ").nth(1).and_then(|r| r.split(')').next()).context("the sidecar's name in the output")?;
+    let own =
+        said.split("(sidecar ").nth(1).and_then(|r| r.split(')').next()).context("the sidecar's name in the output")?;
     assert!(docker(&["inspect", own]).status.code() != Some(0), "the project's own session is gone: {own}");
     assert_eq!(project_containers("worker-outbound"), Vec::<String>::new());
     let left = sb.kubectl_ok(&["get", "pods", "-l", "app.kubernetes.io/managed-by=tpd", "-o", "name"])?;
@@ -452,7 +539,14 @@ fn check_web_api_db_through_the_tunnel(sb: &tpd_e2e::sandbox::Sandbox) -> Result
     loop {
         anyhow::ensure!(Instant::now() < deadline, "web never got the api's full answer; last: {last}");
         std::thread::sleep(Duration::from_millis(500));
-        let web = docker(&["ps", "-q", "--filter", "label=com.docker.compose.project=web-api-db", "--filter", "label=com.docker.compose.service=web"]);
+        let web = docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            "label=com.docker.compose.project=web-api-db",
+            "--filter",
+            "label=com.docker.compose.service=web",
+        ]);
         let web = String::from_utf8_lossy(&web.stdout).trim().to_string();
         if web.is_empty() {
             continue;
@@ -465,8 +559,16 @@ fn check_web_api_db_through_the_tunnel(sb: &tpd_e2e::sandbox::Sandbox) -> Result
     for expected in ["served_by: the local api", "greeting: hello from the cluster's ConfigMap", "log_level: debug"] {
         assert!(last.contains(expected), "{expected:?} in:\n{last}");
     }
-    let (phase, served) = tpd_e2e::session::run_pod(sb, "client", images::DEBIAN, &["curl", "-s", "-m", "10", "http://api/cgi-bin/hello"])?;
+    let (phase, served) = tpd_e2e::session::run_pod(
+        sb,
+        "client",
+        images::DEBIAN,
+        &["curl", "-s", "-m", "10", "http://api/cgi-bin/hello"],
+    )?;
     assert_eq!(phase, "Succeeded", "{served}");
-    assert!(served.contains("served_by: the local api"), "a client pod's request to api reaches the local api:\n{served}");
+    assert!(
+        served.contains("served_by: the local api"),
+        "a client pod's request to api reaches the local api:\n{served}"
+    );
     Ok(())
 }

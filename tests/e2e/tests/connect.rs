@@ -7,6 +7,9 @@
 //! Each `tpd` runs with its own `XDG_CACHE_HOME`, so the session records
 //! and logs live in the test's temporary directory.
 
+// A failed unwrap is a failed test, with its message and line.
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -45,13 +48,21 @@ impl Sessions {
 
 impl Drop for Sessions {
     fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(self.dir()) else { return };
+        let Ok(entries) = std::fs::read_dir(self.dir()) else {
+            return;
+        };
         for entry in entries.flatten() {
-            let Some(record) = std::fs::read_to_string(entry.path()).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()) else { continue };
+            let Some(record) =
+                std::fs::read_to_string(entry.path()).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            else {
+                continue;
+            };
             if let Some(pid) = record["pid"].as_u64() {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
             }
-            let Some(id) = record["id"].as_str() else { continue };
+            let Some(id) = record["id"].as_str() else {
+                continue;
+            };
             let filter = format!("label={}={id}", tpd_wire::names::LABEL_SESSION);
             for (ls, rm) in [
                 (vec!["ps", "-aq"], vec!["rm", "-f"]),
@@ -86,7 +97,11 @@ fn connect(sb: &Sandbox, s: &Sessions, args: &[&str]) -> (String, Output) {
     let out = s.tpd(sb, &[&["connect"], args].concat());
     assert!(out.status.success(), "tpd connect {args:?} failed:\n{}", said(&out));
     let sidecar = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(sidecar.starts_with("tpd-sidecar-") && !sidecar.contains('\n'), "stdout is the sidecar's name:\n{}", said(&out));
+    assert!(
+        sidecar.starts_with("tpd-sidecar-") && !sidecar.contains('\n'),
+        "stdout is the sidecar's name:\n{}",
+        said(&out)
+    );
     assert!(docker_ok(&["inspect", &sidecar]), "the sidecar {sidecar} runs after tpd connect returned");
     (sidecar, out)
 }
@@ -95,11 +110,23 @@ fn connect(sb: &Sandbox, s: &Sessions, args: &[&str]) -> (String, Output) {
 fn nothing_left(sb: &Sandbox, id: &str, sidecar: &str) {
     assert!(!docker_ok(&["inspect", sidecar]), "sidecar {sidecar} left behind");
     assert!(session::session_containers(id).unwrap().is_empty(), "containers of session {id} left behind");
-    let networks = docker(&["network", "ls", "-q", "--filter", &format!("label={}={id}", tpd_wire::names::LABEL_SESSION)]);
+    let networks =
+        docker(&["network", "ls", "-q", "--filter", &format!("label={}={id}", tpd_wire::names::LABEL_SESSION)]);
     assert_eq!(networks.trim(), "", "network of session {id} left behind");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let pods = sb.kubectl_ok(&["get", "pods", "-n", NS, "-l", &format!("{}={id}", tpd_wire::names::LABEL_SESSION), "-o", "name"]).unwrap();
+        let pods = sb
+            .kubectl_ok(&[
+                "get",
+                "pods",
+                "-n",
+                NS,
+                "-l",
+                &format!("{}={id}", tpd_wire::names::LABEL_SESSION),
+                "-o",
+                "name",
+            ])
+            .unwrap();
         if pods.trim().is_empty() {
             break;
         }
@@ -114,7 +141,20 @@ fn restored(sb: &Sandbox, original: &Value) {
 }
 
 fn curl_from_session(sidecar: &str, url: &str) -> String {
-    docker(&["run", "--rm", "--label", "tpd.test=1", "--network", &format!("container:{sidecar}"), images::DEBIAN, "curl", "-s", "-m", "10", url])
+    docker(&[
+        "run",
+        "--rm",
+        "--label",
+        "tpd.test=1",
+        "--network",
+        &format!("container:{sidecar}"),
+        images::DEBIAN,
+        "curl",
+        "-s",
+        "-m",
+        "10",
+        url,
+    ])
 }
 
 fn mode(path: &Path) -> u32 {
@@ -140,7 +180,11 @@ fn connect_and_quit_on_the_sandbox() {
     let out = s.tpd(&sb, &["connect", "--name", "bad", "--swap", "deployment/nope"]);
     assert!(!out.status.success(), "{}", said(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("there is no deployment/nope") && err.contains("help:") && err.contains("bad.log"), "{}", said(&out));
+    assert!(
+        err.contains("there is no deployment/nope") && err.contains("help:") && err.contains("bad.log"),
+        "{}",
+        said(&out)
+    );
     assert!(s.record("bad").is_none(), "no record for a session that never started");
 
     // Outbound only, default name: the command returns, the session stays.
@@ -149,8 +193,11 @@ fn connect_and_quit_on_the_sandbox() {
     eprintln!("tpd connect (outbound) returned after {:?}", started.elapsed());
     let progress = String::from_utf8_lossy(&out.stderr);
     assert!(progress.contains("agent pod") && progress.contains("is ready"), "progress is shown:\n{progress}");
-    let names: Vec<String> =
-        std::fs::read_dir(s.dir()).unwrap().flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_owned)).collect();
+    let names: Vec<String> = std::fs::read_dir(s.dir())
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_owned))
+        .collect();
     assert_eq!(names.len(), 1, "one record: {names:?}");
     let name = names[0].clone();
     assert!(name.ends_with("-default"), "the default name is CONTEXT-NAMESPACE: {name}");
@@ -160,7 +207,10 @@ fn connect_and_quit_on_the_sandbox() {
     let id = record["id"].as_str().unwrap().to_owned();
 
     let answer = curl_from_session(&sidecar, "http://world.default");
-    assert!(answer.starts_with("hello from world-"), "a container joining the session reaches a cluster service: {answer:?}");
+    assert!(
+        answer.starts_with("hello from world-"),
+        "a container joining the session reaches a cluster service: {answer:?}"
+    );
 
     let again = s.tpd(&sb, &["connect"]);
     assert!(again.status.success(), "{}", said(&again));
@@ -202,7 +252,8 @@ fn connect_and_quit_on_the_sandbox() {
         serve,
     ]);
     assert!(!ran.trim().is_empty(), "the server joined the session");
-    let (phase, served) = session::run_pod(&sb, "client", images::DEBIAN, &["curl", "-s", "-m", "10", "http://hello"]).unwrap();
+    let (phase, served) =
+        session::run_pod(&sb, "client", images::DEBIAN, &["curl", "-s", "-m", "10", "http://hello"]).unwrap();
     assert_eq!((phase.as_str(), served.trim()), ("Succeeded", "served-locally"), "a client pod calling hello");
     let again = s.tpd(&sb, &["connect", "--name", "dev"]);
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), sidecar, "{}", said(&again));
@@ -211,7 +262,10 @@ fn connect_and_quit_on_the_sandbox() {
     let out = s.tpd(&sb, &["quit", "dev"]);
     assert!(out.status.success(), "{}", said(&out));
     let report = String::from_utf8_lossy(&out.stderr);
-    assert!(report.contains("restored deployment/hello") && report.contains("deployment/hello is restored"), "quit reports the restore:\n{report}");
+    assert!(
+        report.contains("restored deployment/hello") && report.contains("deployment/hello is restored"),
+        "quit reports the restore:\n{report}"
+    );
     restored(&sb, &original);
     docker(&["rm", "-f", &server]);
     nothing_left(&sb, &id, &sidecar);
@@ -230,5 +284,9 @@ fn connect_and_quit_on_the_sandbox() {
     nothing_left(&sb, &id, &sidecar);
     assert!(s.record("killed").is_none(), "the stale record is removed");
     let out = s.tpd(&sb, &["quit", "killed"]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no tpd session named \"killed\""), "{}", said(&out));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no tpd session named \"killed\""),
+        "{}",
+        said(&out)
+    );
 }

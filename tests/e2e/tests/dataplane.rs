@@ -2,6 +2,9 @@
 //! developer would check from inside their container, and what a client in
 //! the cluster sees, over both transports.
 
+// A failed unwrap is a failed test, with its message and line.
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -39,7 +42,8 @@ fn udp_transport_carries_everything() -> Result<()> {
     let _turn = one_load_test_at_a_time();
     let mut lab = Lab::start()?;
     let ready = lab.start_sidecar(&Via::Udp)?;
-    check_what_a_developer_sees(&lab, &ready).with_context(|| format!("sidecar:\n{}\nagent:\n{}", lab.logs(&lab.sidecar), lab.logs(&lab.agent)))
+    check_what_a_developer_sees(&lab, &ready)
+        .with_context(|| format!("sidecar:\n{}\nagent:\n{}", lab.logs(&lab.sidecar), lab.logs(&lab.agent)))
 }
 
 /// A burst of 500 connections opened at once over the UDP transport.
@@ -52,18 +56,19 @@ fn udp_transport_answers_a_burst_of_500_connections() -> Result<()> {
     let _turn = one_load_test_at_a_time();
     let mut lab = Lab::start()?;
     lab.start_sidecar(&Via::Udp)?;
-    check_concurrent(&lab, 500).with_context(|| format!("sidecar:\n{}\nagent:\n{}", lab.logs(&lab.sidecar), lab.logs(&lab.agent)))
+    check_concurrent(&lab, 500)
+        .with_context(|| format!("sidecar:\n{}\nagent:\n{}", lab.logs(&lab.sidecar), lab.logs(&lab.agent)))
 }
 
 /// The checks both transports must pass, in the order a developer meets them.
 fn check_what_a_developer_sees(lab: &Lab, ready: &serde_json::Value) -> Result<()> {
-        check_ready(&lab, &ready)?;
-        check_tcp_by_ip_and_client_address(&lab)?;
-        check_dns(&lab)?;
-        check_udp(&lab)?;
-        check_refused_and_unreachable(&lab)?;
-        check_inbound(&lab)?;
-        check_bulk_both_ways(&lab, 100 * MIB)
+    check_ready(lab, ready)?;
+    check_tcp_by_ip_and_client_address(lab)?;
+    check_dns(lab)?;
+    check_udp(lab)?;
+    check_refused_and_unreachable(lab)?;
+    check_inbound(lab)?;
+    check_bulk_both_ways(lab, 100 * MIB)
 }
 
 /// Readiness: the stdout line without secrets, the 0600 status file with the agent's env minus tpd's.
@@ -228,7 +233,11 @@ fn check_transfer_survives_cut(lab: &Lab, relay: &Relay) -> Result<()> {
     // ~8 s at 3 MiB/s: long enough to cut the transport in the middle.
     let download = std::thread::spawn(move || {
         tpd_e2e::dataplane::docker(&[
-            "exec", &dev, "sh", "-c", &format!("curl -sS --max-time 90 --limit-rate 3M {url} | sha256sum"),
+            "exec",
+            &dev,
+            "sh",
+            "-c",
+            &format!("curl -sS --max-time 90 --limit-rate 3M {url} | sha256sum"),
         ])
     });
     std::thread::sleep(Duration::from_secs(3));

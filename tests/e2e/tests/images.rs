@@ -2,6 +2,9 @@
 //! images`: they run, report the workspace version, stay small, and the agent
 //! does not run as root.
 
+// A failed unwrap is a failed test, with its message and line.
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 
 use tpd_wire::names::{AGENT_IMAGE_REPO, AGENT_UID, SIDECAR_IMAGE_REPO};
@@ -11,7 +14,8 @@ fn tag(repo: &str) -> String {
 }
 
 fn inspect(image: &str, format: &str) -> String {
-    let out = Command::new("docker").args(["image", "inspect", "--format", format, image]).output().expect("docker runs");
+    let out =
+        Command::new("docker").args(["image", "inspect", "--format", format, image]).output().expect("docker runs");
     assert!(out.status.success(), "{image} is missing: build it with `cargo xtask images`");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

@@ -7,6 +7,9 @@
 //! steps run in order inside one test. Steps marked NODE need running pods
 //! (the sandbox node); they run for real, nothing is skipped.
 
+// A failed unwrap is a failed test, with its message and line.
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -28,7 +31,8 @@ fn api_error(e: kube::Error) -> Result<kube::core::Status> {
 }
 
 fn config_map(name: &str) -> ConfigMap {
-    serde_json::from_value(json!({"metadata": {"name": name, "labels": {"step": "errors"}}, "data": {"k": "v"}})).expect("configmap")
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": {"step": "errors"}}, "data": {"k": "v"}}))
+        .expect("configmap")
 }
 
 fn deployment(name: &str, replicas: i32, containers: Value) -> Deployment {
@@ -60,11 +64,14 @@ async fn errors_like_the_real_api(client: &kube::Client) -> Result<()> {
     ensure!(e.code == 409 && e.reason == "Conflict", "stale replace: {e:?}");
 
     let deps: Api<Deployment> = Api::namespaced(client.clone(), "default");
-    let e = api_error(deps.create(&PostParams::default(), &deployment("empty", 1, json!([]))).await.expect_err("no containers"))?;
+    let e = api_error(
+        deps.create(&PostParams::default(), &deployment("empty", 1, json!([]))).await.expect_err("no containers"),
+    )?;
     ensure!(e.code == 422 && e.reason == "Invalid", "no containers: {e:?}");
     ensure!(e.message.contains("spec.template.spec.containers: Required value"), "message: {}", e.message);
     let mut mismatched = deployment("mismatch", 1, json!([{"name": "c", "image": images::ECHO}]));
-    mismatched.spec.as_mut().expect("spec").selector.match_labels = Some([("app".to_owned(), "other".to_owned())].into());
+    mismatched.spec.as_mut().expect("spec").selector.match_labels =
+        Some([("app".to_owned(), "other".to_owned())].into());
     let e = api_error(deps.create(&PostParams::default(), &mismatched).await.expect_err("selector"))?;
     ensure!(e.code == 422 && e.message.contains("`selector` does not match template `labels`"), "selector: {e:?}");
     let e = api_error(cms.create(&PostParams::default(), &config_map("Bad_Name")).await.expect_err("bad name"))?;
@@ -93,7 +100,8 @@ async fn patches(client: &kube::Client) -> Result<()> {
     deps.create(&PostParams::default(), &deployment("patched", 0, two)).await?;
     let pp = PatchParams::default();
     deps.patch("patched", &pp, &Patch::Merge(json!({"metadata": {"labels": {"tier": "web"}}}))).await?;
-    let json_patch: json_patch::Patch = serde_json::from_value(json!([{"op": "replace", "path": "/spec/replicas", "value": 0}]))?;
+    let json_patch: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "replace", "path": "/spec/replicas", "value": 0}]))?;
     deps.patch("patched", &pp, &Patch::<()>::Json(json_patch)).await?;
     let smp = json!({"spec": {"template": {"spec": {"containers": [
         {"name": "app", "env": [{"name": "B", "value": "3"}, {"name": "C", "value": "4"}]}
@@ -101,7 +109,8 @@ async fn patches(client: &kube::Client) -> Result<()> {
     let d = deps.patch("patched", &pp, &Patch::Strategic(smp)).await?;
     let spec = d.spec.and_then(|s| s.template.spec).context("pod spec")?;
     ensure!(spec.containers.len() == 2, "strategic merge kept both containers: {:?}", spec.containers);
-    let env: Vec<(String, Option<String>)> = spec.containers[0].env.clone().unwrap_or_default().into_iter().map(|e| (e.name, e.value)).collect();
+    let env: Vec<(String, Option<String>)> =
+        spec.containers[0].env.clone().unwrap_or_default().into_iter().map(|e| (e.name, e.value)).collect();
     let want = [("A", "1"), ("B", "3"), ("C", "4")].map(|(n, v)| (n.to_owned(), Some(v.to_owned())));
     ensure!(env == want, "env merged by name: {env:?}");
     let labels = d.metadata.labels.unwrap_or_default();
@@ -125,7 +134,9 @@ async fn watch_from_a_resource_version(client: &kube::Client) -> Result<()> {
     cms.create(&PostParams::default(), &config_map("unwatched")).await?;
     let mut seen = Vec::new();
     while seen.len() < 3 {
-        let ev = tokio::time::timeout(Duration::from_secs(10), stream.try_next()).await.context("watch event timed out")??;
+        let ev = tokio::time::timeout(Duration::from_secs(10), stream.try_next())
+            .await
+            .context("watch event timed out")??;
         match ev.context("watch ended early")? {
             WatchEvent::Added(c) => seen.push(("ADDED", c.metadata.name.unwrap_or_default())),
             WatchEvent::Modified(c) => seen.push(("MODIFIED", c.metadata.name.unwrap_or_default())),
@@ -134,7 +145,8 @@ async fn watch_from_a_resource_version(client: &kube::Client) -> Result<()> {
             WatchEvent::Error(e) => bail!("watch error: {e:?}"),
         }
     }
-    let want: Vec<(&str, String)> = ["ADDED", "MODIFIED", "DELETED"].into_iter().map(|t| (t, "watched".to_owned())).collect();
+    let want: Vec<(&str, String)> =
+        ["ADDED", "MODIFIED", "DELETED"].into_iter().map(|t| (t, "watched".to_owned())).collect();
     ensure!(seen == want, "watch events: {seen:?}");
     Ok(())
 }
@@ -145,7 +157,11 @@ async fn watch_from_a_resource_version(client: &kube::Client) -> Result<()> {
 async fn rollout_scale_portforward_gc(client: &kube::Client) -> Result<()> {
     let deps: Api<Deployment> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    deps.create(&PostParams::default(), &deployment("kecho", 2, json!([{"name": "echo", "image": images::ECHO, "ports": [{"containerPort": 8080}]}]))).await?;
+    deps.create(
+        &PostParams::default(),
+        &deployment("kecho", 2, json!([{"name": "echo", "image": images::ECHO, "ports": [{"containerPort": 8080}]}])),
+    )
+    .await?;
     let done = await_condition(deps.clone(), "kecho", conditions::is_deployment_completed());
     tokio::time::timeout(Duration::from_secs(60), done).await.context("rollout did not complete in 60 s")??;
     let ready = pods.list(&ListParams::default().labels("app=kecho")).await?;
@@ -167,7 +183,9 @@ async fn rollout_scale_portforward_gc(client: &kube::Client) -> Result<()> {
     let mut conn = pf.take_stream(8080).context("port 8080 stream")?;
     conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
     let mut body = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut body)).await.context("port-forward read timed out")??;
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut body))
+        .await
+        .context("port-forward read timed out")??;
     let body = String::from_utf8_lossy(&body);
     ensure!(body.contains(&format!("hello from {name}")), "port-forwarded answer: {body}");
     drop(conn);
@@ -176,7 +194,8 @@ async fn rollout_scale_portforward_gc(client: &kube::Client) -> Result<()> {
     deps.delete("kecho", &DeleteParams::default()).await?;
     let rss: Api<k8s_openapi::api::apps::v1::ReplicaSet> = Api::namespaced(client.clone(), "default");
     wait_for(Duration::from_secs(30), || async {
-        let left = rss.list(&ListParams::default().labels("app=kecho")).await?.items.len() + pods.list(&ListParams::default().labels("app=kecho")).await?.items.len();
+        let left = rss.list(&ListParams::default().labels("app=kecho")).await?.items.len()
+            + pods.list(&ListParams::default().labels("app=kecho")).await?.items.len();
         Ok(left == 0)
     })
     .await
@@ -259,14 +278,27 @@ fn kubectl_session(sb: &Sandbox) -> Result<()> {
     ensure!(out.contains("successfully rolled out"), "rollout status: {out}");
 
     let wide = k(&["get", "deploy,rs,pods,svc,endpoints", "-o", "wide"])?;
-    for want in ["deployment.apps/hello", "1/1", "pod-template-hash=", "Running", "sandbox-node", "service/hello", "10.96.", "80/TCP", ":8080"] {
+    for want in [
+        "deployment.apps/hello",
+        "1/1",
+        "pod-template-hash=",
+        "Running",
+        "sandbox-node",
+        "service/hello",
+        "10.96.",
+        "80/TCP",
+        ":8080",
+    ] {
         ensure!(wide.contains(want), "get -o wide lacks {want:?}:\n{wide}");
     }
     let list: Value = serde_json::from_str(&k(&["get", "pods", "-l", "app=hello", "-o", "json"])?)?;
     let pod = list["items"][0]["metadata"]["name"].as_str().context("pod in -o json")?.to_owned();
     ensure!(k(&["get", "deploy", "hello", "-o", "yaml"])?.contains("availableReplicas: 1"), "-o yaml status");
     let described = k(&["describe", "pod", &pod])?;
-    ensure!(described.contains("Status:           Running") && described.contains("Controlled By:  ReplicaSet/hello-"), "describe pod:\n{described}");
+    ensure!(
+        described.contains("Status:           Running") && described.contains("Controlled By:  ReplicaSet/hello-"),
+        "describe pod:\n{described}"
+    );
     ensure!(k(&["logs", &pod])?.contains("http on 8080"), "logs");
 
     k(&["scale", "deployment/hello", "--replicas", "3"])?;
@@ -277,8 +309,8 @@ fn kubectl_session(sb: &Sandbox) -> Result<()> {
     k(&["rollout", "status", "deployment/hello", "--timeout=90s"])?;
     let rs = k(&["get", "rs", "-l", "app=hello", "-o", "name"])?;
     ensure!(rs.lines().count() == 2, "set env made a second ReplicaSet: {rs}");
-    let foo = k(&["exec", "deployment/hello", "--", "sh", "-c", "echo $FOO"])?;
-    ensure!(foo.trim() == "bar", "exec sees FOO: {foo:?}");
+    let env_foo = k(&["exec", "deployment/hello", "--", "sh", "-c", "echo $FOO"])?;
+    ensure!(env_foo.trim() == "bar", "exec sees FOO: {env_foo:?}");
     let code = sb.kubectl().args(["exec", "deployment/hello", "--", "sh", "-c", "exit 3"]).status()?;
     ensure!(code.code() == Some(3), "exec exit code: {code}");
 
@@ -289,18 +321,40 @@ fn kubectl_session(sb: &Sandbox) -> Result<()> {
     k(&["rollout", "status", "deployment/web", "--timeout=90s"])?;
     std::fs::write(file.path(), APP_YAML.replace("value: one", "value: two"))?;
     let again = k(&["apply", "-f", &path])?;
-    ensure!(again.contains("deployment.apps/web configured") && again.contains("configmap/web-config unchanged"), "second apply: {again}");
+    ensure!(
+        again.contains("deployment.apps/web configured") && again.contains("configmap/web-config unchanged"),
+        "second apply: {again}"
+    );
     k(&["rollout", "status", "deployment/web", "--timeout=90s"])?;
-    let seen = k(&["exec", "deployment/web", "-c", "web", "--", "sh", "-c", "echo $GREETING $PASSWORD $MODE; cat /etc/web/greeting /work/init.txt"])?;
+    let seen = k(&[
+        "exec",
+        "deployment/web",
+        "-c",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING $PASSWORD $MODE; cat /etc/web/greeting /work/init.txt",
+    ])?;
     ensure!(seen.contains("hello s3cret two") && seen.contains("init-ran"), "env and volumes after apply: {seen}");
 
-    let out = k(&["run", "client", &format!("--image={}", images::BUSYBOX), "--restart=Never", "--", "wget", "-qO-", "http://hello"])?;
+    let out = k(&[
+        "run",
+        "client",
+        &format!("--image={}", images::BUSYBOX),
+        "--restart=Never",
+        "--",
+        "wget",
+        "-qO-",
+        "http://hello",
+    ])?;
     ensure!(out.contains("pod/client created"), "run: {out}");
     let mut logs = String::new();
     let start = Instant::now();
     while !logs.contains("hello from hello-") && start.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(300));
-        logs = sb.kubectl().args(["logs", "client"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned())?;
+        logs =
+            sb.kubectl().args(["logs", "client"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned())?;
     }
     ensure!(logs.contains("hello from hello-"), "a pod reached the Service by name: {logs:?}");
 
@@ -314,11 +368,21 @@ fn kubectl_session(sb: &Sandbox) -> Result<()> {
 
     // Errors a developer sees through kubectl.
     let unknown = sb.kubectl().args(["get", "--raw", "/api/v1/widgets"]).output()?;
-    ensure!(!unknown.status.success() && String::from_utf8_lossy(&unknown.stderr).contains("NotFound"), "unknown resource");
+    ensure!(
+        !unknown.status.success() && String::from_utf8_lossy(&unknown.stderr).contains("NotFound"),
+        "unknown resource"
+    );
     let bad = tempfile::NamedTempFile::new()?;
     std::fs::write(bad.path(), "{not json")?;
-    let malformed = sb.kubectl().args(["create", "--raw", "/api/v1/namespaces/default/configmaps", "-f", &bad.path().to_string_lossy()]).output()?;
-    ensure!(String::from_utf8_lossy(&malformed.stderr).contains("BadRequest"), "malformed body: {}", String::from_utf8_lossy(&malformed.stderr));
+    let malformed = sb
+        .kubectl()
+        .args(["create", "--raw", "/api/v1/namespaces/default/configmaps", "-f", &bad.path().to_string_lossy()])
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&malformed.stderr).contains("BadRequest"),
+        "malformed body: {}",
+        String::from_utf8_lossy(&malformed.stderr)
+    );
     Ok(())
 }
 
@@ -331,7 +395,8 @@ async fn sandbox_api_with_kube_rs_and_kubectl() -> Result<()> {
     patches(&client).await.context("patches")?;
     watch_from_a_resource_version(&client).await.context("watch")?;
     rollout_scale_portforward_gc(&client).await.context("rollout, scale, port-forward, gc")?;
-    let sb = tokio::task::spawn_blocking(move || kubectl_session(&sb).map(|()| sb)).await?.context("kubectl session")?;
+    let sb =
+        tokio::task::spawn_blocking(move || kubectl_session(&sb).map(|()| sb)).await?.context("kubectl session")?;
     // `down` removes the instance's files.
     let dir = sb.state_dir();
     drop(sb);

@@ -6,6 +6,9 @@
 //! One sandbox instance serves every step (the address plan allows one
 //! instance per machine), so the steps run in order in one test.
 
+// A failed unwrap is a failed test, with its message and line.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
@@ -45,7 +48,10 @@ fn wait_for(sb: &Sandbox, what: &str, args: &[&str], timeout: Duration, pred: im
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    panic!("timed out waiting for {what}; last saw {last:?} (server log: {})", sb.state_dir().join("serve.log").display());
+    panic!(
+        "timed out waiting for {what}; last saw {last:?} (server log: {})",
+        sb.state_dir().join("serve.log").display()
+    );
 }
 
 /// Docker objects of `kind` (container, network, volume) labelled for the instance.
@@ -147,7 +153,13 @@ fn pods_services_dns_and_teardown() {
     images::ensure().expect("test images build");
     let sb = Sandbox::up().expect("a sandbox instance");
     let ready = "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
-    wait_for(&sb, "the node to be Ready", &["get", "node", "sandbox-node", "-o", ready], Duration::from_secs(20), |s| s == "True");
+    wait_for(
+        &sb,
+        "the node to be Ready",
+        &["get", "node", "sandbox-node", "-o", ready],
+        Duration::from_secs(20),
+        |s| s == "True",
+    );
 
     apply(&sb, APP);
     ok(&sb, &["-n", "snode", "rollout", "status", "deployment/hello", "--timeout=90s"]);
@@ -224,12 +236,18 @@ fn service_by_dns_name(sb: &Sandbox) {
     let logs = run_to_completion(sb, "lookup", images::BUSYBOX, &["nslookup", "hello.snode.svc.cluster.local"]);
     let cluster_ip = ok(sb, &["-n", "snode", "get", "svc", "hello", "-o", "jsonpath={.spec.clusterIP}"]);
     assert!(logs.contains(&cluster_ip), "nslookup printed {logs:?}, want {cluster_ip}");
-    let logs = run_to_completion(sb, "short-names", images::BUSYBOX, &["sh", "-c", "wget -qO- http://hello.snode/client && wget -qO- http://hello.snode.svc/client"]);
+    let logs = run_to_completion(
+        sb,
+        "short-names",
+        images::BUSYBOX,
+        &["sh", "-c", "wget -qO- http://hello.snode/client && wget -qO- http://hello.snode.svc/client"],
+    );
     assert!(logs.contains(':'), "short names printed {logs:?}");
 
     // Headless: the name resolves to the ready pods' own addresses.
     let pod_ips = ok(sb, &["-n", "snode", "get", "pods", "-l", "app=hello", "-o", "jsonpath={.items[*].status.podIP}"]);
-    let logs = run_to_completion(sb, "headless", images::BUSYBOX, &["nslookup", "hello-headless.snode.svc.cluster.local"]);
+    let logs =
+        run_to_completion(sb, "headless", images::BUSYBOX, &["nslookup", "hello-headless.snode.svc.cluster.local"]);
     for ip in pod_ips.split_whitespace() {
         assert!(logs.contains(ip), "headless lookup printed {logs:?}, want pod IP {ip}");
     }
@@ -243,14 +261,20 @@ fn udp_through_the_cluster_ip(sb: &Sandbox) {
     let script = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); \
         s.sendto(b'ping-over-udp', ('hello', 9000)); print(s.recv(4096).decode())";
     let logs = run_to_completion(sb, "udp-client", images::DEBIAN, &["python3", "-c", script]);
-    assert!(logs.contains("client=") && logs.contains("ping-over-udp"), "UDP echo through the service printed {logs:?}");
+    assert!(
+        logs.contains("client=") && logs.contains("ping-over-udp"),
+        "UDP echo through the service printed {logs:?}"
+    );
 }
 
 fn node_port_from_the_host(sb: &Sandbox) {
     let port: u16 = ok(sb, &["-n", "snode", "get", "svc", "hello-np", "-o", "jsonpath={.spec.ports[0].nodePort}"])
         .parse()
         .expect("a nodePort");
-    let node_ip = ok(sb, &["get", "node", "sandbox-node", "-o", "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}"]);
+    let node_ip = ok(
+        sb,
+        &["get", "node", "sandbox-node", "-o", "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}"],
+    );
     for host in [node_ip.as_str(), "127.0.0.1"] {
         let mut conn = TcpStream::connect((host, port)).unwrap_or_else(|e| panic!("NodePort {host}:{port}: {e}"));
         conn.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
@@ -267,9 +291,13 @@ fn missing_image(sb: &Sandbox) {
     wait_for(sb, "ErrImagePull", &["-n", "snode", "get", "pod", "ghost", "-o", reason], Duration::from_secs(30), |r| {
         r == "ErrImagePull" || r == "ImagePullBackOff"
     });
-    wait_for(sb, "ImagePullBackOff", &["-n", "snode", "get", "pod", "ghost", "-o", reason], Duration::from_secs(30), |r| {
-        r == "ImagePullBackOff"
-    });
+    wait_for(
+        sb,
+        "ImagePullBackOff",
+        &["-n", "snode", "get", "pod", "ghost", "-o", reason],
+        Duration::from_secs(30),
+        |r| r == "ImagePullBackOff",
+    );
     let phase = ok(sb, &["-n", "snode", "get", "pod", "ghost", "-o", "jsonpath={.status.phase}"]);
     assert_eq!(phase, "Pending");
 }

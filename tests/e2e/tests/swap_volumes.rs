@@ -14,6 +14,9 @@
 //! session is left locally: no container, no Docker volume, no mount; the
 //! same after the sidecar and then tpd are SIGKILLed.
 
+// A failed unwrap is a failed test, with its message and line.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -138,7 +141,11 @@ fn script() -> String {
 
 fn docker_exec(container: &str, script: &str) -> (bool, String, String) {
     let out = Command::new("docker").args(["exec", container, "sh", "-c", script]).output().expect("docker exec runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_owned(), String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
 }
 
 /// A shell command in the developer's container that must succeed.
@@ -151,7 +158,10 @@ fn local(container: &str, script: &str) -> String {
 /// A shell command in the pod's `watcher` container (it shares the emptyDir
 /// at /shared) that must succeed.
 fn in_pod(sb: &Sandbox, pod: &str, script: &str) -> String {
-    sb.kubectl_ok(&["exec", pod, "-c", "watcher", "--", "sh", "-c", script]).unwrap_or_else(|e| panic!("{e:#}")).trim().to_owned()
+    sb.kubectl_ok(&["exec", pod, "-c", "watcher", "--", "sh", "-c", script])
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .trim()
+        .to_owned()
 }
 
 fn sha256_of(output: &str) -> String {
@@ -161,7 +171,12 @@ fn sha256_of(output: &str) -> String {
 /// Mount points on this host that belong to `session`'s volume directory.
 fn host_mounts_of(session: &str) -> Vec<String> {
     let needle = format!("tpd-{session}-volumes");
-    std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo").lines().filter(|l| l.contains(&needle)).map(str::to_owned).collect()
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn docker_ids(args: &[&str], session: &str) -> Vec<String> {
@@ -188,10 +203,15 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     let dev = format!("tpd-e2e-vols-{}", std::process::id());
     let started = Instant::now();
     let swap = format!("deployment/{DEPLOYMENT}");
-    let child = tpd_spawn(&sb, &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &swap, "--", "sh", "-c", &script()])?;
+    let child = tpd_spawn(
+        &sb,
+        &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &swap, "--", "sh", "-c", &script()],
+    )?;
     cleanup.children.push(child);
     let (d, _) = wait_deployment(&sb, NS, DEPLOYMENT, Duration::from_secs(60), |d| swap_record(d).is_some())?;
-    let session_id = swap_record(&d).and_then(|r| r["session"].as_str().map(str::to_owned)).context("the swap record names its session")?;
+    let session_id = swap_record(&d)
+        .and_then(|r| r["session"].as_str().map(str::to_owned))
+        .context("the swap record names its session")?;
     cleanup.sessions.push(session_id.clone());
     while !docker_exec(&dev, "true").0 {
         assert!(started.elapsed() < Duration::from_secs(90), "the developer's container never started");
@@ -224,7 +244,8 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
 
     // A large file each way through the tunnel, the same sha256 on both sides.
     let t = Instant::now();
-    let pod_sum = in_pod(&sb, &pod, &format!("head -c {BIG} /dev/urandom > /shared/big-pod && sha256sum /shared/big-pod"));
+    let pod_sum =
+        in_pod(&sb, &pod, &format!("head -c {BIG} /dev/urandom > /shared/big-pod && sha256sum /shared/big-pod"));
     let made = t.elapsed();
     let local_sum = local(&dev, &format!("timeout {BIG_TIMEOUT_S} sha256sum /work/big-pod"));
     let read = t.elapsed() - made;
@@ -249,7 +270,11 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     let out = wait_with_deadline(child, Duration::from_secs(90));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(EXIT_CODE), "tpd exits with the command's exit code\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_CODE),
+        "tpd exits with the command's exit code\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
 
     // What the command saw: the init container's file, the ConfigMap and
     // Secret files at their paths and under TPD_ROOT.
@@ -290,7 +315,11 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     let (d, took) = wait_deployment(&sb, NS, DEPLOYMENT, Duration::from_secs(15), |d| swap_record(d).is_none())?;
     assert_eq!(user_owned(d), original, "the restored Deployment differs from the original");
     eprintln!("restored {took:?} after tpd exited");
-    assert_eq!(docker_ids(&["ps", "-aq"], &session_id), Vec::<String>::new(), "containers of session {session_id} left behind");
+    assert_eq!(
+        docker_ids(&["ps", "-aq"], &session_id),
+        Vec::<String>::new(),
+        "containers of session {session_id} left behind"
+    );
     assert_eq!(
         docker_ids(&["volume", "ls", "-q"], &session_id),
         Vec::<String>::new(),
@@ -302,10 +331,13 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     // FUSE mounts stay on the host, dead; then tpd itself is SIGKILLed. The
     // guardian restores the Deployment and removes the dead mounts (with the
     // sidecar image's `release-volumes` helper) and the volume directory.
-    let child = tpd_spawn(&sb, &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &swap, "--", "sleep", "600"])?;
+    let child =
+        tpd_spawn(&sb, &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &swap, "--", "sleep", "600"])?;
     cleanup.children.push(child);
     let (d, _) = wait_deployment(&sb, NS, DEPLOYMENT, Duration::from_secs(60), |d| swap_record(d).is_some())?;
-    let session_id = swap_record(&d).and_then(|r| r["session"].as_str().map(str::to_owned)).context("the swap record names its session")?;
+    let session_id = swap_record(&d)
+        .and_then(|r| r["session"].as_str().map(str::to_owned))
+        .context("the swap record names its session")?;
     cleanup.sessions.push(session_id.clone());
     let started = Instant::now();
     while !docker_exec(&dev, "cat /work/from-init").0 {
@@ -324,9 +356,19 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     let (d, took) = wait_deployment(&sb, NS, DEPLOYMENT, Duration::from_secs(10), |d| swap_record(d).is_none())?;
     assert_eq!(user_owned(d), original, "restored after kill -9");
     eprintln!("kill -9 of sidecar and tpd: restored after {took:?}");
-    let left = || (docker_ids(&["ps", "-aq"], &session_id), docker_ids(&["volume", "ls", "-q"], &session_id), host_mounts_of(&session_id));
+    let left = || {
+        (
+            docker_ids(&["ps", "-aq"], &session_id),
+            docker_ids(&["volume", "ls", "-q"], &session_id),
+            host_mounts_of(&session_id),
+        )
+    };
     while left() != (vec![], vec![], vec![]) {
-        assert!(killed.elapsed() < Duration::from_secs(30), "left behind 30 s after kill -9 (containers, volumes, mounts): {:?}", left());
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "left behind 30 s after kill -9 (containers, volumes, mounts): {:?}",
+            left()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("kill -9 of sidecar and tpd: nothing left locally after {:?}", killed.elapsed());
@@ -353,7 +395,10 @@ fn wait_with_deadline(mut child: std::process::Child, deadline: Duration) -> std
         if started.elapsed() > deadline {
             let _ = child.kill();
             let out = child.wait_with_output().expect("tpd's output");
-            panic!("tpd did not exit within {deadline:?} after the command ended:\n{}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "tpd did not exit within {deadline:?} after the command ended:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -8,6 +8,9 @@
 //! The test binary plays the agent and the sidecar itself inside
 //! `tpd-test/debian` (see `container_role`).
 
+// A failed unwrap is a failed test, with its message and line.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -64,11 +67,8 @@ fn pod_volumes() -> Pod {
         read_only,
         sub_path: None,
     };
-    let volumes = vec![
-        vm("config", "/etc/config", true),
-        vm("token", "/var/run/secrets/tpd", true),
-        vm("data", "/data", false),
-    ];
+    let volumes =
+        vec![vm("config", "/etc/config", true), vm("token", "/var/run/secrets/tpd", true), vm("data", "/data", false)];
     Pod { dir, volumes }
 }
 
@@ -116,7 +116,8 @@ fn start(pod: &Pod) -> Session {
     let me = me.to_str().expect("utf8 path");
 
     let net = unique("net");
-    docker(&["network", "create", "--internal", labels()[0], labels()[1], labels()[2], labels()[3], &net]).expect("network");
+    docker(&["network", "create", "--internal", labels()[0], labels()[1], labels()[2], labels()[3], &net])
+        .expect("network");
     guard.networks.push(net.clone());
 
     // The agent, as restricted as in a pod, with the volumes at their paths.
@@ -257,7 +258,8 @@ fn files_ttl() -> std::time::Duration {
 fn traversal_on_the_wire_is_refused() {
     let pod = pod_volumes();
     let s = start(&pod);
-    let ip = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &s.agent]).expect("ip");
+    let ip =
+        docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &s.agent]).expect("ip");
     let mut conn = std::net::TcpStream::connect((ip.as_str(), tpd_wire::names::AGENT_FILES_PORT)).expect("connect");
     let mut call = |id: u64, req: files::Request| {
         let mut out = bytes::BytesMut::new();
@@ -275,7 +277,10 @@ fn traversal_on_the_wire_is_refused() {
             buf.extend_from_slice(&chunk[..n]);
         }
     };
-    assert!(matches!(call(1, files::Request::Hello { version: files::FILES_VERSION }), files::Response::Welcome { .. }));
+    assert!(matches!(
+        call(1, files::Request::Hello { version: files::FILES_VERSION }),
+        files::Response::Welcome { .. }
+    ));
     for (id, path) in [(2, "../../etc/passwd"), (3, "/etc/passwd"), (4, "x/../../etc")] {
         let resp = call(id, files::Request::Stat { mount: 2, path: path.as_bytes().to_vec() });
         assert_eq!(resp, files::Response::Error(files::EACCES), "{path}");
@@ -320,10 +325,14 @@ fn volumes_through_the_tunnel() {
     let pod = pod_volumes();
     tpd_e2e::images::ensure().expect("test images");
     let image = |var: &str, repo: &str| std::env::var(var).unwrap_or_else(|_| format!("{repo}:{}", tpd_wire::VERSION));
-    let (agent_image, sidecar_image) =
-        (image("TPD_AGENT_IMAGE", tpd_wire::names::AGENT_IMAGE_REPO), image("TPD_SIDECAR_IMAGE", tpd_wire::names::SIDECAR_IMAGE_REPO));
-    let served: Vec<(PathBuf, VolumeMount)> = ["config", "secret", "data"].iter().map(|h| pod.host(h)).zip(pod.volumes.iter().cloned()).collect();
-    let mut tunnel = volumes::TunnelMount::start(&served, &agent_image, &sidecar_image).expect("agent and sidecar (run `cargo xtask images`)");
+    let (agent_image, sidecar_image) = (
+        image("TPD_AGENT_IMAGE", tpd_wire::names::AGENT_IMAGE_REPO),
+        image("TPD_SIDECAR_IMAGE", tpd_wire::names::SIDECAR_IMAGE_REPO),
+    );
+    let served: Vec<(PathBuf, VolumeMount)> =
+        ["config", "secret", "data"].iter().map(|h| pod.host(h)).zip(pod.volumes.iter().cloned()).collect();
+    let mut tunnel = volumes::TunnelMount::start(&served, &agent_image, &sidecar_image)
+        .expect("agent and sidecar (run `cargo xtask images`)");
     let plan = volumes::mounts::plan(&tunnel.shared.to_string_lossy(), &pod.volumes, "/tpd/remote");
 
     let app = unique("tapp");
@@ -352,7 +361,11 @@ fn volumes_through_the_tunnel() {
     let started = std::time::Instant::now();
     sh(&app, "timeout 300 cp /tmp/big /data/big");
     let wrote = started.elapsed();
-    assert_eq!(local, sha256_hex(&std::fs::read(pod.host("data/big")).expect("pod side")), "256 MiB written locally, read in the pod");
+    assert_eq!(
+        local,
+        sha256_hex(&std::fs::read(pod.host("data/big")).expect("pod side")),
+        "256 MiB written locally, read in the pod"
+    );
     let big = (0..256u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<u8>>();
     std::fs::write(pod.host("data/big-pod"), &big).expect("write");
     let started = std::time::Instant::now();
@@ -360,7 +373,11 @@ fn volumes_through_the_tunnel() {
     let read = started.elapsed();
     assert_eq!(read_back, sha256_hex(&big), "256 MiB written in the pod, read locally");
     let rate = |d: std::time::Duration| 256.0 / d.as_secs_f64();
-    eprintln!("256 MiB through the tunnel: write {wrote:.1?} ({:.0} MiB/s), read {read:.1?} ({:.0} MiB/s)", rate(wrote), rate(read));
+    eprintln!(
+        "256 MiB through the tunnel: write {wrote:.1?} ({:.0} MiB/s), read {read:.1?} ({:.0} MiB/s)",
+        rate(wrote),
+        rate(read)
+    );
 
     let r = exec(&app, None, "cat /data/escape");
     assert!(!r.ok && r.stderr.contains("Permission denied"), "{r:?}");

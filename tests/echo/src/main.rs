@@ -11,6 +11,9 @@
 //! - UDP on the same `--echo PORT`: each datagram is answered with
 //!   `client=IP:PORT\n` followed by the datagram.
 
+// Property tests unwrap inside proptest!, which clippy does not see as a test.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::thread;
@@ -74,7 +77,9 @@ fn echo_conn(mut conn: TcpStream, _peer: SocketAddr) -> io::Result<()> {
 fn udp_loop(sock: &UdpSocket) {
     let mut buf = vec![0u8; 65536];
     loop {
-        let Ok((n, peer)) = sock.recv_from(&mut buf) else { continue };
+        let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
         let mut reply = format!("client={peer}\n").into_bytes();
         reply.extend_from_slice(&buf[..n]);
         let _ = sock.send_to(&reply, peer);
@@ -103,7 +108,9 @@ fn read_head(reader: &mut impl BufRead) -> io::Result<Option<Head>> {
         if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
             return Ok(Some(head));
         }
-        let Some((name, value)) = line.split_once(':') else { continue };
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             "content-length" => head.content_length = value.parse().unwrap_or(0),

@@ -28,7 +28,9 @@ pub struct Instance {
 impl Instance {
     pub fn new(name: &str) -> Result<Self> {
         if !crate::api::admission::validate::is_dns_label(name) {
-            bail!("instance name {name:?} must be a DNS label (lower-case letters, digits and '-'), as it prefixes Docker object names");
+            bail!(
+                "instance name {name:?} must be a DNS label (lower-case letters, digits and '-'), as it prefixes Docker object names"
+            );
         }
         let cache = dirs::cache_dir().context("no cache directory: set HOME or XDG_CACHE_HOME")?;
         Ok(Self { name: name.to_owned(), dir: cache.join("tpd-sandbox").join(name) })
@@ -135,7 +137,11 @@ impl Instance {
         if known.lines().any(|l| Path::new(l) == path) {
             return Ok(());
         }
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(self.kubeconfig_record()).context("recording the kubeconfig path")?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.kubeconfig_record())
+            .context("recording the kubeconfig path")?;
         writeln!(file, "{}", path.display()).context("recording the kubeconfig path")
     }
 
@@ -163,7 +169,10 @@ impl Instance {
             Some((pid, port)) => {
                 let kubeconfigs = std::fs::read_to_string(self.kubeconfig_record()).unwrap_or_default();
                 let kubeconfigs = kubeconfigs.lines().collect::<Vec<_>>().join(", ");
-                println!("tpd-sandbox {:?}: running, pid {pid}, http://127.0.0.1:{port}, kubeconfig {kubeconfigs}", self.name);
+                println!(
+                    "tpd-sandbox {:?}: running, pid {pid}, http://127.0.0.1:{port}, kubeconfig {kubeconfigs}",
+                    self.name
+                );
                 true
             }
             None => {
@@ -211,7 +220,9 @@ async fn stop(pid: i32) {
 
 /// A process that exists and is not a zombie.
 fn alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
     // The state follows the parenthesised command name.
     let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
     !matches!(state, Some("Z" | "X") | None)
@@ -240,5 +251,6 @@ fn write_kubeconfig(path: &Path, name: &str, port: u16) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
-    std::fs::write(path, kubeconfig_text(name, port)).with_context(|| format!("writing the kubeconfig {}", path.display()))
+    std::fs::write(path, kubeconfig_text(name, port))
+        .with_context(|| format!("writing the kubeconfig {}", path.display()))
 }

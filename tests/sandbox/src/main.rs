@@ -124,7 +124,8 @@ async fn serve(inst: Instance) -> Result<()> {
     let port = listener.local_addr()?.port();
     let registry = Arc::new(api::registry::Registry::new(Arc::new(store::Store::new())));
     controllers::bootstrap::run(&registry, port);
-    let app = Arc::new(api::App { registry: registry.clone(), node: OnceLock::new(), address: format!("127.0.0.1:{port}") });
+    let app =
+        Arc::new(api::App { registry: registry.clone(), node: OnceLock::new(), address: format!("127.0.0.1:{port}") });
     let server = tokio::spawn(api::serve(listener, app.clone(), shutdown.clone()));
     let controllers = controllers::spawn(registry, shutdown.clone());
     tracing::info!(port, "API server listening");

@@ -21,11 +21,17 @@ const WATCH_EVENTS: usize = 200;
 
 /// Measures the API server of a running sandbox instance.
 pub fn figures(sb: &Sandbox) -> Result<Vec<Figure>> {
-    std::fs::read_to_string(&sb.kubeconfig).context("reading the kubeconfig").and_then(|k| port_of(&k)).and_then(measure)
+    std::fs::read_to_string(&sb.kubeconfig)
+        .context("reading the kubeconfig")
+        .and_then(|k| port_of(&k))
+        .and_then(measure)
 }
 
 fn port_of(kubeconfig: &str) -> Result<u16> {
-    let server = kubeconfig.lines().find_map(|l| l.trim().strip_prefix("server: http://127.0.0.1:")).context("no server line")?;
+    let server = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: http://127.0.0.1:"))
+        .context("no server line")?;
     server.trim().parse().context("server port")
 }
 
@@ -89,7 +95,9 @@ fn time_calls(conn: &mut Conn, n: usize, path: &str) -> Result<Vec<Duration>> {
 }
 
 fn configmap(name: &str) -> String {
-    format!(r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"{name}","labels":{{"bench":"watch"}}}},"data":{{"k":"v"}}}}"#)
+    format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"{name}","labels":{{"bench":"watch"}}}},"data":{{"k":"v"}}}}"#
+    )
 }
 
 fn measure(port: u16) -> Result<Vec<Figure>> {
@@ -105,7 +113,8 @@ fn measure(port: u16) -> Result<Vec<Figure>> {
     let mut figures = vec![
         Figure::new("api GET configmap p50", percentile(&mut get, 0.5), "ms").against("GET /healthz p50", health_p50),
         Figure::new("api GET configmap p99", percentile(&mut get, 0.99), "ms"),
-        Figure::new(format!("api LIST {LIST_ITEMS} configmaps p50"), percentile(&mut list, 0.5), "ms").against("GET /healthz p50", health_p50),
+        Figure::new(format!("api LIST {LIST_ITEMS} configmaps p50"), percentile(&mut list, 0.5), "ms")
+            .against("GET /healthz p50", health_p50),
     ];
     figures.push(watch_latency(port, &mut conn)?);
     Ok(figures)

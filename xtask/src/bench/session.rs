@@ -56,7 +56,19 @@ fn one(sb: &Sandbox, transport: &str) -> Result<Vec<Figure>> {
     let started = Instant::now();
     let started_ms = epoch_ms();
     let mut child = tpd
-        .args(["run", "--transport", transport, "--image", images::DEBIAN, "--name", &dev, "--swap", "deployment/hello", "--port", "8080:9000"])
+        .args([
+            "run",
+            "--transport",
+            transport,
+            "--image",
+            images::DEBIAN,
+            "--name",
+            &dev,
+            "--swap",
+            "deployment/hello",
+            "--port",
+            "8080:9000",
+        ])
         .args(["--", "sh", "-c", SERVE])
         .stderr(Stdio::piped())
         .spawn()
@@ -113,10 +125,26 @@ fn one(sb: &Sandbox, transport: &str) -> Result<Vec<Figure>> {
     let _ = sb.kubectl_ok(&["delete", "pod", &client, "--wait=false"]);
 
     Ok(vec![
-        Figure::new(format!("session ({transport}): tpd run --swap to first request served locally"), first_request.as_secs_f64(), "s"),
-        Figure::new(format!("session ({transport}): ready after the agent pod is Running"), session_ready.duration_since(agent_running).as_secs_f64(), "s"),
-        Figure::new(format!("session ({transport}): ready after the agent pod is ready"), session_ready.duration_since(agent_ready).as_secs_f64(), "s"),
-        Figure::new(format!("session ({transport}): restore until the original pod is Ready"), restored.as_secs_f64(), "s"),
+        Figure::new(
+            format!("session ({transport}): tpd run --swap to first request served locally"),
+            first_request.as_secs_f64(),
+            "s",
+        ),
+        Figure::new(
+            format!("session ({transport}): ready after the agent pod is Running"),
+            session_ready.duration_since(agent_running).as_secs_f64(),
+            "s",
+        ),
+        Figure::new(
+            format!("session ({transport}): ready after the agent pod is ready"),
+            session_ready.duration_since(agent_ready).as_secs_f64(),
+            "s",
+        ),
+        Figure::new(
+            format!("session ({transport}): restore until the original pod is Ready"),
+            restored.as_secs_f64(),
+            "s",
+        ),
     ])
 }
 

@@ -143,8 +143,13 @@ pub fn run() -> Result<Vec<Figure>> {
 
     for (via, label) in [(Via::StreamTcp, "stream"), (Via::Udp, "udp")] {
         let mut lab = Lab::start()?;
-        let server = lab.run_on_cluster("bench-server", tpd_e2e::images::DEBIAN, &["python3", "-c", PROBE, "serve", &PORT.to_string()])?;
-        let server_ip = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &server])?;
+        let server = lab.run_on_cluster(
+            "bench-server",
+            tpd_e2e::images::DEBIAN,
+            &["python3", "-c", PROBE, "serve", &PORT.to_string()],
+        )?;
+        let server_ip =
+            docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &server])?;
         lab.start_sidecar(&via)?;
         std::thread::sleep(Duration::from_secs(2));
         let (sidecar_rss, agent_rss) = (Lab::rss_kib(&lab.sidecar)?, Lab::rss_kib(&lab.agent)?);
@@ -156,14 +161,17 @@ pub fn run() -> Result<Vec<Figure>> {
         // Absolute (trailing dot): the search list would add lookups that
         // Docker's DNS on an internal network never answers.
         let fqdn = format!("{}.", tpd_e2e::dataplane::echo_fqdn());
-        let dns_tpd = numbers(&in_container(lab.dev.clone())(&["dns".into(), fqdn.clone(), DNS_QUERIES.to_string()])?)?[0];
+        let dns_tpd =
+            numbers(&in_container(lab.dev.clone())(&["dns".into(), fqdn.clone(), DNS_QUERIES.to_string()])?)?[0];
         let dns_direct = numbers(&in_container(direct)(&["dns".into(), fqdn, DNS_QUERIES.to_string()])?)?[0];
 
         let veth_name = "TCP over veth (no tunnel)";
         let mut push = |name: &str, value: f64, unit: &str, base: f64, wg_value: Option<f64>| {
             figures.push(Figure::new(format!("{name} (tpd {label})"), value, unit).against(veth_name, base));
             if let Some(w) = wg_value {
-                figures.push(Figure::new(format!("{name} (tpd {label})"), value, unit).against("wireguard-go between netns", w));
+                figures.push(
+                    Figure::new(format!("{name} (tpd {label})"), value, unit).against("wireguard-go between netns", w),
+                );
             }
         };
         let w = wg_path.as_ref();
@@ -199,11 +207,14 @@ impl WireguardGo {
     fn start() -> Result<WireguardGo> {
         if sh("command -v wireguard-go && command -v wg").is_err() {
             eprintln!("installing wireguard-go and wireguard-tools for the baseline…");
-            sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wireguard-go wireguard-tools")?;
+            sh(
+                "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wireguard-go wireguard-tools",
+            )?;
         }
         let id = std::process::id();
         let ns = [format!("tpdbench-a-{id}"), format!("tpdbench-b-{id}")];
-        let mut this = WireguardGo { ns: ns.clone(), server_ip: "10.77.1.2".into(), server: Command::new("true").spawn()? };
+        let mut this =
+            WireguardGo { ns: ns.clone(), server_ip: "10.77.1.2".into(), server: Command::new("true").spawn()? };
         let keys: Vec<(String, String)> = (0..2)
             .map(|_| {
                 let private = sh("wg genkey")?;
@@ -246,7 +257,10 @@ impl WireguardGo {
     fn runner(&self) -> Box<Runner> {
         let ns = self.ns[0].clone();
         Box::new(move |args: &[String]| {
-            let out = Command::new("ip").args(["netns", "exec", &ns, "timeout", "120", "python3", "-c", PROBE]).args(args).output()?;
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns, "timeout", "120", "python3", "-c", PROBE])
+                .args(args)
+                .output()?;
             if !out.status.success() {
                 bail!("probe in {ns}: {}", String::from_utf8_lossy(&out.stderr).trim());
             }
@@ -261,7 +275,9 @@ impl Drop for WireguardGo {
         let _ = self.server.wait();
         for n in &self.ns {
             // Deleting the namespace ends wireguard-go (its TUN goes away) and the veth pair.
-            let _ = Command::new("sh").args(["-c", &format!("ip netns pids {n} | xargs -r kill; ip netns del {n}")]).output();
+            let _ = Command::new("sh")
+                .args(["-c", &format!("ip netns pids {n} | xargs -r kill; ip netns del {n}")])
+                .output();
         }
     }
 }

@@ -52,8 +52,14 @@ pub fn run() -> Result<Vec<Figure>> {
         let local = (w.run)(&src)?;
         let (value, base, local_value) = (w.figure)(tpd, ssh, local);
         let (through_tunnel, _, _) = (w.figure)(tunnel, ssh, local);
-        figures.push(Figure::new(format!("volumes {} (tpd, loopback)", w.name), value, w.unit).against("sshfs over loopback", base));
-        figures.push(Figure::new(format!("volumes {} (tpd, tunnel)", w.name), through_tunnel, w.unit).against("sshfs over loopback", base));
+        figures.push(
+            Figure::new(format!("volumes {} (tpd, loopback)", w.name), value, w.unit)
+                .against("sshfs over loopback", base),
+        );
+        figures.push(
+            Figure::new(format!("volumes {} (tpd, tunnel)", w.name), through_tunnel, w.unit)
+                .against("sshfs over loopback", base),
+        );
         figures.push(Figure::new(format!("volumes {} (local disk)", w.name), local_value, w.unit));
     }
     Ok(figures)
@@ -204,12 +210,16 @@ fn measure_tpd(rt: &tokio::runtime::Runtime, src: &Path, work: &Path, w: &Worklo
 /// `(agent, sidecar)` images: this version's, or `TPD_AGENT_IMAGE` / `TPD_SIDECAR_IMAGE`.
 fn tunnel_images() -> (String, String) {
     let image = |var: &str, repo: &str| std::env::var(var).unwrap_or_else(|_| format!("{repo}:{}", tpd_wire::VERSION));
-    (image("TPD_AGENT_IMAGE", tpd_wire::names::AGENT_IMAGE_REPO), image("TPD_SIDECAR_IMAGE", tpd_wire::names::SIDECAR_IMAGE_REPO))
+    (
+        image("TPD_AGENT_IMAGE", tpd_wire::names::AGENT_IMAGE_REPO),
+        image("TPD_SIDECAR_IMAGE", tpd_wire::names::SIDECAR_IMAGE_REPO),
+    )
 }
 
 fn measure_tunnel(images: &(String, String), src: &Path, w: &Workload) -> Result<Duration> {
     let volume = VolumeMount { name: "bench".into(), mount_path: "/bench".into(), read_only: false, sub_path: None };
-    let mount = TunnelMount::start(&[(src.to_path_buf(), volume)], &images.0, &images.1).context("starting agent and sidecar containers")?;
+    let mount = TunnelMount::start(&[(src.to_path_buf(), volume)], &images.0, &images.1)
+        .context("starting agent and sidecar containers")?;
     (w.run)(&mount.paths[0])
 }
 

@@ -39,7 +39,8 @@ fn written(code: StatusCode, (obj, warnings): Written) -> Response {
 }
 
 pub fn parse_body(body: &[u8]) -> ApiResult<Value> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}")))
 }
 
 /// Label and field selectors of a list or watch.
@@ -180,7 +181,14 @@ fn scale_of(obj: &Value) -> Value {
     })
 }
 
-pub fn scale(app: &App, t: &Target, method: &Method, q: &Query, headers: &HeaderMap, body: &[u8]) -> ApiResult<Response> {
+pub fn scale(
+    app: &App,
+    t: &Target,
+    method: &Method,
+    q: &Query,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<Response> {
     let (ns, n) = (namespace(t)?, name(t));
     let current = app.registry.get(t.res, ns, n)?;
     let scale = scale_of(&current);
@@ -196,7 +204,9 @@ pub fn scale(app: &App, t: &Target, method: &Method, q: &Query, headers: &Header
     let replicas = wanted.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0);
     let mut obj = current;
     obj["spec"]["replicas"] = json!(replicas);
-    if let Some(rv) = wanted.pointer("/metadata/resourceVersion").filter(|rv| rv.as_str().is_some_and(|s| !s.is_empty())) {
+    if let Some(rv) =
+        wanted.pointer("/metadata/resourceVersion").filter(|rv| rv.as_str().is_some_and(|s| !s.is_empty()))
+    {
         obj["metadata"]["resourceVersion"] = rv.clone();
     }
     let (updated, _) = app.registry.update(t.res, ns, n, obj, false, field_validation(q))?;
@@ -204,11 +214,21 @@ pub fn scale(app: &App, t: &Target, method: &Method, q: &Query, headers: &Header
 }
 
 /// Dispatches a request on a resource path by verb and subresource.
-pub async fn object(app: &App, t: Target, q: Query, method: Method, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+pub async fn object(
+    app: &App,
+    t: Target,
+    q: Query,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
     let body = match ct {
-        c if c.starts_with("application/vnd.kubernetes.protobuf") && (method == Method::POST || method == Method::PUT) => {
-            let obj = super::protobuf::decode(&body).map_err(|e| ApiError::unsupported_media_type_because(c, &e.to_string()))?;
+        c if c.starts_with("application/vnd.kubernetes.protobuf")
+            && (method == Method::POST || method == Method::PUT) =>
+        {
+            let obj = super::protobuf::decode(&body)
+                .map_err(|e| ApiError::unsupported_media_type_because(c, &e.to_string()))?;
             Bytes::from(serde_json::to_vec(&obj).unwrap_or_default())
         }
         _ => body,

@@ -20,8 +20,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
-use axum::extract::{FromRequestParts, Request, State};
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
@@ -84,9 +84,13 @@ async fn dispatch(app: &Arc<App>, req: Request) -> Response {
             let (parts, body) = req.into_parts();
             let body = match axum::body::to_bytes(body, MAX_BODY).await {
                 Ok(b) => b,
-                Err(e) => return ApiError::bad_request(format!("reading the request body: {e}")).into_response(),
+                Err(e) => {
+                    return ApiError::bad_request(format!("reading the request body: {e}")).into_response();
+                }
             };
-            handlers::object(app, t, q, parts.method, parts.headers, body).await.unwrap_or_else(IntoResponse::into_response)
+            handlers::object(app, t, q, parts.method, parts.headers, body)
+                .await
+                .unwrap_or_else(IntoResponse::into_response)
         }
     }
 }
@@ -103,8 +107,10 @@ async fn upgrade(app: Arc<App>, t: path::Target, q: Query, req: Request) -> Resp
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(ws) => ws,
         Err(_) => {
-            return ApiError::bad_request("this sandbox serves exec and portforward over websockets (v4/v5.channel.k8s.io) only; SPDY is not supported")
-                .into_response();
+            return ApiError::bad_request(
+                "this sandbox serves exec and portforward over websockets (v4/v5.channel.k8s.io) only; SPDY is not supported",
+            )
+            .into_response();
         }
     };
     match t.sub.as_deref() {

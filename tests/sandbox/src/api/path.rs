@@ -13,11 +13,17 @@ pub enum Route {
     /// `/apis/<group>`
     Group(String),
     /// `/api/v1`, `/apis/<group>/<version>`
-    ResourceList { group: String, version: String },
+    ResourceList {
+        group: String,
+        version: String,
+    },
     /// `/openapi/v3`
     OpenApiRoot,
     /// `/openapi/v3/api/v1`, `/openapi/v3/apis/<group>/<version>`
-    OpenApi { group: String, version: String },
+    OpenApi {
+        group: String,
+        version: String,
+    },
     Object(Target),
 }
 
@@ -91,9 +97,15 @@ mod tests {
     #[test]
     fn resource_paths() {
         assert_eq!(target("/api/v1/pods"), ("pods".into(), None, None, None));
-        assert_eq!(target("/api/v1/namespaces/default/pods/p/log"), ("pods".into(), Some("default".into()), Some("p".into()), Some("log".into())));
+        assert_eq!(
+            target("/api/v1/namespaces/default/pods/p/log"),
+            ("pods".into(), Some("default".into()), Some("p".into()), Some("log".into()))
+        );
         assert_eq!(target("/api/v1/namespaces/default"), ("namespaces".into(), None, Some("default".into()), None));
-        assert_eq!(target("/api/v1/namespaces/x/status"), ("namespaces".into(), None, Some("x".into()), Some("status".into())));
+        assert_eq!(
+            target("/api/v1/namespaces/x/status"),
+            ("namespaces".into(), None, Some("x".into()), Some("status".into()))
+        );
         assert_eq!(target("/apis/apps/v1/namespaces/d/deployments/h/scale").3, Some("scale".into()));
         assert_eq!(parse("/apis/apps/v1"), Some(Route::ResourceList { group: "apps".into(), version: "v1".into() }));
         assert_eq!(parse("/api/v1/widgets"), None);

@@ -66,13 +66,22 @@ impl Registry {
         let _guard = self.lock_allocation(res);
         let obj = admission::prepare_create(res, ns, body, &self.store)?;
         let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-        let stored = self.store.create(&res.key(), ns_of(res, ns), &name, obj).map_err(|e| store_error(res, &name, e))?;
+        let stored =
+            self.store.create(&res.key(), ns_of(res, ns), &name, obj).map_err(|e| store_error(res, &name, e))?;
         Ok((stored, warnings))
     }
 
     /// PUT of the object or of its status. A resourceVersion in the body is
     /// a precondition (409 Conflict when stale).
-    pub fn update(&self, res: &Resource, ns: &str, name: &str, body: Value, status_only: bool, mode: FieldValidation) -> ApiResult<Written> {
+    pub fn update(
+        &self,
+        res: &Resource,
+        ns: &str,
+        name: &str,
+        body: Value,
+        status_only: bool,
+        mode: FieldValidation,
+    ) -> ApiResult<Written> {
         let warnings = admission::check_typed(res, &body, mode)?;
         let _guard = self.lock_allocation(res);
         let old = self.get(res, ns, name)?;
@@ -98,11 +107,20 @@ impl Registry {
     /// PATCH: applies the patch to the current object and writes it back,
     /// retrying when another writer got in between (as kube-apiserver does).
     /// An apply patch of a missing object creates it.
-    pub fn patch(&self, res: &Resource, ns: &str, name: &str, (kind, body): (PatchType, &[u8]), status_only: bool, mode: FieldValidation) -> ApiResult<Written> {
+    pub fn patch(
+        &self,
+        res: &Resource,
+        ns: &str,
+        name: &str,
+        (kind, body): (PatchType, &[u8]),
+        status_only: bool,
+        mode: FieldValidation,
+    ) -> ApiResult<Written> {
         for _ in 0..5 {
             let current = match self.get(res, ns, name) {
                 Err(e) if kind == PatchType::Apply && e.code == 404 => {
-                    let obj: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("apply patch must be JSON in the sandbox: {e}")))?;
+                    let obj: Value = serde_json::from_slice(body)
+                        .map_err(|e| ApiError::bad_request(format!("apply patch must be JSON in the sandbox: {e}")))?;
                     return self.create(res, ns, obj, mode);
                 }
                 other => other?,

@@ -55,7 +55,9 @@ impl Resource {
     }
 }
 
-use k8s_openapi::api::{apps::v1 as apps, authorization::v1 as authz, core::v1 as core, discovery::v1 as disc, networking::v1 as net};
+use k8s_openapi::api::{
+    apps::v1 as apps, authorization::v1 as authz, core::v1 as core, discovery::v1 as disc, networking::v1 as net,
+};
 
 macro_rules! res {
     ($group:expr, $plural:expr, $singular:expr, $kind:expr, $ns:expr, $short:expr, $cat:expr, $sub:expr, $ty:ty) => {
@@ -85,10 +87,50 @@ pub static RESOURCES: &[Resource] = &[
     res!("", "nodes", "node", "Node", false, &["no"], &[], &["status"], core::Node),
     res!("", "serviceaccounts", "serviceaccount", "ServiceAccount", true, &["sa"], &[], &[], core::ServiceAccount),
     res!("", "events", "event", "Event", true, &["ev"], &[], &[], core::Event),
-    res!("apps", "deployments", "deployment", "Deployment", true, &["deploy"], &["all"], &["status", "scale"], apps::Deployment),
-    res!("apps", "replicasets", "replicaset", "ReplicaSet", true, &["rs"], &["all"], &["status", "scale"], apps::ReplicaSet),
-    res!("discovery.k8s.io", "endpointslices", "endpointslice", "EndpointSlice", true, &[], &[], &[], disc::EndpointSlice),
-    res!("networking.k8s.io", "servicecidrs", "servicecidr", "ServiceCIDR", false, &[], &[], &["status"], net::ServiceCIDR),
+    res!(
+        "apps",
+        "deployments",
+        "deployment",
+        "Deployment",
+        true,
+        &["deploy"],
+        &["all"],
+        &["status", "scale"],
+        apps::Deployment
+    ),
+    res!(
+        "apps",
+        "replicasets",
+        "replicaset",
+        "ReplicaSet",
+        true,
+        &["rs"],
+        &["all"],
+        &["status", "scale"],
+        apps::ReplicaSet
+    ),
+    res!(
+        "discovery.k8s.io",
+        "endpointslices",
+        "endpointslice",
+        "EndpointSlice",
+        true,
+        &[],
+        &[],
+        &[],
+        disc::EndpointSlice
+    ),
+    res!(
+        "networking.k8s.io",
+        "servicecidrs",
+        "servicecidr",
+        "ServiceCIDR",
+        false,
+        &[],
+        &[],
+        &["status"],
+        net::ServiceCIDR
+    ),
     Resource {
         group: "authorization.k8s.io",
         version: "v1",

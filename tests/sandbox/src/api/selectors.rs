@@ -41,11 +41,8 @@ fn split_top(s: &str) -> Vec<&str> {
 }
 
 fn set_values(rest: &str, part: &str) -> Result<Vec<String>, ParseError> {
-    let inner = rest
-        .trim()
-        .strip_prefix('(')
-        .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| ParseError(part.to_owned()))?;
+    let inner =
+        rest.trim().strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or_else(|| ParseError(part.to_owned()))?;
     Ok(inner.split(',').map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).collect())
 }
 

@@ -7,18 +7,77 @@ type Col = (&'static str, &'static str, u8); // (name, type, priority)
 
 fn columns(kind: &str) -> &'static [Col] {
     match kind {
-        "Pod" => &[("Name", "string", 0), ("Ready", "string", 0), ("Status", "string", 0), ("Restarts", "string", 0), ("Age", "string", 0), ("IP", "string", 1), ("Node", "string", 1), ("Nominated Node", "string", 1), ("Readiness Gates", "string", 1)],
-        "Deployment" => &[("Name", "string", 0), ("Ready", "string", 0), ("Up-to-date", "integer", 0), ("Available", "integer", 0), ("Age", "string", 0), ("Containers", "string", 1), ("Images", "string", 1), ("Selector", "string", 1)],
-        "ReplicaSet" => &[("Name", "string", 0), ("Desired", "integer", 0), ("Current", "integer", 0), ("Ready", "integer", 0), ("Age", "string", 0), ("Containers", "string", 1), ("Images", "string", 1), ("Selector", "string", 1)],
-        "Service" => &[("Name", "string", 0), ("Type", "string", 0), ("Cluster-IP", "string", 0), ("External-IP", "string", 0), ("Port(s)", "string", 0), ("Age", "string", 0), ("Selector", "string", 1)],
+        "Pod" => &[
+            ("Name", "string", 0),
+            ("Ready", "string", 0),
+            ("Status", "string", 0),
+            ("Restarts", "string", 0),
+            ("Age", "string", 0),
+            ("IP", "string", 1),
+            ("Node", "string", 1),
+            ("Nominated Node", "string", 1),
+            ("Readiness Gates", "string", 1),
+        ],
+        "Deployment" => &[
+            ("Name", "string", 0),
+            ("Ready", "string", 0),
+            ("Up-to-date", "integer", 0),
+            ("Available", "integer", 0),
+            ("Age", "string", 0),
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
+        ],
+        "ReplicaSet" => &[
+            ("Name", "string", 0),
+            ("Desired", "integer", 0),
+            ("Current", "integer", 0),
+            ("Ready", "integer", 0),
+            ("Age", "string", 0),
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
+        ],
+        "Service" => &[
+            ("Name", "string", 0),
+            ("Type", "string", 0),
+            ("Cluster-IP", "string", 0),
+            ("External-IP", "string", 0),
+            ("Port(s)", "string", 0),
+            ("Age", "string", 0),
+            ("Selector", "string", 1),
+        ],
         "Endpoints" => &[("Name", "string", 0), ("Endpoints", "string", 0), ("Age", "string", 0)],
-        "EndpointSlice" => &[("Name", "string", 0), ("AddressType", "string", 0), ("Ports", "string", 0), ("Endpoints", "string", 0), ("Age", "string", 0)],
-        "Node" => &[("Name", "string", 0), ("Status", "string", 0), ("Roles", "string", 0), ("Age", "string", 0), ("Version", "string", 0), ("Internal-IP", "string", 1), ("External-IP", "string", 1), ("OS-Image", "string", 1), ("Kernel-Version", "string", 1), ("Container-Runtime", "string", 1)],
+        "EndpointSlice" => &[
+            ("Name", "string", 0),
+            ("AddressType", "string", 0),
+            ("Ports", "string", 0),
+            ("Endpoints", "string", 0),
+            ("Age", "string", 0),
+        ],
+        "Node" => &[
+            ("Name", "string", 0),
+            ("Status", "string", 0),
+            ("Roles", "string", 0),
+            ("Age", "string", 0),
+            ("Version", "string", 0),
+            ("Internal-IP", "string", 1),
+            ("External-IP", "string", 1),
+            ("OS-Image", "string", 1),
+            ("Kernel-Version", "string", 1),
+            ("Container-Runtime", "string", 1),
+        ],
         "Namespace" => &[("Name", "string", 0), ("Status", "string", 0), ("Age", "string", 0)],
         "ConfigMap" => &[("Name", "string", 0), ("Data", "integer", 0), ("Age", "string", 0)],
         "Secret" => &[("Name", "string", 0), ("Type", "string", 0), ("Data", "integer", 0), ("Age", "string", 0)],
         "ServiceAccount" => &[("Name", "string", 0), ("Secrets", "integer", 0), ("Age", "string", 0)],
-        "Event" => &[("Last Seen", "string", 0), ("Type", "string", 0), ("Reason", "string", 0), ("Object", "string", 0), ("Message", "string", 0)],
+        "Event" => &[
+            ("Last Seen", "string", 0),
+            ("Type", "string", 0),
+            ("Reason", "string", 0),
+            ("Object", "string", 0),
+            ("Message", "string", 0),
+        ],
         _ => &[("Name", "string", 0), ("Age", "string", 0)],
     }
 }
@@ -62,7 +121,13 @@ fn joined(items: &[Value], field: &str) -> String {
 }
 
 pub fn selector_string(sel: &Value) -> String {
-    let mut parts: Vec<String> = sel.get("matchLabels").and_then(Value::as_object).into_iter().flatten().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect();
+    let mut parts: Vec<String> = sel
+        .get("matchLabels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
     parts.sort();
     or_none(parts.join(","))
 }
@@ -86,7 +151,9 @@ pub fn pod_status(pod: &Value) -> String {
         let waiting = s(c, "/state/waiting/reason");
         return match term {
             Some(t) => format!("Init:{}", t["reason"].as_str().unwrap_or("Error")),
-            None if !waiting.is_empty() && waiting != "PodInitializing" => format!("Init:{waiting}"),
+            None if !waiting.is_empty() && waiting != "PodInitializing" => {
+                format!("Init:{waiting}")
+            }
             None => format!("Init:{i}/{total_inits}"),
         };
     }
@@ -163,40 +230,98 @@ fn cells(kind: &str, o: &Value, now: i64) -> Vec<Value> {
     match kind {
         "Pod" => row.extend(pod_row(o, now)),
         "Deployment" => {
-            row.extend([json!(format!("{}/{}", n(o, "/status/readyReplicas"), n(o, "/spec/replicas"))), json!(n(o, "/status/updatedReplicas")), json!(n(o, "/status/availableReplicas")), a]);
+            row.extend([
+                json!(format!("{}/{}", n(o, "/status/readyReplicas"), n(o, "/spec/replicas"))),
+                json!(n(o, "/status/updatedReplicas")),
+                json!(n(o, "/status/availableReplicas")),
+                a,
+            ]);
             row.extend(workload_wide(o));
         }
         "ReplicaSet" => {
-            row.extend([json!(n(o, "/spec/replicas")), json!(n(o, "/status/replicas")), json!(n(o, "/status/readyReplicas")), a]);
+            row.extend([
+                json!(n(o, "/spec/replicas")),
+                json!(n(o, "/status/replicas")),
+                json!(n(o, "/status/readyReplicas")),
+                a,
+            ]);
             row.extend(workload_wide(o));
         }
         "Service" => {
-            let ext = if s(o, "/spec/type") == "ExternalName" { s(o, "/spec/externalName").to_owned() } else { "<none>".into() };
-            let ip = if s(o, "/spec/type") == "ExternalName" { "<none>".to_owned() } else { s(o, "/spec/clusterIP").to_owned() };
-            let sel = o.pointer("/spec/selector").map(|m| selector_string(&json!({"matchLabels": m}))).unwrap_or_else(|| "<none>".into());
+            let ext = if s(o, "/spec/type") == "ExternalName" {
+                s(o, "/spec/externalName").to_owned()
+            } else {
+                "<none>".into()
+            };
+            let ip = if s(o, "/spec/type") == "ExternalName" {
+                "<none>".to_owned()
+            } else {
+                s(o, "/spec/clusterIP").to_owned()
+            };
+            let sel = o
+                .pointer("/spec/selector")
+                .map(|m| selector_string(&json!({"matchLabels": m})))
+                .unwrap_or_else(|| "<none>".into());
             row.extend([json!(s(o, "/spec/type")), json!(ip), json!(ext), json!(service_ports(o)), a, json!(sel)]);
         }
         "Endpoints" => row.extend([json!(endpoints_string(o)), a]),
         "EndpointSlice" => {
-            let ports: Vec<String> = arr(o, "/ports").iter().filter_map(|p| p["port"].as_i64()).map(|p| p.to_string()).collect();
-            let addrs: Vec<&str> = arr(o, "/endpoints").iter().filter_map(|e| e.pointer("/addresses/0").and_then(Value::as_str)).collect();
-            row.extend([json!(s(o, "/addressType")), json!(or_none(ports.join(","))), json!(or_none(addrs.join(","))), a]);
+            let ports: Vec<String> =
+                arr(o, "/ports").iter().filter_map(|p| p["port"].as_i64()).map(|p| p.to_string()).collect();
+            let addrs: Vec<&str> =
+                arr(o, "/endpoints").iter().filter_map(|e| e.pointer("/addresses/0").and_then(Value::as_str)).collect();
+            row.extend([
+                json!(s(o, "/addressType")),
+                json!(or_none(ports.join(","))),
+                json!(or_none(addrs.join(","))),
+                a,
+            ]);
         }
         "Node" => {
             let ready = arr(o, "/status/conditions").iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
-            let addr = |t: &str| or_none(arr(o, "/status/addresses").iter().filter(|x| x["type"] == t).map(|x| s(x, "/address")).collect::<Vec<_>>().join(","));
-            row.extend([json!(if ready { "Ready" } else { "NotReady" }), json!("<none>"), a, json!(s(o, "/status/nodeInfo/kubeletVersion")), json!(addr("InternalIP")), json!(addr("ExternalIP")), json!(s(o, "/status/nodeInfo/osImage")), json!(s(o, "/status/nodeInfo/kernelVersion")), json!(s(o, "/status/nodeInfo/containerRuntimeVersion"))]);
+            let addr = |t: &str| {
+                or_none(
+                    arr(o, "/status/addresses")
+                        .iter()
+                        .filter(|x| x["type"] == t)
+                        .map(|x| s(x, "/address"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+            };
+            row.extend([
+                json!(if ready { "Ready" } else { "NotReady" }),
+                json!("<none>"),
+                a,
+                json!(s(o, "/status/nodeInfo/kubeletVersion")),
+                json!(addr("InternalIP")),
+                json!(addr("ExternalIP")),
+                json!(s(o, "/status/nodeInfo/osImage")),
+                json!(s(o, "/status/nodeInfo/kernelVersion")),
+                json!(s(o, "/status/nodeInfo/containerRuntimeVersion")),
+            ]);
         }
         "Namespace" => row.extend([json!(s(o, "/status/phase")), a]),
         "ConfigMap" => {
-            let count = o.get("data").and_then(Value::as_object).map_or(0, |m| m.len()) + o.get("binaryData").and_then(Value::as_object).map_or(0, |m| m.len());
+            let count = o.get("data").and_then(Value::as_object).map_or(0, |m| m.len())
+                + o.get("binaryData").and_then(Value::as_object).map_or(0, |m| m.len());
             row.extend([json!(count), a]);
         }
-        "Secret" => row.extend([json!(s(o, "/type")), json!(o.get("data").and_then(Value::as_object).map_or(0, |m| m.len())), a]),
+        "Secret" => row.extend([
+            json!(s(o, "/type")),
+            json!(o.get("data").and_then(Value::as_object).map_or(0, |m| m.len())),
+            a,
+        ]),
         "ServiceAccount" => row.extend([json!(arr(o, "/secrets").len()), a]),
         "Event" => {
             let object = format!("{}/{}", s(o, "/involvedObject/kind").to_lowercase(), s(o, "/involvedObject/name"));
-            return vec![json!(age(o, now)), json!(s(o, "/type")), json!(s(o, "/reason")), json!(object), json!(s(o, "/message"))];
+            return vec![
+                json!(age(o, now)),
+                json!(s(o, "/type")),
+                json!(s(o, "/reason")),
+                json!(object),
+                json!(s(o, "/message")),
+            ];
         }
         _ => row.push(a),
     }
@@ -214,7 +339,8 @@ pub fn table(kind: &str, items: &[Value], rv: Option<u64>) -> Value {
         .iter()
         .map(|(name, ty, prio)| json!({"name": name, "type": ty, "format": if *name == "Name" { "name" } else { "" }, "description": "", "priority": prio}))
         .collect();
-    let rows: Vec<Value> = items.iter().map(|o| json!({"cells": cells(kind, o, now), "object": partial_metadata(o)})).collect();
+    let rows: Vec<Value> =
+        items.iter().map(|o| json!({"cells": cells(kind, o, now), "object": partial_metadata(o)})).collect();
     let mut t = json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "columnDefinitions": defs, "rows": rows});
     if let Some(rv) = rv {
         t["metadata"]["resourceVersion"] = json!(rv.to_string());

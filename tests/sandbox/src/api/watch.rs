@@ -40,7 +40,11 @@ impl WatchSpec {
     }
 
     fn line(&self, kind: &str, object: &Value) -> Vec<u8> {
-        let object = if self.as_table { table::table(self.res.kind, std::slice::from_ref(object), None) } else { object.clone() };
+        let object = if self.as_table {
+            table::table(self.res.kind, std::slice::from_ref(object), None)
+        } else {
+            object.clone()
+        };
         let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
         line.push(b'\n');
         line
@@ -55,7 +59,8 @@ impl WatchSpec {
 }
 
 fn expired_line(rv: u64) -> Vec<u8> {
-    let mut line = serde_json::to_vec(&json!({"type": "ERROR", "object": ApiError::gone(rv).to_status()})).unwrap_or_default();
+    let mut line =
+        serde_json::to_vec(&json!({"type": "ERROR", "object": ApiError::gone(rv).to_status()})).unwrap_or_default();
     line.push(b'\n');
     line
 }
@@ -68,14 +73,13 @@ pub fn serve(app: &App, t: &Target, q: &Query, headers: &HeaderMap) -> ApiResult
         filter: Filter::from_query(q)?,
         as_table: table::wants_table(accept(headers)),
         bookmarks: q.get("allowWatchBookmarks").is_some_and(|b| b == "true" || b == "1"),
-        timeout: q
-            .get("timeoutSeconds")
-            .and_then(|s| s.parse().ok())
-            .map_or(DEFAULT_TIMEOUT, Duration::from_secs),
+        timeout: q.get("timeoutSeconds").and_then(|s| s.parse().ok()).map_or(DEFAULT_TIMEOUT, Duration::from_secs),
     };
     let since = match q.get("resourceVersion").map(String::as_str) {
         None | Some("" | "0") => None,
-        Some(rv) => Some(rv.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?),
+        Some(rv) => {
+            Some(rv.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?)
+        }
     };
     let store = app.registry.store.clone();
     let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
@@ -105,7 +109,8 @@ pub fn serve(app: &App, t: &Target, q: &Query, headers: &HeaderMap) -> ApiResult
         pump(spec, sub.replay, sub.live, tx, store).await;
     });
     let body = Body::from_stream(tokio_stream_of(rx));
-    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json"), (header::TRANSFER_ENCODING, "chunked")], body).into_response())
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json"), (header::TRANSFER_ENCODING, "chunked")], body)
+        .into_response())
 }
 
 fn tokio_stream_of(rx: mpsc::Receiver<Vec<u8>>) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {

@@ -62,7 +62,9 @@ pub fn run(reg: &Registry, api_port: u16) {
 
 fn mark_service_cidr_ready(reg: &Registry) {
     let res = by_kind("ServiceCIDR");
-    let Ok(mut cidr) = reg.get(res, "", "kubernetes") else { return };
+    let Ok(mut cidr) = reg.get(res, "", "kubernetes") else {
+        return;
+    };
     if cidr.pointer("/status/conditions").is_some() {
         return;
     }

@@ -136,7 +136,13 @@ fn rolling_new_replicas(all: &[&Value], new: &Value, replicas: i64, surge: i64) 
 
 /// Old ReplicaSets scaled down as far as availability allows
 /// (reconcileOldReplicaSets): unhealthy replicas first, then available ones.
-fn rolling_old_replicas(olds: &[&Value], all: &[&Value], new: &Value, replicas: i64, unavailable: i64) -> Vec<(usize, i64)> {
+fn rolling_old_replicas(
+    olds: &[&Value],
+    all: &[&Value],
+    new: &Value,
+    replicas: i64,
+    unavailable: i64,
+) -> Vec<(usize, i64)> {
     let old_total: i64 = olds.iter().map(|rs| int(rs, "/spec/replicas")).sum();
     if old_total == 0 {
         return Vec::new();
@@ -206,7 +212,8 @@ pub fn plan(d: &Value, owned: &[Value], now: &str) -> Vec<Action> {
         }
     };
     let revision = revision_of(new).max(max_old_revision + 1).to_string();
-    let current_revision = d.pointer(&format!("/metadata/annotations/{}", REVISION.replace('/', "~1"))).and_then(Value::as_str);
+    let current_revision =
+        d.pointer(&format!("/metadata/annotations/{}", REVISION.replace('/', "~1"))).and_then(Value::as_str);
     if current_revision != Some(revision.as_str()) {
         actions.push(Action::Revision(revision));
     }
@@ -243,7 +250,8 @@ pub fn plan(d: &Value, owned: &[Value], now: &str) -> Vec<Action> {
 /// Old, empty ReplicaSets beyond `revisionHistoryLimit` are deleted, oldest first.
 fn history_cleanup(d: &Value, olds: &[&Value]) -> Vec<Action> {
     let limit = d.pointer("/spec/revisionHistoryLimit").and_then(Value::as_i64).unwrap_or(10);
-    let empty: Vec<&&Value> = olds.iter().filter(|rs| int(rs, "/spec/replicas") == 0 && int(rs, "/status/replicas") == 0).collect();
+    let empty: Vec<&&Value> =
+        olds.iter().filter(|rs| int(rs, "/spec/replicas") == 0 && int(rs, "/status/replicas") == 0).collect();
     let excess = (empty.len() as i64 - limit).max(0) as usize;
     empty.into_iter().take(excess).map(|rs| Action::Delete(name(rs).to_owned())).collect()
 }
@@ -269,28 +277,83 @@ fn status_actions(d: &Value, owned: &[Value], new: Option<&Value>, just_created:
     }
     let mut conds: Vec<Value> = old.get("conditions").and_then(Value::as_array).cloned().unwrap_or_default();
     if available >= replicas - unavailable {
-        set_condition(&mut conds, "Available", "True", "MinimumReplicasAvailable", "Deployment has minimum availability.", now);
+        set_condition(
+            &mut conds,
+            "Available",
+            "True",
+            "MinimumReplicasAvailable",
+            "Deployment has minimum availability.",
+            now,
+        );
     } else {
-        set_condition(&mut conds, "Available", "False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.", now);
+        set_condition(
+            &mut conds,
+            "Available",
+            "False",
+            "MinimumReplicasUnavailable",
+            "Deployment does not have minimum availability.",
+            now,
+        );
     }
     let rs_name = new.map_or("", |n| name(n));
-    let complete = updated == replicas && available == replicas && total == replicas && new.is_some_and(|n| int(n, "/status/availableReplicas") == replicas);
-    let progressed = ["replicas", "updatedReplicas", "readyReplicas", "availableReplicas"].iter().any(|k| old.get(*k).and_then(Value::as_i64).unwrap_or(0) != status[*k].as_i64().unwrap_or(0));
+    let complete = updated == replicas
+        && available == replicas
+        && total == replicas
+        && new.is_some_and(|n| int(n, "/status/availableReplicas") == replicas);
+    let progressed = ["replicas", "updatedReplicas", "readyReplicas", "availableReplicas"]
+        .iter()
+        .any(|k| old.get(*k).and_then(Value::as_i64).unwrap_or(0) != status[*k].as_i64().unwrap_or(0));
     let deadline = d.pointer("/spec/progressDeadlineSeconds").and_then(Value::as_i64).unwrap_or(600);
-    let last_progress = super::objects::condition(d, "Progressing").and_then(|c| c["lastUpdateTime"].as_str()).map_or(0, seconds_since);
+    let last_progress =
+        super::objects::condition(d, "Progressing").and_then(|c| c["lastUpdateTime"].as_str()).map_or(0, seconds_since);
     if complete {
-        set_condition(&mut conds, "Progressing", "True", "NewReplicaSetAvailable", &format!("ReplicaSet \"{rs_name}\" has successfully progressed."), now);
+        set_condition(
+            &mut conds,
+            "Progressing",
+            "True",
+            "NewReplicaSetAvailable",
+            &format!("ReplicaSet \"{rs_name}\" has successfully progressed."),
+            now,
+        );
     } else if just_created {
-        set_condition(&mut conds, "Progressing", "True", "NewReplicaSetCreated", &format!("Created new replica set \"{rs_name}\""), now);
+        set_condition(
+            &mut conds,
+            "Progressing",
+            "True",
+            "NewReplicaSetCreated",
+            &format!("Created new replica set \"{rs_name}\""),
+            now,
+        );
     } else if progressed || d.pointer("/spec/paused") == Some(&json!(true)) {
-        set_condition(&mut conds, "Progressing", "True", "ReplicaSetUpdated", &format!("ReplicaSet \"{rs_name}\" is progressing."), now);
+        set_condition(
+            &mut conds,
+            "Progressing",
+            "True",
+            "ReplicaSetUpdated",
+            &format!("ReplicaSet \"{rs_name}\" is progressing."),
+            now,
+        );
         if let Some(c) = conds.iter_mut().find(|c| c["type"] == "Progressing") {
             c["lastUpdateTime"] = json!(now);
         }
     } else if last_progress > deadline {
-        set_condition(&mut conds, "Progressing", "False", "ProgressDeadlineExceeded", &format!("ReplicaSet \"{rs_name}\" has timed out progressing."), now);
+        set_condition(
+            &mut conds,
+            "Progressing",
+            "False",
+            "ProgressDeadlineExceeded",
+            &format!("ReplicaSet \"{rs_name}\" has timed out progressing."),
+            now,
+        );
     } else if super::objects::condition(d, "Progressing").is_none() {
-        set_condition(&mut conds, "Progressing", "True", "ReplicaSetUpdated", &format!("ReplicaSet \"{rs_name}\" is progressing."), now);
+        set_condition(
+            &mut conds,
+            "Progressing",
+            "True",
+            "ReplicaSetUpdated",
+            &format!("ReplicaSet \"{rs_name}\" is progressing."),
+            now,
+        );
     }
     status["conditions"] = json!(conds);
     if status == old { Vec::new() } else { vec![Action::Status(status)] }
@@ -387,7 +450,12 @@ mod tests {
         // Step 2: with the new pod not yet available, old scales down by maxUnavailable (1) only.
         let new = settle(&new, 0);
         let actions = plan(&d2, &[old.clone(), new.clone()], "t");
-        let updates: Vec<(String, i64)> = actions.iter().filter_map(|a| if let Action::Update(rs) = a { Some((name(rs).to_owned(), int(rs, "/spec/replicas"))) } else { None }).collect();
+        let updates: Vec<(String, i64)> = actions
+            .iter()
+            .filter_map(|a| {
+                if let Action::Update(rs) = a { Some((name(rs).to_owned(), int(rs, "/spec/replicas"))) } else { None }
+            })
+            .collect();
         assert_eq!(updates, [(name(&old).to_owned(), 3)]);
     }
 

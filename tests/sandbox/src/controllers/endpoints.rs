@@ -38,7 +38,9 @@ pub fn subsets(svc: &Value, pods: &[Value]) -> Vec<Value> {
     // Pods grouped by the ports they serve, as the real controller groups subsets.
     let mut groups: BTreeMap<String, PortGroup> = BTreeMap::new();
     for pod in pods.iter().filter(|p| pod_active(p) && selector.matches(p)) {
-        let Some(ip) = pod.pointer("/status/podIP").and_then(Value::as_str).filter(|ip| !ip.is_empty()) else { continue };
+        let Some(ip) = pod.pointer("/status/podIP").and_then(Value::as_str).filter(|ip| !ip.is_empty()) else {
+            continue;
+        };
         let ports: Vec<Value> = svc_ports
             .iter()
             .filter_map(|sp| {
@@ -55,7 +57,9 @@ pub fn subsets(svc: &Value, pods: &[Value]) -> Vec<Value> {
             "nodeName": pod["spec"]["nodeName"],
             "targetRef": {"kind": "Pod", "namespace": namespace(pod), "name": name(pod), "uid": uid(pod)},
         });
-        let entry = groups.entry(serde_json::to_string(&ports).unwrap_or_default()).or_insert_with(|| (ports, Vec::new(), Vec::new()));
+        let entry = groups
+            .entry(serde_json::to_string(&ports).unwrap_or_default())
+            .or_insert_with(|| (ports, Vec::new(), Vec::new()));
         if pod_ready(pod) { entry.1.push(address) } else { entry.2.push(address) }
     }
     groups
@@ -115,7 +119,10 @@ fn reconcile_slice(reg: &Registry, svc: &Value, subsets: &[Value]) -> Result<(),
     let kind = by_kind("EndpointSlice");
     let ns = namespace(svc);
     let (endpoints, ports) = slice_endpoints(subsets);
-    let existing = reg.list(kind, Some(ns)).0.into_iter().find(|s| s.pointer("/metadata/labels/kubernetes.io~1service-name").and_then(Value::as_str) == Some(name(svc)));
+    let existing =
+        reg.list(kind, Some(ns)).0.into_iter().find(|s| {
+            s.pointer("/metadata/labels/kubernetes.io~1service-name").and_then(Value::as_str) == Some(name(svc))
+        });
     match existing {
         None => {
             let slice = json!({
@@ -161,7 +168,12 @@ pub fn reconcile(reg: &Registry) {
         }
         let result = match reg.get(ep_kind, ns, name(svc)) {
             Err(_) => reg.create(ep_kind, ns, desired, FieldValidation::Ignore).map(drop),
-            Ok(current) if current.get("subsets") == desired.get("subsets") && current["metadata"]["labels"] == desired["metadata"]["labels"] => Ok(()),
+            Ok(current)
+                if current.get("subsets") == desired.get("subsets")
+                    && current["metadata"]["labels"] == desired["metadata"]["labels"] =>
+            {
+                Ok(())
+            }
             Ok(current) => {
                 let mut next = current.clone();
                 next["metadata"]["labels"] = desired["metadata"]["labels"].clone();
@@ -216,7 +228,8 @@ mod tests {
         let s = subsets(&svc, &[pod("a", "10.100.0.2", true), pod("b", "10.100.0.3", false)]);
         let (endpoints, ports) = slice_endpoints(&s);
         assert_eq!(ports, json!([{"name": "", "port": 8080, "protocol": "TCP"}]));
-        let ready: Vec<(Value, Value)> = endpoints.iter().map(|e| (e["addresses"][0].clone(), e["conditions"]["ready"].clone())).collect();
+        let ready: Vec<(Value, Value)> =
+            endpoints.iter().map(|e| (e["addresses"][0].clone(), e["conditions"]["ready"].clone())).collect();
         assert_eq!(ready, [(json!("10.100.0.2"), json!(true)), (json!("10.100.0.3"), json!(false))]);
     }
 

@@ -86,7 +86,10 @@ mod tests {
         set_condition(&mut conds, "Available", "True", "R", "m", "t2");
         assert_eq!(conds[0]["lastUpdateTime"], "t1");
         set_condition(&mut conds, "Available", "True", "R2", "m", "t3");
-        assert_eq!((conds[0]["lastUpdateTime"].as_str(), conds[0]["lastTransitionTime"].as_str()), (Some("t3"), Some("t1")));
+        assert_eq!(
+            (conds[0]["lastUpdateTime"].as_str(), conds[0]["lastTransitionTime"].as_str()),
+            (Some("t3"), Some("t1"))
+        );
         set_condition(&mut conds, "Available", "False", "R2", "m", "t4");
         assert_eq!(conds[0]["lastTransitionTime"], "t4");
     }

@@ -22,7 +22,9 @@ fn available(pod: &Value, min_ready: i64) -> bool {
     if !pod_ready(pod) {
         return false;
     }
-    let since = super::objects::condition(pod, "Ready").and_then(|c| c["lastTransitionTime"].as_str()).map_or(i64::MAX, seconds_since);
+    let since = super::objects::condition(pod, "Ready")
+        .and_then(|c| c["lastTransitionTime"].as_str())
+        .map_or(i64::MAX, seconds_since);
     min_ready == 0 || since >= min_ready
 }
 
@@ -118,12 +120,20 @@ mod tests {
         let p = plan(&rs(3), &[pod("a", "Running", true, "t1")]);
         assert_eq!(p.create, 2);
         let s = p.status.unwrap();
-        assert_eq!((s["replicas"].as_i64(), s["readyReplicas"].as_i64(), s["availableReplicas"].as_i64()), (Some(1), Some(1), Some(1)));
+        assert_eq!(
+            (s["replicas"].as_i64(), s["readyReplicas"].as_i64(), s["availableReplicas"].as_i64()),
+            (Some(1), Some(1), Some(1))
+        );
     }
 
     #[test]
     fn deletes_pending_and_unready_pods_first() {
-        let pods = [pod("ready-old", "Running", true, "t1"), pod("pending", "Pending", false, "t2"), pod("ready-new", "Running", true, "t3"), pod("done", "Succeeded", false, "t0")];
+        let pods = [
+            pod("ready-old", "Running", true, "t1"),
+            pod("pending", "Pending", false, "t2"),
+            pod("ready-new", "Running", true, "t3"),
+            pod("done", "Succeeded", false, "t0"),
+        ];
         let p = plan(&rs(1), &pods);
         assert_eq!(p.delete, ["pending", "ready-new"]);
         assert_eq!(p.create, 0);

@@ -111,7 +111,11 @@ fn value_from(
             Some(cm) => match cm.data.as_ref().and_then(|d| d.get(&r.key)) {
                 Some(v) => Ok(Some(v.clone())),
                 None if optional => Ok(None),
-                None => Err(EnvError::ConfigMapKeyMissing { namespace: ns.into(), name: r.name.clone(), key: r.key.clone() }),
+                None => Err(EnvError::ConfigMapKeyMissing {
+                    namespace: ns.into(),
+                    name: r.name.clone(),
+                    key: r.key.clone(),
+                }),
             },
             None if optional => Ok(None),
             None => Err(EnvError::ConfigMapMissing(r.name.clone())),
@@ -123,7 +127,9 @@ fn value_from(
             Some(s) => match s.data.as_ref().and_then(|d| d.get(&r.key)) {
                 Some(v) => Ok(Some(String::from_utf8_lossy(&v.0).into_owned())),
                 None if optional => Ok(None),
-                None => Err(EnvError::SecretKeyMissing { namespace: ns.into(), name: r.name.clone(), key: r.key.clone() }),
+                None => {
+                    Err(EnvError::SecretKeyMissing { namespace: ns.into(), name: r.name.clone(), key: r.key.clone() })
+                }
             },
             None if optional => Ok(None),
             None => Err(EnvError::SecretMissing(r.name.clone())),
@@ -153,7 +159,9 @@ pub fn field_value(pod: &Pod, f: &ObjectFieldSelector, src: &PodSources) -> Resu
         "metadata.labels" => format_map(meta.labels.as_ref()),
         "metadata.annotations" => format_map(meta.annotations.as_ref()),
         "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
+        "spec.serviceAccountName" => {
+            spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into())
+        }
         "status.podIP" | "status.podIPs" => src.pod_ip.clone(),
         "status.hostIP" | "status.hostIPs" => src.host_ip.clone(),
         _ => {
@@ -170,11 +178,7 @@ pub fn field_value(pod: &Pod, f: &ObjectFieldSelector, src: &PodSources) -> Resu
 
 /// `key="value"` lines, sorted, as the downward API writes labels.
 fn format_map(map: Option<&BTreeMap<String, String>>) -> String {
-    map.into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v:?}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    map.into_iter().flatten().map(|(k, v)| format!("{k}={v:?}")).collect::<Vec<_>>().join("\n")
 }
 
 /// Docker-links-style variables for the services a pod may see: those of
@@ -189,7 +193,9 @@ pub fn service_links(ns: &str, enabled: bool, services: &[Service]) -> Vec<(Stri
             continue;
         }
         let Some(spec) = &svc.spec else { continue };
-        let Some(ip) = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "None") else { continue };
+        let Some(ip) = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "None") else {
+            continue;
+        };
         let ports = spec.ports.as_deref().unwrap_or_default();
         let Some(first) = ports.first() else { continue };
         let prefix = name.to_uppercase().replace('-', "_");
@@ -197,7 +203,10 @@ pub fn service_links(ns: &str, enabled: bool, services: &[Service]) -> Vec<(Stri
         out.push((format!("{prefix}_SERVICE_PORT"), first.port.to_string()));
         for p in ports {
             if let Some(pname) = p.name.as_deref().filter(|n| !n.is_empty()) {
-                out.push((format!("{prefix}_SERVICE_PORT_{}", pname.to_uppercase().replace('-', "_")), p.port.to_string()));
+                out.push((
+                    format!("{prefix}_SERVICE_PORT_{}", pname.to_uppercase().replace('-', "_")),
+                    p.port.to_string(),
+                ));
             }
         }
         let proto = |p: &k8s_openapi::api::core::v1::ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
@@ -249,7 +258,9 @@ pub fn expand(input: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar, EnvVarSource, SecretKeySelector, ServicePort, ServiceSpec};
+    use k8s_openapi::api::core::v1::{
+        EnvFromSource, EnvVar, EnvVarSource, SecretKeySelector, ServicePort, ServiceSpec,
+    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     fn svc(ns: &str, name: &str, ip: &str, ports: &[(Option<&str>, i32)]) -> Service {
@@ -260,7 +271,12 @@ mod tests {
                 ports: Some(
                     ports
                         .iter()
-                        .map(|(n, p)| ServicePort { name: n.map(Into::into), port: *p, protocol: Some("TCP".into()), ..Default::default() })
+                        .map(|(n, p)| ServicePort {
+                            name: n.map(Into::into),
+                            port: *p,
+                            protocol: Some("TCP".into()),
+                            ..Default::default()
+                        })
                         .collect(),
                 ),
                 ..Default::default()
@@ -307,22 +323,39 @@ mod tests {
         let mut src = PodSources { pod_ip: "10.100.0.7".into(), ..Default::default() };
         src.secrets.insert(
             "s".into(),
-            Secret { data: Some([("PASS".to_owned(), k8s_openapi::ByteString(b"hunter2".to_vec()))].into()), ..Default::default() },
+            Secret {
+                data: Some([("PASS".to_owned(), k8s_openapi::ByteString(b"hunter2".to_vec()))].into()),
+                ..Default::default()
+            },
         );
-        src.config_maps.insert("c".into(), ConfigMap { data: Some([("MODE".to_owned(), "fast".to_owned())].into()), ..Default::default() });
+        src.config_maps.insert(
+            "c".into(),
+            ConfigMap { data: Some([("MODE".to_owned(), "fast".to_owned())].into()), ..Default::default() },
+        );
         let c = Container {
             name: "app".into(),
             env_from: Some(vec![EnvFromSource {
                 prefix: Some("CM_".into()),
-                config_map_ref: Some(k8s_openapi::api::core::v1::ConfigMapEnvSource { name: "c".into(), optional: None }),
+                config_map_ref: Some(k8s_openapi::api::core::v1::ConfigMapEnvSource {
+                    name: "c".into(),
+                    optional: None,
+                }),
                 ..Default::default()
             }]),
             env: Some(vec![
-                EnvVar { name: "A".into(), value: Some("x$(CM_MODE)-$$(CM_MODE)-$(NOPE)".into()), ..Default::default() },
+                EnvVar {
+                    name: "A".into(),
+                    value: Some("x$(CM_MODE)-$$(CM_MODE)-$(NOPE)".into()),
+                    ..Default::default()
+                },
                 EnvVar {
                     name: "P".into(),
                     value_from: Some(EnvVarSource {
-                        secret_key_ref: Some(SecretKeySelector { name: "s".into(), key: "PASS".into(), optional: None }),
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: "s".into(),
+                            key: "PASS".into(),
+                            optional: None,
+                        }),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -338,7 +371,10 @@ mod tests {
                 EnvVar {
                     name: "APP".into(),
                     value_from: Some(EnvVarSource {
-                        field_ref: Some(ObjectFieldSelector { field_path: "metadata.labels['app']".into(), api_version: None }),
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "metadata.labels['app']".into(),
+                            api_version: None,
+                        }),
                         ..Default::default()
                     }),
                     ..Default::default()

@@ -40,7 +40,9 @@ pub async fn start(
     runtime::ensure_pause_image(&docker).await?;
     let bridge = runtime::ensure_network(&docker, &cfg.instance).await?;
     tracing::debug!(%bridge, "instance network ready");
-    crate::network::start(client.clone(), bridge, shutdown.clone()).await.context("starting service proxies and cluster DNS")?;
+    crate::network::start(client.clone(), bridge, shutdown.clone())
+        .await
+        .context("starting service proxies and cluster DNS")?;
     let node_ip = node_object::host_address(&docker).await;
     node_object::register(&client, node_ip).await.context("registering the Node object")?;
     tokio::spawn(node_object::heartbeat(client.clone(), shutdown.clone()));

@@ -36,7 +36,8 @@ pub async fn host_address(docker: &Docker) -> Ipv4Addr {
 }
 
 async fn default_bridge_address(docker: &Docker) -> Result<Option<Ipv4Addr>, RuntimeError> {
-    let net = docker.inspect_network("bridge", None).await.map_err(docker_err("inspecting the default bridge network"))?;
+    let net =
+        docker.inspect_network("bridge", None).await.map_err(docker_err("inspecting the default bridge network"))?;
     let configs = net.ipam.and_then(|ipam| ipam.config).unwrap_or_default();
     let from_gateway = configs.iter().filter_map(|c| c.gateway.as_deref()).find_map(|g| g.parse().ok());
     let from_subnet = || {

@@ -90,7 +90,12 @@ pub async fn run(k: Arc<Kubelet>, shutdown: CancellationToken) {
     }
 }
 
-fn dispatch(k: &Arc<Kubelet>, workers: &mut HashMap<String, watch::Sender<Option<Pod>>>, pod: Pod, shutdown: &CancellationToken) {
+fn dispatch(
+    k: &Arc<Kubelet>,
+    workers: &mut HashMap<String, watch::Sender<Option<Pod>>>,
+    pod: Pod,
+    shutdown: &CancellationToken,
+) {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     if let Some(tx) = workers.get(&uid)
         && tx.send(Some(pod.clone())).is_ok()
@@ -154,7 +159,11 @@ impl Worker {
         let slots = |cs: &[Container]| -> Vec<Slot> {
             cs.iter()
                 .map(|c| Slot {
-                    obs: Observed { name: c.name.clone(), image: c.image.clone().unwrap_or_default(), ..Default::default() },
+                    obs: Observed {
+                        name: c.name.clone(),
+                        image: c.image.clone().unwrap_or_default(),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 })
                 .collect()
@@ -170,7 +179,11 @@ impl Worker {
     }
 
     fn name(&self) -> String {
-        format!("{}/{}", self.pod.metadata.namespace.as_deref().unwrap_or_default(), self.pod.metadata.name.as_deref().unwrap_or_default())
+        format!(
+            "{}/{}",
+            self.pod.metadata.namespace.as_deref().unwrap_or_default(),
+            self.pod.metadata.name.as_deref().unwrap_or_default()
+        )
     }
 
     async fn run(mut self, shutdown: CancellationToken) {
@@ -264,7 +277,13 @@ impl Worker {
         let codes: Vec<Option<i64>> = self
             .main
             .iter()
-            .map(|s| s.obs.current.as_ref().filter(|(_, st)| spec::has_exited(st)).and_then(|(_, st)| st.exit_code.or(Some(1))))
+            .map(|s| {
+                s.obs
+                    .current
+                    .as_ref()
+                    .filter(|(_, st)| spec::has_exited(st))
+                    .and_then(|(_, st)| st.exit_code.or(Some(1)))
+            })
             .collect();
         if codes.iter().any(Option::is_none) || self.main.iter().any(|s| s.obs.waiting.is_some()) {
             return;
@@ -323,7 +342,11 @@ impl Worker {
                     "CrashLoopBackOff".into(),
                     format!("back-off {}s restarting failed container={name}", delay.as_secs()),
                 ));
-                self.event(true, "BackOff", format!("Back-off restarting failed container {name} in pod {}", self.name()));
+                self.event(
+                    true,
+                    "BackOff",
+                    format!("Back-off restarting failed container {name} in pod {}", self.name()),
+                );
                 Ok(())
             }
             Some(until) if now < until => Ok(()),
@@ -346,7 +369,10 @@ impl Worker {
         let Ok(all) = runtime::list_containers(
             &self.k.docker,
             &self.k.instance,
-            &[(LABEL_POD_UID, self.pod.metadata.uid.as_deref().unwrap_or_default()), (runtime::LABEL_CONTAINER, &slot.obs.name)],
+            &[
+                (LABEL_POD_UID, self.pod.metadata.uid.as_deref().unwrap_or_default()),
+                (runtime::LABEL_CONTAINER, &slot.obs.name),
+            ],
         )
         .await
         else {
@@ -371,17 +397,25 @@ impl Worker {
             let first = slot.image_missing_since.is_none();
             let since = *slot.image_missing_since.get_or_insert_with(Instant::now);
             if first {
-                self.event(true, "Failed", format!("Failed to pull image {image:?}: not present locally and the sandbox has no registry"));
+                self.event(
+                    true,
+                    "Failed",
+                    format!("Failed to pull image {image:?}: not present locally and the sandbox has no registry"),
+                );
             }
             let slot = self.slot(init, i);
             let reason = if since.elapsed() < PULL_BACKOFF_AFTER { "ErrImagePull" } else { "ImagePullBackOff" };
             slot.obs.waiting = Some((
                 reason.into(),
-                format!("image {image:?} is not in the local Docker engine and the sandbox cannot pull: build or tag it locally"),
+                format!(
+                    "image {image:?} is not in the local Docker engine and the sandbox cannot pull: build or tag it locally"
+                ),
             ));
             return Ok(());
         }
-        let Some(sb) = &self.sandbox else { return Ok(()) };
+        let Some(sb) = &self.sandbox else {
+            return Ok(());
+        };
         let env = match env::container_env(&self.pod, c, &sb.sources) {
             Ok(env) => env,
             Err(e) => {
@@ -425,7 +459,9 @@ impl Worker {
         let ip = sb.ip.clone();
         let docker = self.k.docker.clone();
         let slot = &mut self.main[i];
-        let Some((id, state)) = slot.obs.current.clone() else { return };
+        let Some((id, state)) = slot.obs.current.clone() else {
+            return;
+        };
         let started = state.started_at.as_deref().and_then(|s| s.parse::<Timestamp>().ok());
         let outcome = slot.prober.tick(&docker, &ip, &id, c, started).await;
         slot.obs.ready = outcome.ready;
@@ -473,12 +509,15 @@ impl Worker {
     /// After a server restart, picks up the containers it had started.
     async fn adopt_existing(&mut self) {
         let uid = self.pod.metadata.uid.clone().unwrap_or_default();
-        let Ok(found) = runtime::list_containers(&self.k.docker, &self.k.instance, &[(LABEL_POD_UID, &uid)]).await else {
+        let Ok(found) = runtime::list_containers(&self.k.docker, &self.k.instance, &[(LABEL_POD_UID, &uid)]).await
+        else {
             return;
         };
         for c in found {
             let labels = c.labels.unwrap_or_default();
-            let (Some(name), Some(id)) = (labels.get(runtime::LABEL_CONTAINER), c.id) else { continue };
+            let (Some(name), Some(id)) = (labels.get(runtime::LABEL_CONTAINER), c.id) else {
+                continue;
+            };
             let attempt: u32 = labels.get(runtime::LABEL_ATTEMPT).and_then(|a| a.parse().ok()).unwrap_or(0);
             for slot in self.init.iter_mut().chain(self.main.iter_mut()) {
                 if &slot.obs.name == name && (slot.id.is_none() || attempt >= slot.attempt) {
@@ -520,7 +559,8 @@ impl Worker {
     /// that serves neither still gets the files, with what it has.
     async fn service_account_files(&self) -> ServiceAccountFiles {
         let ns = self.pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-        let sa = self.pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+        let sa =
+            self.pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
         let api: Api<ServiceAccount> = Api::namespaced(self.k.client.clone(), &ns);
         let req = TokenRequest {
             spec: TokenRequestSpec { audiences: vec![], expiration_seconds: Some(3607), ..Default::default() },
@@ -594,13 +634,23 @@ impl Worker {
             terminal: self.terminal,
         };
         let status: PodStatus = spec::pod_status(&view, self.pod.status.as_ref(), Timestamp::now());
-        let Ok(value) = serde_json::to_value(&status) else { return };
+        let Ok(value) = serde_json::to_value(&status) else {
+            return;
+        };
         if self.last_status.as_ref() == Some(&value) {
             return;
         }
-        let api: Api<Pod> = Api::namespaced(self.k.client.clone(), self.pod.metadata.namespace.as_deref().unwrap_or("default"));
+        let api: Api<Pod> =
+            Api::namespaced(self.k.client.clone(), self.pod.metadata.namespace.as_deref().unwrap_or("default"));
         let patch = serde_json::json!({ "status": value });
-        match api.patch_status(self.pod.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+        match api
+            .patch_status(
+                self.pod.metadata.name.as_deref().unwrap_or_default(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
             Ok(pod) => {
                 self.pod.status = pod.status;
                 self.last_status = Some(value);
@@ -630,13 +680,15 @@ impl Worker {
             // The app containers first, together; the pause container (the
             // network) last, so they can finish their connections.
             let (pause, apps): (Vec<_>, Vec<_>) = all.into_iter().partition(|c| {
-                c.labels.as_ref().and_then(|l| l.get(runtime::LABEL_CONTAINER)).map(String::as_str) == Some(PAUSE_CONTAINER)
+                c.labels.as_ref().and_then(|l| l.get(runtime::LABEL_CONTAINER)).map(String::as_str)
+                    == Some(PAUSE_CONTAINER)
             });
             for group in [apps, pause] {
                 let stops = group.into_iter().filter_map(|c| c.id).map(|id| {
                     let docker = self.k.docker.clone();
                     async move {
-                        let _ = docker.stop_container(&id, Some(StopContainerOptionsBuilder::default().t(t).build())).await;
+                        let _ =
+                            docker.stop_container(&id, Some(StopContainerOptionsBuilder::default().t(t).build())).await;
                         let _ = runtime::remove_container(&docker, &id).await;
                     }
                 });
@@ -645,7 +697,8 @@ impl Worker {
         }
         let _ = std::fs::remove_dir_all(volumes::pod_dir(&self.k.state_dir, &uid));
         if graceful {
-            let api: Api<Pod> = Api::namespaced(self.k.client.clone(), self.pod.metadata.namespace.as_deref().unwrap_or("default"));
+            let api: Api<Pod> =
+                Api::namespaced(self.k.client.clone(), self.pod.metadata.namespace.as_deref().unwrap_or("default"));
             let dp = DeleteParams {
                 grace_period_seconds: Some(0),
                 preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
@@ -658,7 +711,11 @@ impl Worker {
     }
 }
 
-async fn create_and_start(docker: &Docker, name: &str, body: bollard::models::ContainerCreateBody) -> anyhow::Result<String> {
+async fn create_and_start(
+    docker: &Docker,
+    name: &str,
+    body: bollard::models::ContainerCreateBody,
+) -> anyhow::Result<String> {
     let opts = CreateContainerOptionsBuilder::default().name(name).build();
     let id = match docker.create_container(Some(opts.clone()), body.clone()).await {
         Ok(r) => r.id,
@@ -678,7 +735,9 @@ async fn create_and_start(docker: &Docker, name: &str, body: bollard::models::Co
 fn referenced(pod: &Pod) -> (BTreeSet<String>, BTreeSet<String>) {
     let mut cms = BTreeSet::new();
     let mut secrets = BTreeSet::new();
-    let Some(spec) = &pod.spec else { return (cms, secrets) };
+    let Some(spec) = &pod.spec else {
+        return (cms, secrets);
+    };
     for c in spec.init_containers.iter().flatten().chain(spec.containers.iter()) {
         for from in c.env_from.iter().flatten() {
             cms.extend(from.config_map_ref.as_ref().map(|r| r.name.clone()));

@@ -30,7 +30,14 @@ pub struct Prober {
 }
 
 impl Prober {
-    pub async fn tick(&mut self, docker: &Docker, ip: &str, id: &str, c: &Container, started: Option<Timestamp>) -> Outcome {
+    pub async fn tick(
+        &mut self,
+        docker: &Docker,
+        ip: &str,
+        id: &str,
+        c: &Container,
+        started: Option<Timestamp>,
+    ) -> Outcome {
         let age = started.map_or(Duration::ZERO, |t| {
             Duration::try_from(Timestamp::now().duration_since(t)).unwrap_or(Duration::ZERO)
         });
@@ -59,7 +66,16 @@ impl ProbeState {
     /// Runs the probe when it is due; returns its verdict, or `undecided`
     /// before the first one (readiness starts false, liveness true).
     #[allow(clippy::too_many_arguments)]
-    async fn run(&mut self, docker: &Docker, ip: &str, id: &str, c: &Container, p: &Probe, age: Duration, undecided: bool) -> bool {
+    async fn run(
+        &mut self,
+        docker: &Docker,
+        ip: &str,
+        id: &str,
+        c: &Container,
+        p: &Probe,
+        age: Duration,
+        undecided: bool,
+    ) -> bool {
         let delay = Duration::from_secs(u64::try_from(p.initial_delay_seconds.unwrap_or(0)).unwrap_or(0));
         let now = Instant::now();
         if age < delay || self.next.is_some_and(|n| now < n) {
@@ -87,11 +103,15 @@ impl ProbeState {
 
 async fn check(docker: &Docker, ip: &str, id: &str, c: &Container, p: &Probe) -> bool {
     if let Some(tcp) = &p.tcp_socket {
-        let Some(port) = resolve_port(c, &tcp.port) else { return false };
+        let Some(port) = resolve_port(c, &tcp.port) else {
+            return false;
+        };
         return TcpStream::connect((ip, port)).await.is_ok();
     }
     if let Some(http) = &p.http_get {
-        let Some(port) = resolve_port(c, &http.port) else { return false };
+        let Some(port) = resolve_port(c, &http.port) else {
+            return false;
+        };
         return http_ok(ip, port, http.path.as_deref().unwrap_or("/")).await;
     }
     if let Some(exec) = &p.exec {
@@ -101,13 +121,17 @@ async fn check(docker: &Docker, ip: &str, id: &str, c: &Container, p: &Probe) ->
 }
 
 async fn http_ok(ip: &str, port: u16, path: &str) -> bool {
-    let Ok(mut conn) = TcpStream::connect((ip, port)).await else { return false };
+    let Ok(mut conn) = TcpStream::connect((ip, port)).await else {
+        return false;
+    };
     let req = format!("GET {path} HTTP/1.0\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.32\r\n\r\n");
     if conn.write_all(req.as_bytes()).await.is_err() {
         return false;
     }
     let mut head = [0u8; 16];
-    let Ok(n) = conn.read(&mut head).await else { return false };
+    let Ok(n) = conn.read(&mut head).await else {
+        return false;
+    };
     parse_status(&head[..n]).is_some_and(|code| (200..400).contains(&code))
 }
 
@@ -119,8 +143,11 @@ fn parse_status(head: &[u8]) -> Option<u16> {
 }
 
 async fn exec_ok(docker: &Docker, id: &str, cmd: Vec<String>) -> bool {
-    let config = ExecConfig { attach_stdout: Some(true), attach_stderr: Some(true), cmd: Some(cmd), ..Default::default() };
-    let Ok(exec) = docker.create_exec(id, config).await else { return false };
+    let config =
+        ExecConfig { attach_stdout: Some(true), attach_stderr: Some(true), cmd: Some(cmd), ..Default::default() };
+    let Ok(exec) = docker.create_exec(id, config).await else {
+        return false;
+    };
     let Ok(StartExecResults::Attached { mut output, .. }) =
         docker.start_exec(&exec.id, Some(StartExecOptions { detach: false, tty: false, output_capacity: None })).await
     else {

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use bollard::Docker;
 use bollard::models::{ContainerSummary, Ipam, IpamConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
-    ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
+    BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder, ListVolumesOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder,
 };
 use futures::StreamExt;
 
@@ -129,7 +129,10 @@ pub async fn ensure_network(docker: &Docker, instance: &str) -> Result<String> {
 /// Names of the other sandbox instances that have a network.
 async fn other_instances(docker: &Docker, instance: &str) -> Vec<String> {
     let filters = HashMap::from([("label".to_owned(), vec![layout::LABEL_INSTANCE.to_owned()])]);
-    let nets = docker.list_networks(Some(ListNetworksOptionsBuilder::default().filters(&filters).build())).await.unwrap_or_default();
+    let nets = docker
+        .list_networks(Some(ListNetworksOptionsBuilder::default().filters(&filters).build()))
+        .await
+        .unwrap_or_default();
     nets.into_iter()
         .filter_map(|n| n.labels?.get(layout::LABEL_INSTANCE).cloned())
         .filter(|holder| holder != instance)
@@ -175,7 +178,11 @@ fn pause_build_context() -> std::io::Result<Vec<u8>> {
 
 /// Every container of the instance, running or not, optionally narrowed by
 /// more `label=value` filters.
-pub async fn list_containers(docker: &Docker, instance: &str, labels: &[(&str, &str)]) -> Result<Vec<ContainerSummary>> {
+pub async fn list_containers(
+    docker: &Docker,
+    instance: &str,
+    labels: &[(&str, &str)],
+) -> Result<Vec<ContainerSummary>> {
     let mut label_filters = vec![format!("{}={instance}", layout::LABEL_INSTANCE)];
     label_filters.extend(labels.iter().map(|(k, v)| format!("{k}={v}")));
     let filters = HashMap::from([("label".to_owned(), label_filters)]);

@@ -7,13 +7,15 @@ use std::collections::HashMap;
 use bollard::models::{ContainerCreateBody, ContainerState, ContainerStateStatusEnum, HostConfig};
 use k8s_openapi::api::core::v1::{
     Container, ContainerState as K8sState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, Pod, PodCondition, PodIP, PodStatus, HostIP,
+    ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::env::expand;
-use super::runtime::{LABEL_ATTEMPT, LABEL_CONTAINER, LABEL_POD_NAME, LABEL_POD_NAMESPACE, LABEL_POD_UID, PAUSE_CONTAINER, PAUSE_IMAGE};
+use super::runtime::{
+    LABEL_ATTEMPT, LABEL_CONTAINER, LABEL_POD_NAME, LABEL_POD_NAMESPACE, LABEL_POD_UID, PAUSE_CONTAINER, PAUSE_IMAGE,
+};
 use crate::layout;
 
 /// The Docker name of a pod's container (`POD` for the pause container).
@@ -48,9 +50,8 @@ pub fn pause_body(instance: &str, pod: &Pod) -> ContainerCreateBody {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let spec = pod.spec.as_ref();
     let hostname = spec.and_then(|s| s.hostname.clone()).or_else(|| pod.metadata.name.clone()).unwrap_or_default();
-    let domain = spec
-        .and_then(|s| s.subdomain.as_deref())
-        .map(|sub| format!("{sub}.{ns}.svc.{}", layout::CLUSTER_DOMAIN));
+    let domain =
+        spec.and_then(|s| s.subdomain.as_deref()).map(|sub| format!("{sub}.{ns}.svc.{}", layout::CLUSTER_DOMAIN));
     ContainerCreateBody {
         image: Some(PAUSE_IMAGE.into()),
         hostname: Some(hostname.chars().take(63).collect()),
@@ -82,7 +83,8 @@ pub fn container_body(
     binds: Vec<String>,
 ) -> ContainerCreateBody {
     let lookup = |name: &str| env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    let expand_all = |v: &Option<Vec<String>>| v.as_ref().map(|v| v.iter().map(|s| expand(s, lookup)).collect::<Vec<_>>());
+    let expand_all =
+        |v: &Option<Vec<String>>| v.as_ref().map(|v| v.iter().map(|s| expand(s, lookup)).collect::<Vec<_>>());
     let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
     let sc = c.security_context.as_ref();
     let uid = sc.and_then(|s| s.run_as_user).or_else(|| pod_sc.and_then(|s| s.run_as_user));
@@ -94,7 +96,13 @@ pub fn container_body(
         (None, None) => None,
     };
     let groups: Vec<String> = pod_sc
-        .map(|s| s.fs_group.into_iter().chain(s.supplemental_groups.iter().flatten().copied()).map(|g| g.to_string()).collect())
+        .map(|s| {
+            s.fs_group
+                .into_iter()
+                .chain(s.supplemental_groups.iter().flatten().copied())
+                .map(|g| g.to_string())
+                .collect()
+        })
         .unwrap_or_default();
     let caps = sc.and_then(|s| s.capabilities.as_ref());
     let mut cmd = expand_all(&c.args);
@@ -149,7 +157,10 @@ pub fn resolv_conf(pod: &Pod) -> String {
         servers.extend(c.nameservers.iter().flatten().cloned());
         search.extend(c.searches.iter().flatten().cloned());
         for o in c.options.iter().flatten() {
-            let opt = o.value.as_ref().map_or_else(|| o.name.clone().unwrap_or_default(), |v| format!("{}:{v}", o.name.as_deref().unwrap_or_default()));
+            let opt = o.value.as_ref().map_or_else(
+                || o.name.clone().unwrap_or_default(),
+                |v| format!("{}:{v}", o.name.as_deref().unwrap_or_default()),
+            );
             let key = opt.split(':').next().unwrap_or_default().to_owned();
             options.retain(|x| x.split(':').next() != Some(key.as_str()));
             options.push(opt);
@@ -228,7 +239,9 @@ pub fn container_status(o: &Observed) -> ContainerStatus {
             running: Some(ContainerStateRunning { started_at: time(s.started_at.as_deref()) }),
             ..Default::default()
         },
-        (None, Some((id, s))) if has_exited(s) => K8sState { terminated: Some(terminated(id, s)), ..Default::default() },
+        (None, Some((id, s))) if has_exited(s) => {
+            K8sState { terminated: Some(terminated(id, s)), ..Default::default() }
+        }
         _ => K8sState {
             waiting: Some(ContainerStateWaiting { reason: Some("ContainerCreating".into()), message: None }),
             ..Default::default()
@@ -281,7 +294,8 @@ pub fn pod_status(view: &PodView, previous: Option<&PodStatus>, now: Timestamp) 
     } else {
         (Some("ContainersNotReady"), false)
     };
-    let old = |t: &str| previous.and_then(|p| p.conditions.as_ref()).and_then(|c| c.iter().find(|c| c.type_ == t)).cloned();
+    let old =
+        |t: &str| previous.and_then(|p| p.conditions.as_ref()).and_then(|c| c.iter().find(|c| c.type_ == t)).cloned();
     let cond = |t: &str, ok: bool, reason: Option<&str>| {
         let status = if ok { "True" } else { "False" };
         let since = old(t).filter(|c| c.status == status).and_then(|c| c.last_transition_time).unwrap_or(Time(now));
@@ -424,7 +438,12 @@ mod tests {
             pod_ip: Some("10.100.0.3".into()),
             host_ip: "172.17.0.1".into(),
             initialized: true,
-            containers: vec![Observed { name: "app".into(), current: Some(("abc".into(), running)), ready: true, ..Default::default() }],
+            containers: vec![Observed {
+                name: "app".into(),
+                current: Some(("abc".into(), running)),
+                ready: true,
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let now = Timestamp::now();
@@ -441,8 +460,15 @@ mod tests {
         let later = pod_status(&view, Some(&st), now);
         assert_eq!(later.phase.as_deref(), Some("Pending"));
         let cs = &later.container_statuses.as_ref().expect("cs")[0];
-        assert_eq!(cs.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()), Some("ErrImagePull"));
-        let scheduled = |s: &PodStatus| s.conditions.as_ref().and_then(|c| c.iter().find(|c| c.type_ == "PodScheduled").cloned());
-        assert_eq!(scheduled(&later).and_then(|c| c.last_transition_time), scheduled(&st).and_then(|c| c.last_transition_time));
+        assert_eq!(
+            cs.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()),
+            Some("ErrImagePull")
+        );
+        let scheduled =
+            |s: &PodStatus| s.conditions.as_ref().and_then(|c| c.iter().find(|c| c.type_ == "PodScheduled").cloned());
+        assert_eq!(
+            scheduled(&later).and_then(|c| c.last_transition_time),
+            scheduled(&st).and_then(|c| c.last_transition_time)
+        );
     }
 }

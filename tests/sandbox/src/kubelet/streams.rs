@@ -27,11 +27,7 @@ impl DockerNode {
         let mut found = runtime::list_containers(
             &self.docker,
             &self.instance,
-            &[
-                (LABEL_POD_NAMESPACE, &pod.namespace),
-                (LABEL_POD_NAME, &pod.name),
-                (LABEL_CONTAINER, container),
-            ],
+            &[(LABEL_POD_NAMESPACE, &pod.namespace), (LABEL_POD_NAME, &pod.name), (LABEL_CONTAINER, container)],
         )
         .await
         .map_err(|e| NodeError::Runtime(e.to_string()))?;
@@ -53,11 +49,7 @@ impl DockerNode {
 
     async fn pod_ip(&self, pod: &PodRef) -> Result<IpAddr, NodeError> {
         let pause = self.current(pod, PAUSE_CONTAINER).await?;
-        let info = self
-            .docker
-            .inspect_container(&pause, None)
-            .await
-            .map_err(|e| NodeError::Runtime(e.to_string()))?;
+        let info = self.docker.inspect_container(&pause, None).await.map_err(|e| NodeError::Runtime(e.to_string()))?;
         info.network_settings
             .and_then(|n| n.networks)
             .and_then(|nets| nets.get(&runtime::network_name(&self.instance)).and_then(|n| n.ip_address.clone()))

@@ -85,12 +85,15 @@ pub fn prepare(
         if let Some(gid) = fs_group(pod)
             && vol.host_path.is_none()
         {
-            apply_fs_group(&dir, gid, read_only).map_err(|source| VolumeError::Io { volume: vol.name.clone(), source })?;
+            apply_fs_group(&dir, gid, read_only)
+                .map_err(|source| VolumeError::Io { volume: vol.name.clone(), source })?;
         }
         out.dirs.insert(vol.name.clone(), (dir, read_only));
     }
     let automount = spec.automount_service_account_token.unwrap_or(true);
-    let mounted = all_containers(pod).flat_map(|c| c.volume_mounts.iter().flatten()).any(|m| m.mount_path.trim_end_matches('/') == SERVICE_ACCOUNT_DIR);
+    let mounted = all_containers(pod)
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .any(|m| m.mount_path.trim_end_matches('/') == SERVICE_ACCOUNT_DIR);
     if automount && !mounted {
         let dir = base.join(SERVICE_ACCOUNT_VOLUME);
         write_files(&dir, &token_files(ns, sa), 0o644)
@@ -104,7 +107,10 @@ pub fn prepare(
 
 fn all_containers(pod: &Pod) -> impl Iterator<Item = &Container> {
     let spec = pod.spec.as_ref();
-    spec.and_then(|s| s.init_containers.as_ref()).into_iter().flatten().chain(spec.map(|s| s.containers.iter()).into_iter().flatten())
+    spec.and_then(|s| s.init_containers.as_ref())
+        .into_iter()
+        .flatten()
+        .chain(spec.map(|s| s.containers.iter()).into_iter().flatten())
 }
 
 fn token_files(ns: &str, sa: &ServiceAccountFiles) -> Vec<(String, Vec<u8>, Option<i32>)> {
@@ -187,7 +193,9 @@ fn volume_dir(
                     )),
                     // kube-root-ca.crt is what every token volume projects;
                     // fall back to the CA the node was given.
-                    None if cm.name == "kube-root-ca.crt" => files.push(("ca.crt".into(), sa.ca_crt.clone().into_bytes(), None)),
+                    None if cm.name == "kube-root-ca.crt" => {
+                        files.push(("ca.crt".into(), sa.ca_crt.clone().into_bytes(), None))
+                    }
                     None if cm.optional == Some(true) => {}
                     None => return Err(VolumeError::ConfigMapMissing(cm.name.clone())),
                 }
@@ -249,10 +257,9 @@ fn make_shared_dir(dir: &Path) -> std::io::Result<()> {
 fn select_items(data: BTreeMap<String, Vec<u8>>, items: Option<&[KeyToPath]>) -> Vec<(String, Vec<u8>, Option<i32>)> {
     match items {
         None => data.into_iter().map(|(k, v)| (k, v, None)).collect(),
-        Some(items) => items
-            .iter()
-            .filter_map(|i| data.get(&i.key).map(|v| (i.path.clone(), v.clone(), i.mode)))
-            .collect(),
+        Some(items) => {
+            items.iter().filter_map(|i| data.get(&i.key).map(|v| (i.path.clone(), v.clone(), i.mode))).collect()
+        }
     }
 }
 
@@ -325,13 +332,21 @@ mod tests {
         let mut src = PodSources::default();
         src.config_maps.insert(
             "cfg".into(),
-            ConfigMap { data: Some([("a".to_owned(), "1".to_owned()), ("b".to_owned(), "2".to_owned())].into()), ..Default::default() },
+            ConfigMap {
+                data: Some([("a".to_owned(), "1".to_owned()), ("b".to_owned(), "2".to_owned())].into()),
+                ..Default::default()
+            },
         );
         let container = Container {
             name: "app".into(),
             volume_mounts: Some(vec![
                 VolumeMount { name: "cfg".into(), mount_path: "/etc/cfg".into(), ..Default::default() },
-                VolumeMount { name: "scratch".into(), mount_path: "/work".into(), sub_path: Some("sub".into()), ..Default::default() },
+                VolumeMount {
+                    name: "scratch".into(),
+                    mount_path: "/work".into(),
+                    sub_path: Some("sub".into()),
+                    ..Default::default()
+                },
             ]),
             ..Default::default()
         };
@@ -344,12 +359,20 @@ mod tests {
                         name: "cfg".into(),
                         config_map: Some(ConfigMapVolumeSource {
                             name: "cfg".into(),
-                            items: Some(vec![KeyToPath { key: "b".into(), path: "dir/b.txt".into(), mode: Some(0o600) }]),
+                            items: Some(vec![KeyToPath {
+                                key: "b".into(),
+                                path: "dir/b.txt".into(),
+                                mode: Some(0o600),
+                            }]),
                             ..Default::default()
                         }),
                         ..Default::default()
                     },
-                    Volume { name: "scratch".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+                    Volume {
+                        name: "scratch".into(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Default::default()
+                    },
                 ]),
                 ..Default::default()
             }),

@@ -45,8 +45,10 @@ pub fn answer(query: &Message, zone: &Zone) -> Reply {
     resp.metadata.recursion_desired = query.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
     resp.queries = query.queries.clone();
-    let (Some(q), true) = (query.queries.first(), query.metadata.op_code == OpCode::Query && query.metadata.message_type == MessageType::Query)
-    else {
+    let (Some(q), true) = (
+        query.queries.first(),
+        query.metadata.op_code == OpCode::Query && query.metadata.message_type == MessageType::Query,
+    ) else {
         resp.metadata.response_code = ResponseCode::FormErr;
         return Reply::Answer(resp);
     };
@@ -63,7 +65,9 @@ pub fn answer(query: &Message, zone: &Zone) -> Reply {
             srv(q, &mut resp, zone, ns, svc, &port[1..], &proto[1..]);
         }
         [ip, _ns, "pod"] => match ip.replace('-', ".").parse::<Ipv4Addr>() {
-            Ok(addr) if q.query_type() == RecordType::A => resp.answers.push(Record::from_rdata(q.name().clone(), TTL, RData::A(A(addr)))),
+            Ok(addr) if q.query_type() == RecordType::A => {
+                resp.answers.push(Record::from_rdata(q.name().clone(), TTL, RData::A(A(addr))))
+            }
             Ok(_) => {}
             Err(_) => resp.metadata.response_code = ResponseCode::NXDomain,
         },
@@ -118,7 +122,9 @@ fn srv(q: &Query, resp: &mut Message, zone: &Zone, ns: &str, svc: &str, port: &s
     if q.query_type() != RecordType::SRV {
         return;
     }
-    let Ok(target) = Name::from_ascii(format!("{svc}.{ns}.svc.{}.", layout::CLUSTER_DOMAIN)) else { return };
+    let Ok(target) = Name::from_ascii(format!("{svc}.{ns}.svc.{}.", layout::CLUSTER_DOMAIN)) else {
+        return;
+    };
     resp.answers.push(Record::from_rdata(q.name().clone(), TTL, RData::SRV(SRV::new(0, 100, *number, target.clone()))));
     if let Some(ip) = rec.cluster_ip {
         resp.additionals.push(Record::from_rdata(target, TTL, RData::A(A(ip))));
@@ -151,7 +157,10 @@ mod tests {
         );
         z.services.insert(
             ("demo".into(), "db".into()),
-            ServiceRecord { endpoints: vec![Ipv4Addr::new(10, 100, 0, 1), Ipv4Addr::new(10, 100, 0, 2)], ..Default::default() },
+            ServiceRecord {
+                endpoints: vec![Ipv4Addr::new(10, 100, 0, 1), Ipv4Addr::new(10, 100, 0, 2)],
+                ..Default::default()
+            },
         );
         z.services.insert(
             ("demo".into(), "alias".into()),

@@ -62,7 +62,10 @@ where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let mut stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff().touched_objects().boxed();
+    let mut stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects()
+        .boxed();
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -119,7 +122,9 @@ fn desired(services: &[Arc<Service>]) -> BTreeMap<Listen, Target> {
                 service: svc.metadata.name.clone().unwrap_or_default(),
                 port: port.clone(),
             };
-            let Ok(number) = u16::try_from(port.port) else { continue };
+            let Ok(number) = u16::try_from(port.port) else {
+                continue;
+            };
             if let Some(ip) = ip {
                 out.insert(Listen::ClusterIp(ip, number, proto), target.clone());
             }
@@ -143,7 +148,9 @@ fn endpoints_for(endpoints: Option<&Endpoints>, port: &ServicePort) -> Vec<Socke
             .iter()
             .find(|p| p.name.as_deref().unwrap_or("") == want && p.protocol.as_deref().unwrap_or("TCP") == proto)
             .or_else(|| (ports.len() == 1).then(|| &ports[0]));
-        let Some(number) = matching.and_then(|p| u16::try_from(p.port).ok()) else { continue };
+        let Some(number) = matching.and_then(|p| u16::try_from(p.port).ok()) else {
+            continue;
+        };
         for addr in subset.addresses.iter().flatten() {
             if let Ok(ip) = addr.ip.parse::<IpAddr>() {
                 out.push(SocketAddr::new(ip, number));
@@ -183,7 +190,9 @@ async fn reconcile_loop(cluster: Cluster, bridge: String, changed: Arc<Notify>, 
                 continue;
             }
             let stop = shutdown.child_token();
-            match bind(&bridge, listen, LiveBackends { cluster: cluster.clone(), target: target.clone() }, stop.clone()).await {
+            match bind(&bridge, listen, LiveBackends { cluster: cluster.clone(), target: target.clone() }, stop.clone())
+                .await
+            {
                 Ok(()) => {
                     running.insert(listen, (target, stop));
                 }
@@ -257,15 +266,26 @@ async fn add_address(bridge: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
 
 /// Drops the /32 service addresses on the bridge that no listener uses.
 async fn remove_unused_addresses(bridge: &str, in_use: &[Ipv4Addr]) {
-    let Ok(out) = tokio::process::Command::new(ip_binary()).args(["-4", "-o", "addr", "show", "dev", bridge]).output().await else {
+    let Ok(out) =
+        tokio::process::Command::new(ip_binary()).args(["-4", "-o", "addr", "show", "dev", bridge]).output().await
+    else {
         return;
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(cidr) = line.split_whitespace().skip_while(|w| *w != "inet").nth(1) else { continue };
-        let Some((ip, "32")) = cidr.split_once('/') else { continue };
-        let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue };
+        let Some(cidr) = line.split_whitespace().skip_while(|w| *w != "inet").nth(1) else {
+            continue;
+        };
+        let Some((ip, "32")) = cidr.split_once('/') else {
+            continue;
+        };
+        let Ok(ip) = ip.parse::<Ipv4Addr>() else {
+            continue;
+        };
         if !in_use.contains(&ip) {
-            let _ = tokio::process::Command::new(ip_binary()).args(["-4", "addr", "del", cidr, "dev", bridge]).output().await;
+            let _ = tokio::process::Command::new(ip_binary())
+                .args(["-4", "addr", "del", cidr, "dev", bridge])
+                .output()
+                .await;
         }
     }
 }
@@ -299,7 +319,11 @@ fn zone(cluster: &Cluster) -> dns::Zone {
                 .iter()
                 .flatten()
                 .filter_map(|p| {
-                    Some((p.name.clone()?, p.protocol.clone().unwrap_or_else(|| "TCP".into()).to_lowercase(), u16::try_from(p.port).ok()?))
+                    Some((
+                        p.name.clone()?,
+                        p.protocol.clone().unwrap_or_else(|| "TCP".into()).to_lowercase(),
+                        u16::try_from(p.port).ok()?,
+                    ))
                 })
                 .collect(),
         };
@@ -358,13 +382,19 @@ async fn serve_dns_tcp(listener: TcpListener, cluster: Cluster, upstream: Option
         tokio::spawn(async move {
             // Length-prefixed messages (RFC 1035 4.2.2), several per connection.
             loop {
-                let Ok(len) = conn.read_u16().await else { return };
+                let Ok(len) = conn.read_u16().await else {
+                    return;
+                };
                 let mut query = vec![0u8; usize::from(len)];
                 if conn.read_exact(&mut query).await.is_err() {
                     return;
                 }
-                let Some(reply) = respond(&query, &cluster, upstream).await else { return };
-                let Ok(len) = u16::try_from(reply.len()) else { return };
+                let Some(reply) = respond(&query, &cluster, upstream).await else {
+                    return;
+                };
+                let Ok(len) = u16::try_from(reply.len()) else {
+                    return;
+                };
                 if conn.write_u16(len).await.is_err() || conn.write_all(&reply).await.is_err() {
                     return;
                 }
@@ -387,7 +417,12 @@ mod tests {
                 cluster_ip: Some("10.96.0.20".into()),
                 ports: Some(vec![
                     ServicePort { name: Some("http".into()), port: 80, node_port: Some(30080), ..Default::default() },
-                    ServicePort { name: Some("dns".into()), port: 53, protocol: Some("UDP".into()), ..Default::default() },
+                    ServicePort {
+                        name: Some("dns".into()),
+                        port: 53,
+                        protocol: Some("UDP".into()),
+                        ..Default::default()
+                    },
                 ]),
                 ..Default::default()
             }),
@@ -398,7 +433,11 @@ mod tests {
         let ip = Ipv4Addr::new(10, 96, 0, 20);
         assert_eq!(
             keys,
-            vec![Listen::ClusterIp(ip, 53, Proto::Udp), Listen::ClusterIp(ip, 80, Proto::Tcp), Listen::NodePort(30080, Proto::Tcp)]
+            vec![
+                Listen::ClusterIp(ip, 53, Proto::Udp),
+                Listen::ClusterIp(ip, 80, Proto::Tcp),
+                Listen::NodePort(30080, Proto::Tcp)
+            ]
         );
     }
 

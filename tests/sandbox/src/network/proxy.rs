@@ -45,7 +45,9 @@ pub async fn serve_tcp<B: Backends>(listener: TcpListener, backends: B, stop: Ca
             () = stop.cancelled() => return,
             a = listener.accept() => a,
         };
-        let Ok((mut client, _)) = accepted else { continue };
+        let Ok((mut client, _)) = accepted else {
+            continue;
+        };
         let picker = picker.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -85,8 +87,12 @@ pub async fn serve_udp<B: Backends>(socket: UdpSocket, backends: B, stop: Cancel
             live
         });
         if let std::collections::hash_map::Entry::Vacant(slot) = flows.entry(client) {
-            let Some(backend) = picker.candidates().into_iter().next() else { continue };
-            let Ok(upstream) = UdpSocket::bind("0.0.0.0:0").await else { continue };
+            let Some(backend) = picker.candidates().into_iter().next() else {
+                continue;
+            };
+            let Ok(upstream) = UdpSocket::bind("0.0.0.0:0").await else {
+                continue;
+            };
             if upstream.connect(backend).await.is_err() {
                 continue;
             }
@@ -106,7 +112,12 @@ pub async fn serve_udp<B: Backends>(socket: UdpSocket, backends: B, stop: Cancel
 }
 
 /// Sends a backend's datagrams back to the client from the service address.
-async fn relay_replies(upstream: Arc<UdpSocket>, listener: Arc<UdpSocket>, client: SocketAddr, stop: CancellationToken) {
+async fn relay_replies(
+    upstream: Arc<UdpSocket>,
+    listener: Arc<UdpSocket>,
+    client: SocketAddr,
+    stop: CancellationToken,
+) {
     let mut buf = vec![0u8; 65536];
     loop {
         let r = tokio::select! {
@@ -168,7 +179,8 @@ mod tests {
         let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         client.send_to(b"ping", udp_front_addr).await.expect("send");
         let mut b = [0u8; 64];
-        let (n, from) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut b)).await.expect("reply").expect("recv");
+        let (n, from) =
+            tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut b)).await.expect("reply").expect("recv");
         assert_eq!((&b[..n], from), (&b"ping"[..], udp_front_addr));
         stop.cancel();
     }

@@ -172,11 +172,7 @@ impl Store {
     pub fn delete(&self, resource: &str, namespace: &str, name: &str) -> Result<Value> {
         let mut st = self.lock();
         let key = (namespace.to_owned(), name.to_owned());
-        let mut object = st
-            .objects
-            .get_mut(resource)
-            .and_then(|m| m.remove(&key))
-            .ok_or(StoreError::NotFound)?;
+        let mut object = st.objects.get_mut(resource).and_then(|m| m.remove(&key)).ok_or(StoreError::NotFound)?;
         st.rv += 1;
         let rv = st.rv;
         // The DELETED event carries the object at the revision of its deletion.
@@ -196,13 +192,8 @@ impl Store {
     }
 
     fn emit(&self, st: &mut State, kind: EventType, resource: &str, namespace: &str, object: Value) {
-        let event = Arc::new(Event {
-            rv: st.rv,
-            kind,
-            resource: resource.to_owned(),
-            namespace: namespace.to_owned(),
-            object,
-        });
+        let event =
+            Arc::new(Event { rv: st.rv, kind, resource: resource.to_owned(), namespace: namespace.to_owned(), object });
         st.history.push(event.clone());
         // No receivers is fine: nobody is watching.
         let _ = self.events.send(event);

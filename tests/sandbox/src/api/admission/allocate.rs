@@ -65,7 +65,11 @@ pub fn node_ports(ports: &mut [Value], used: &HashSet<u16>) -> Result<(), Cause>
                 let port = u16::try_from(n).ok().filter(|n| layout::NODE_PORT_RANGE.contains(n));
                 let (lo, hi) = (layout::NODE_PORT_RANGE.start(), layout::NODE_PORT_RANGE.end());
                 let port = port.ok_or_else(|| {
-                    Cause::invalid(&field, &Value::from(n), &format!("provided port is not in the valid range. The range of valid ports is {lo}-{hi}"))
+                    Cause::invalid(
+                        &field,
+                        &Value::from(n),
+                        &format!("provided port is not in the valid range. The range of valid ports is {lo}-{hi}"),
+                    )
                 })?;
                 if !taken.insert(port) {
                     return Err(Cause::invalid(&field, &Value::from(n), "provided port is already allocated"));

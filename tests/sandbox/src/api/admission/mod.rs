@@ -39,7 +39,10 @@ impl FieldValidation {
 /// for unknown fields (or a 400 under `Strict`).
 pub fn check_typed(res: &Resource, body: &Value, mode: FieldValidation) -> ApiResult<Vec<String>> {
     let known = (res.typed)(body).map_err(|e| {
-        ApiError::bad_request(format!("{} in version \"{}\" cannot be handled as a {}: {e}", res.kind, res.version, res.kind))
+        ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: {e}",
+            res.kind, res.version, res.kind
+        ))
     })?;
     if mode == FieldValidation::Ignore {
         return Ok(Vec::new());
@@ -130,7 +133,11 @@ pub fn prepare_create(res: &Resource, namespace: &str, mut obj: Value, store: &S
         m.insert("generation".into(), json!(1));
     }
     if name.is_empty() {
-        let cause = Cause { reason: "FieldValueRequired", field: "metadata.name".into(), message: "Required value: name or generateName is required".into() };
+        let cause = Cause {
+            reason: "FieldValueRequired",
+            field: "metadata.name".into(),
+            message: "Required value: name or generateName is required".into(),
+        };
         return Err(ApiError::invalid(res.group, res.kind, "", vec![cause]));
     }
     apply_kind_rules(res, &mut obj, None, store)?;
@@ -138,14 +145,22 @@ pub fn prepare_create(res: &Resource, namespace: &str, mut obj: Value, store: &S
 }
 
 /// Prepares an update of `old` to `new`, for the object or its `status`.
-pub fn prepare_update(res: &Resource, old: &Value, mut new: Value, status_only: bool, store: &Store) -> ApiResult<Value> {
+pub fn prepare_update(
+    res: &Resource,
+    old: &Value,
+    mut new: Value,
+    status_only: bool,
+    store: &Store,
+) -> ApiResult<Value> {
     if !new.is_object() {
         return Err(ApiError::bad_request("the body of the request must be a JSON object"));
     }
     let name = old["metadata"]["name"].as_str().unwrap_or_default();
     match new.pointer("/metadata/name").and_then(Value::as_str) {
         Some(n) if n != name => {
-            return Err(ApiError::bad_request(format!("the name of the object ({n}) does not match the name on the URL ({name})")));
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({name})"
+            )));
         }
         _ => {}
     }
@@ -201,7 +216,11 @@ fn apply_kind_rules(res: &Resource, obj: &mut Value, old: Option<&Value>, store:
             }
         }
         "Deployment" | "ReplicaSet" => {
-            if res.kind == "Deployment" { defaults::deployment(obj) } else { defaults::replicaset(obj) }
+            if res.kind == "Deployment" {
+                defaults::deployment(obj)
+            } else {
+                defaults::replicaset(obj)
+            }
             causes.extend(validate::workload(obj));
             if old.is_none() {
                 obj["status"] = json!({});
@@ -262,7 +281,9 @@ fn pod_update(old: &Value, new: &Value) -> Vec<Cause> {
 /// `stringData` is write-only: it is folded into `data`, base64-encoded.
 fn secret_string_data(obj: &mut Value) {
     use base64::Engine;
-    let Some(Value::Object(strings)) = obj.as_object_mut().and_then(|o| o.remove("stringData")) else { return };
+    let Some(Value::Object(strings)) = obj.as_object_mut().and_then(|o| o.remove("stringData")) else {
+        return;
+    };
     if !obj.get("data").is_some_and(Value::is_object) {
         obj["data"] = json!({});
     }

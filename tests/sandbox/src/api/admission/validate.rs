@@ -44,7 +44,9 @@ pub fn pod_spec(spec: &Value, at: &str) -> Vec<Cause> {
             let here = format!("{at}.{field}[{i}]");
             match c.get("name").and_then(Value::as_str) {
                 None | Some("") => causes.push(Cause::required(format!("{here}.name"))),
-                Some(n) if !is_dns_label(n) => causes.push(Cause::invalid(format!("{here}.name"), &Value::from(n), LABEL_MSG)),
+                Some(n) if !is_dns_label(n) => {
+                    causes.push(Cause::invalid(format!("{here}.name"), &Value::from(n), LABEL_MSG))
+                }
                 Some(n) if seen.contains(&n) => causes.push(Cause::duplicate(format!("{here}.name"), &Value::from(n))),
                 Some(n) => seen.push(n),
             }
@@ -83,8 +85,13 @@ pub fn workload(obj: &Value) -> Vec<Cause> {
         Some(t) => causes.extend(pod_spec(t, "spec.template.spec")),
         None => causes.push(Cause::required("spec.template.spec.containers")),
     }
-    if spec.pointer("/strategy/type") == Some(&Value::from("Recreate")) && spec.pointer("/strategy/rollingUpdate").is_some() {
-        causes.push(Cause::forbidden("spec.strategy.rollingUpdate", "may not be specified when strategy `type` is 'Recreate'"));
+    if spec.pointer("/strategy/type") == Some(&Value::from("Recreate"))
+        && spec.pointer("/strategy/rollingUpdate").is_some()
+    {
+        causes.push(Cause::forbidden(
+            "spec.strategy.rollingUpdate",
+            "may not be specified when strategy `type` is 'Recreate'",
+        ));
     }
     causes
 }
@@ -103,7 +110,11 @@ pub fn service(svc: &Value) -> Vec<Cause> {
     }
     for (i, p) in ports.iter().enumerate() {
         if !p["port"].as_i64().is_some_and(|n| (1..=65535).contains(&n)) {
-            causes.push(Cause::invalid(format!("spec.ports[{i}].port"), &p["port"], "must be between 1 and 65535, inclusive"));
+            causes.push(Cause::invalid(
+                format!("spec.ports[{i}].port"),
+                &p["port"],
+                "must be between 1 and 65535, inclusive",
+            ));
         }
         if ports.len() > 1 && p.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
             causes.push(Cause::required(format!("spec.ports[{i}].name")));

@@ -20,7 +20,9 @@ fn strategy(path: &[&str]) -> ListStrategy {
     use ListStrategy::*;
     const CONTAINERS: &[&str] = &["containers", "initContainers", "ephemeralContainers"];
     let n = path.len();
-    let Some(&last) = path.last() else { return Replace };
+    let Some(&last) = path.last() else {
+        return Replace;
+    };
     let parent = if n >= 2 { path[n - 2] } else { "" };
     match (parent, last) {
         ("metadata", "finalizers") => Set,
@@ -52,7 +54,11 @@ fn merge_value(original: Option<&Value>, patch: &Value, path: &mut Vec<String>) 
     }
 }
 
-fn merge_map(original: Option<&Map<String, Value>>, patch: &Map<String, Value>, path: &mut Vec<String>) -> Option<Value> {
+fn merge_map(
+    original: Option<&Map<String, Value>>,
+    patch: &Map<String, Value>,
+    path: &mut Vec<String>,
+) -> Option<Value> {
     match patch.get("$patch").and_then(Value::as_str) {
         Some("delete") => return None,
         Some("replace") => {
@@ -193,7 +199,10 @@ mod tests {
         let c = &out["spec"]["template"]["spec"]["containers"];
         assert_eq!(c.as_array().unwrap().len(), 2);
         assert_eq!(c[0]["image"], "a:1");
-        assert_eq!(c[0]["env"], json!([{"name": "A", "value": "1"}, {"name": "B", "value": "3"}, {"name": "C", "value": "4"}]));
+        assert_eq!(
+            c[0]["env"],
+            json!([{"name": "A", "value": "1"}, {"name": "B", "value": "3"}, {"name": "C", "value": "4"}])
+        );
         assert_eq!(c[1]["name"], "side");
     }
 
@@ -247,12 +256,17 @@ mod tests {
     }
 
     fn arb_json() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![Just(Value::Null), any::<i64>().prop_map(Value::from), "[a-z$/]{0,8}".prop_map(Value::from)];
+        let leaf =
+            prop_oneof![Just(Value::Null), any::<i64>().prop_map(Value::from), "[a-z$/]{0,8}".prop_map(Value::from)];
         leaf.prop_recursive(4, 32, 6, |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-                prop::collection::btree_map("(\\$patch|\\$retainKeys|name|spec|containers|env|\\$setElementOrder/env|[a-z]{1,4})", inner, 0..4)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                prop::collection::btree_map(
+                    "(\\$patch|\\$retainKeys|name|spec|containers|env|\\$setElementOrder/env|[a-z]{1,4})",
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
     }

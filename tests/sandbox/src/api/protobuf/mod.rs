@@ -203,7 +203,9 @@ fn message(name: &str, buf: &[u8]) -> Result<Value> {
     let mut out = Map::new();
     for (tag, w) in fields(buf)? {
         // Unknown tags are skipped, as protobuf readers do.
-        let Some(F(_, json_name, t, repeated)) = schema.iter().find(|f| f.0 == tag) else { continue };
+        let Some(F(_, json_name, t, repeated)) = schema.iter().find(|f| f.0 == tag) else {
+            continue;
+        };
         let key = (*json_name).to_owned();
         match t {
             T::MapStr | T::MapBytes | T::MapQuantity => {
@@ -211,7 +213,9 @@ fn message(name: &str, buf: &[u8]) -> Result<Value> {
                 let value = match (t, v) {
                     (_, None) => json!(""),
                     (T::MapStr, Some(v)) => json!(string(&v)?),
-                    (T::MapBytes, Some(v)) => json!(base64::engine::general_purpose::STANDARD.encode(bytes(&v)?)),
+                    (T::MapBytes, Some(v)) => {
+                        json!(base64::engine::general_purpose::STANDARD.encode(bytes(&v)?))
+                    }
                     (T::MapQuantity, Some(v)) => quantity(bytes(&v)?)?,
                     _ => return Err(ProtoError::Malformed),
                 };

@@ -22,9 +22,14 @@ pub fn normal_close() -> axum::extract::ws::Message {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
-    Data { channel: u8, data: &'a [u8] },
+    Data {
+        channel: u8,
+        data: &'a [u8],
+    },
     /// The client will send no more on `channel` (v5 only).
-    Close { channel: u8 },
+    Close {
+        channel: u8,
+    },
 }
 
 /// Decodes one binary websocket message; `None` for an empty one.

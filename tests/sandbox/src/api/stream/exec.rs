@@ -23,7 +23,13 @@ fn flag(q: &Query, key: &str) -> bool {
     q.get(key).is_some_and(|v| v == "true" || v == "1")
 }
 
-pub async fn serve(app: Arc<App>, t: Target, q: Query, command: Vec<String>, ws: WebSocketUpgrade) -> ApiResult<Response> {
+pub async fn serve(
+    app: Arc<App>,
+    t: Target,
+    q: Query,
+    command: Vec<String>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
     let target = resolve(&app, &t, &q)?;
     if command.is_empty() {
         return Err(ApiError::bad_request("you must specify at least 1 command"));

@@ -44,7 +44,9 @@ fn resolve(app: &App, t: &Target, q: &Query) -> ApiResult<PodTarget> {
         .collect();
     let container = match q.get("container") {
         Some(c) if names.contains(&c.as_str()) || inits.contains(&c.as_str()) => c.clone(),
-        Some(c) => return Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}"))),
+        Some(c) => {
+            return Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}")));
+        }
         None if names.len() == 1 => names[0].to_owned(),
         None => {
             return Err(ApiError::bad_request(format!(
