@@ -22,8 +22,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-/// Version of the file protocol; see the module docs.
-pub const FILES_VERSION: u16 = 1;
+/// Version of the file protocol; see the module docs. 2: [`Response::Opened`]
+/// carries the content of small files opened for reading.
+pub const FILES_VERSION: u16 = 2;
 
 /// Largest read or write one request carries (the FUSE client's `max_write`
 /// and `max_read`): large requests keep sequential IO at wire speed.
@@ -32,6 +33,11 @@ pub const MAX_IO: u32 = 1 << 20;
 /// Largest frame either side accepts: one full [`MAX_IO`] payload plus room
 /// for a directory page. A larger length prefix closes the stream.
 pub const MAX_FRAME: usize = 4 << 20;
+
+/// Largest file whose whole content the server sends with
+/// [`Response::Opened`] when it is opened for reading only: opening and
+/// reading a small file then costs one round trip instead of two.
+pub const OPEN_DATA_MAX: u32 = 128 << 10;
 
 /// Most entries the server puts in one [`Response::Entries`] page.
 pub const MAX_DIR_PAGE: usize = 4096;
@@ -305,9 +311,13 @@ pub enum Response {
         entries: Vec<DirEntry>,
         next: Option<u64>,
     },
+    /// `data`, when present, is the file's whole content as read right after
+    /// opening it (a regular file of at most [`OPEN_DATA_MAX`] bytes opened
+    /// read-only).
     Opened {
         handle: u64,
         attr: Attr,
+        data: Option<Bytes>,
     },
     Data(Bytes),
     Written(u32),
@@ -713,10 +723,11 @@ impl Message for Response {
                 }
                 put_opt(out, next, |o, n| o.put_u64(*n));
             }
-            Opened { handle, attr } => {
+            Opened { handle, attr, data } => {
                 out.put_u8(kind::OPENED);
                 out.put_u64(*handle);
                 attr.encode(out);
+                put_opt(out, data, |o, d| put_bytes(o, d));
             }
             Data(d) => {
                 out.put_u8(kind::DATA);
@@ -764,7 +775,7 @@ impl Message for Response {
                 }
                 Entries { entries, next: get_opt(b, get_u64)? }
             }
-            kind::OPENED => Opened { handle: get_u64(b)?, attr: self::Attr::decode(b)? },
+            kind::OPENED => Opened { handle: get_u64(b)?, attr: self::Attr::decode(b)?, data: get_opt(b, get_bytes)? },
             kind::DATA => Data(get_bytes(b)?),
             kind::WRITTEN => Written(get_u32(b)?),
             kind::LINK => Link(get_vec(b)?),
@@ -885,7 +896,11 @@ mod tests {
                 entries: e.into_iter().map(|(name, attr)| DirEntry { name, attr }).collect(),
                 next
             }),
-            (any::<u64>(), attr()).prop_map(|(handle, attr)| Opened { handle, attr }),
+            (any::<u64>(), attr(), proptest::option::of(bytes())).prop_map(|(handle, attr, data)| Opened {
+                handle,
+                attr,
+                data: data.map(Bytes::from)
+            }),
             bytes().prop_map(|d| Data(Bytes::from(d))),
             any::<u32>().prop_map(Written),
             bytes().prop_map(Link),

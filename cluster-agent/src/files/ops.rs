@@ -77,16 +77,17 @@ fn dispatch(table: &MountTable, handles: &Handles, req: Request) -> OpResult {
             if writes(flags) {
                 t.writable()?;
             }
-            let fd = t.open(flags, Mode::empty())?;
-            let attr = attr(&rustix::fs::fstat(&fd)?);
-            Ok(Response::Opened { handle: handles.insert(File::from(fd)), attr })
+            let file = File::from(t.open(flags, Mode::empty())?);
+            let attr = attr(&rustix::fs::fstat(&file)?);
+            let data = if writes(flags) { None } else { whole_if_small(&file, &attr)? };
+            Ok(Response::Opened { handle: handles.insert(file), attr, data })
         }
         Create { mount, path, mode, flags } => {
             let t = Target::resolve(table, mount, &path)?;
             t.writable()?;
             let fd = t.open(open_flags(flags, true), Mode::from_raw_mode(mode))?;
             let attr = attr(&rustix::fs::fstat(&fd)?);
-            Ok(Response::Opened { handle: handles.insert(File::from(fd)), attr })
+            Ok(Response::Opened { handle: handles.insert(File::from(fd)), attr, data: None })
         }
         Read { handle, offset, size } => read(&*handles.get(handle)?, offset, size),
         Write { handle, offset, data } => {
@@ -231,7 +232,12 @@ fn writes(f: OFlags) -> bool {
 }
 
 fn read(file: &File, offset: u64, size: u32) -> OpResult {
-    let mut buf = vec![0u8; size.min(MAX_IO) as usize];
+    read_at(file, offset, size.min(MAX_IO) as usize).map(Response::Data)
+}
+
+/// Up to `size` bytes from `offset`, fewer only at the end of the file.
+fn read_at(file: &File, offset: u64, size: usize) -> Result<Bytes, Errno> {
+    let mut buf = vec![0u8; size];
     let mut got = 0;
     while got < buf.len() {
         match file.read_at(&mut buf[got..], offset + got as u64) {
@@ -242,7 +248,20 @@ fn read(file: &File, offset: u64, size: u32) -> OpResult {
         }
     }
     buf.truncate(got);
-    Ok(Response::Data(Bytes::from(buf)))
+    Ok(Bytes::from(buf))
+}
+
+/// The whole content of a small regular file, for [`Response::Opened`]; a
+/// file that grew past [`files::OPEN_DATA_MAX`] since `attr` was taken is
+/// left to ordinary reads, because the client takes what comes as complete.
+fn whole_if_small(file: &File, attr: &Attr) -> Result<Option<Bytes>, Errno> {
+    let max = files::OPEN_DATA_MAX as usize;
+    let regular = attr.mode & 0o170000 == 0o100000;
+    if !regular || attr.size > max as u64 {
+        return Ok(None);
+    }
+    let data = read_at(file, 0, max + 1)?;
+    Ok((data.len() <= max).then_some(data))
 }
 
 fn read_dir(t: &Target<'_>, cursor: u64) -> OpResult {

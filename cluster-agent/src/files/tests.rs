@@ -118,8 +118,9 @@ async fn reads_writes_and_lists() {
     assert_eq!(c.call(Request::Release { handle: h }).await, Response::Ok);
 
     let h = match c.call(Request::Create { mount: 0, path: p("sub/new"), mode: 0o640, flags: 2 }).await {
-        Response::Opened { handle, attr } => {
+        Response::Opened { handle, attr, data } => {
             assert_eq!(attr.mode & 0o777, 0o640);
+            assert_eq!(data, None, "nothing to send with a file made for writing");
             handle
         }
         other => panic!("{other:?}"),
@@ -140,6 +141,30 @@ async fn reads_writes_and_lists() {
         other => panic!("{other:?}"),
     }
     assert_eq!(c.call(Request::Readlink { mount: 0, path: p("inside") }).await, Response::Link(p("sub/inner")));
+}
+
+#[tokio::test]
+async fn small_files_opened_for_reading_come_with_their_content() {
+    let (fx, table) = fixture();
+    let big = vec![7u8; files::OPEN_DATA_MAX as usize + 1];
+    std::fs::write(fx.rw.join("big"), &big).expect("write");
+    let mut c = connect(table).await;
+    let opened = |path: &str, flags| Request::Open { mount: 0, path: p(path), flags };
+    match c.call(opened("hello", 0)).await {
+        Response::Opened { data, .. } => assert_eq!(data, Some(Bytes::from("hello world"))),
+        other => panic!("{other:?}"),
+    }
+    // Opened for writing, the content could change under the client: none.
+    for (path, flags) in [("hello", 2), ("hello", 1), ("big", 0), ("sub", 0o200000)] {
+        match c.call(opened(path, flags)).await {
+            Response::Opened { data, .. } => assert_eq!(data, None, "{path} with flags {flags:o}"),
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+    // The handle still reads past what came with the open.
+    let h = open(&mut c, 0, "big", 0).await.expect("open");
+    let tail = c.call(Request::Read { handle: h, offset: files::OPEN_DATA_MAX.into(), size: 10 }).await;
+    assert_eq!(tail, Response::Data(Bytes::from(vec![7u8])));
 }
 
 #[tokio::test]

@@ -15,7 +15,10 @@
 //! [`ATTR_TTL`]; file data is not kept across opens (no FOPEN_KEEP_CACHE), so
 //! reopening a file shows the pod's latest content, and within an open the
 //! kernel drops cached pages when it sees the size or mtime change
-//! (FUSE_AUTO_INVAL_DATA).
+//! (FUSE_AUTO_INVAL_DATA). A small file's content comes with its open and
+//! answers its reads for at most [`ATTR_TTL`] (see `heads`). Closing costs no
+//! round trip: opens say FOPEN_NOFLUSH (writes are never buffered here) and a
+//! release is answered at once, its request sent after.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -35,6 +38,7 @@ use tokio::runtime::Handle;
 use tpd_wire::files::{self, Attr, DirEntry, Request as Req, Response, SetAttr, TimeSet, Timespec};
 
 use super::client::FileClient;
+use super::heads::Heads;
 use super::listing::{Listings, Lookup};
 
 /// How long the kernel trusts attributes and names it got from us. Short, so
@@ -110,11 +114,14 @@ pub struct VolumeFs {
     dirs: Arc<Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>>,
     /// Recent listings that answer lookups (see `listing`).
     listings: Arc<Mutex<Listings>>,
+    /// Small files' content that came with their open; shared by every
+    /// mount of the connection, since two may show one volume (subPaths).
+    heads: Arc<Mutex<Heads>>,
     next_dir: AtomicU64,
 }
 
 impl VolumeFs {
-    pub fn new(mount: u16, client: FileClient, rt: Handle) -> Self {
+    pub fn new(mount: u16, client: FileClient, heads: Arc<Mutex<Heads>>, rt: Handle) -> Self {
         VolumeFs {
             mount,
             client,
@@ -122,6 +129,7 @@ impl VolumeFs {
             inodes: Arc::new(Mutex::new(Inodes::new())),
             dirs: Arc::new(Mutex::new(HashMap::new())),
             listings: Arc::new(Mutex::new(Listings::default())),
+            heads,
             next_dir: AtomicU64::new(1),
         }
     }
@@ -156,9 +164,26 @@ impl VolumeFs {
         });
     }
 
-    /// Something is about to change through this mount: listings go stale.
+    /// Something is about to change through this mount: listings and kept
+    /// content go stale.
     fn changing(&self) {
         lock(&self.listings).clear();
+        lock(&self.heads).changed();
+    }
+
+    /// Sends a request that changes file content, and marks kept content
+    /// stale again once it is done (see `heads`).
+    fn changing_content<F>(&self, req: Req, answer: F)
+    where
+        F: FnOnce(Response, &Mutex<Inodes>) + Send + 'static,
+    {
+        self.changing();
+        let heads = self.heads.clone();
+        self.spawn(move |c, inodes| async move {
+            let resp = c.call(req).await;
+            lock(&heads).changed();
+            answer(resp, &inodes);
+        });
     }
 
     fn empty(&self, req: Req, reply: ReplyEmpty) {
@@ -344,11 +369,9 @@ impl Filesystem for VolumeFs {
         };
         let set = SetAttr { mode, uid, gid, size, atime: atime.map(timeset), mtime: mtime.map(timeset) };
         let req = Req::SetAttr { mount: self.mount, path, handle: fh.map(|h| h.0), set };
-        self.spawn(move |c, _| async move {
-            match c.call(req).await {
-                Response::Attr(a) => reply.attr(&ATTR_TTL, &file_attr(ino.0, &a)),
-                other => reply.error(errno(other)),
-            }
+        self.changing_content(req, move |resp, _| match resp {
+            Response::Attr(a) => reply.attr(&ATTR_TTL, &file_attr(ino.0, &a)),
+            other => reply.error(errno(other)),
         });
     }
 
@@ -437,13 +460,23 @@ impl Filesystem for VolumeFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
-        if flags.0 & libc_o_trunc() != 0 {
-            self.changing();
-        }
         let req = Req::Open { mount: self.mount, path, flags: flags.0 as u32 };
+        if flags.0 & libc_o_trunc() != 0 {
+            return self.changing_content(req, move |resp, _| match resp {
+                Response::Opened { handle, .. } => reply.opened(FileHandle(handle), FopenFlags::FOPEN_NOFLUSH),
+                other => reply.error(errno(other)),
+            });
+        }
+        let heads = self.heads.clone();
+        let (generation, sent) = (lock(&heads).generation(), Instant::now());
         self.spawn(move |c, _| async move {
             match c.call(req).await {
-                Response::Opened { handle, .. } => reply.opened(FileHandle(handle), FopenFlags::empty()),
+                Response::Opened { handle, data, .. } => {
+                    if let Some(data) = data {
+                        lock(&heads).store(handle, generation, sent, data);
+                    }
+                    reply.opened(FileHandle(handle), FopenFlags::FOPEN_NOFLUSH);
+                }
                 other => reply.error(errno(other)),
             }
         });
@@ -459,21 +492,18 @@ impl Filesystem for VolumeFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        self.changing();
         let path = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
         let req = Req::Create { mount: self.mount, path: path.clone(), mode: mode & !umask, flags: flags as u32 };
-        self.spawn(move |c, inodes| async move {
-            match c.call(req).await {
-                Response::Opened { handle, attr } => {
-                    let ino = lock(&inodes).ino(&path);
-                    let fa = file_attr(ino, &attr);
-                    reply.created(&ATTR_TTL, &fa, Generation(0), FileHandle(handle), FopenFlags::empty());
-                }
-                other => reply.error(errno(other)),
+        self.changing_content(req, move |resp, inodes| match resp {
+            Response::Opened { handle, attr, .. } => {
+                let ino = lock(inodes).ino(&path);
+                let fa = file_attr(ino, &attr);
+                reply.created(&ATTR_TTL, &fa, Generation(0), FileHandle(handle), FopenFlags::FOPEN_NOFLUSH);
             }
+            other => reply.error(errno(other)),
         });
     }
 
@@ -488,6 +518,9 @@ impl Filesystem for VolumeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some(data) = lock(&self.heads).read(fh.0, offset, size, Instant::now()) {
+            return reply.data(&data);
+        }
         self.spawn(move |c, _| async move {
             match c.call(Req::Read { handle: fh.0, offset, size }).await {
                 Response::Data(d) => reply.data(&d),
@@ -508,17 +541,15 @@ impl Filesystem for VolumeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.changing();
         let req = Req::Write { handle: fh.0, offset, data: Bytes::copy_from_slice(data) };
-        self.spawn(move |c, _| async move {
-            match c.call(req).await {
-                Response::Written(n) => reply.written(n),
-                other => reply.error(errno(other)),
-            }
+        self.changing_content(req, move |resp, _| match resp {
+            Response::Written(n) => reply.written(n),
+            other => reply.error(errno(other)),
         });
     }
 
-    /// Writes go straight to the agent, so there is nothing to flush.
+    /// Writes go straight to the agent, so there is nothing to flush (opens
+    /// say FOPEN_NOFLUSH; this answers kernels that ignore it).
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         reply.ok();
     }
@@ -533,7 +564,15 @@ impl Filesystem for VolumeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.empty(Req::Release { handle: fh.0 }, reply);
+        // Nothing can fail that the closing process could act on: the agent
+        // only closes its descriptor, so nobody waits for that.
+        lock(&self.heads).release(fh.0);
+        reply.ok();
+        self.spawn(move |c, _| async move {
+            if let Response::Error(e) = c.call(Req::Release { handle: fh.0 }).await {
+                tracing::debug!(handle = fh.0, errno = e, "release failed");
+            }
+        });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

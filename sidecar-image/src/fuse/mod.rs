@@ -17,6 +17,7 @@
 
 mod client;
 mod fs;
+mod heads;
 mod listing;
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,7 @@ pub use client::FileClient;
 #[cfg(test)]
 use fs::ATTR_TTL;
 use fs::VolumeFs;
+use heads::Heads;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
@@ -146,10 +148,11 @@ pub async fn mount_with(
 ) -> Result<MountHandle, FuseError> {
     unmount_under(root);
     let handle = MountHandle { sessions: Arc::new(Mutex::new(Vec::new())) };
+    let heads = Arc::new(Mutex::new(Heads::default()));
     for (i, m) in mounts.iter().enumerate() {
         let path = root.join(files::mount_dir_name(i, &m.name));
         let index = u16::try_from(i).map_err(|_| FuseError::Protocol("too many mounts".into()))?;
-        let fs = VolumeFs::new(index, client.clone(), tokio::runtime::Handle::current());
+        let fs = VolumeFs::new(index, client.clone(), heads.clone(), tokio::runtime::Handle::current());
         let config = mount_config(m);
         let at = path.clone();
         // Mounting waits for the kernel's INIT: keep it off the async threads.

@@ -4,14 +4,17 @@
 //! The agent is a binary crate, so its file service is compiled into this
 //! test as it is, from its own source.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tokio::net::TcpListener;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tpd_wire::files::VolumeMount;
+use tpd_wire::files::{self, Request, VolumeMount};
 
 use super::{MountConfig, MountHandle, mount_all};
 
@@ -23,6 +26,8 @@ mod agent_files;
 /// Fields drop in order: unmount before the directories go.
 pub struct Mounted {
     pub handle: Option<MountHandle>,
+    /// Requests that reached the agent, by kind.
+    pub requests: Requests,
     pub shutdown: CancellationToken,
     pub local: tempfile::TempDir,
     pub pod: tempfile::TempDir,
@@ -59,16 +64,76 @@ pub async fn mount_fixture() -> Mounted {
     let table = Arc::new(agent_files::MountTable::new(vec![vm("data", false), vm("config", true)]));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let server = listener.local_addr().expect("addr");
+    let requests = Requests::default();
+    let counted = requests.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             let _ = s.set_nodelay(true);
-            tokio::spawn(agent_files::serve_connection(s, table.clone()));
+            let (client, agent) = tokio::io::duplex(4 * files::MAX_FRAME);
+            tokio::spawn(agent_files::serve_connection(agent, table.clone()));
+            tokio::spawn(counting_relay(s, client, counted.clone()));
         }
     });
     let shutdown = CancellationToken::new();
     let cfg = MountConfig { server, root: local.path().to_path_buf() };
     let handle = mount_all(cfg, shutdown.clone()).await.expect("mount");
-    Mounted { handle: Some(handle), shutdown, local, pod }
+    Mounted { handle: Some(handle), requests, shutdown, local, pod }
+}
+
+/// How many requests of each kind the agent was sent.
+#[derive(Debug, Clone, Default)]
+pub struct Requests(Arc<Mutex<BTreeMap<&'static str, usize>>>);
+
+impl Requests {
+    /// The counts so far, and zero again.
+    pub fn take(&self) -> BTreeMap<&'static str, usize> {
+        std::mem::take(&mut *self.0.lock().expect("counts"))
+    }
+}
+
+fn kind(r: &Request) -> &'static str {
+    use Request::*;
+    match r {
+        Hello { .. } => "hello",
+        Stat { .. } => "stat",
+        ReadDir { .. } => "readdir",
+        Open { .. } => "open",
+        Create { .. } => "create",
+        Read { .. } => "read",
+        Write { .. } => "write",
+        Release { .. } => "release",
+        Fsync { .. } => "fsync",
+        SetAttr { .. } => "setattr",
+        Mkdir { .. } => "mkdir",
+        Unlink { .. } => "unlink",
+        Rmdir { .. } => "rmdir",
+        Rename { .. } => "rename",
+        Symlink { .. } => "symlink",
+        Readlink { .. } => "readlink",
+        Statfs { .. } => "statfs",
+    }
+}
+
+/// Passes the client's frames on to the agent, counting them by kind, and
+/// the agent's answers back unchanged.
+async fn counting_relay(client: TcpStream, agent: tokio::io::DuplexStream, requests: Requests) {
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_agent, mut to_agent) = tokio::io::split(agent);
+    tokio::spawn(async move { tokio::io::copy(&mut from_agent, &mut to_client).await });
+    let mut buf = BytesMut::new();
+    loop {
+        while let Ok(Some((id, req))) = files::decode::<Request>(&mut buf) {
+            *requests.0.lock().expect("counts").entry(kind(&req)).or_default() += 1;
+            let mut out = BytesMut::new();
+            files::encode(id, &req, &mut out);
+            if to_agent.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+        if from_client.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+            return;
+        }
+    }
 }
 
 /// Runs blocking filesystem code off the runtime that serves the mount.
@@ -223,6 +288,59 @@ async fn lookups_from_listings_stay_correct() {
         std::fs::remove_file(pod.join("many/f5")).expect("rm");
         std::thread::sleep(super::ATTR_TTL + std::time::Duration::from_millis(200));
         assert_eq!(errno(std::fs::metadata(rw.join("many/f5"))), 2, "ENOENT once the listing is stale");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_small_file_costs_one_round_trip() {
+    let m = mount_fixture().await;
+    let (rw, pod, requests) = (m.rw(), m.pod_rw(), m.requests.clone());
+    blocking(move || {
+        std::fs::write(pod.join("small"), "0123456789").expect("write");
+        std::fs::metadata(rw.join("small")).expect("stat");
+        requests.take();
+        // What `cat` does: open, read until end of file, close.
+        assert_eq!(std::fs::read(rw.join("small")).expect("read"), b"0123456789");
+        // Releases are sent after close returns: wait for that one to arrive.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        while !seen.contains_key("release") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            for (k, n) in requests.take() {
+                *seen.entry(k).or_default() += n;
+            }
+        }
+        eprintln!("requests for one small file: {seen:?}");
+        assert_eq!(seen, BTreeMap::from([("open", 1), ("release", 1)]), "the read is answered from the open");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn content_sent_with_an_open_is_never_staler_than_a_local_write() {
+    let m = mount_fixture().await;
+    let (rw, pod) = (m.rw(), m.pod_rw());
+    blocking(move || {
+        std::fs::write(pod.join("f"), "version 1").expect("write");
+        let mut reader = std::fs::File::open(rw.join("f")).expect("open");
+        // Written through another handle after the reader's open: the reader sees it.
+        let mut writer = std::fs::OpenOptions::new().write(true).open(rw.join("f")).expect("open for writing");
+        writer.write_all(b"VERSION 2").expect("write");
+        let mut s = String::new();
+        reader.read_to_string(&mut s).expect("read");
+        assert_eq!(s, "VERSION 2");
+        // A handle opened for reading and writing reads what it wrote.
+        let mut both = std::fs::OpenOptions::new().read(true).write(true).open(rw.join("f")).expect("open rw");
+        both.write_all(b"v3").expect("write");
+        both.seek(SeekFrom::Start(0)).expect("seek");
+        let mut s = String::new();
+        both.read_to_string(&mut s).expect("read");
+        assert_eq!(s, "v3RSION 2");
+        // A change made in the pod shows after a reopen.
+        std::fs::write(pod.join("f"), "from the pod").expect("write");
+        std::thread::sleep(super::ATTR_TTL + std::time::Duration::from_millis(200));
+        assert_eq!(std::fs::read_to_string(rw.join("f")).expect("reopen"), "from the pod");
     })
     .await;
 }

@@ -39,7 +39,9 @@ pub mod mounts;
 pub const ROLE_ENV: &str = "TPD_VOLUMES_ROLE";
 /// Env var with the agent's file-service address, for the sidecar role.
 pub const SERVER_ENV: &str = "TPD_VOLUMES_SERVER";
-/// What the sidecar role prints once every volume is mounted.
+/// Env var with the directory the loopback role mounts under.
+pub const LOCAL_ENV: &str = "TPD_VOLUMES_LOCAL";
+/// What the sidecar and loopback roles print once every volume is mounted.
 pub const MOUNTED: &str = "tpd-volumes: mounted";
 
 /// Serves the mounts in `names::agent_env::MOUNTS` on `listen` until killed.
@@ -77,6 +79,7 @@ pub fn run_role() -> Option<Result<()>> {
                 serve(listen, table).await
             }
             "sidecar" => sidecar_role().await,
+            "loopback" => loopback_role().await,
             "clean" => {
                 let n = fuse::unmount_under(Path::new(tpd_wire::files::SIDECAR_VOLUMES_DIR));
                 println!("tpd-volumes: removed {n} leftover mounts");
@@ -101,6 +104,25 @@ async fn sidecar_role() -> Result<()> {
     shutdown.cancel();
     handle.unmount().await;
     println!("tpd-volumes: unmounted");
+    Ok(())
+}
+
+/// Serves the volumes in `names::agent_env::MOUNTS` and mounts them under
+/// [`LOCAL_ENV`], both in this process as [`LoopbackMount`] does, until
+/// SIGTERM: how the volumes bench measures the bridge in a release build
+/// (`cargo xtask` itself runs unoptimised).
+async fn loopback_role() -> Result<()> {
+    let json = std::env::var(tpd_wire::names::agent_env::MOUNTS).context("TPD_AGENT_MOUNTS")?;
+    let volumes = tpd_wire::files::parse_mounts(&json)?;
+    let local = PathBuf::from(std::env::var(LOCAL_ENV).context("TPD_VOLUMES_LOCAL")?);
+    let mut mount = LoopbackMount::start(volumes, &local).await?;
+    println!("{MOUNTED}");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    term.recv().await;
+    mount.shutdown.cancel();
+    if let Some(handle) = mount.handle.take() {
+        handle.unmount().await;
+    }
     Ok(())
 }
 

@@ -3,8 +3,10 @@
 //! sshd on 127.0.0.1 only) and the local disk, same tree, same run:
 //!
 //! - **tpd over loopback**: the agent's file service and the sidecar's FUSE
-//!   client in this process over loopback TCP, without the tunnel: the
-//!   bridge's own cost;
+//!   client in one process over loopback TCP, without the tunnel: the
+//!   bridge's own cost. `cargo xtask` runs unoptimised, so that process is
+//!   the e2e volumes test binary built with `--release`, playing its
+//!   `loopback` role (`tpd_e2e::volumes::LOCAL_ENV`);
 //! - **tpd through the tunnel**: what a user gets, minus the cluster: the
 //!   `tpd/agent` container (uid 65532, read-only) serving the tree and the
 //!   `tpd/sidecar` container FUSE-mounting it through the WireGuard tunnel
@@ -23,9 +25,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::io::BufRead;
+
 use anyhow::{Context, Result, bail};
-use tpd_e2e::volumes::{LoopbackMount, TunnelMount};
-use tpd_wire::files::{VolumeMount, mount_dir_name};
+use tpd_e2e::volumes::{LOCAL_ENV, MOUNTED, ROLE_ENV, TunnelMount};
+use tpd_wire::files::{VolumeMount, mount_dir_name, mounts_env_value};
 
 use super::Figure;
 
@@ -42,11 +46,11 @@ pub fn run() -> Result<Vec<Figure>> {
     // The agent runs as uid 65532: it must be able to create the written file.
     std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
     let images = tunnel_images();
+    let loopback = release_loopback()?;
     let sshd = Sshd::start(work.path())?;
-    let rt = tokio::runtime::Runtime::new()?;
     let mut figures = Vec::new();
     for w in WORKLOADS {
-        let tpd = measure_tpd(&rt, &src, work.path(), w)?;
+        let tpd = measure_loopback(&loopback, &src, work.path(), w)?;
         let tunnel = measure_tunnel(&images, &src, w)?;
         let ssh = sshd.measure(&src, work.path(), w)?;
         let local = (w.run)(&src)?;
@@ -192,7 +196,28 @@ fn find_tree(root: &Path) -> Result<Duration> {
     })
 }
 
-fn measure_tpd(rt: &tokio::runtime::Runtime, src: &Path, work: &Path, w: &Workload) -> Result<Duration> {
+/// Builds the e2e volumes test binary with `--release` and returns its path.
+fn release_loopback() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    eprintln!("building the volume bridge's loopback fixture (release)…");
+    let out = crate::cargo(root)
+        .args(["test", "--release", "--no-run", "-p", "tpd-e2e", "--test", "volumes"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo")?;
+    anyhow::ensure!(out.status.success(), "building the release test binary failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "volumes")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not name the volumes test binary")
+}
+
+/// Runs workload `w` on a loopback mount of `src` served and mounted by the
+/// release binary `bin`, which is stopped (and unmounts) afterwards.
+fn measure_loopback(bin: &Path, src: &Path, work: &Path, w: &Workload) -> Result<Duration> {
     let local = work.join("tpd");
     std::fs::create_dir_all(&local)?;
     let volume = VolumeMount {
@@ -201,9 +226,30 @@ fn measure_tpd(rt: &tokio::runtime::Runtime, src: &Path, work: &Path, w: &Worklo
         read_only: false,
         sub_path: None,
     };
-    let mount = rt.block_on(LoopbackMount::start(vec![volume], &local))?;
-    let result = (w.run)(&local.join(mount_dir_name(0, "bench")));
-    drop(mount);
+    let mut child = Command::new(bin)
+        .args(["container_role", "--exact", "--ignored", "--nocapture", "--quiet"])
+        .env(ROLE_ENV, "loopback")
+        .env(tpd_wire::names::agent_env::MOUNTS, mounts_env_value(&[volume]))
+        .env(LOCAL_ENV, &local)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the loopback fixture")?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().context("fixture stdout")?);
+    let mut line = String::new();
+    let mut mounted = false;
+    while !mounted && stdout.read_line(&mut line)? > 0 {
+        mounted = line.contains(MOUNTED);
+        line.clear();
+    }
+    // The fixture's later output (the test harness's summary) must find a reader.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let result = if mounted {
+        (w.run)(&local.join(mount_dir_name(0, "bench")))
+    } else {
+        Err(anyhow::anyhow!("the loopback fixture exited before mounting"))
+    };
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
     result
 }
 
