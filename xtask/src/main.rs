@@ -94,8 +94,13 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The workspace root. `cargo xtask` runs us with CARGO_MANIFEST_DIR set, and
+/// that comes first: checkouts sharing a target directory share this
+/// binary, and the path baked in at build time may be another checkout's.
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap_or_else(|_| "..".into())
+    let manifest =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.join("..").canonicalize().unwrap_or_else(|_| "..".into())
 }
 
 /// Cargo's target directory, honouring CARGO_TARGET_DIR.

@@ -19,8 +19,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-pub const AGENT_IMAGE: &str = "tpd/agent:0.1.0";
-pub const SIDECAR_IMAGE: &str = "tpd/sidecar:0.1.0";
 /// The namespace the echo service pretends to live in.
 pub const NAMESPACE: &str = "tpdtest";
 /// The echo service's short name (a network alias) and its cluster FQDN.
@@ -74,8 +72,8 @@ impl Lab {
     /// Networks, echo server and agent; the sidecar comes with [`Lab::start_sidecar`].
     pub fn start() -> Result<Lab> {
         crate::images::ensure()?;
-        for image in [AGENT_IMAGE, SIDECAR_IMAGE] {
-            docker(&["image", "inspect", image])
+        for image in [crate::images::tpd_agent(), crate::images::tpd_sidecar()] {
+            docker(&["image", "inspect", &image])
                 .with_context(|| format!("{image} is missing: run `cargo xtask images`"))?;
         }
         let id = format!("{}-{}", std::process::id(), rand_suffix());
@@ -137,7 +135,7 @@ impl Lab {
             "APP_GREETING=hello from the cluster",
             "-e",
             "DB_PASSWORD=s3cret",
-            AGENT_IMAGE,
+            &crate::images::tpd_agent(),
         ])?;
         docker(&["network", "connect", &laptop_net, &agent])?;
         lab.agent_cluster_ip = ip_on(&agent, &cluster_net)?;
@@ -210,7 +208,7 @@ impl Lab {
             "TPD_SIDECAR_LOG=tpd_sidecar=debug,info",
             "-v",
             &session,
-            SIDECAR_IMAGE,
+            &crate::images::tpd_sidecar(),
             "run",
             "--transport",
             &transport,

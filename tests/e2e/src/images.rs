@@ -18,6 +18,21 @@ pub const BUSYBOX: &str = "tpd-test/busybox:latest";
 pub const ECHO: &str = "tpd-test/echo:latest";
 pub const DEBIAN: &str = "tpd-test/debian:latest";
 
+/// The agent image tests and benchmarks run: this version's, as `cargo
+/// xtask images` tags it, or `TPD_AGENT_IMAGE` (to compare two builds).
+pub fn tpd_agent() -> String {
+    tpd_image("TPD_AGENT_IMAGE", tpd_wire::names::AGENT_IMAGE_REPO)
+}
+
+/// The sidecar image: this version's, or `TPD_SIDECAR_IMAGE`.
+pub fn tpd_sidecar() -> String {
+    tpd_image("TPD_SIDECAR_IMAGE", tpd_wire::names::SIDECAR_IMAGE_REPO)
+}
+
+fn tpd_image(var: &str, repo: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| format!("{repo}:{}", tpd_wire::VERSION))
+}
+
 /// Label holding a digest of what an image was built from.
 const SOURCE_LABEL: &str = "tpd.test.source";
 const HOST_BUSYBOX: &str = "/bin/busybox";
@@ -137,9 +152,13 @@ pub fn cargo_binary(
     .map_err(anyhow::Error::msg)
 }
 
-/// The workspace's root directory (this crate lives at tests/e2e).
+/// The workspace's root directory (this crate lives at tests/e2e). Cargo's
+/// run-time CARGO_MANIFEST_DIR comes first: two checkouts sharing one
+/// target directory share this crate's build, baked-in path included.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let manifest =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.join("../..")
 }
 
 /// Cargo's target directory for this workspace, honouring CARGO_TARGET_DIR.
