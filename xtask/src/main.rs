@@ -56,7 +56,7 @@ fn main() {
 }
 
 fn run_task(task: Task) -> Result<()> {
-    let root = workspace_root();
+    let root = tpd_e2e::images::workspace_root();
     match task {
         Task::Images => images::build(&root).map(drop),
         Task::TestImages => test_images(&root),
@@ -92,15 +92,6 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed ({status})");
     }
     Ok(())
-}
-
-/// The workspace root. `cargo xtask` runs us with CARGO_MANIFEST_DIR set, and
-/// that comes first: checkouts sharing a target directory share this
-/// binary, and the path baked in at build time may be another checkout's.
-fn workspace_root() -> PathBuf {
-    let manifest =
-        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    manifest.join("..").canonicalize().unwrap_or_else(|_| "..".into())
 }
 
 /// Cargo's target directory, honouring CARGO_TARGET_DIR.

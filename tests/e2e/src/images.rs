@@ -152,13 +152,18 @@ pub fn cargo_binary(
     .map_err(anyhow::Error::msg)
 }
 
-/// The workspace's root directory (this crate lives at tests/e2e). Cargo's
-/// run-time CARGO_MANIFEST_DIR comes first: two checkouts sharing one
-/// target directory share this crate's build, baked-in path included.
+/// The workspace's root directory: the nearest directory above the running
+/// package's (Cargo sets CARGO_MANIFEST_DIR at run time for `cargo run` and
+/// `cargo test`) whose Cargo.toml declares the workspace. The path baked in
+/// at build time is only the fallback: checkouts sharing one target
+/// directory share this crate's build, and it may name another checkout.
 pub fn workspace_root() -> PathBuf {
-    let manifest =
+    let start =
         std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    manifest.join("../..")
+    start
+        .ancestors()
+        .find(|dir| std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|toml| toml.contains("[workspace]")))
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."), Path::to_path_buf)
 }
 
 /// Cargo's target directory for this workspace, honouring CARGO_TARGET_DIR.
