@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tpd_wire::names::{self, agent_env};
@@ -61,8 +61,11 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let streams = TcpListener::bind(args.listen).await.with_context(|| format!("listening on TCP {}", args.listen))?;
-    let udp =
-        Arc::new(UdpSocket::bind(args.listen).await.with_context(|| format!("listening on UDP {}", args.listen))?);
+    let udp = Arc::new(
+        tpd_wire::io::bind_tunnel_udp(args.listen)
+            .await
+            .with_context(|| format!("listening on UDP {}", args.listen))?,
+    );
     let (to_stack, from_wg) = mpsc::channel(4096);
     let wg = Arc::new(Endpoint::new(None, move |packet| {
         if to_stack.try_send(packet.to_vec()).is_err() {

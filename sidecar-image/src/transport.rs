@@ -68,7 +68,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let udp = match &transport {
         Transport::Udp(addr) => {
-            let sock = Arc::new(UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).await?);
+            let any: SocketAddr =
+                if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+            let sock = Arc::new(tpd_wire::io::bind_tunnel_udp(any).await?);
             let (heard_tx, heard) = watch::channel(false);
             tokio::spawn(read_udp(sock.clone(), *addr, heard_tx, wg.clone()));
             if fallback.is_none() {

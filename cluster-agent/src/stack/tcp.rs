@@ -32,11 +32,12 @@ const RX_BUFFER: usize = 512 * 1024;
 /// own congestion control), so a connection sends up to this much without
 /// a congestion controller of its own.
 const TX_BUFFER_STREAM: usize = 1024 * 1024;
-/// Over UDP datagrams are lost when a burst overflows the sidecar's socket
-/// buffer (about 90 datagrams by default), and smoltcp recovers a burst
-/// loss only with its 1 s minimum RTO: connections use Reno and keep at
-/// most this much in flight, less than that buffer holds.
-const TX_BUFFER_UDP: usize = 96 * 1024;
+/// Over UDP datagrams are lost when bursts overflow the sidecar's socket
+/// buffer, and smoltcp recovers a burst loss only with its 1 s minimum RTO:
+/// connections use Reno and keep at most this much in flight. The sidecar
+/// forces its buffer to `TUNNEL_UDP_RECEIVE_BUFFER` (8 MiB), which holds
+/// this window for a dozen connections at once.
+const TX_BUFFER_UDP: usize = 512 * 1024;
 /// Whether the transport that last carried the peer's packets is lossy
 /// (UDP); connections take their send buffer and congestion control from
 /// it when they open.
