@@ -23,7 +23,7 @@ const LOCAL_PAGE: &str = "served by the container on your laptop";
 pub fn run(root: &Path) -> Result<()> {
     step("building tpd, its images and the demo's images");
     crate::prereqs::ensure()?;
-    crate::images::build(root)?;
+    crate::images::build(root, tpd_wire::VERSION)?;
     images::ensure()?;
     session::binary()?;
 

@@ -24,8 +24,9 @@ const IMAGES: [ImageSpec; 2] = [
     ImageSpec { stage: "agent", binary: "tpd-agent", repo: tpd_wire::names::AGENT_IMAGE_REPO },
 ];
 
-/// Builds both images and prints their names and sizes.
-pub fn build(root: &Path) -> Result<Vec<String>> {
+/// Builds both images, tagged `tag` (tpd looks for its own version), and
+/// prints their names and sizes.
+pub fn build(root: &Path, tag: &str) -> Result<Vec<String>> {
     eprintln!("building static tpd-sidecar and tpd-agent…");
     let mut build = cargo(root);
     build
@@ -43,7 +44,7 @@ pub fn build(root: &Path) -> Result<Vec<String>> {
     }
     std::fs::copy(root.join("Dockerfile"), ctx.path().join("Dockerfile"))?;
     for image in &IMAGES {
-        let tag = format!("{}:{}", image.repo, tpd_wire::VERSION);
+        let tag = format!("{}:{tag}", image.repo);
         run(Command::new("docker").args(["build", "--quiet", "--target", image.stage, "-t", &tag]).arg(ctx.path()))?;
         let size = image_size(&tag)?;
         println!("{tag:<24} {:>6.1} MB", size as f64 / 1e6);

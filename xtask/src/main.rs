@@ -26,7 +26,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Build the tpd/sidecar and tpd/agent images and print their sizes.
-    Images,
+    Images {
+        /// Tag them TAG instead of this version, e.g. to compare two builds
+        /// (`TPD_AGENT_IMAGE=tpd/agent:TAG …`) without replacing the images tests use.
+        #[arg(long, value_name = "TAG")]
+        tag: Option<String>,
+    },
     /// Build the images the tests use (busybox, echo, debian).
     TestImages,
     /// Install missing host tools, build all images, run the whole test suite.
@@ -58,7 +63,7 @@ fn main() {
 fn run_task(task: Task) -> Result<()> {
     let root = tpd_e2e::images::workspace_root();
     match task {
-        Task::Images => images::build(&root).map(drop),
+        Task::Images { tag } => images::build(&root, tag.as_deref().unwrap_or(tpd_wire::VERSION)).map(drop),
         Task::TestImages => test_images(&root),
         Task::Test { args } => test(&root, &args),
         Task::Demo => demo::run(&root),
@@ -72,7 +77,7 @@ fn test_images(root: &Path) -> Result<()> {
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
     prereqs::ensure()?;
-    images::build(root)?;
+    images::build(root, tpd_wire::VERSION)?;
     test_images(root)?;
     run(cargo(root).args(["build", "--workspace", "--bins"]))?;
     run(cargo(root).args(["test", "--workspace", "--no-fail-fast"]).args(args))
