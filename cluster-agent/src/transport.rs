@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tpd_wire::hello::{Hello, Role};
 use tpd_wire::io as wio;
-use tpd_wire::tunnel::{Endpoint, Route};
+use tpd_wire::tunnel::{Endpoint, Route, UdpSender};
 
 /// Queue of datagrams waiting for one stream's writer.
 const STREAM_QUEUE: usize = 4096;
@@ -61,12 +61,13 @@ async fn serve_stream(sock: TcpStream, wg: &Endpoint) -> anyhow::Result<()> {
 }
 
 pub async fn serve_udp(udp: Arc<UdpSocket>, wg: Arc<Endpoint>) {
+    let sender = UdpSender::spawn(udp.clone());
     let mut buf = vec![0u8; 65_536];
     loop {
         match udp.recv_from(&mut buf).await {
             Ok((n, from)) => {
                 crate::stack::set_transport_lossy(true);
-                wg.receive(Some(from.ip()), &buf[..n], &Route::Udp(udp.clone(), from));
+                wg.receive(Some(from.ip()), &buf[..n], &Route::Udp(sender.clone(), from));
             }
             Err(e) => tracing::debug!("udp transport: {e}"),
         }

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tpd_wire::hello::{Hello, Role};
 use tpd_wire::io as wio;
 use tpd_wire::preamble;
-use tpd_wire::tunnel::{Endpoint as Wg, Route};
+use tpd_wire::tunnel::{Endpoint as Wg, Route, UdpSender};
 
 use crate::config::{Endpoint, Transport};
 
@@ -52,7 +52,7 @@ pub fn chosen() -> Option<Chosen> {
 /// The UDP path: the socket, the agent's address, and whether anything came back yet.
 #[derive(Clone)]
 struct Udp {
-    sock: Arc<UdpSocket>,
+    sender: UdpSender,
     addr: SocketAddr,
     heard: watch::Receiver<bool>,
 }
@@ -72,11 +72,12 @@ pub async fn run(
                 if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
             let sock = Arc::new(tpd_wire::io::bind_tunnel_udp(any).await?);
             let (heard_tx, heard) = watch::channel(false);
-            tokio::spawn(read_udp(sock.clone(), *addr, heard_tx, wg.clone()));
+            let sender = UdpSender::spawn(sock.clone());
+            tokio::spawn(read_udp(sock, sender.clone(), *addr, heard_tx, wg.clone()));
             if fallback.is_none() {
                 let _ = CHOSEN.set(Chosen::Udp);
             }
-            Some(Udp { sock, addr: *addr, heard })
+            Some(Udp { sender, addr: *addr, heard })
         }
         Transport::Stream(_) => {
             let _ = CHOSEN.set(Chosen::Stream);
@@ -138,8 +139,8 @@ async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg
     }
     tracing::info!("transport stream up");
     let mut fell_back = false;
-    if let Some(Udp { sock, addr, mut heard }) = udp.filter(|_| chosen() != Some(Chosen::Stream)) {
-        wg.set_route(Route::Udp(sock, addr));
+    if let Some(Udp { sender, addr, mut heard }) = udp.filter(|_| chosen() != Some(Chosen::Stream)) {
+        wg.set_route(Route::Udp(sender, addr));
         wg.handshake();
         if let (Some(window), None) = (fallback, chosen()) {
             let answered = tokio::time::timeout(window, heard.wait_for(|h| *h)).await.is_ok_and(|r| r.is_ok());
@@ -176,7 +177,7 @@ async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg
 
 /// Datagrams from the agent. The first one from its address decides for UDP
 /// (unless the fallback window already closed); after a fallback they are dropped.
-async fn read_udp(sock: Arc<UdpSocket>, agent: SocketAddr, heard: watch::Sender<bool>, wg: Arc<Wg>) {
+async fn read_udp(sock: Arc<UdpSocket>, sender: UdpSender, agent: SocketAddr, heard: watch::Sender<bool>, wg: Arc<Wg>) {
     let mut buf = vec![0u8; 65_536];
     loop {
         match sock.recv_from(&mut buf).await {
@@ -188,7 +189,7 @@ async fn read_udp(sock: Arc<UdpSocket>, agent: SocketAddr, heard: watch::Sender<
                 if chosen() == Some(Chosen::Stream) {
                     continue;
                 }
-                wg.receive(Some(from.ip()), &buf[..n], &Route::Udp(sock.clone(), from));
+                wg.receive(Some(from.ip()), &buf[..n], &Route::Udp(sender.clone(), from));
             }
             Err(e) => tracing::debug!("udp transport: {e}"),
         }

@@ -21,7 +21,35 @@ pub enum Route {
     None,
     /// The writer queue of a stream transport.
     Stream(mpsc::Sender<Bytes>),
-    Udp(Arc<UdpSocket>, SocketAddr),
+    /// The send queue of a UDP socket, and the peer's address.
+    Udp(UdpSender, SocketAddr),
+}
+
+/// Datagrams waiting for the UDP socket, like a NIC's transmit ring.
+const UDP_QUEUE: usize = 4096;
+
+/// The sending half of a tunnel UDP socket. Datagrams queue here and one
+/// task writes them: encryption then never holds the endpoint's lock across
+/// a `sendto` (which on a veth also runs the receiving side's path), and a
+/// momentarily full socket buffer is waited for instead of dropping.
+#[derive(Clone, Debug)]
+pub struct UdpSender {
+    queue: mpsc::Sender<(Bytes, SocketAddr)>,
+}
+
+impl UdpSender {
+    /// Starts the task writing to `sock`; it ends when the last clone drops.
+    pub fn spawn(sock: Arc<UdpSocket>) -> Self {
+        let (queue, mut pending) = mpsc::channel::<(Bytes, SocketAddr)>(UDP_QUEUE);
+        tokio::spawn(async move {
+            while let Some((datagram, to)) = pending.recv().await {
+                if let Err(e) = sock.send_to(&datagram, to).await {
+                    tracing::trace!(%to, "udp send: {e}");
+                }
+            }
+        });
+        UdpSender { queue }
+    }
 }
 
 type Deliver = Box<dyn Fn(&[u8]) + Send + Sync>;
@@ -183,7 +211,7 @@ fn send(route: &Route, datagram: &[u8]) {
     match route {
         // Like a full NIC queue: drop, and TCP inside retransmits.
         Route::Stream(tx) => drop(tx.try_send(Bytes::copy_from_slice(datagram))),
-        Route::Udp(sock, addr) => drop(sock.try_send_to(datagram, *addr)),
+        Route::Udp(sender, addr) => drop(sender.queue.try_send((Bytes::copy_from_slice(datagram), *addr))),
         Route::None => {}
     }
 }
