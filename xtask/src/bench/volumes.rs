@@ -198,9 +198,9 @@ fn find_tree(root: &Path) -> Result<Duration> {
 
 /// Builds the e2e volumes test binary with `--release` and returns its path.
 fn release_loopback() -> Result<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let root = tpd_e2e::images::workspace_root();
     eprintln!("building the volume bridge's loopback fixture (release)…");
-    let out = crate::cargo(root)
+    let out = crate::cargo(&root)
         .args(["test", "--release", "--no-run", "-p", "tpd-e2e", "--test", "volumes"])
         .args(["--message-format", "json-render-diagnostics"])
         .stderr(Stdio::inherit())
