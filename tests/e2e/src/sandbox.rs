@@ -115,12 +115,12 @@ impl Sandbox {
 
     /// The instance's state directory (`serve.log` is there).
     pub fn state_dir(&self) -> PathBuf {
-        dirs_cache().join("tpd-sandbox").join(&self.name)
+        cache_dir().join("tpd-sandbox").join(&self.name)
     }
 }
 
 /// The user's cache directory, where tpd and the sandbox keep state and logs.
-pub(crate) fn dirs_cache() -> PathBuf {
+pub fn cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))

@@ -121,7 +121,7 @@ pub fn session_containers(session: &str) -> Result<Vec<String>> {
 /// cache directory), for failure messages: the guardian runs detached, so
 /// its log is the only account of a cleanup that went wrong.
 pub fn session_logs(session: &str) -> String {
-    let dir = crate::sandbox::dirs_cache().join("tpd");
+    let dir = crate::sandbox::cache_dir().join("tpd");
     let mut out = String::new();
     for name in [format!("{session}.log"), format!("{session}-guardian.log")] {
         let text = std::fs::read_to_string(dir.join(&name)).unwrap_or_else(|e| format!("({e})"));

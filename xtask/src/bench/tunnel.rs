@@ -1,13 +1,15 @@
 //! `cargo xtask bench tunnel`: the data plane with real containers (the
 //! e2e fixture `tpd_e2e::dataplane::Lab`), against TCP over veth between
 //! network namespaces (a container on the cluster network, no tunnel) and
-//! wireguard-go between two network namespaces this harness creates, same
-//! run, same client and server (a small Python program, so every path is
-//! measured with the same tool).
+//! two userspace WireGuard implementations between two network namespaces
+//! this harness creates: boringtun-cli (the library tpd uses, behind a
+//! kernel TUN) and wireguard-go. Same run, same client and server (a small
+//! Python program, so every path is measured with the same tool).
 //!
-//! Needs root, Docker, the tpd and test images, and `apt-get install
-//! wireguard-go wireguard-tools` for the WireGuard baseline (installed here
-//! when missing). Traffic stays inside the containers and namespaces made here.
+//! Needs root, Docker, the tpd and test images. wireguard-go and
+//! wireguard-tools come from apt-get and boringtun-cli from `cargo install`
+//! when missing (a baseline that cannot be had is skipped with a note).
+//! Traffic stays inside the containers and namespaces made here.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -132,14 +134,16 @@ fn measure(run: &Runner, server: &str) -> Result<Path> {
 
 pub fn run() -> Result<Vec<Figure>> {
     let mut figures = Vec::new();
-    let wg = WireguardGo::start().map_err(|e| eprintln!("wireguard-go baseline skipped: {e:#}")).ok();
-    let wg_path = match &wg {
-        Some(w) => {
-            eprintln!("measuring wireguard-go between netns…");
-            Some(measure(&*w.runner(), &w.server_ip)?)
+    let mut baselines = Vec::new();
+    for which in [Userspace::Boringtun, Userspace::WireguardGo] {
+        match UserspaceWg::start(which) {
+            Ok(wg) => {
+                eprintln!("measuring {} between netns…", which.name());
+                baselines.push((which.baseline(), measure(&*wg.runner(), &wg.server_ip)?));
+            }
+            Err(e) => eprintln!("{} baseline skipped: {e:#}", which.name()),
         }
-        None => None,
-    };
+    }
 
     for (via, label) in [(Via::StreamTcp, "stream"), (Via::Udp, "udp")] {
         let mut lab = Lab::start()?;
@@ -165,31 +169,110 @@ pub fn run() -> Result<Vec<Figure>> {
             numbers(&in_container(lab.dev.clone())(&["dns".into(), fqdn.clone(), DNS_QUERIES.to_string()])?)?[0];
         let dns_direct = numbers(&in_container(direct)(&["dns".into(), fqdn, DNS_QUERIES.to_string()])?)?[0];
 
-        let veth_name = "TCP over veth (no tunnel)";
-        let mut push = |name: &str, value: f64, unit: &str, base: f64, wg_value: Option<f64>| {
-            figures.push(Figure::new(format!("{name} (tpd {label})"), value, unit).against(veth_name, base));
-            if let Some(w) = wg_value {
-                figures.push(
-                    Figure::new(format!("{name} (tpd {label})"), value, unit).against("wireguard-go between netns", w),
-                );
+        let mut push = |name: &str, unit: &str, figure: fn(&Path) -> f64| {
+            let value = figure(&tpd);
+            let against =
+                [("TCP over veth (no tunnel)", &veth)].into_iter().chain(baselines.iter().map(|(n, p)| (*n, p)));
+            for (baseline, path) in against {
+                figures.push(Figure::new(format!("{name} (tpd {label})"), value, unit).against(baseline, figure(path)));
             }
         };
-        let w = wg_path.as_ref();
-        push("throughput 1 stream", tpd.single, "Mbit/s", veth.single, w.map(|p| p.single));
-        push("throughput 4 streams", tpd.multi, "Mbit/s", veth.multi, w.map(|p| p.multi));
-        push("http keep-alive p50", tpd.http_p50, "ms", veth.http_p50, w.map(|p| p.http_p50));
-        push("http keep-alive p99", tpd.http_p99, "ms", veth.http_p99, w.map(|p| p.http_p99));
-        push("new connections", tpd.conns, "conn/s", veth.conns, w.map(|p| p.conns));
-        push("dns query p50 (cluster name)", dns_tpd, "ms", dns_direct, None);
+        push("throughput 1 stream", "Mbit/s", |p| p.single);
+        push("throughput 4 streams", "Mbit/s", |p| p.multi);
+        push("http keep-alive p50", "ms", |p| p.http_p50);
+        push("http keep-alive p99", "ms", |p| p.http_p99);
+        push("new connections", "conn/s", |p| p.conns);
+        figures.push(
+            Figure::new(format!("dns query p50 (cluster name) (tpd {label})"), dns_tpd, "ms")
+                .against("TCP over veth (no tunnel)", dns_direct),
+        );
         figures.push(Figure::new(format!("sidecar RSS idle (tpd {label})"), sidecar_rss as f64 / 1024.0, "MiB"));
         figures.push(Figure::new(format!("agent RSS idle (tpd {label})"), agent_rss as f64 / 1024.0, "MiB"));
     }
     Ok(figures)
 }
 
-/// Two network namespaces joined by a veth pair, with a wireguard-go
-/// tunnel between them and the probe server on the far side.
-struct WireguardGo {
+/// A userspace WireGuard implementation the harness runs as a baseline.
+#[derive(Debug, Clone, Copy)]
+enum Userspace {
+    /// boringtun-cli, the same WireGuard library tpd uses, behind a kernel TUN.
+    Boringtun,
+    /// wireguard-go, the reference userspace implementation.
+    WireguardGo,
+}
+
+impl Userspace {
+    fn name(self) -> &'static str {
+        match self {
+            Userspace::Boringtun => "boringtun-cli",
+            Userspace::WireguardGo => "wireguard-go",
+        }
+    }
+
+    /// Short, for interface names (at most 15 bytes in all).
+    fn tag(self) -> &'static str {
+        match self {
+            Userspace::Boringtun => "bt",
+            Userspace::WireguardGo => "go",
+        }
+    }
+
+    fn baseline(self) -> &'static str {
+        match self {
+            Userspace::Boringtun => "boringtun-cli between netns",
+            Userspace::WireguardGo => "wireguard-go between netns",
+        }
+    }
+
+    /// The command that creates interface `iface` and serves its UAPI socket
+    /// (both daemonize once the interface exists), installing the program
+    /// when missing.
+    fn command(self, iface: &str) -> Result<String> {
+        if sh("command -v wg").is_err() {
+            eprintln!("installing wireguard-tools for the baselines…");
+            sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wireguard-tools")?;
+        }
+        match self {
+            Userspace::WireguardGo => {
+                if sh("command -v wireguard-go").is_err() {
+                    eprintln!("installing wireguard-go for the baseline…");
+                    sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wireguard-go")?;
+                }
+                Ok(format!("env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go {iface}"))
+            }
+            Userspace::Boringtun => {
+                let bin = boringtun_cli()?;
+                Ok(format!("{} --disable-drop-privileges {iface}", bin.display()))
+            }
+        }
+    }
+}
+
+/// boringtun-cli from PATH, or built once with `cargo install` into the
+/// user's cache (Debian does not package it).
+fn boringtun_cli() -> Result<std::path::PathBuf> {
+    if let Ok(path) = sh("command -v boringtun-cli") {
+        return Ok(path.into());
+    }
+    let root = tpd_e2e::sandbox::cache_dir().join("tpd-bench");
+    let bin = root.join("bin/boringtun-cli");
+    if !bin.exists() {
+        eprintln!("building boringtun-cli for the baseline (cargo install, once)…");
+        let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["install", "--quiet", "--locked", "boringtun-cli", "--root"])
+            .arg(&root)
+            .status()?;
+        if !status.success() {
+            bail!("cargo install boringtun-cli failed ({status})");
+        }
+    }
+    Ok(bin)
+}
+
+/// Two network namespaces joined by a veth pair, with a userspace
+/// WireGuard tunnel between them and the probe server on the far side.
+struct UserspaceWg {
+    id: String,
     ns: [String; 2],
     server_ip: String,
     server: Child,
@@ -203,18 +286,15 @@ fn sh(cmd: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-impl WireguardGo {
-    fn start() -> Result<WireguardGo> {
-        if sh("command -v wireguard-go && command -v wg").is_err() {
-            eprintln!("installing wireguard-go and wireguard-tools for the baseline…");
-            sh(
-                "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wireguard-go wireguard-tools",
-            )?;
-        }
-        let id = std::process::id();
+impl UserspaceWg {
+    fn start(which: Userspace) -> Result<UserspaceWg> {
+        // Names carry the implementation: each leaves a UAPI socket named
+        // after its interface, and the two run one after the other.
+        let id = format!("{}{}", which.tag(), std::process::id());
+        let start = [which.command(&format!("tpdwga{id}"))?, which.command(&format!("tpdwgb{id}"))?];
         let ns = [format!("tpdbench-a-{id}"), format!("tpdbench-b-{id}")];
-        let mut this =
-            WireguardGo { ns: ns.clone(), server_ip: "10.77.1.2".into(), server: Command::new("true").spawn()? };
+        let server = Command::new("true").spawn()?;
+        let mut this = UserspaceWg { id: id.clone(), ns: ns.clone(), server_ip: "10.77.1.2".into(), server };
         let keys: Vec<(String, String)> = (0..2)
             .map(|_| {
                 let private = sh("wg genkey")?;
@@ -234,13 +314,14 @@ impl WireguardGo {
             // One UAPI socket per interface name in /var/run/wireguard: names must differ.
             let up = sh(&format!(
                 "ip -n {n} link set lo up && ip -n {n} addr add 10.77.0.{a}/24 dev tpdb-{side}{id} && ip -n {n} link set tpdb-{side}{id} up && \
-                 WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 ip netns exec {n} wireguard-go {wg} 2>/dev/null && \
+                 ip netns exec {n} {start} 2>/dev/null && \
                  ip netns exec {n} wg set {wg} private-key {key_file} listen-port 51820 peer {peer} allowed-ips 10.77.1.{pa}/32 endpoint 10.77.0.{pa}:51820 && \
                  ip -n {n} addr add 10.77.1.{a}/24 dev {wg} && ip -n {n} link set {wg} mtu 1420 up",
                 a = i + 1,
                 pa = other + 1,
                 peer = keys[other].1,
                 wg = format!("tpdwg{side}{id}"),
+                start = start[i],
             ));
             // The private key file goes whether or not the setup worked.
             let _ = std::fs::remove_file(&key_file);
@@ -269,15 +350,18 @@ impl WireguardGo {
     }
 }
 
-impl Drop for WireguardGo {
+impl Drop for UserspaceWg {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
         for n in &self.ns {
-            // Deleting the namespace ends wireguard-go (its TUN goes away) and the veth pair.
+            // Killing what runs in the namespace ends the WireGuard daemon; deleting it, the veth pair.
             let _ = Command::new("sh")
                 .args(["-c", &format!("ip netns pids {n} | xargs -r kill; ip netns del {n}")])
                 .output();
+        }
+        for side in ['a', 'b'] {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/tpdwg{side}{}.sock", self.id));
         }
     }
 }
