@@ -25,11 +25,17 @@ use bytes::Bytes;
 
 use super::fs::ATTR_TTL;
 
+/// Most content kept at once: a program holding many small files open must
+/// not grow the sidecar without bound; past it, reads go to the agent.
+pub const MAX_KEPT: usize = 64 << 20;
+
 #[derive(Debug, Default)]
 pub struct Heads {
     generation: u64,
     /// Open handles' whole content, and when their open was sent.
     open: HashMap<u64, (Instant, Bytes)>,
+    /// Bytes held in `open`.
+    kept: usize,
 }
 
 impl Heads {
@@ -42,14 +48,26 @@ impl Heads {
     pub fn changed(&mut self) {
         self.generation += 1;
         self.open.clear();
+        self.kept = 0;
     }
 
     /// Keeps the content an open sent at `sent` (time and generation)
     /// returned, unless the mount changed meanwhile.
     pub fn store(&mut self, handle: u64, generation: u64, sent: Instant, data: Bytes) {
-        if generation == self.generation {
-            self.open.insert(handle, (sent, data));
+        if generation != self.generation {
+            return;
         }
+        if self.kept + data.len() > MAX_KEPT {
+            // Content past its lifetime answers nothing any more.
+            self.open.retain(|_, (at, _)| sent.saturating_duration_since(*at) < ATTR_TTL);
+            self.kept = self.open.values().map(|(_, d)| d.len()).sum();
+            if self.kept + data.len() > MAX_KEPT {
+                return;
+            }
+        }
+        self.kept += data.len();
+        self.forget(handle);
+        self.open.insert(handle, (sent, data));
     }
 
     /// The answer to a read through `handle`, when its kept content still
@@ -58,7 +76,7 @@ impl Heads {
     pub fn read(&mut self, handle: u64, offset: u64, size: u32, now: Instant) -> Option<Bytes> {
         let (sent, data) = self.open.get(&handle)?;
         if now.saturating_duration_since(*sent) >= ATTR_TTL {
-            self.open.remove(&handle);
+            self.forget(handle);
             return None;
         }
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
@@ -67,7 +85,13 @@ impl Heads {
     }
 
     pub fn release(&mut self, handle: u64) {
-        self.open.remove(&handle);
+        self.forget(handle);
+    }
+
+    fn forget(&mut self, handle: u64) {
+        if let Some((_, data)) = self.open.remove(&handle) {
+            self.kept -= data.len();
+        }
     }
 }
 
@@ -106,5 +130,27 @@ mod tests {
         h.store(3, h.generation(), t0, Bytes::from("c"));
         h.release(3);
         assert_eq!(h.read(3, 0, 1, t0 + Duration::from_millis(1)), None);
+    }
+
+    #[test]
+    fn keeps_at_most_max_kept_bytes() {
+        let mut h = Heads::default();
+        let t0 = Instant::now();
+        // Clones share one buffer: only the accounting sees 1 MiB each.
+        let mib = Bytes::from(vec![1u8; 1 << 20]);
+        let n = (MAX_KEPT >> 20) as u64;
+        for handle in 0..n {
+            h.store(handle, h.generation(), t0, mib.clone());
+        }
+        h.store(n, h.generation(), t0, mib.clone());
+        assert_eq!(h.read(n, 0, 1, t0), None, "over the limit: read from the agent");
+        h.release(0);
+        h.store(n, h.generation(), t0, mib.clone());
+        assert_eq!(h.read(n, 0, 1, t0), Some(Bytes::from(vec![1u8])));
+        // Content past its lifetime makes room.
+        let later = t0 + ATTR_TTL;
+        h.store(n + 1, h.generation(), later, mib.clone());
+        assert_eq!(h.read(n + 1, 0, 1, later), Some(Bytes::from(vec![1u8])));
+        assert_eq!(h.read(1, 0, 1, t0), None, "dropped to make room");
     }
 }
