@@ -201,18 +201,6 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
-    /// A minimal IPv4 packet boringtun accepts as tunnel payload.
-    fn ipv4_packet() -> Vec<u8> {
-        let mut p = vec![0u8; 28];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&28u16.to_be_bytes());
-        p[8] = 64;
-        p[9] = 17;
-        p[12..16].copy_from_slice(&[198, 18, 0, 2]);
-        p[16..20].copy_from_slice(&[198, 18, 0, 1]);
-        p
-    }
-
     /// A fake agent speaking the real hello and framing on a TCP stream.
     async fn agent_on_a_stream(listener: TcpListener, agent: Arc<Wg>) -> io::Result<()> {
         let (sock, _) = listener.accept().await?;
@@ -246,7 +234,7 @@ mod tests {
 
         let arrived = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                sidecar.send_ip(&ipv4_packet());
+                sidecar.send_ip(&tpd_wire::ip::tunnel_test_packet());
                 if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(200), got.recv()).await {
                     return p;
                 }
@@ -254,7 +242,7 @@ mod tests {
         })
         .await
         .expect("a packet crosses the tunnel after the fallback");
-        assert_eq!(arrived, ipv4_packet());
+        assert_eq!(arrived, tpd_wire::ip::tunnel_test_packet());
         assert_eq!(chosen(), Some(Chosen::Stream));
         // The first handshake went to the UDP address before the fallback.
         let mut first = [0u8; 256];

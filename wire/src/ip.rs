@@ -161,6 +161,21 @@ fn checksum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
+/// A minimal IPv4 packet from the sidecar's tunnel address to the agent's
+/// (a zeroed UDP header as payload): enough for boringtun to carry it.
+/// For tests of the tunnel, here and in the binaries (feature `test-util`).
+#[cfg(any(test, feature = "test-util"))]
+pub fn tunnel_test_packet() -> Vec<u8> {
+    let mut p = vec![0u8; 28];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&28u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = PROTO_UDP;
+    p[12..16].copy_from_slice(&[198, 18, 0, 2]);
+    p[16..20].copy_from_slice(&[198, 18, 0, 1]);
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

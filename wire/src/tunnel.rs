@@ -246,30 +246,18 @@ mod tests {
         n
     }
 
-    /// A minimal IPv4 packet boringtun accepts as tunnel payload.
-    fn ipv4_packet() -> Vec<u8> {
-        let mut p = vec![0u8; 28];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&28u16.to_be_bytes());
-        p[8] = 64;
-        p[9] = 17;
-        p[12..16].copy_from_slice(&[198, 18, 0, 2]);
-        p[16..20].copy_from_slice(&[198, 18, 0, 1]);
-        p
-    }
-
     #[tokio::test]
     async fn packets_cross_after_a_handshake() {
         let (a, b, mut arx, mut brx, got) = pair();
         let broute = lock(&b.route).clone();
         let aroute = lock(&a.route).clone();
-        a.send_ip(&ipv4_packet());
+        a.send_ip(&crate::ip::tunnel_test_packet());
         for _ in 0..4 {
             // The route a datagram "arrived over" is the receiver's way back.
             pump(&mut arx, &b, &broute);
             pump(&mut brx, &a, &aroute);
         }
-        assert_eq!(lock(&got).as_slice(), &[ipv4_packet()]);
+        assert_eq!(lock(&got).as_slice(), &[crate::ip::tunnel_test_packet()]);
     }
 
     #[tokio::test]
@@ -279,7 +267,7 @@ mod tests {
         stranger.set_peer(b.public_key());
         let (stx, mut srx) = mpsc::channel(8);
         stranger.set_route(Route::Stream(stx.clone()));
-        stranger.send_ip(&ipv4_packet());
+        stranger.send_ip(&crate::ip::tunnel_test_packet());
         let route = Route::Stream(stx);
         assert!(pump(&mut srx, &b, &route) > 0);
         assert!(brx.try_recv().is_err(), "no answer to a stranger");
