@@ -37,7 +37,7 @@ use crate::error::Hint;
 use crate::guardian::Guardian;
 use crate::output::{OutputFormat, progress};
 use crate::swap::apply;
-use crate::swap::plan::{self, Target};
+use crate::swap::plan::Target;
 use crate::{checks, session};
 
 /// What a session holds, whoever starts it (`tpd connect`, `tpd compose up`).
@@ -130,17 +130,7 @@ pub async fn establish(
     checks::ports_free(spec.publish.iter().map(|p| p.first))?;
     if let Some(target) = &spec.swap {
         // Unknown Deployment or ambiguous container: fail before the guardian exists.
-        let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-        let d = apply::get(&api, &cluster.namespace, &target.name).await?;
-        plan::choose_container(&d, target.container.as_deref()).map_err(|e| {
-            Hint::new(
-                e.to_string(),
-                format!(
-                    "`kubectl get deployment/{} -n {} -o yaml` shows its containers",
-                    target.name, cluster.namespace
-                ),
-            )
-        })?;
+        apply::check_target(cluster, target).await?;
     }
     let id = session::new_id();
     info!(session = %id, name, "connect session starting");

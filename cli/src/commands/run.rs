@@ -17,7 +17,6 @@ use crate::cleanup::Cleanup;
 use crate::cli::{GlobalArgs, RunArgs};
 use crate::cluster::Cluster;
 use crate::config::{self, Images};
-use crate::error::Hint;
 use crate::guardian::Guardian;
 use crate::output::progress;
 use crate::swap::apply;
@@ -36,17 +35,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
 
     if let Some(target) = &args.swap {
         // Unknown Deployment or ambiguous container: fail before the guardian exists.
-        let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-        let d = apply::get(&api, &cluster.namespace, &target.name).await?;
-        plan::choose_container(&d, target.container.as_deref()).map_err(|e| {
-            Hint::new(
-                e.to_string(),
-                format!(
-                    "`kubectl get deployment/{} -n {} -o yaml` shows its containers",
-                    target.name, cluster.namespace
-                ),
-            )
-        })?;
+        apply::check_target(&cluster, target).await?;
     }
     let id = session::new_id();
     let log = crate::logging::to_file(&id)?;

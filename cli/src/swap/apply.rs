@@ -14,6 +14,7 @@ use tpd_wire::names;
 use super::lease::{self, Claim};
 use super::plan::{self, Guard, Params, Swap, Target};
 use super::record::Record;
+use crate::cluster::Cluster;
 use crate::error::Hint;
 use crate::output::progress;
 
@@ -28,6 +29,20 @@ pub async fn get(api: &Api<Deployment>, namespace: &str, name: &str) -> anyhow::
         .into()),
         Err(e) => Err(e).with_context(|| format!("cannot read deployment/{name} in namespace {namespace:?}")),
     }
+}
+
+/// Checks, before anything changes, that `target` names a Deployment in
+/// the cluster's namespace and one of its containers unambiguously.
+pub async fn check_target(cluster: &Cluster, target: &Target) -> anyhow::Result<()> {
+    let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let d = get(&api, &cluster.namespace, &target.name).await?;
+    plan::choose_container(&d, target.container.as_deref()).map_err(|e| {
+        Hint::new(
+            e.to_string(),
+            format!("`kubectl get deployment/{} -n {} -o yaml` shows its containers", target.name, cluster.namespace),
+        )
+    })?;
+    Ok(())
 }
 
 /// Swaps `target` for the agent: refuses a live holder, restores an
