@@ -139,6 +139,20 @@ fn project_containers(project: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect()
 }
 
+/// The running `web` container of the web-api-db example, once compose started it.
+fn web_container() -> Option<String> {
+    let out = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        "label=com.docker.compose.project=web-api-db",
+        "--filter",
+        "label=com.docker.compose.service=web",
+    ]);
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!id.is_empty()).then_some(id)
+}
+
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -353,18 +367,7 @@ fn check_web_api_db(session: &Session) -> Result<()> {
     let mut last = String::new();
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
-        let web = docker(&[
-            "ps",
-            "-q",
-            "--filter",
-            "label=com.docker.compose.project=web-api-db",
-            "--filter",
-            "label=com.docker.compose.service=web",
-        ]);
-        let web = String::from_utf8_lossy(&web.stdout).trim().to_string();
-        if web.is_empty() {
-            continue;
-        }
+        let Some(web) = web_container() else { continue };
         let out = docker(&["exec", &web, "wget", "-qO-", "http://127.0.0.1/cgi-bin/api"]);
         last = text(&out);
         if last.contains("db: hello from") {
@@ -539,18 +542,7 @@ fn check_web_api_db_through_the_tunnel(sb: &tpd_e2e::sandbox::Sandbox) -> Result
     loop {
         anyhow::ensure!(Instant::now() < deadline, "web never got the api's full answer; last: {last}");
         std::thread::sleep(Duration::from_millis(500));
-        let web = docker(&[
-            "ps",
-            "-q",
-            "--filter",
-            "label=com.docker.compose.project=web-api-db",
-            "--filter",
-            "label=com.docker.compose.service=web",
-        ]);
-        let web = String::from_utf8_lossy(&web.stdout).trim().to_string();
-        if web.is_empty() {
-            continue;
-        }
+        let Some(web) = web_container() else { continue };
         last = text(&docker(&["exec", &web, "wget", "-qO-", "http://127.0.0.1/cgi-bin/api"]));
         if last.contains("db: hello from") && last.contains("quotes: hello from quotes-") {
             break;
