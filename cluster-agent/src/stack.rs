@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tpd_wire::ip::{self, Flow, Packet};
-use tpd_wire::names::{AGENT_DNS_PORT, AGENT_TUNNEL_IP, TUNNEL_MTU};
+use tpd_wire::names::{AGENT_DNS_PORT, AGENT_TUNNEL_IP, STREAM_TUNNEL_MTU};
 use tpd_wire::tunnel::Endpoint as Wg;
 
 use crate::services::Services;
@@ -55,7 +55,7 @@ impl Stack {
             let me = me.clone();
             let tcp = tcp::Tcp::start(
                 AGENT_TUNNEL_IP,
-                usize::from(TUNNEL_MTU),
+                usize::from(STREAM_TUNNEL_MTU),
                 Box::new(move |packet| out.send_ip(packet)),
                 Box::new(move |conn, src, dst| {
                     if let Some(stack) = me.upgrade() {

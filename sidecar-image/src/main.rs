@@ -135,10 +135,17 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
 /// Runs until a fatal error; everything else is retried inside.
 async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let routes: Vec<Cidr> = args.cluster_cidrs.iter().chain(&args.also_proxy).copied().collect();
+    // Datagrams over UDP must fit the path; frames on a stream need not. A
+    // UDP transport that falls back to the stream raises the MTU then.
+    let mtu = match args.transport {
+        Transport::Stream(_) => names::STREAM_TUNNEL_MTU,
+        Transport::Udp(_) => names::TUNNEL_MTU,
+    };
     let tun = Arc::new(
-        Tun::create(names::SIDECAR_TUNNEL_IP, names::TUNNEL_PREFIX_LEN, names::TUNNEL_MTU, &routes)
+        Tun::create(names::SIDECAR_TUNNEL_IP, names::TUNNEL_PREFIX_LEN, mtu, &routes)
             .context("setting up the tunnel device")?,
     );
+    let grow = tun.clone();
     let sink = tun.clone();
     let wg = Arc::new(Wg::new(Some(25), move |packet| sink.write(packet)));
 
@@ -167,6 +174,14 @@ async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         tokio::spawn(tun_to_wg(tun, wg.clone())),
         tokio::spawn(wg.clone().run_timers()),
         tokio::spawn(control.run()),
+        tokio::spawn(async move {
+            if mtu != names::STREAM_TUNNEL_MTU
+                && transport::decided().await == transport::Chosen::Stream
+                && let Err(e) = grow.set_mtu(names::STREAM_TUNNEL_MTU)
+            {
+                tracing::warn!("keeping the tunnel MTU at {}: {e}", names::TUNNEL_MTU);
+            }
+        }),
     ];
     let result = transport::run(args.transport, hello_at, args.udp_fallback, wg).await;
     tasks.iter().for_each(|t| t.abort());

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -42,11 +42,25 @@ pub enum Chosen {
     Stream,
 }
 
-static CHOSEN: OnceLock<Chosen> = OnceLock::new();
+/// Set once, by whichever of UDP's first answer and the fallback window's end comes first.
+static CHOSEN: LazyLock<watch::Sender<Option<Chosen>>> = LazyLock::new(|| watch::Sender::new(None));
 
 /// The transport carrying the session; `None` while a UDP fallback window is open.
 pub fn chosen() -> Option<Chosen> {
-    CHOSEN.get().copied()
+    *CHOSEN.borrow()
+}
+
+/// Waits until the transport is decided.
+pub async fn decided() -> Chosen {
+    let mut rx = CHOSEN.subscribe();
+    let chosen = rx.wait_for(Option::is_some).await.map(|c| *c);
+    // The sender is a static: it never closes.
+    chosen.ok().flatten().unwrap_or(Chosen::Stream)
+}
+
+/// Decides the transport unless it already is; true if this call decided it.
+fn choose(which: Chosen) -> bool {
+    CHOSEN.send_if_modified(|c| c.is_none() && c.replace(which).is_none())
 }
 
 /// The UDP path: the socket, the agent's address, and whether anything came back yet.
@@ -75,12 +89,12 @@ pub async fn run(
             let sender = UdpSender::spawn(sock.clone());
             tokio::spawn(read_udp(sock, sender.clone(), *addr, heard_tx, wg.clone()));
             if fallback.is_none() {
-                let _ = CHOSEN.set(Chosen::Udp);
+                choose(Chosen::Udp);
             }
             Some(Udp { sender, addr: *addr, heard })
         }
         Transport::Stream(_) => {
-            let _ = CHOSEN.set(Chosen::Stream);
+            choose(Chosen::Stream);
             None
         }
     };
@@ -145,7 +159,7 @@ async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg
         if let (Some(window), None) = (fallback, chosen()) {
             let answered = tokio::time::timeout(window, heard.wait_for(|h| *h)).await.is_ok_and(|r| r.is_ok());
             // UDP's first answer and the end of the window race for the decision.
-            if !answered && CHOSEN.set(Chosen::Stream).is_ok() {
+            if !answered && choose(Chosen::Stream) {
                 fell_back = true;
                 tracing::warn!(
                     "no answer over UDP from {addr} within {window:?}; WireGuard goes over the stream instead"
@@ -183,7 +197,7 @@ async fn read_udp(sock: Arc<UdpSocket>, sender: UdpSender, agent: SocketAddr, he
         match sock.recv_from(&mut buf).await {
             Ok((n, from)) => {
                 if from == agent && !*heard.borrow() {
-                    let _ = CHOSEN.set(Chosen::Udp);
+                    choose(Chosen::Udp);
                     heard.send_replace(true);
                 }
                 if chosen() == Some(Chosen::Stream) {

@@ -77,16 +77,10 @@ impl Tun {
         req.data[..2].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
         ioctl(&fd, TUNSETIFF, &mut req, "creating the TUN device (needs NET_ADMIN)")?;
 
-        // SAFETY: plain socket(2); used only for interface ioctls.
-        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        check(sock, "socket for interface setup")?;
-        // SAFETY: fresh descriptor we own.
-        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        let sock = ioctl_socket()?;
         ioctl(&sock, libc::SIOCSIFADDR, &mut IfReq::with_addr(addr), "setting the tunnel address")?;
         ioctl(&sock, libc::SIOCSIFNETMASK, &mut IfReq::with_addr(Cidr::mask(prefix)), "setting the tunnel netmask")?;
-        let mut req = IfReq::new();
-        req.data[..4].copy_from_slice(&i32::from(mtu).to_ne_bytes());
-        ioctl(&sock, libc::SIOCSIFMTU, &mut req, "setting the tunnel MTU")?;
+        set_mtu(&sock, mtu)?;
         let mut req = IfReq::new();
         ioctl(&sock, libc::SIOCGIFFLAGS, &mut req, "reading the tunnel flags")?;
         let flags = i16::from_ne_bytes([req.data[0], req.data[1]]) | (libc::IFF_UP | libc::IFF_RUNNING) as i16;
@@ -98,6 +92,12 @@ impl Tun {
         // SAFETY: the OwnedFd moves into the AsyncFd, which deregisters it before closing.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
         Ok(Tun { fd })
+    }
+
+    /// Changes the MTU; connections opened from then on take their segment
+    /// size from it.
+    pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+        set_mtu(&ioctl_socket()?, mtu)
     }
 
     /// Reads one IP packet.
@@ -120,6 +120,21 @@ impl Tun {
         // SAFETY: writing from a valid buffer of packet.len() bytes.
         let _ = unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
     }
+}
+
+/// A socket for interface ioctls.
+fn ioctl_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    check(sock, "socket for interface setup")?;
+    // SAFETY: fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(sock) })
+}
+
+fn set_mtu(sock: &OwnedFd, mtu: u16) -> io::Result<()> {
+    let mut req = IfReq::new();
+    req.data[..4].copy_from_slice(&i32::from(mtu).to_ne_bytes());
+    ioctl(sock, libc::SIOCSIFMTU, &mut req, "setting the tunnel MTU")
 }
 
 fn add_route(sock: &OwnedFd, cidr: &Cidr) -> io::Result<()> {
