@@ -19,15 +19,15 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tpd_wire::names::{self, agent_env};
 use tpd_wire::tunnel::Endpoint;
+use tpd_wire::udp::TunnelUdp;
 
 use crate::control::Control;
 use crate::inbound::Inbound;
 use crate::services::Services;
-use crate::stack::Stack;
+use crate::stack::{Ingress, Stack};
 
 #[derive(Debug, Parser)]
 #[command(name = "tpd-agent", version = tpd_wire::VERSION, about)]
@@ -61,24 +61,16 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let streams = TcpListener::bind(args.listen).await.with_context(|| format!("listening on TCP {}", args.listen))?;
-    let udp = Arc::new(
-        tpd_wire::io::bind_tunnel_udp(args.listen)
-            .await
-            .with_context(|| format!("listening on UDP {}", args.listen))?,
-    );
-    let (to_stack, from_wg) = mpsc::channel(4096);
-    let wg = Arc::new(Endpoint::new(None, move |packet| {
-        if to_stack.try_send(packet.to_vec()).is_err() {
-            tracing::debug!("stack queue full; dropped a packet");
-        }
-    }));
+    let udp = TunnelUdp::bind(args.listen).await.with_context(|| format!("listening on UDP {}", args.listen))?;
+    let (ingress, queues) = Ingress::new();
+    let wg = Arc::new(Endpoint::new(None, move |packet| ingress.deliver(packet)));
 
     let control = Arc::new(Control::default());
     let inbound = Arc::new(Inbound::new(control.clone()));
     inbound.clone().listen(&args.ports).await?;
     let mounts = Arc::new(files::MountTable::from_env().context("reading the volume mounts to serve")?);
     let services = local_services(control, inbound, mounts);
-    Stack::start(wg.clone(), services, from_wg);
+    Stack::start(wg.clone(), services, queues);
 
     let tasks = [
         tokio::spawn(transport::serve_streams(streams, wg.clone())),

@@ -37,6 +37,41 @@ enum Dial {
     Connected(Option<TcpStream>),
 }
 
+/// Where decrypted packets enter the agent. Segments of established TCP
+/// connections go straight to the stack's queue, a task hop fewer on every
+/// packet's way; what the gate must judge first (a new connection, UDP)
+/// goes to the gate.
+pub struct Ingress {
+    gate: mpsc::Sender<Vec<u8>>,
+    tcp: mpsc::Sender<Vec<u8>>,
+}
+
+/// The receiving ends of [`Ingress`], for [`Stack::start`].
+pub struct IngressQueues {
+    gate: mpsc::Receiver<Vec<u8>>,
+    tcp: (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>),
+}
+
+/// Packets either queue holds before more are dropped, as by a full NIC ring.
+const INGRESS_QUEUE: usize = 4096;
+
+impl Ingress {
+    pub fn new() -> (Ingress, IngressQueues) {
+        let (gate, gate_rx) = mpsc::channel(INGRESS_QUEUE);
+        let (tcp, tcp_rx) = mpsc::channel(INGRESS_QUEUE);
+        (Ingress { gate, tcp: tcp.clone() }, IngressQueues { gate: gate_rx, tcp: (tcp, tcp_rx) })
+    }
+
+    /// Queues one packet from WireGuard.
+    pub fn deliver(&self, packet: &[u8]) {
+        let established = ip::parse(packet).is_some_and(|p| p.flow.protocol == ip::PROTO_TCP && !p.is_tcp_open());
+        let queue = if established { &self.tcp } else { &self.gate };
+        if queue.try_send(packet.to_vec()).is_err() {
+            tracing::debug!("stack queue full; dropped a packet");
+        }
+    }
+}
+
 pub struct Stack {
     wg: Arc<Wg>,
     services: Services,
@@ -47,8 +82,9 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Starts the stack; packets from WireGuard arrive on `from_wg`.
-    pub fn start(wg: Arc<Wg>, services: Services, from_wg: mpsc::Receiver<Vec<u8>>) -> Arc<Self> {
+    /// Starts the stack; packets from WireGuard arrive through the [`Ingress`] of `queues`.
+    pub fn start(wg: Arc<Wg>, services: Services, queues: IngressQueues) -> Arc<Self> {
+        let IngressQueues { gate, tcp: (tcp_tx, tcp_rx) } = queues;
         let dns_servers = crate::dns::system_nameservers();
         let stack = Arc::new_cyclic(|me: &std::sync::Weak<Stack>| {
             let out = wg.clone();
@@ -56,7 +92,8 @@ impl Stack {
             let tcp = tcp::Tcp::start(
                 AGENT_TUNNEL_IP,
                 usize::from(STREAM_TUNNEL_MTU),
-                Box::new(move |packet| out.send_ip(packet)),
+                (tcp_tx, tcp_rx),
+                Box::new(move |packets| out.send_ips(packets.iter().map(Vec::as_slice))),
                 Box::new(move |conn, src, dst| {
                     if let Some(stack) = me.upgrade() {
                         stack.on_tcp(conn, src, dst);
@@ -65,7 +102,7 @@ impl Stack {
             );
             Stack { wg, services, dns_servers, dials: Mutex::default(), udp_flows: Mutex::default(), tcp }
         });
-        tokio::spawn(stack.clone().gate(from_wg));
+        tokio::spawn(stack.clone().gate(gate));
         stack
     }
 

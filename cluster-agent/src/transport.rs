@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tpd_wire::hello::{Hello, Role};
 use tpd_wire::io as wio;
-use tpd_wire::tunnel::{Endpoint, Route, UdpSender};
+use tpd_wire::tunnel::{Endpoint, Route};
+use tpd_wire::udp::TunnelUdp;
 
 /// Queue of datagrams waiting for one stream's writer.
 const STREAM_QUEUE: usize = 4096;
@@ -60,16 +61,11 @@ async fn serve_stream(sock: TcpStream, wg: &Endpoint) -> anyhow::Result<()> {
     Ok(read?)
 }
 
-pub async fn serve_udp(udp: Arc<UdpSocket>, wg: Arc<Endpoint>) {
-    let sender = UdpSender::spawn(udp.clone());
-    let mut buf = vec![0u8; 65_536];
-    loop {
-        match udp.recv_from(&mut buf).await {
-            Ok((n, from)) => {
-                crate::stack::set_transport_lossy(true);
-                wg.receive(Some(from.ip()), &buf[..n], &Route::Udp(sender.clone(), from));
-            }
-            Err(e) => tracing::debug!("udp transport: {e}"),
-        }
-    }
+pub async fn serve_udp(udp: Arc<TunnelUdp>, wg: Arc<Endpoint>) {
+    let sender = udp.sender();
+    udp.read_each(|datagram, from| {
+        crate::stack::set_transport_lossy(true);
+        wg.receive(Some(from.ip()), datagram, &Route::Udp(sender.clone(), from));
+    })
+    .await;
 }

@@ -188,16 +188,18 @@ async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     result
 }
 
-/// Packets the developer's container sends into the tunnel.
+/// Packets the developer's container sends into the tunnel, a burst at a time.
 async fn tun_to_wg(tun: Arc<Tun>, wg: Arc<Wg>) {
-    let mut buf = vec![0u8; 65_536];
+    const BATCH: usize = 64;
+    // Room for a full batch at the UDP transport's MTU, or two at the stream's.
+    let mut arena = vec![0u8; 2 * tun::MAX_PACKET + BATCH * usize::from(names::TUNNEL_MTU)];
+    let mut packets = Vec::with_capacity(BATCH);
     loop {
-        match tun.read(&mut buf).await {
-            Ok(n) => wg.send_ip(&buf[..n]),
-            Err(e) => {
-                tracing::error!("reading the tunnel device: {e}");
-                return;
-            }
+        packets.clear();
+        if let Err(e) = tun.read_batch(&mut arena, &mut packets, BATCH).await {
+            tracing::error!("reading the tunnel device: {e}");
+            return;
         }
+        wg.send_ips(packets.iter().map(|r| &arena[r.clone()]));
     }
 }

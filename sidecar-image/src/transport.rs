@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket, UnixStream};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tpd_wire::hello::{Hello, Role};
 use tpd_wire::io as wio;
 use tpd_wire::preamble;
-use tpd_wire::tunnel::{Endpoint as Wg, Route, UdpSender};
+use tpd_wire::tunnel::{Endpoint as Wg, Route};
+use tpd_wire::udp::{TunnelUdp, UdpSender};
 
 use crate::config::{Endpoint, Transport};
 
@@ -84,9 +85,9 @@ pub async fn run(
         Transport::Udp(addr) => {
             let any: SocketAddr =
                 if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-            let sock = Arc::new(tpd_wire::io::bind_tunnel_udp(any).await?);
+            let sock = TunnelUdp::bind(any).await?;
             let (heard_tx, heard) = watch::channel(false);
-            let sender = UdpSender::spawn(sock.clone());
+            let sender = sock.sender();
             tokio::spawn(read_udp(sock, sender.clone(), *addr, heard_tx, wg.clone()));
             if fallback.is_none() {
                 choose(Chosen::Udp);
@@ -191,29 +192,23 @@ async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg
 
 /// Datagrams from the agent. The first one from its address decides for UDP
 /// (unless the fallback window already closed); after a fallback they are dropped.
-async fn read_udp(sock: Arc<UdpSocket>, sender: UdpSender, agent: SocketAddr, heard: watch::Sender<bool>, wg: Arc<Wg>) {
-    let mut buf = vec![0u8; 65_536];
-    loop {
-        match sock.recv_from(&mut buf).await {
-            Ok((n, from)) => {
-                if from == agent && !*heard.borrow() {
-                    choose(Chosen::Udp);
-                    heard.send_replace(true);
-                }
-                if chosen() == Some(Chosen::Stream) {
-                    continue;
-                }
-                wg.receive(Some(from.ip()), &buf[..n], &Route::Udp(sender.clone(), from));
-            }
-            Err(e) => tracing::debug!("udp transport: {e}"),
+async fn read_udp(sock: Arc<TunnelUdp>, sender: UdpSender, agent: SocketAddr, heard: watch::Sender<bool>, wg: Arc<Wg>) {
+    sock.read_each(|datagram, from| {
+        if from == agent && !*heard.borrow() {
+            choose(Chosen::Udp);
+            heard.send_replace(true);
         }
-    }
+        if chosen() != Some(Chosen::Stream) {
+            wg.receive(Some(from.ip()), datagram, &Route::Udp(sender.clone(), from));
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, UdpSocket};
 
     /// A fake agent speaking the real hello and framing on a TCP stream.
     async fn agent_on_a_stream(listener: TcpListener, agent: Arc<Wg>) -> io::Result<()> {

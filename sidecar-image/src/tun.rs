@@ -5,6 +5,7 @@
 use std::ffi::CString;
 use std::io;
 use std::net::Ipv4Addr;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use tokio::io::unix::AsyncFd;
@@ -60,6 +61,9 @@ fn inet_sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
+/// The largest packet the device hands over (its MTU is at most this).
+pub const MAX_PACKET: usize = 65_536;
+
 pub struct Tun {
     fd: AsyncFd<OwnedFd>,
 }
@@ -100,19 +104,31 @@ impl Tun {
         set_mtu(&ioctl_socket()?, mtu)
     }
 
-    /// Reads one IP packet.
-    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            // SAFETY: reading into a valid, writable buffer of buf.len() bytes.
-            match guard.try_io(|fd| {
-                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    /// Reads the packets waiting, at least one, into `arena`, and pushes
+    /// each one's range onto `packets`: up to `max` of them, while `arena`
+    /// has room for one more of the largest size. A burst then crosses the
+    /// tunnel together (one GSO send over UDP).
+    pub async fn read_batch(&self, arena: &mut [u8], packets: &mut Vec<Range<usize>>, max: usize) -> io::Result<()> {
+        let mut used = 0;
+        let mut guard = self.fd.readable().await?;
+        while packets.len() < max && arena.len() - used >= MAX_PACKET {
+            let free = &mut arena[used..];
+            // SAFETY: reading into a valid, writable buffer of free.len() bytes.
+            let read = guard.try_io(|fd| {
+                let n = unsafe { libc::read(fd.as_raw_fd(), free.as_mut_ptr().cast(), free.len()) };
                 if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-            }) {
-                Ok(r) => return r,
-                Err(_would_block) => continue,
+            });
+            match read {
+                Ok(n) => {
+                    let n = n?;
+                    packets.push(used..used + n);
+                    used += n;
+                }
+                Err(_would_block) if packets.is_empty() => guard = self.fd.readable().await?,
+                Err(_would_block) => break,
             }
         }
+        Ok(())
     }
 
     /// Writes one IP packet; a full queue drops it, as a NIC would.

@@ -3,8 +3,7 @@
 //! and the batching reader and writer of WireGuard frames. The caller owns
 //! the sockets; these take `AsyncRead`/`AsyncWrite`. The exceptions are
 //! [`dns_exchange`], the one-shot UDP query both binaries forward DNS with,
-//! [`bind_tunnel_udp`], how both bind the tunnel's UDP socket, and
-//! [`shutdown_signal`], how both learn to stop.
+//! and [`shutdown_signal`], how both learn to stop.
 
 use std::io;
 use std::time::Duration;
@@ -34,27 +33,6 @@ pub async fn dns_exchange(query: &[u8], server: std::net::SocketAddr, timeout: D
             return Ok(buf);
         }
     }
-}
-
-/// The receive buffer the tunnel's UDP sockets ask for. A congestion window
-/// of the agent's connections arrives as one burst of datagrams; the
-/// default buffer (about 200 KiB, some 90 datagrams) drops the tail of a few
-/// concurrent bursts, and the stack then waits for a retransmission timeout.
-pub const TUNNEL_UDP_RECEIVE_BUFFER: usize = 8 << 20;
-
-/// Binds a UDP socket for WireGuard datagrams with [`TUNNEL_UDP_RECEIVE_BUFFER`].
-/// SO_RCVBUFFORCE, open to a process with CAP_NET_ADMIN (the sidecar), goes
-/// past the host's `net.core.rmem_max`; without it (the unprivileged agent)
-/// the kernel caps the size there, which is fine: it is the most it can get.
-pub async fn bind_tunnel_udp(addr: std::net::SocketAddr) -> io::Result<tokio::net::UdpSocket> {
-    let sock = tokio::net::UdpSocket::bind(addr).await?;
-    let forced = rustix::net::sockopt::set_socket_recv_buffer_size_force(&sock, TUNNEL_UDP_RECEIVE_BUFFER);
-    if forced.is_err() {
-        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&sock, TUNNEL_UDP_RECEIVE_BUFFER);
-    }
-    let size = rustix::net::sockopt::socket_recv_buffer_size(&sock).unwrap_or(0);
-    tracing::debug!(%addr, receive_buffer = size, forced = forced.is_ok(), "tunnel UDP socket");
-    Ok(sock)
 }
 
 /// How long a peer may take to send the first bytes of a stream.

@@ -23,6 +23,8 @@ pub mod names;
 pub mod preamble;
 #[cfg(feature = "io")]
 pub mod tunnel;
+#[cfg(feature = "io")]
+pub mod udp;
 
 /// The version of tpd that built this crate; every binary reports it and the
 /// images are tagged with it.

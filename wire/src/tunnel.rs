@@ -7,13 +7,14 @@
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use bytes::Bytes;
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
+
+use crate::udp::UdpSender;
 
 /// Where datagrams to the peer go.
 #[derive(Clone, Debug)]
@@ -21,35 +22,26 @@ pub enum Route {
     None,
     /// The writer queue of a stream transport.
     Stream(mpsc::Sender<Bytes>),
-    /// The send queue of a UDP socket, and the peer's address.
+    /// The sending half of a UDP socket, and the peer's address.
     Udp(UdpSender, SocketAddr),
 }
 
-/// Datagrams waiting for the UDP socket, like a NIC's transmit ring.
-const UDP_QUEUE: usize = 4096;
-
-/// The sending half of a tunnel UDP socket. Datagrams queue here and one
-/// task writes them: encryption then never holds the endpoint's lock across
-/// a `sendto` (which on a veth also runs the receiving side's path), and a
-/// momentarily full socket buffer is waited for instead of dropping.
-#[derive(Clone, Debug)]
-pub struct UdpSender {
-    queue: mpsc::Sender<(Bytes, SocketAddr)>,
+impl Route {
+    fn send(&self, datagrams: Vec<Bytes>) {
+        match self {
+            // Like a full NIC queue: drop, and TCP inside retransmits.
+            Route::Stream(tx) => datagrams.into_iter().for_each(|d| drop(tx.try_send(d))),
+            Route::Udp(sender, addr) => sender.send(datagrams, *addr),
+            Route::None => {}
+        }
+    }
 }
 
-impl UdpSender {
-    /// Starts the task writing to `sock`; it ends when the last clone drops.
-    pub fn spawn(sock: Arc<UdpSocket>) -> Self {
-        let (queue, mut pending) = mpsc::channel::<(Bytes, SocketAddr)>(UDP_QUEUE);
-        tokio::spawn(async move {
-            while let Some((datagram, to)) = pending.recv().await {
-                if let Err(e) = sock.send_to(&datagram, to).await {
-                    tracing::trace!(%to, "udp send: {e}");
-                }
-            }
-        });
-        UdpSender { queue }
-    }
+/// What one call asks of the WireGuard session.
+enum Op<'p> {
+    Encrypt(&'p [u8]),
+    Handshake { again: bool },
+    Timers,
 }
 
 type Deliver = Box<dyn Fn(&[u8]) + Send + Sync>;
@@ -142,11 +134,13 @@ impl Endpoint {
             loop {
                 match res {
                     TunnResult::WriteToNetwork(p) => {
-                        send(from, p);
+                        from.send(vec![Bytes::copy_from_slice(p)]);
                         // boringtun may have packets queued behind a handshake.
                         res = t.decapsulate(None, &[], buf);
                     }
                     TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                        // Delivery (a TUN write, a queue) need not hold up the other direction.
+                        drop(peer);
                         (self.deliver)(p);
                         return true;
                     }
@@ -166,23 +160,29 @@ impl Endpoint {
 
     /// Encrypts one IP packet and sends it to the peer.
     pub fn send_ip(&self, packet: &[u8]) {
-        self.with_tunn(|t, buf| t.encapsulate(packet, buf));
+        self.run([Op::Encrypt(packet)]);
+    }
+
+    /// Encrypts IP packets and sends them to the peer together: over UDP a
+    /// run of them leaves in one system call.
+    pub fn send_ips<'p>(&self, packets: impl IntoIterator<Item = &'p [u8]>) {
+        self.run(packets.into_iter().map(Op::Encrypt));
     }
 
     /// Starts a handshake now (after a new transport), rather than on the next packet.
     pub fn handshake(&self) {
-        self.with_tunn(|t, buf| t.format_handshake_initiation(buf, false));
+        self.run([Op::Handshake { again: false }]);
     }
 
     /// Starts a new handshake even while one is in flight: after moving to a
     /// transport that may deliver what the previous one lost.
     pub fn handshake_again(&self) {
-        self.with_tunn(|t, buf| t.format_handshake_initiation(buf, true));
+        self.run([Op::Handshake { again: true }]);
     }
 
     /// Drives boringtun's timers (keepalive, rekey, handshake retries); call every 250 ms.
     pub fn tick(&self) {
-        self.with_tunn(|t, buf| t.update_timers(buf));
+        self.run([Op::Timers]);
     }
 
     /// Calls [`Endpoint::tick`] every 250 ms for as long as it is polled.
@@ -194,31 +194,38 @@ impl Endpoint {
         }
     }
 
-    fn with_tunn(&self, f: impl for<'a> FnOnce(&mut Tunn, &'a mut [u8]) -> TunnResult<'a>) {
-        SCRATCH.with_borrow_mut(|buf| {
+    /// Runs `ops` on the session, then sends what they produced outside
+    /// the lock, so encryption in other tasks never waits for a send.
+    fn run<'p>(&self, ops: impl IntoIterator<Item = Op<'p>>) {
+        let out = SCRATCH.with_borrow_mut(|buf| {
+            let mut out = Vec::new();
             let mut peer = lock(&self.peer);
-            let Some((_, t)) = peer.as_mut() else { return };
-            match f(t, buf) {
-                TunnResult::WriteToNetwork(p) => send(&lock(&self.route), p),
-                TunnResult::Err(e) => tracing::trace!(?e, "wireguard"),
-                _ => {}
+            let Some((_, t)) = peer.as_mut() else { return out };
+            for op in ops {
+                let res = match op {
+                    Op::Encrypt(packet) => t.encapsulate(packet, buf),
+                    Op::Handshake { again } => t.format_handshake_initiation(buf, again),
+                    Op::Timers => t.update_timers(buf),
+                };
+                match res {
+                    TunnResult::WriteToNetwork(p) => out.push(Bytes::copy_from_slice(p)),
+                    TunnResult::Err(e) => tracing::trace!(?e, "wireguard"),
+                    _ => {}
+                }
             }
+            out
         });
-    }
-}
-
-fn send(route: &Route, datagram: &[u8]) {
-    match route {
-        // Like a full NIC queue: drop, and TCP inside retransmits.
-        Route::Stream(tx) => drop(tx.try_send(Bytes::copy_from_slice(datagram))),
-        Route::Udp(sender, addr) => drop(sender.queue.try_send((Bytes::copy_from_slice(datagram), *addr))),
-        Route::None => {}
+        if !out.is_empty() {
+            let route = lock(&self.route).clone();
+            route.send(out);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     /// Packets `b` delivered to its stack.
     type Delivered = Arc<Mutex<Vec<Vec<u8>>>>;

@@ -61,8 +61,9 @@ const BATCH: usize = 256;
 /// How often closed sockets are swept out.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Where the stack's packets come from and go: plaintext IP packets.
-pub type Output = Box<dyn Fn(&[u8]) + Send + Sync>;
+/// Where the stack's packets go: plaintext IP packets, a round's worth at
+/// a time, so the tunnel can send them together.
+pub type Output = Box<dyn Fn(&[Vec<u8>]) + Send + Sync>;
 /// Called with every new connection (source, destination) as its SYN arrives.
 pub type Accept = Box<dyn Fn(TcpConn, SocketAddrV4, SocketAddrV4) + Send + Sync>;
 
@@ -151,7 +152,13 @@ pub struct Tcp {
 
 impl Tcp {
     /// Starts the stack's loop; packets it sends go to `send`, new connections to `accept`.
-    pub fn start(local: std::net::Ipv4Addr, mtu: usize, send: Output, accept: Accept) -> Tcp {
+    pub fn start(
+        local: std::net::Ipv4Addr,
+        mtu: usize,
+        (input, rx): (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>),
+        send: Output,
+        accept: Accept,
+    ) -> Tcp {
         let mut queues = Queues { mtu, ..Queues::default() };
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = rand_seed();
@@ -169,7 +176,6 @@ impl Tcp {
             entries: HashMap::new(),
         };
         let shared = Arc::new(Shared { engine: Mutex::new(engine), poke: Notify::new() });
-        let (input, rx) = mpsc::channel(4096);
         tokio::spawn(run(shared, rx, send, accept));
         Tcp { input }
     }
@@ -228,8 +234,9 @@ async fn run(shared: Arc<Shared>, mut input: mpsc::Receiver<Vec<u8>>, send: Outp
             delay = e.iface.poll_delay(now, &e.sockets);
             std::mem::swap(&mut out, &mut e.queues.tx);
         }
-        for packet in out.drain(..) {
-            send(&packet);
+        if !out.is_empty() {
+            send(&out);
+            out.clear();
         }
         for (conn, src, dst) in accepted.drain(..) {
             accept(conn, src, dst);
@@ -441,7 +448,8 @@ mod tests {
         let tcp = Tcp::start(
             AGENT,
             1420,
-            Box::new(move |p| drop(out_tx.send(p.to_vec()))),
+            mpsc::channel(4096),
+            Box::new(move |packets| packets.iter().for_each(|p| drop(out_tx.send(p.clone())))),
             Box::new(move |conn, src, dst| {
                 assert_eq!(dst, SocketAddrV4::new(SERVER, 80));
                 let _ = acc_tx.send(src);
