@@ -30,6 +30,7 @@ fn stream_transport_carries_everything_and_survives_a_cut() -> Result<()> {
     let ready = lab.start_sidecar(&Via::StreamUnix)?;
     let run = || -> Result<()> {
         check_what_a_developer_sees(&lab, &ready)?;
+        check_tunnel_mtu(&lab, tpd_wire::names::STREAM_TUNNEL_MTU)?;
         check_concurrent(&lab, 500)?;
         check_transfer_survives_cut(&lab, &relay)
     };
@@ -43,6 +44,7 @@ fn udp_transport_carries_everything() -> Result<()> {
     let mut lab = Lab::start()?;
     let ready = lab.start_sidecar(&Via::Udp)?;
     check_what_a_developer_sees(&lab, &ready)
+        .and_then(|()| check_tunnel_mtu(&lab, tpd_wire::names::TUNNEL_MTU))
         .with_context(|| format!("sidecar:\n{}\nagent:\n{}", lab.logs(&lab.sidecar), lab.logs(&lab.agent)))
 }
 
@@ -84,6 +86,14 @@ fn check_ready(lab: &Lab, ready: &serde_json::Value) -> Result<()> {
     ensure!(status["env"].get(tpd_wire::names::agent_env::PORTS).is_none(), "tpd's own variables are stripped");
     let sidecar_logs = lab.logs(&lab.sidecar);
     ensure!(!sidecar_logs.contains("s3cret"), "secrets never in logs");
+    Ok(())
+}
+
+/// Datagrams over UDP must fit a 1500-byte path; frames on a stream carry
+/// 64 KiB packets, so bulk transfers cost far fewer packets.
+fn check_tunnel_mtu(lab: &Lab, want: u16) -> Result<()> {
+    let mtu = lab.dev_sh("cat /sys/class/net/tpd0/mtu")?;
+    ensure!(mtu.trim() == want.to_string(), "tunnel MTU {} in the developer's container, want {want}", mtu.trim());
     Ok(())
 }
 
