@@ -33,6 +33,19 @@ const GSO_BYTES: usize = 63 * 1024;
 const RECV_BUFFERS: usize = 16;
 const RECV_BUFFER: usize = 64 * 1024;
 
+/// Lets the kernel fragment datagrams larger than the path again: quinn-udp
+/// forbids it (QUIC finds the path MTU itself), but a WireGuard datagram
+/// outgrows the path whenever the agent relays a large answer to a small
+/// UDP question (DNS over EDNS0 answers up to 4 KiB), and the IP layer is
+/// what carries those. On IPv6 quinn-udp's IPV6_DONTFRAG stays (rustix has
+/// no setter for it), so such answers are lost over an IPv6 UDP transport.
+fn allow_fragments(sock: &UdpSocket) {
+    use rustix::net::sockopt::{Ipv4PathMtuDiscovery, Ipv6PathMtuDiscovery};
+    // One of the two applies, by the socket's family.
+    let _ = rustix::net::sockopt::set_ip_mtu_discover(sock, Ipv4PathMtuDiscovery::WANT);
+    let _ = rustix::net::sockopt::set_ipv6_mtu_discover(sock, Ipv6PathMtuDiscovery::WANT);
+}
+
 /// A bound tunnel UDP socket and what quinn-udp learned about its kernel.
 pub struct TunnelUdp {
     sock: UdpSocket,
@@ -47,6 +60,7 @@ impl TunnelUdp {
     pub async fn bind(addr: SocketAddr) -> io::Result<Arc<Self>> {
         let sock = UdpSocket::bind(addr).await?;
         let state = UdpSocketState::new((&sock).into())?;
+        allow_fragments(&sock);
         let forced = rustix::net::sockopt::set_socket_recv_buffer_size_force(&sock, TUNNEL_UDP_RECEIVE_BUFFER);
         if forced.is_err() {
             let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&sock, TUNNEL_UDP_RECEIVE_BUFFER);

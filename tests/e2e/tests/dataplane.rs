@@ -132,6 +132,15 @@ fn check_udp(lab: &Lab) -> Result<()> {
     ))?;
     ensure!(out.starts_with(&format!("client={}:", lab.agent_cluster_ip)), "udp echo: {out}");
     ensure!(out.ends_with("ping-udp"), "udp echo payload: {out}");
+    // A small question with a large answer (DNS over EDNS0 gives up to 4 KiB):
+    // the answer is larger than the tunnel's MTU, and over the UDP transport
+    // its datagram larger than the path's; it must arrive whole.
+    let big = lab.dev_sh(&format!(
+        "python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); \
+         s.sendto(b'bytes:4000', ('{}', 9000)); print(s.recv(8192).count(b'x'))\"",
+        lab.echo_ip
+    ))?;
+    ensure!(big == "4000", "a 4,000-byte UDP answer arrived with {big} bytes of it");
     Ok(())
 }
 

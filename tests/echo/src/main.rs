@@ -9,7 +9,9 @@
 //!   Keep-alive is honoured.
 //! - TCP on `--echo PORT` (9000): every byte is sent back.
 //! - UDP on the same `--echo PORT`: each datagram is answered with
-//!   `client=IP:PORT\n` followed by the datagram.
+//!   `client=IP:PORT\n` followed by the datagram, or, for a datagram
+//!   `bytes:N`, by N bytes of `x` (a large answer to a small question, as a
+//!   DNS server gives).
 
 // Property tests unwrap inside proptest!, which clippy does not see as a test.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -81,7 +83,10 @@ fn udp_loop(sock: &UdpSocket) {
             continue;
         };
         let mut reply = format!("client={peer}\n").into_bytes();
-        reply.extend_from_slice(&buf[..n]);
+        match std::str::from_utf8(&buf[..n]).ok().and_then(|s| s.strip_prefix("bytes:")?.trim().parse().ok()) {
+            Some(len) => reply.resize(reply.len() + usize::min(len, 60_000), b'x'),
+            None => reply.extend_from_slice(&buf[..n]),
+        }
         let _ = sock.send_to(&reply, peer);
     }
 }
