@@ -35,8 +35,9 @@ const DONE: &str = "/tmp/tpd-e2e-done";
 /// The exit code the developer's command ends with; tpd must pass it on.
 const EXIT_CODE: i32 = 3;
 /// The large file sent each way. Through the sandbox's port-forward the
-/// tunnel moves only 2-4 MiB/s (256 MiB took 70 s to read and about 110 s
-/// to write on the loaded 2-core machine), so this test sends 32 MiB and
+/// tunnel reads about 68 MiB/s but writes only about 10 MiB/s (kube-rs's
+/// port-forward sends one WebSocket message per 4 KiB), so on a loaded
+/// 2-core CI machine 256 MiB could take minutes: this test sends 32 MiB and
 /// `volumes.rs::volumes_through_the_tunnel` sends 256 MiB over the
 /// stream transport between the containers.
 const BIG: u64 = 32 << 20;
