@@ -5,6 +5,7 @@
 pub mod cidrs;
 pub mod container;
 pub mod env;
+pub mod portforward;
 pub mod relay;
 pub mod sidecar;
 pub mod transport;

@@ -1,19 +1,18 @@
 //! The stream transport's relay: the sidecar connects to a Unix socket in
 //! the session directory, and each connection is carried over a fresh
-//! kube-rs port-forward to the agent pod's transport port. When a
+//! port-forward to the agent pod's transport port. When a
 //! port-forward drops, the sidecar's connection ends and it dials again,
 //! which opens a new port-forward: the session (and WireGuard) live on.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tpd_wire::names;
 use tracing::{debug, info, warn};
 
+use super::portforward;
 use crate::cluster::Cluster;
 
 /// File name of the relay's socket in the session directory.
@@ -30,8 +29,7 @@ pub fn start(dir: &Path, cluster: &Cluster, agent_pod: &str, shutdown: Cancellat
     let path: PathBuf = dir.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let pod = agent_pod.to_owned();
+    let (client, namespace, pod) = (cluster.client.clone(), cluster.namespace.clone(), agent_pod.to_owned());
     tokio::spawn(async move {
         loop {
             let conn = tokio::select! {
@@ -40,7 +38,7 @@ pub fn start(dir: &Path, cluster: &Cluster, agent_pod: &str, shutdown: Cancellat
             };
             match conn {
                 Ok((stream, _)) => {
-                    tokio::spawn(relay_one(pods.clone(), pod.clone(), stream, shutdown.clone()));
+                    tokio::spawn(relay_one(client.clone(), namespace.clone(), pod.clone(), stream, shutdown.clone()));
                 }
                 Err(e) => warn!("relay accept failed: {e}"),
             }
@@ -49,27 +47,27 @@ pub fn start(dir: &Path, cluster: &Cluster, agent_pod: &str, shutdown: Cancellat
     Ok(Relay { socket_in_sidecar: format!("{}/{SOCKET}", names::SESSION_DIR) })
 }
 
-async fn relay_one(pods: Api<Pod>, pod: String, mut local: UnixStream, shutdown: CancellationToken) {
+async fn relay_one(
+    client: kube::Client,
+    namespace: String,
+    pod: String,
+    local: UnixStream,
+    shutdown: CancellationToken,
+) {
     let port = names::AGENT_TRANSPORT_PORT;
-    let mut forward = match pods.portforward(&pod, &[port]).await {
+    let forward = match portforward::open(&client, &namespace, &pod, port).await {
         Ok(f) => f,
         Err(e) => {
-            warn!("cannot open a port-forward to pod/{pod}:{port}: {e}");
+            warn!("{e}");
             return;
         }
     };
-    let Some(mut remote) = forward.take_stream(port) else {
-        warn!("the port-forward to pod/{pod} has no stream for port {port}");
-        return;
-    };
     info!("stream transport connected through a port-forward to pod/{pod}:{port}");
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut local, &mut remote) => match r {
-            Ok((up, down)) => debug!(up, down, "port-forward closed"),
+        r = forward.relay(local) => match r {
+            Ok(carried) => debug!(up = carried.up, down = carried.down, "port-forward closed"),
             Err(e) => info!("port-forward dropped: {e}; the sidecar reconnects"),
         },
         () = shutdown.cancelled() => {}
     }
-    drop(remote);
-    let _ = forward.join().await;
 }
