@@ -3,8 +3,9 @@
 //! cluster is only handed to the stack once the agent's own socket to the
 //! real destination has connected, so "connection refused" (RST) and "no
 //! route" (ICMP) reach the developer's app exactly as a kernel would report
-//! them. Accepted flows are then spliced to those sockets, or served locally
-//! when addressed to the agent's tunnel IP. TCP runs on smoltcp
+//! them. Fragmented datagrams are reassembled at the gate. Accepted flows
+//! are then spliced to those sockets, or served locally when addressed to
+//! the agent's tunnel IP. TCP runs on smoltcp
 //! ([`tcp`]); UDP is parsed and answered directly ([`udp`]).
 
 mod tcp;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
+use tpd_wire::ip::fragments::{self, Reassembly};
 use tpd_wire::ip::{self, Flow, Packet};
 use tpd_wire::names::{AGENT_DNS_PORT, AGENT_TUNNEL_IP, STREAM_TUNNEL_MTU};
 use tpd_wire::tunnel::Endpoint as Wg;
@@ -64,7 +66,8 @@ impl Ingress {
 
     /// Queues one packet from WireGuard.
     pub fn deliver(&self, packet: &[u8]) {
-        let established = ip::parse(packet).is_some_and(|p| p.flow.protocol == ip::PROTO_TCP && !p.is_tcp_open());
+        let established = !fragments::is_fragment(packet)
+            && ip::parse(packet).is_some_and(|p| p.flow.protocol == ip::PROTO_TCP && !p.is_tcp_open());
         let queue = if established { &self.tcp } else { &self.gate };
         if queue.try_send(packet.to_vec()).is_err() {
             tracing::debug!("stack queue full; dropped a packet");
@@ -115,7 +118,14 @@ impl Stack {
     }
 
     async fn gate(self: Arc<Self>, mut from_wg: mpsc::Receiver<Vec<u8>>) {
-        while let Some(packet) = from_wg.recv().await {
+        let mut fragmented = Reassembly::default();
+        while let Some(mut packet) = from_wg.recv().await {
+            if fragments::is_fragment(&packet) {
+                match fragmented.push(&packet, std::time::Instant::now()) {
+                    Some(whole) => packet = whole,
+                    None => continue,
+                }
+            }
             // IPv4 TCP and UDP only; ICMP and IPv6 are not carried.
             match ip::parse(&packet) {
                 Some(p) if p.is_tcp_open() => self.on_open(p, packet),

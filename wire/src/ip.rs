@@ -4,6 +4,8 @@
 //! answered, and is otherwise refused with a RST or an ICMP "host
 //! unreachable", exactly what a kernel would send. Pure functions over bytes.
 
+pub mod fragments;
+
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 pub const PROTO_TCP: u8 = 6;

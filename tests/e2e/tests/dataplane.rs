@@ -141,6 +141,16 @@ fn check_udp(lab: &Lab) -> Result<()> {
         lab.echo_ip
     ))?;
     ensure!(big == "4000", "a 4,000-byte UDP answer arrived with {big} bytes of it");
+    // A datagram larger than the tunnel's MTU: the developer's kernel sends
+    // it in fragments, and the agent must put it together before relaying.
+    let mtu: usize = lab.dev_sh("cat /sys/class/net/tpd0/mtu")?.trim().parse()?;
+    let size = (mtu + 1000).min(65_000);
+    let echoed = lab.dev_sh(&format!(
+        "python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); \
+         s.sendto(b'y' * {size}, ('{}', 9000)); print(s.recv(70000).count(b'y'))\"",
+        lab.echo_ip
+    ))?;
+    ensure!(echoed == size.to_string(), "a {size}-byte datagram (tunnel MTU {mtu}) came back with {echoed} bytes of it");
     Ok(())
 }
 
