@@ -37,13 +37,13 @@ const RECV_BUFFER: usize = 64 * 1024;
 /// forbids it (QUIC finds the path MTU itself), but a WireGuard datagram
 /// outgrows the path whenever the agent relays a large answer to a small
 /// UDP question (DNS over EDNS0 answers up to 4 KiB), and the IP layer is
-/// what carries those. On IPv6 quinn-udp's IPV6_DONTFRAG stays (rustix has
-/// no setter for it), so such answers are lost over an IPv6 UDP transport.
+/// what carries those.
 fn allow_fragments(sock: &UdpSocket) {
     use rustix::net::sockopt::{Ipv4PathMtuDiscovery, Ipv6PathMtuDiscovery};
-    // One of the two applies, by the socket's family.
+    // The IPv4 option, or the two IPv6 ones, apply by the socket's family.
     let _ = rustix::net::sockopt::set_ip_mtu_discover(sock, Ipv4PathMtuDiscovery::WANT);
     let _ = rustix::net::sockopt::set_ipv6_mtu_discover(sock, Ipv6PathMtuDiscovery::WANT);
+    let _ = nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::Ipv6DontFrag, &false);
 }
 
 /// A bound tunnel UDP socket and what quinn-udp learned about its kernel.
@@ -221,6 +221,24 @@ impl UdpSender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel may fragment what the tunnel socket sends, on either
+    /// family, whatever quinn-udp asked for.
+    #[tokio::test]
+    async fn lets_the_kernel_fragment_on_ipv4_and_ipv6() {
+        use nix::sys::socket::{getsockopt, sockopt::Ipv6DontFrag};
+        use rustix::net::sockopt::{Ipv4PathMtuDiscovery, Ipv6PathMtuDiscovery, ip_mtu_discover, ipv6_mtu_discover};
+        let v4 = TunnelUdp::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
+        assert_eq!(ip_mtu_discover(&v4.sock).unwrap(), Ipv4PathMtuDiscovery::WANT);
+        match TunnelUdp::bind((std::net::Ipv6Addr::LOCALHOST, 0).into()).await {
+            Ok(v6) => {
+                assert_eq!(ipv6_mtu_discover(&v6.sock).unwrap(), Ipv6PathMtuDiscovery::WANT);
+                assert!(!getsockopt(&v6.sock, Ipv6DontFrag).unwrap(), "IPV6_DONTFRAG is still set");
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => eprintln!("no IPv6 loopback here: {e}"),
+            Err(e) => panic!("binding [::1]: {e}"),
+        }
+    }
 
     async fn pair() -> (Arc<TunnelUdp>, Arc<TunnelUdp>) {
         let a = TunnelUdp::bind(([127, 0, 0, 1], 0).into()).await.unwrap();

@@ -150,7 +150,10 @@ fn check_udp(lab: &Lab) -> Result<()> {
          s.sendto(b'y' * {size}, ('{}', 9000)); print(s.recv(70000).count(b'y'))\"",
         lab.echo_ip
     ))?;
-    ensure!(echoed == size.to_string(), "a {size}-byte datagram (tunnel MTU {mtu}) came back with {echoed} bytes of it");
+    ensure!(
+        echoed == size.to_string(),
+        "a {size}-byte datagram (tunnel MTU {mtu}) came back with {echoed} bytes of it"
+    );
     Ok(())
 }
 
