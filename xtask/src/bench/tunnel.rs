@@ -6,6 +6,11 @@
 //! kernel TUN) and wireguard-go. Same run, same client and server (a small
 //! Python program, so every path is measured with the same tool).
 //!
+//! What a tunnel adds to the round trip is read against the path it runs
+//! over, with the same client: tpd against the container on the cluster
+//! network, boringtun-cli against plain TCP over the veth between its two
+//! namespaces (the host's Python there, Debian's in the containers).
+//!
 //! Needs root, Docker, the tpd and test images. wireguard-go and
 //! wireguard-tools come from apt-get and boringtun-cli from `cargo install`
 //! when missing (a baseline that cannot be had is skipped with a note).
@@ -138,6 +143,10 @@ pub fn run() -> Result<Vec<Figure>> {
     for which in [Userspace::Boringtun, Userspace::WireguardGo] {
         match UserspaceWg::start(which) {
             Ok(wg) => {
+                if baselines.is_empty() {
+                    eprintln!("measuring TCP over the netns veth…");
+                    baselines.push((NETNS_VETH, measure(&*wg.runner(), VETH_SERVER_IP)?));
+                }
                 eprintln!("measuring {} between netns…", which.name());
                 baselines.push((which.baseline(), measure(&*wg.runner(), &wg.server_ip)?));
             }
@@ -182,6 +191,12 @@ pub fn run() -> Result<Vec<Figure>> {
         push("http keep-alive p50", "ms", |p| p.http_p50);
         push("http keep-alive p99", "ms", |p| p.http_p99);
         push("new connections", "conn/s", |p| p.conns);
+        if let Some(added) = boringtun_added_p50(&baselines) {
+            figures.push(
+                Figure::new(format!("http p50 added to its path (tpd {label})"), tpd.http_p50 - veth.http_p50, "ms")
+                    .against("added by boringtun-cli", added),
+            );
+        }
         figures.push(
             Figure::new(format!("dns query p50 (cluster name) (tpd {label})"), dns_tpd, "ms")
                 .against("TCP over veth (no tunnel)", dns_direct),
@@ -190,6 +205,17 @@ pub fn run() -> Result<Vec<Figure>> {
         figures.push(Figure::new(format!("agent RSS idle (tpd {label})"), agent_rss as f64 / 1024.0, "MiB"));
     }
     Ok(figures)
+}
+
+/// Plain TCP between the two namespaces of a userspace WireGuard baseline.
+const NETNS_VETH: &str = "TCP over netns veth (no tunnel)";
+/// The server's veth address in the far namespace (its tunnel address is 10.77.1.2).
+const VETH_SERVER_IP: &str = "10.77.0.2";
+
+/// boringtun-cli's p50 less plain TCP's over the same veth, when both ran.
+fn boringtun_added_p50(baselines: &[(&str, Path)]) -> Option<f64> {
+    let p50 = |name: &str| baselines.iter().find(|(n, _)| *n == name).map(|(_, p)| p.http_p50);
+    Some(p50(Userspace::Boringtun.baseline())? - p50(NETNS_VETH)?)
 }
 
 /// A userspace WireGuard implementation the harness runs as a baseline.
