@@ -10,6 +10,8 @@
 //! over, with the same client: tpd against the container on the cluster
 //! network, boringtun-cli against plain TCP over the veth between its two
 //! namespaces (the host's Python there, Debian's in the containers).
+//! Round trips are sampled on every path in turn, in rounds, so the
+//! machine's drift over a run does not favour whichever path came first.
 //!
 //! Needs root, Docker, the tpd and test images. wireguard-go and
 //! wireguard-tools come from apt-get and boringtun-cli from `cargo install`
@@ -28,7 +30,10 @@ use super::Figure;
 const PORT: u16 = 5201;
 const SINGLE_MIB: u64 = 256;
 const MULTI_MIB_EACH: u64 = 96;
+/// Keep-alive requests per path, sent in [`HTTP_ROUNDS`] rounds that take
+/// every path in turn.
 const HTTP_REQUESTS: u32 = 1000;
+const HTTP_ROUNDS: u32 = 5;
 const NEW_CONNECTIONS: u32 = 500;
 const DNS_QUERIES: u32 = 100;
 
@@ -84,7 +89,7 @@ def http(host, port, count):
         t = time.perf_counter(); s.sendall(b'GET / HTTP/1.1\r\n')
         while f.readline().strip(): pass
         f.read(2); lat.append((time.perf_counter() - t) * 1000)
-    lat.sort(); print(lat[len(lat) // 2], lat[int(len(lat) * 0.99)])
+    print(' '.join('%.4f' % x for x in lat))
 def conns(host, port, count):
     t = time.time()
     for _ in range(count):
@@ -118,42 +123,93 @@ fn numbers(out: &str) -> Result<Vec<f64>> {
     out.split_whitespace().map(|v| v.parse::<f64>().with_context(|| format!("probe printed {out:?}"))).collect()
 }
 
-/// Throughput figures (single, 4 streams) and latency for one path.
-struct Path {
+/// Throughput (single, 4 streams) and new connections per second of one path.
+struct Bulk {
     single: f64,
     multi: f64,
-    http_p50: f64,
-    http_p99: f64,
     conns: f64,
 }
 
-fn measure(run: &Runner, server: &str) -> Result<Path> {
+fn bulk(run: &Runner, server: &str) -> Result<Bulk> {
     let a = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
     let port = PORT.to_string();
     let single = numbers(&run(&a(&["down", server, &port, &SINGLE_MIB.to_string(), "1"]))?)?[0];
     let multi = numbers(&run(&a(&["down", server, &port, &MULTI_MIB_EACH.to_string(), "4"]))?)?[0];
-    let http = numbers(&run(&a(&["http", server, &port, &HTTP_REQUESTS.to_string()]))?)?;
     let conns = numbers(&run(&a(&["conns", server, &port, &NEW_CONNECTIONS.to_string()]))?)?[0];
-    Ok(Path { single, multi, http_p50: http[0], http_p99: http[1], conns })
+    Ok(Bulk { single, multi, conns })
+}
+
+/// Keep-alive round trips of one path.
+#[derive(Debug, Clone, Copy)]
+struct Rtt {
+    p50: f64,
+    p99: f64,
+}
+
+/// One path to the probe server: where its client runs and the server's address.
+struct Route<'a> {
+    run: &'a Runner,
+    server: &'a str,
+}
+
+/// Round trips of every path, sampled in turn: a round of requests on each
+/// path, [`HTTP_ROUNDS`] times, so a change in the machine's state (another
+/// process waking, a frequency step) shifts all paths alike instead of
+/// whichever was measured at the time.
+fn interleaved_rtts(routes: &[Route]) -> Result<Vec<Rtt>> {
+    let per_round = (HTTP_REQUESTS / HTTP_ROUNDS).to_string();
+    let port = PORT.to_string();
+    let mut samples = vec![Vec::new(); routes.len()];
+    for _ in 0..HTTP_ROUNDS {
+        for (route, samples) in routes.iter().zip(&mut samples) {
+            let args = ["http", route.server, &port, &per_round].map(String::from);
+            samples.extend(numbers(&(route.run)(&args)?)?);
+        }
+    }
+    Ok(samples
+        .iter_mut()
+        .map(|s| {
+            s.sort_by(f64::total_cmp);
+            Rtt { p50: percentile(s, 0.5), p99: percentile(s, 0.99) }
+        })
+        .collect())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
+}
+
+/// A path tpd is compared with, kept up for the whole run.
+struct Baseline {
+    name: &'static str,
+    run: Box<Runner>,
+    server: String,
+    bulk: Bulk,
 }
 
 pub fn run() -> Result<Vec<Figure>> {
-    let mut figures = Vec::new();
-    let mut baselines = Vec::new();
+    // The userspace WireGuard pairs stay up for the whole run, so their
+    // round trips can be sampled in turn with tpd's.
+    let mut pairs = Vec::new();
     for which in [Userspace::Boringtun, Userspace::WireguardGo] {
         match UserspaceWg::start(which) {
-            Ok(wg) => {
-                if baselines.is_empty() {
-                    eprintln!("measuring TCP over the netns veth…");
-                    baselines.push((NETNS_VETH, measure(&*wg.runner(), VETH_SERVER_IP)?));
-                }
-                eprintln!("measuring {} between netns…", which.name());
-                baselines.push((which.baseline(), measure(&*wg.runner(), &wg.server_ip)?));
-            }
+            Ok(wg) => pairs.push((which, wg)),
             Err(e) => eprintln!("{} baseline skipped: {e:#}", which.name()),
         }
     }
+    let mut baselines = Vec::new();
+    if let Some((_, wg)) = pairs.first() {
+        eprintln!("measuring TCP over the netns veth…");
+        let bulk = bulk(&*wg.runner(), VETH_SERVER_IP)?;
+        baselines.push(Baseline { name: NETNS_VETH, run: wg.runner(), server: VETH_SERVER_IP.into(), bulk });
+    }
+    for (which, wg) in &pairs {
+        eprintln!("measuring {} between netns…", which.name());
+        let bulk = bulk(&*wg.runner(), &wg.server_ip)?;
+        baselines.push(Baseline { name: which.baseline(), run: wg.runner(), server: wg.server_ip.clone(), bulk });
+    }
 
+    let mut figures = Vec::new();
     for (via, label) in [(Via::StreamTcp, "stream"), (Via::Udp, "udp")] {
         let mut lab = Lab::start()?;
         let server = lab.run_on_cluster(
@@ -167,39 +223,51 @@ pub fn run() -> Result<Vec<Figure>> {
         std::thread::sleep(Duration::from_secs(2));
         let (sidecar_rss, agent_rss) = (Lab::rss_kib(&lab.sidecar)?, Lab::rss_kib(&lab.agent)?);
         let direct = lab.run_on_cluster("bench-direct", tpd_e2e::images::DEBIAN, &["sleep", "infinity"])?;
+        let (tpd_run, direct_run) = (in_container(lab.dev.clone()), in_container(direct.clone()));
 
         eprintln!("measuring tpd ({label} transport) and TCP over veth…");
-        let tpd = measure(&*in_container(lab.dev.clone()), &server_ip)?;
-        let veth = measure(&*in_container(direct.clone()), &server_ip)?;
+        let tpd = bulk(&*tpd_run, &server_ip)?;
+        let veth = bulk(&*direct_run, &server_ip)?;
+        let mut routes =
+            vec![Route { run: &*tpd_run, server: &server_ip }, Route { run: &*direct_run, server: &server_ip }];
+        routes.extend(baselines.iter().map(|b| Route { run: &*b.run, server: &b.server }));
+        let rtts = interleaved_rtts(&routes)?;
         // Absolute (trailing dot): the search list would add lookups that
         // Docker's DNS on an internal network never answers.
         let fqdn = format!("{}.", tpd_e2e::dataplane::echo_fqdn());
-        let dns_tpd =
-            numbers(&in_container(lab.dev.clone())(&["dns".into(), fqdn.clone(), DNS_QUERIES.to_string()])?)?[0];
-        let dns_direct = numbers(&in_container(direct)(&["dns".into(), fqdn, DNS_QUERIES.to_string()])?)?[0];
+        let dns_tpd = numbers(&tpd_run(&["dns".into(), fqdn.clone(), DNS_QUERIES.to_string()])?)?[0];
+        let dns_direct = numbers(&direct_run(&["dns".into(), fqdn, DNS_QUERIES.to_string()])?)?[0];
 
-        let mut push = |name: &str, unit: &str, figure: fn(&Path) -> f64| {
-            let value = figure(&tpd);
-            let against =
-                [("TCP over veth (no tunnel)", &veth)].into_iter().chain(baselines.iter().map(|(n, p)| (*n, p)));
-            for (baseline, path) in against {
-                figures.push(Figure::new(format!("{name} (tpd {label})"), value, unit).against(baseline, figure(path)));
+        // Each compared path: its name, bulk figures and round trips (`rtts`
+        // holds tpd's first, then the paths in this order).
+        let compared: Vec<(&str, &Bulk, Rtt)> = [(DOCKER_VETH, &veth)]
+            .into_iter()
+            .chain(baselines.iter().map(|b| (b.name, &b.bulk)))
+            .zip(rtts.iter().skip(1))
+            .map(|((name, bulk), rtt)| (name, bulk, *rtt))
+            .collect();
+        let mut push = |name: &str, unit: &str, value: f64, of: &dyn Fn(&Bulk, Rtt) -> f64| {
+            for (baseline, b, rtt) in &compared {
+                figures.push(Figure::new(format!("{name} (tpd {label})"), value, unit).against(*baseline, of(b, *rtt)));
             }
         };
-        push("throughput 1 stream", "Mbit/s", |p| p.single);
-        push("throughput 4 streams", "Mbit/s", |p| p.multi);
-        push("http keep-alive p50", "ms", |p| p.http_p50);
-        push("http keep-alive p99", "ms", |p| p.http_p99);
-        push("new connections", "conn/s", |p| p.conns);
-        if let Some(added) = boringtun_added_p50(&baselines) {
+        push("throughput 1 stream", "Mbit/s", tpd.single, &|b, _| b.single);
+        push("throughput 4 streams", "Mbit/s", tpd.multi, &|b, _| b.multi);
+        push("http keep-alive p50", "ms", rtts[0].p50, &|_, r| r.p50);
+        push("http keep-alive p99", "ms", rtts[0].p99, &|_, r| r.p99);
+        push("new connections", "conn/s", tpd.conns, &|b, _| b.conns);
+        let p50_of = |name: &str| compared.iter().find(|(n, ..)| *n == name).map(|(_, _, r)| r.p50);
+        if let (Some(veth), Some(plain), Some(bt)) =
+            (p50_of(DOCKER_VETH), p50_of(NETNS_VETH), p50_of(Userspace::Boringtun.baseline()))
+        {
             figures.push(
-                Figure::new(format!("http p50 added to its path (tpd {label})"), tpd.http_p50 - veth.http_p50, "ms")
-                    .against("added by boringtun-cli", added),
+                Figure::new(format!("http p50 added to its path (tpd {label})"), rtts[0].p50 - veth, "ms")
+                    .against("added by boringtun-cli", bt - plain),
             );
         }
         figures.push(
             Figure::new(format!("dns query p50 (cluster name) (tpd {label})"), dns_tpd, "ms")
-                .against("TCP over veth (no tunnel)", dns_direct),
+                .against(DOCKER_VETH, dns_direct),
         );
         figures.push(Figure::new(format!("sidecar RSS idle (tpd {label})"), sidecar_rss as f64 / 1024.0, "MiB"));
         figures.push(Figure::new(format!("agent RSS idle (tpd {label})"), agent_rss as f64 / 1024.0, "MiB"));
@@ -207,16 +275,12 @@ pub fn run() -> Result<Vec<Figure>> {
     Ok(figures)
 }
 
+/// TCP from a container on the cluster network to the server, no tunnel.
+const DOCKER_VETH: &str = "TCP over veth (no tunnel)";
 /// Plain TCP between the two namespaces of a userspace WireGuard baseline.
 const NETNS_VETH: &str = "TCP over netns veth (no tunnel)";
 /// The server's veth address in the far namespace (its tunnel address is 10.77.1.2).
 const VETH_SERVER_IP: &str = "10.77.0.2";
-
-/// boringtun-cli's p50 less plain TCP's over the same veth, when both ran.
-fn boringtun_added_p50(baselines: &[(&str, Path)]) -> Option<f64> {
-    let p50 = |name: &str| baselines.iter().find(|(n, _)| *n == name).map(|(_, p)| p.http_p50);
-    Some(p50(Userspace::Boringtun.baseline())? - p50(NETNS_VETH)?)
-}
 
 /// A userspace WireGuard implementation the harness runs as a baseline.
 #[derive(Debug, Clone, Copy)]
