@@ -126,11 +126,17 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, payload: &[u8]) -> Vec<u8> {
     h[9] = protocol;
     h[12..16].copy_from_slice(&src.octets());
     h[16..20].copy_from_slice(&dst.octets());
-    let sum = checksum(&[&h]);
-    h[10..12].copy_from_slice(&sum.to_be_bytes());
+    seal_header(&mut h);
     let mut out = h.to_vec();
     out.extend_from_slice(payload);
     out
+}
+
+/// Writes the checksum of the IPv4 header `h` into it.
+fn seal_header(h: &mut [u8]) {
+    h[10..12].fill(0);
+    let sum = checksum(&[h]);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
 }
 
 fn transport_checksum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, segment: &[u8]) -> u16 {

@@ -259,10 +259,7 @@ impl Engine {
         if p.flow.protocol != ip::PROTO_TCP {
             return;
         }
-        if p.is_tcp_open() {
-            self.reopen(p.flow);
-        }
-        if p.is_tcp_open() && !self.by_flow.contains_key(&p.flow) {
+        if p.is_tcp_open() && !self.keeps_socket(p.flow) {
             let lossy = LOSSY_TRANSPORT.load(Ordering::Relaxed);
             let tx = if lossy { TX_BUFFER_UDP } else { TX_BUFFER_STREAM };
             let mut socket = Socket::new(SocketBuffer::new(vec![0u8; RX_BUFFER]), SocketBuffer::new(vec![0u8; tx]));
@@ -315,16 +312,19 @@ impl Engine {
         }
     }
 
-    /// A SYN for the address pair of a connection that has ended and whose
-    /// owner let go: the old socket makes way, as RFC 1122 (4.2.2.13) lets
-    /// a new SYN reopen a connection in TIME-WAIT. Without this the SYN
+    /// Whether a SYN for `flow` goes to the socket the flow already has
+    /// (a retransmitted SYN). A connection that has ended and whose owner
+    /// let go makes way for a new one instead, as RFC 1122 (4.2.2.13) lets
+    /// a new SYN reopen a connection in TIME-WAIT; without this the SYN
     /// met the old socket and the new connection failed.
-    fn reopen(&mut self, flow: Flow) {
-        let Some(&old) = self.by_flow.get(&flow) else { return };
+    fn keeps_socket(&mut self, flow: Flow) -> bool {
+        let Some(&old) = self.by_flow.get(&flow) else { return false };
         let orphaned = self.entries.get(&old).is_some_and(|e| e.orphaned.is_some());
         if orphaned && finished(self.sockets.get::<Socket>(old).state()) {
             self.forget(old);
+            return false;
         }
+        true
     }
 
     /// Removes a socket nobody owns any more.

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use super::checksum;
+use super::seal_header;
 
 /// How long the pieces of one datagram wait for the rest (Linux's
 /// `ipfrag_time`).
@@ -56,7 +56,6 @@ struct Partial {
 #[derive(Debug, Default)]
 pub struct Reassembly {
     pending: HashMap<Key, Partial>,
-    held: usize,
 }
 
 impl Reassembly {
@@ -65,10 +64,9 @@ impl Reassembly {
     /// Malformed fragments are dropped.
     pub fn push(&mut self, packet: &[u8], now: Instant) -> Option<Vec<u8>> {
         self.pending.retain(|_, p| now.duration_since(p.since) < TIMEOUT);
-        self.held = self.pending.values().map(|p| p.held).sum();
         let Fragment { key, header, offset, more, data } = split(packet)?;
         while !self.pending.is_empty()
-            && (self.held + data.len() > MAX_HELD
+            && (self.held() + data.len() > MAX_HELD
                 || (self.pending.len() >= MAX_PENDING && !self.pending.contains_key(&key)))
         {
             self.drop_oldest();
@@ -91,18 +89,20 @@ impl Reassembly {
         }
         partial.pieces.push((offset, data.to_vec()));
         partial.held += data.len();
-        self.held += data.len();
         let whole = partial.assemble()?;
-        if let Some(done) = self.pending.remove(&key) {
-            self.held -= done.held;
-        }
+        self.pending.remove(&key);
         Some(whole)
+    }
+
+    /// Payload bytes waiting.
+    fn held(&self) -> usize {
+        self.pending.values().map(|p| p.held).sum()
     }
 
     fn drop_oldest(&mut self) {
         let oldest = self.pending.iter().min_by_key(|(_, p)| p.since).map(|(k, _)| *k);
-        if let Some(p) = oldest.and_then(|k| self.pending.remove(&k)) {
-            self.held -= p.held;
+        if let Some(k) = oldest {
+            self.pending.remove(&k);
         }
     }
 }
@@ -165,9 +165,7 @@ impl Partial {
         let len = u16::try_from(out.len() + total).ok()?;
         out[2..4].copy_from_slice(&len.to_be_bytes());
         out[6..8].fill(0);
-        out[10..12].fill(0);
-        let sum = checksum(&[&out]);
-        out[10..12].copy_from_slice(&sum.to_be_bytes());
+        seal_header(&mut out);
         out.extend_from_slice(&payload);
         Some(out)
     }
@@ -178,7 +176,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::ip::{PROTO_UDP, ipv4, parse};
+    use crate::ip::{PROTO_UDP, checksum, ipv4, parse};
 
     /// A UDP datagram of `len` payload bytes, as one unfragmented packet.
     fn datagram(len: usize) -> Vec<u8> {
@@ -192,9 +190,7 @@ mod tests {
         let mut p = ipv4(Ipv4Addr::new(198, 18, 0, 2), Ipv4Addr::new(10, 0, 0, 9), PROTO_UDP, &udp);
         p[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
         p[6] = 0; // fragments allowed
-        p[10..12].fill(0);
-        let sum = checksum(&[&p[..20]]);
-        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        seal_header(&mut p[..20]);
         p
     }
 
@@ -211,9 +207,7 @@ mod tests {
                 let flags = ((i * step / 8) as u16) | if more { MORE_FRAGMENTS } else { 0 };
                 f[2..4].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
                 f[6..8].copy_from_slice(&flags.to_be_bytes());
-                f[10..12].fill(0);
-                let sum = checksum(&[&f]);
-                f[10..12].copy_from_slice(&sum.to_be_bytes());
+                seal_header(&mut f);
                 f.extend_from_slice(chunk);
                 f
             })
@@ -236,7 +230,7 @@ mod tests {
         assert!(got == whole, "reassembled {} bytes, sent {}", got.len(), whole.len());
         assert_eq!(checksum(&[&got[..20]]), 0, "valid IP checksum");
         assert!(parse(&got).is_some());
-        assert_eq!(r.held, 0);
+        assert_eq!(r.held(), 0);
     }
 
     #[test]
@@ -258,7 +252,7 @@ mod tests {
             let _ = r.push(&first, t0 + Duration::from_millis(u64::from(id)));
         }
         assert_eq!(r.pending.len(), MAX_PENDING);
-        assert!(r.held <= MAX_HELD);
+        assert!(r.held() <= MAX_HELD);
     }
 
     proptest! {
@@ -273,7 +267,7 @@ mod tests {
                     p[6] |= 0x20;
                 }
                 let _ = r.push(&p, Instant::now());
-                prop_assert!(r.held <= MAX_HELD && r.pending.len() <= MAX_PENDING);
+                prop_assert!(r.held() <= MAX_HELD && r.pending.len() <= MAX_PENDING);
             }
         }
     }
