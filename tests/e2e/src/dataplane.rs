@@ -56,6 +56,8 @@ pub enum Via {
 pub struct Lab {
     pub id: String,
     pub cluster_net: String,
+    /// The developer's side: the sidecar and the agent's transport address.
+    pub laptop_net: String,
     pub cluster_subnet: String,
     pub echo_ip: String,
     pub agent: String,
@@ -80,6 +82,7 @@ impl Lab {
         let session_dir = tempfile::Builder::new().prefix("tpd-dp-session-").tempdir()?;
         let mut lab = Lab {
             cluster_net: format!("tpd-dp-cluster-{id}"),
+            laptop_net: format!("tpd-dp-laptop-{id}"),
             cluster_subnet: String::new(),
             echo_ip: String::new(),
             agent: format!("tpd-dp-agent-{id}"),
@@ -92,7 +95,7 @@ impl Lab {
             networks: Vec::new(),
             id,
         };
-        let laptop_net = format!("tpd-dp-laptop-{}", lab.id);
+        let laptop_net = lab.laptop_net.clone();
         for net in [lab.cluster_net.clone(), laptop_net.clone()] {
             docker(&["network", "create", "--internal", "--label", "tpd.test=1", "--label", &lab.label(), &net])?;
             lab.networks.push(net);
@@ -179,7 +182,7 @@ impl Lab {
     /// Starts the sidecar as the CLI does and waits for its ready line;
     /// then the developer's container in its namespace. Returns the ready line.
     pub fn start_sidecar(&mut self, via: &Via) -> Result<serde_json::Value> {
-        let (sidecar, laptop_net) = (self.sidecar.clone(), format!("tpd-dp-laptop-{}", self.id));
+        let (sidecar, laptop_net) = (self.sidecar.clone(), self.laptop_net.clone());
         let search = format!("{NAMESPACE}.svc.cluster.local");
         let session = format!("{}:/run/tpd", self.session_dir.path().display());
         let transport = self.transport_arg(via);
@@ -269,9 +272,15 @@ impl Lab {
     /// Starts a long-running container on the cluster network (e.g. a
     /// benchmark server or a client that bypasses the tunnel); returns its name.
     pub fn run_on_cluster(&mut self, role: &str, image: &str, cmd: &[&str]) -> Result<String> {
-        let name = format!("tpd-dp-{role}-{}", self.id);
         let net = self.cluster_net.clone();
-        let mut args = vec!["--name", name.as_str(), "--network", net.as_str(), image];
+        self.run_on(&net, role, image, cmd)
+    }
+
+    /// Starts a long-running container on `network`, removed with the lab;
+    /// returns its name.
+    pub fn run_on(&mut self, network: &str, role: &str, image: &str, cmd: &[&str]) -> Result<String> {
+        let name = format!("tpd-dp-{role}-{}", self.id);
+        let mut args = vec!["--name", name.as_str(), "--network", network, image];
         args.extend_from_slice(cmd);
         self.run(&args)?;
         Ok(name)
@@ -334,7 +343,8 @@ impl Drop for Lab {
     }
 }
 
-fn ip_on(container: &str, network: &str) -> Result<String> {
+/// The address of `container` on `network`.
+pub fn ip_on(container: &str, network: &str) -> Result<String> {
     let fmt = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
     let ip = docker(&["inspect", "-f", &fmt, container])?;
     if ip.is_empty() {

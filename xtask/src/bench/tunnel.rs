@@ -1,28 +1,33 @@
 //! `cargo xtask bench tunnel`: the data plane with real containers (the
 //! e2e fixture `tpd_e2e::dataplane::Lab`), against TCP over veth between
 //! network namespaces (a container on the cluster network, no tunnel) and
-//! two userspace WireGuard implementations between two network namespaces
-//! this harness creates: boringtun-cli (the library tpd uses, behind a
-//! kernel TUN) and wireguard-go. Same run, same client and server (a small
-//! Python program, so every path is measured with the same tool).
+//! two userspace WireGuard implementations, boringtun-cli (the library tpd
+//! uses, behind a kernel TUN) and wireguard-go, each run two ways (see
+//! [`wireguard`]): between two namespaces, the server at the tunnel's far
+//! end, and as a gateway into the lab's cluster network, as Gefyra reaches
+//! a cluster. Same run, same client and server (a small Python program, so
+//! every path is measured with the same tool).
 //!
 //! What a tunnel adds to the round trip is read against the path it runs
-//! over, with the same client: tpd against the container on the cluster
-//! network, boringtun-cli against plain TCP over the veth between its two
-//! namespaces (the host's Python there, Debian's in the containers).
-//! Round trips are sampled on every path in turn, in rounds, so the
-//! machine's drift over a run does not favour whichever path came first.
+//! over, with the same client: tpd and the gateways against the container
+//! on the cluster network, the namespace pairs against plain TCP over the
+//! veth between their namespaces (the host's Python there, Debian's in the
+//! containers). Round trips are sampled on every path in turn, in rounds,
+//! so the machine's drift over a run does not favour whichever path came
+//! first.
 //!
 //! Needs root, Docker, the tpd and test images. wireguard-go and
 //! wireguard-tools come from apt-get and boringtun-cli from `cargo install`
 //! when missing (a baseline that cannot be had is skipped with a note).
 //! Traffic stays inside the containers and namespaces made here.
 
-use std::process::{Child, Command, Stdio};
+mod wireguard;
+
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tpd_e2e::dataplane::{Lab, Via, docker};
+use wireguard::{Gateway, NETNS_VETH, NetnsPair, Userspace, VETH_SERVER_IP};
 
 use super::Figure;
 
@@ -179,7 +184,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
 }
 
-/// A path tpd is compared with, kept up for the whole run.
+/// A path tpd is compared with.
 struct Baseline {
     name: &'static str,
     run: Box<Runner>,
@@ -187,26 +192,32 @@ struct Baseline {
     bulk: Bulk,
 }
 
+impl Baseline {
+    fn measure(name: &'static str, run: Box<Runner>, server: &str) -> Result<Baseline> {
+        eprintln!("measuring {name}…");
+        let bulk = bulk(&*run, server)?;
+        Ok(Baseline { name, run, server: server.into(), bulk })
+    }
+}
+
+const USERSPACE: [Userspace; 2] = [Userspace::Boringtun, Userspace::WireguardGo];
+
 pub fn run() -> Result<Vec<Figure>> {
-    // The userspace WireGuard pairs stay up for the whole run, so their
-    // round trips can be sampled in turn with tpd's.
+    // The namespace pairs stay up for the whole run, so their round trips
+    // can be sampled in turn with tpd's.
     let mut pairs = Vec::new();
-    for which in [Userspace::Boringtun, Userspace::WireguardGo] {
-        match UserspaceWg::start(which) {
+    for which in USERSPACE {
+        match NetnsPair::start(which) {
             Ok(wg) => pairs.push((which, wg)),
-            Err(e) => eprintln!("{} baseline skipped: {e:#}", which.name()),
+            Err(e) => eprintln!("{} baseline skipped: {e:#}", which.between_netns()),
         }
     }
-    let mut baselines = Vec::new();
+    let mut netns_baselines = Vec::new();
     if let Some((_, wg)) = pairs.first() {
-        eprintln!("measuring TCP over the netns veth…");
-        let bulk = bulk(&*wg.runner(), VETH_SERVER_IP)?;
-        baselines.push(Baseline { name: NETNS_VETH, run: wg.runner(), server: VETH_SERVER_IP.into(), bulk });
+        netns_baselines.push(Baseline::measure(NETNS_VETH, wg.runner(), VETH_SERVER_IP)?);
     }
     for (which, wg) in &pairs {
-        eprintln!("measuring {} between netns…", which.name());
-        let bulk = bulk(&*wg.runner(), &wg.server_ip)?;
-        baselines.push(Baseline { name: which.baseline(), run: wg.runner(), server: wg.server_ip.clone(), bulk });
+        netns_baselines.push(Baseline::measure(which.between_netns(), wg.runner(), &wg.server_ip)?);
     }
 
     let mut figures = Vec::new();
@@ -223,28 +234,37 @@ pub fn run() -> Result<Vec<Figure>> {
         std::thread::sleep(Duration::from_secs(2));
         let (sidecar_rss, agent_rss) = (Lab::rss_kib(&lab.sidecar)?, Lab::rss_kib(&lab.agent)?);
         let direct = lab.run_on_cluster("bench-direct", tpd_e2e::images::DEBIAN, &["sleep", "infinity"])?;
-        let (tpd_run, direct_run) = (in_container(lab.dev.clone()), in_container(direct.clone()));
+        // Declared after the lab, so its daemons stop before its containers go.
+        let mut gateways = Vec::new();
+        for which in USERSPACE {
+            match Gateway::start(which, &mut lab) {
+                Ok(gw) => gateways.push((which, gw)),
+                Err(e) => eprintln!("{} baseline skipped: {e:#}", which.as_gateway()),
+            }
+        }
+        let tpd_run = in_container(lab.dev.clone());
 
-        eprintln!("measuring tpd ({label} transport) and TCP over veth…");
+        eprintln!("measuring tpd ({label} transport)…");
         let tpd = bulk(&*tpd_run, &server_ip)?;
-        let veth = bulk(&*direct_run, &server_ip)?;
-        let mut routes =
-            vec![Route { run: &*tpd_run, server: &server_ip }, Route { run: &*direct_run, server: &server_ip }];
-        routes.extend(baselines.iter().map(|b| Route { run: &*b.run, server: &b.server }));
+        // Each compared path; `rtts` holds tpd's first, then these in order.
+        let mut baselines = vec![Baseline::measure(DOCKER_VETH, in_container(direct), &server_ip)?];
+        for (which, gw) in &gateways {
+            baselines.push(Baseline::measure(which.as_gateway(), gw.runner(), &server_ip)?);
+        }
+        let mut routes = vec![Route { run: &*tpd_run, server: &server_ip }];
+        routes.extend(baselines.iter().chain(&netns_baselines).map(|b| Route { run: &*b.run, server: &b.server }));
         let rtts = interleaved_rtts(&routes)?;
         // Absolute (trailing dot): the search list would add lookups that
         // Docker's DNS on an internal network never answers.
         let fqdn = format!("{}.", tpd_e2e::dataplane::echo_fqdn());
         let dns_tpd = numbers(&tpd_run(&["dns".into(), fqdn.clone(), DNS_QUERIES.to_string()])?)?[0];
-        let dns_direct = numbers(&direct_run(&["dns".into(), fqdn, DNS_QUERIES.to_string()])?)?[0];
+        let dns_direct = numbers(&(baselines[0].run)(&["dns".into(), fqdn, DNS_QUERIES.to_string()])?)?[0];
 
-        // Each compared path: its name, bulk figures and round trips (`rtts`
-        // holds tpd's first, then the paths in this order).
-        let compared: Vec<(&str, &Bulk, Rtt)> = [(DOCKER_VETH, &veth)]
-            .into_iter()
-            .chain(baselines.iter().map(|b| (b.name, &b.bulk)))
+        let compared: Vec<(&str, &Bulk, Rtt)> = baselines
+            .iter()
+            .chain(&netns_baselines)
             .zip(rtts.iter().skip(1))
-            .map(|((name, bulk), rtt)| (name, bulk, *rtt))
+            .map(|(b, rtt)| (b.name, &b.bulk, *rtt))
             .collect();
         let mut push = |name: &str, unit: &str, value: f64, of: &dyn Fn(&Bulk, Rtt) -> f64| {
             for (baseline, b, rtt) in &compared {
@@ -256,15 +276,7 @@ pub fn run() -> Result<Vec<Figure>> {
         push("http keep-alive p50", "ms", rtts[0].p50, &|_, r| r.p50);
         push("http keep-alive p99", "ms", rtts[0].p99, &|_, r| r.p99);
         push("new connections", "conn/s", tpd.conns, &|b, _| b.conns);
-        let p50_of = |name: &str| compared.iter().find(|(n, ..)| *n == name).map(|(_, _, r)| r.p50);
-        if let (Some(veth), Some(plain), Some(bt)) =
-            (p50_of(DOCKER_VETH), p50_of(NETNS_VETH), p50_of(Userspace::Boringtun.baseline()))
-        {
-            figures.push(
-                Figure::new(format!("http p50 added to its path (tpd {label})"), rtts[0].p50 - veth, "ms")
-                    .against("added by boringtun-cli", bt - plain),
-            );
-        }
+        figures.extend(added_p50(label, rtts[0].p50, &compared));
         figures.push(
             Figure::new(format!("dns query p50 (cluster name) (tpd {label})"), dns_tpd, "ms")
                 .against(DOCKER_VETH, dns_direct),
@@ -275,183 +287,27 @@ pub fn run() -> Result<Vec<Figure>> {
     Ok(figures)
 }
 
+/// What each tunnel adds to the p50 of the path it runs over, tpd's against
+/// boringtun-cli's two ways: between namespaces (its server at the
+/// tunnel's end, the path is the veth) and as a cluster gateway (the same
+/// networks as tpd's, the path is the container on the cluster network).
+fn added_p50(label: &str, tpd_p50: f64, compared: &[(&str, &Bulk, Rtt)]) -> Vec<Figure> {
+    let p50_of = |name: &str| compared.iter().find(|(n, ..)| *n == name).map(|(_, _, r)| r.p50);
+    let tpd_added = p50_of(DOCKER_VETH).map(|veth| tpd_p50 - veth);
+    let bt = Userspace::Boringtun;
+    let bt_added = [
+        (bt.between_netns(), p50_of(bt.between_netns()).zip(p50_of(NETNS_VETH)).map(|(t, path)| t - path)),
+        (bt.as_gateway(), p50_of(bt.as_gateway()).zip(p50_of(DOCKER_VETH)).map(|(t, path)| t - path)),
+    ];
+    let Some(tpd_added) = tpd_added else { return Vec::new() };
+    bt_added
+        .into_iter()
+        .filter_map(|(name, added)| {
+            let figure = Figure::new(format!("http p50 added to its path (tpd {label})"), tpd_added, "ms");
+            Some(figure.against(format!("added by {name}"), added?))
+        })
+        .collect()
+}
+
 /// TCP from a container on the cluster network to the server, no tunnel.
 const DOCKER_VETH: &str = "TCP over veth (no tunnel)";
-/// Plain TCP between the two namespaces of a userspace WireGuard baseline.
-const NETNS_VETH: &str = "TCP over netns veth (no tunnel)";
-/// The server's veth address in the far namespace (its tunnel address is 10.77.1.2).
-const VETH_SERVER_IP: &str = "10.77.0.2";
-
-/// A userspace WireGuard implementation the harness runs as a baseline.
-#[derive(Debug, Clone, Copy)]
-enum Userspace {
-    /// boringtun-cli, the same WireGuard library tpd uses, behind a kernel TUN.
-    Boringtun,
-    /// wireguard-go, the reference userspace implementation.
-    WireguardGo,
-}
-
-impl Userspace {
-    fn name(self) -> &'static str {
-        match self {
-            Userspace::Boringtun => "boringtun-cli",
-            Userspace::WireguardGo => "wireguard-go",
-        }
-    }
-
-    /// Short, for interface names (at most 15 bytes in all).
-    fn tag(self) -> &'static str {
-        match self {
-            Userspace::Boringtun => "bt",
-            Userspace::WireguardGo => "go",
-        }
-    }
-
-    fn baseline(self) -> &'static str {
-        match self {
-            Userspace::Boringtun => "boringtun-cli between netns",
-            Userspace::WireguardGo => "wireguard-go between netns",
-        }
-    }
-
-    /// The command that creates interface `iface` and serves its UAPI socket
-    /// (both daemonize once the interface exists), installing the program
-    /// when missing.
-    fn command(self, iface: &str) -> Result<String> {
-        if sh("command -v wg").is_err() {
-            eprintln!("installing wireguard-tools for the baselines…");
-            sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wireguard-tools")?;
-        }
-        match self {
-            Userspace::WireguardGo => {
-                if sh("command -v wireguard-go").is_err() {
-                    eprintln!("installing wireguard-go for the baseline…");
-                    sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wireguard-go")?;
-                }
-                Ok(format!("env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go {iface}"))
-            }
-            Userspace::Boringtun => {
-                let bin = boringtun_cli()?;
-                Ok(format!("{} --disable-drop-privileges {iface}", bin.display()))
-            }
-        }
-    }
-}
-
-/// boringtun-cli from PATH, or built once with `cargo install` into the
-/// user's cache (Debian does not package it).
-fn boringtun_cli() -> Result<std::path::PathBuf> {
-    if let Ok(path) = sh("command -v boringtun-cli") {
-        return Ok(path.into());
-    }
-    let root = tpd_e2e::sandbox::cache_dir().join("tpd-bench");
-    let bin = root.join("bin/boringtun-cli");
-    if !bin.exists() {
-        eprintln!("building boringtun-cli for the baseline (cargo install, once)…");
-        let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["install", "--quiet", "--locked", "boringtun-cli", "--root"])
-            .arg(&root)
-            .status()?;
-        if !status.success() {
-            bail!("cargo install boringtun-cli failed ({status})");
-        }
-    }
-    Ok(bin)
-}
-
-/// Two network namespaces joined by a veth pair, with a userspace
-/// WireGuard tunnel between them and the probe server on the far side.
-struct UserspaceWg {
-    id: String,
-    ns: [String; 2],
-    server_ip: String,
-    server: Child,
-}
-
-fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh").args(["-c", cmd]).output()?;
-    if !out.status.success() {
-        bail!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-impl UserspaceWg {
-    fn start(which: Userspace) -> Result<UserspaceWg> {
-        // Names carry the implementation: each leaves a UAPI socket named
-        // after its interface, and the two run one after the other.
-        let id = format!("{}{}", which.tag(), std::process::id());
-        let start = [which.command(&format!("tpdwga{id}"))?, which.command(&format!("tpdwgb{id}"))?];
-        let ns = [format!("tpdbench-a-{id}"), format!("tpdbench-b-{id}")];
-        let server = Command::new("true").spawn()?;
-        let mut this = UserspaceWg { id: id.clone(), ns: ns.clone(), server_ip: "10.77.1.2".into(), server };
-        let keys: Vec<(String, String)> = (0..2)
-            .map(|_| {
-                let private = sh("wg genkey")?;
-                let public = sh(&format!("echo {private} | wg pubkey"))?;
-                Ok((private, public))
-            })
-            .collect::<Result<_>>()?;
-        for n in &ns {
-            sh(&format!("ip netns add {n}"))?;
-        }
-        sh(&format!("ip link add tpdb-a{id} netns {} type veth peer name tpdb-b{id} netns {}", ns[0], ns[1]))?;
-        for (i, n) in ns.iter().enumerate() {
-            let side = if i == 0 { 'a' } else { 'b' };
-            let other = 1 - i;
-            let key_file = format!("/tmp/tpdbench-{id}-{i}.key");
-            std::fs::write(&key_file, &keys[i].0)?;
-            // One UAPI socket per interface name in /var/run/wireguard: names must differ.
-            let up = sh(&format!(
-                "ip -n {n} link set lo up && ip -n {n} addr add 10.77.0.{a}/24 dev tpdb-{side}{id} && ip -n {n} link set tpdb-{side}{id} up && \
-                 ip netns exec {n} {start} 2>/dev/null && \
-                 ip netns exec {n} wg set {wg} private-key {key_file} listen-port 51820 peer {peer} allowed-ips 10.77.1.{pa}/32 endpoint 10.77.0.{pa}:51820 && \
-                 ip -n {n} addr add 10.77.1.{a}/24 dev {wg} && ip -n {n} link set {wg} mtu 1420 up",
-                a = i + 1,
-                pa = other + 1,
-                peer = keys[other].1,
-                wg = format!("tpdwg{side}{id}"),
-                start = start[i],
-            ));
-            // The private key file goes whether or not the setup worked.
-            let _ = std::fs::remove_file(&key_file);
-            up?;
-        }
-        this.server = Command::new("ip")
-            .args(["netns", "exec", &ns[1], "python3", "-c", PROBE, "serve", &PORT.to_string()])
-            .stdout(Stdio::null())
-            .spawn()?;
-        std::thread::sleep(Duration::from_millis(500));
-        Ok(this)
-    }
-
-    fn runner(&self) -> Box<Runner> {
-        let ns = self.ns[0].clone();
-        Box::new(move |args: &[String]| {
-            let out = Command::new("ip")
-                .args(["netns", "exec", &ns, "timeout", "120", "python3", "-c", PROBE])
-                .args(args)
-                .output()?;
-            if !out.status.success() {
-                bail!("probe in {ns}: {}", String::from_utf8_lossy(&out.stderr).trim());
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        })
-    }
-}
-
-impl Drop for UserspaceWg {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        for n in &self.ns {
-            // Killing what runs in the namespace ends the WireGuard daemon; deleting it, the veth pair.
-            let _ = Command::new("sh")
-                .args(["-c", &format!("ip netns pids {n} | xargs -r kill; ip netns del {n}")])
-                .output();
-        }
-        for side in ['a', 'b'] {
-            let _ = std::fs::remove_file(format!("/var/run/wireguard/tpdwg{side}{}.sock", self.id));
-        }
-    }
-}
