@@ -120,9 +120,18 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     let shutdown = CancellationToken::new();
+    // The session runs as a task, not in `main`'s own future: that one
+    // runs on the main thread, outside the runtime's workers, so every
+    // frame the stream transport read would first wake it from the worker
+    // that saw the socket ready (a futex round trip per packet).
+    let mut session = tokio::spawn(run(args, shutdown.clone()));
     let result = tokio::select! {
-        r = run(args, shutdown.clone()) => r,
-        () = tpd_wire::io::shutdown_signal() => Ok(()),
+        r = &mut session => r.unwrap_or_else(|e| Err(anyhow::anyhow!("the session task failed: {e}"))),
+        () = tpd_wire::io::shutdown_signal() => {
+            session.abort();
+            let _ = session.await;
+            Ok(())
+        }
     };
     shutdown.cancel();
     if let Err(e) = &result {
