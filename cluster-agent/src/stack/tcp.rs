@@ -208,13 +208,16 @@ async fn run(shared: Arc<Shared>, mut input: mpsc::Receiver<Vec<u8>>, send: Outp
     let mut out = Vec::new();
     let mut delay = None;
     let mut last_sweep = std::time::Instant::now();
+    let timer = tokio::time::sleep(SWEEP_EVERY);
+    tokio::pin!(timer);
     loop {
-        let sleep = delay.map_or(SWEEP_EVERY, |d: Duration| std::time::Duration::from(d).min(SWEEP_EVERY));
+        let wait = delay.map_or(SWEEP_EVERY, |d: Duration| std::time::Duration::from(d).min(SWEEP_EVERY));
+        rearm(timer.as_mut(), tokio::time::Instant::now() + wait);
         tokio::select! {
             biased;
             n = input.recv_many(&mut batch, BATCH) => if n == 0 { return },
             () = shared.poke.notified() => {}
-            () = tokio::time::sleep(sleep) => {}
+            () = &mut timer => {}
         }
         {
             let mut guard = shared.engine();
@@ -241,6 +244,24 @@ async fn run(shared: Arc<Shared>, mut input: mpsc::Receiver<Vec<u8>>, send: Outp
         for (conn, src, dst) in accepted.drain(..) {
             accept(conn, src, dst);
         }
+    }
+}
+
+/// How far the stack's timer may be from the deadline asked for before it
+/// is moved: smoltcp's deadlines (a delayed ACK, a retransmission) do not
+/// need better than a millisecond.
+const TIMER_SLACK: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Moves the stack's timer to `deadline` unless it is within
+/// [`TIMER_SLACK`] of it already. Each move to an earlier time wakes
+/// tokio's driver (an eventfd write and an extra `epoll_wait`), and the
+/// loop runs several times per request with the same smoltcp deadline:
+/// a fresh timer each round cost two wake-ups per request.
+fn rearm(timer: Pin<&mut tokio::time::Sleep>, deadline: tokio::time::Instant) {
+    let armed = timer.deadline();
+    let off = if armed > deadline { armed - deadline } else { deadline - armed };
+    if timer.is_elapsed() || off > TIMER_SLACK {
+        timer.reset(deadline);
     }
 }
 
