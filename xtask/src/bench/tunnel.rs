@@ -37,8 +37,8 @@ const SINGLE_MIB: u64 = 256;
 const MULTI_MIB_EACH: u64 = 96;
 /// Keep-alive requests per path, sent in [`HTTP_ROUNDS`] rounds that take
 /// every path in turn.
-const HTTP_REQUESTS: u32 = 1000;
-const HTTP_ROUNDS: u32 = 5;
+const HTTP_REQUESTS: u32 = 3000;
+const HTTP_ROUNDS: u32 = 10;
 const NEW_CONNECTIONS: u32 = 500;
 const DNS_QUERIES: u32 = 100;
 
