@@ -14,6 +14,9 @@
 //! The daemons are the host's binaries, run in the containers' network
 //! namespaces with `nsenter`, so the test images need no WireGuard tools.
 
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -160,13 +163,14 @@ impl End<'_> {
     /// keep a container's namespace, and itself, alive.
     fn up(&self) -> Result<Child> {
         let start = format!("exec {} {}", self.ns.0, self.which.command(&self.iface)?);
-        let mut daemon = Command::new("sh").args(["-c", &start]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-        if let Err(e) = self.configure() {
-            let _ = daemon.kill();
-            let _ = daemon.wait();
-            return Err(e);
+        let daemon = Command::new("sh").args(["-c", &start]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        match self.configure() {
+            Ok(()) => Ok(daemon),
+            Err(e) => {
+                stop(&mut vec![(daemon, self.iface.clone())]);
+                Err(e)
+            }
         }
-        Ok(daemon)
     }
 
     fn configure(&self) -> Result<()> {
@@ -179,7 +183,14 @@ impl End<'_> {
             std::thread::sleep(Duration::from_millis(50));
         }
         let key_file = format!("/tmp/tpdbench-{}.key", self.iface);
-        std::fs::write(&key_file, &self.private)?;
+        // Readable by root alone; one a crashed run left is replaced.
+        let _ = std::fs::remove_file(&key_file);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_file)?
+            .write_all(self.private.as_bytes())?;
         let set = self.ns.sh(&format!(
             "wg set {iface} private-key {key_file} listen-port 51820 peer {peer} allowed-ips {allowed} endpoint {endpoint}:51820 && \
              {ns} ip addr add {addr} dev {iface} && {ns} ip link set {iface} mtu 1420 up",
@@ -330,10 +341,11 @@ impl Gateway {
         }
         let client_iface = &this.daemons[0].1;
         ns[0].sh(&format!("ip route add {} dev {client_iface}", lab.cluster_subnet))?;
-        // What a gateway pod does: forward, and answer for the tunnel's
-        // addresses on the cluster network (the server replies to it).
+        // What a gateway pod does: forward, and masquerade the tunnel's
+        // addresses so the server answers the gateway.
         ns[1].sh("sysctl -qw net.ipv4.ip_forward=1")?;
-        ns[1].sh(&format!("iptables -t nat -A POSTROUTING -s {}/24 -j MASQUERADE", GATEWAY_TUNNEL[0]))
+        ns[1]
+            .sh(&format!("iptables -t nat -A POSTROUTING -s {}/24 -j MASQUERADE", GATEWAY_TUNNEL[0]))
             .context("iptables (masquerade on the gateway)")?;
         Ok(this)
     }
