@@ -25,7 +25,7 @@ use tpd_wire::names::{AGENT_DNS_PORT, AGENT_TUNNEL_IP, STREAM_TUNNEL_MTU};
 use tpd_wire::tunnel::Endpoint as Wg;
 
 use crate::services::Services;
-pub use tcp::{TcpConn, set_transport_lossy};
+pub use tcp::{TcpConn, fit_udp_window, set_transport_lossy};
 pub use udp::UdpFlow;
 
 /// Bound on connecting to a cluster destination; past it the app gets "no route to host".

@@ -82,7 +82,8 @@ impl Control {
         wio::read_preamble(&mut rd, &mut buf, Kind::Control).await?;
         let (tx, rx) = mpsc::channel(16);
         let writer = tokio::spawn(wio::write_messages(wr, rx));
-        tx.send(Message::Hello { version: tpd_wire::VERSION.into() }).await?;
+        let udp_receive_buffer = crate::transport::udp_receive_buffer().map(|b| b as u64);
+        tx.send(Message::Hello { version: tpd_wire::VERSION.into(), udp_receive_buffer }).await?;
         let pinger = tokio::spawn(ping(tx));
         let result = self.read_loop(&mut rd, &mut buf, announced).await;
         pinger.abort();

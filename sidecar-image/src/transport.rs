@@ -59,6 +59,16 @@ pub async fn decided() -> Chosen {
     chosen.ok().flatten().unwrap_or(Chosen::Stream)
 }
 
+/// The tunnel UDP socket's receive buffer, once bound (see [`udp_receive_buffer`]).
+static UDP_RECEIVE_BUFFER: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// The receive buffer of the tunnel's UDP socket, if the session may run
+/// over UDP; the control hello tells the agent, which keeps no more in
+/// flight than it holds.
+pub fn udp_receive_buffer() -> Option<usize> {
+    UDP_RECEIVE_BUFFER.get().copied()
+}
+
 /// Decides the transport unless it already is; true if this call decided it.
 fn choose(which: Chosen) -> bool {
     CHOSEN.send_if_modified(|c| c.is_none() && c.replace(which).is_none())
@@ -86,6 +96,7 @@ pub async fn run(
             let any: SocketAddr =
                 if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
             let sock = TunnelUdp::bind(any).await?;
+            let _ = UDP_RECEIVE_BUFFER.set(sock.receive_buffer());
             let (heard_tx, heard) = watch::channel(false);
             let sender = sock.sender();
             tokio::spawn(read_udp(sock, sender.clone(), *addr, heard_tx, wg.clone()));

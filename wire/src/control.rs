@@ -20,6 +20,12 @@ pub enum Message {
     /// Sidecar -> agent, first message.
     Hello {
         version: String,
+        /// The receive buffer of the sidecar's tunnel UDP socket, in bytes
+        /// as the kernel reports it, when the tunnel may run over UDP: the
+        /// agent keeps no more in flight per connection than it holds.
+        /// Absent from sidecars before it, and over the stream alone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        udp_receive_buffer: Option<u64>,
     },
     /// Agent -> sidecar: the agent's build and its process environment minus
     /// tpd's own variables. Holds secrets: never log it.
@@ -86,7 +92,8 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            ".{0,20}".prop_map(|version| Message::Hello { version }),
+            (".{0,20}", any::<Option<u64>>())
+                .prop_map(|(version, udp_receive_buffer)| Message::Hello { version, udp_receive_buffer }),
             (".{0,10}", proptest::collection::btree_map(".{0,10}", ".{0,30}", 0..5))
                 .prop_map(|(version, env)| Message::Info { version, env }),
             any::<u64>().prop_map(|seq| Message::Ping { seq }),
@@ -114,6 +121,17 @@ mod tests {
             let mut buf = BytesMut::from(&bytes[..]);
             while let Ok(Some(_)) = decode(&mut buf) {}
         }
+    }
+
+    /// A sidecar from before the receive buffer was reported still says hello.
+    #[test]
+    fn a_hello_without_the_receive_buffer_is_understood() {
+        let json = br#"{"type":"hello","version":"0.1.0"}"#;
+        let mut buf = BytesMut::new();
+        buf.put_u32(json.len() as u32);
+        buf.put_slice(json);
+        let hello = Message::Hello { version: "0.1.0".into(), udp_receive_buffer: None };
+        assert_eq!(decode(&mut buf).unwrap(), Some(hello));
     }
 
     #[test]

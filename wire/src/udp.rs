@@ -65,15 +65,24 @@ impl TunnelUdp {
         if forced.is_err() {
             let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&sock, TUNNEL_UDP_RECEIVE_BUFFER);
         }
+        let udp = TunnelUdp { sock, state };
         tracing::debug!(
             %addr,
-            receive_buffer = rustix::net::sockopt::socket_recv_buffer_size(&sock).unwrap_or(0),
+            receive_buffer = udp.receive_buffer(),
             forced = forced.is_ok(),
-            gso_segments = state.max_gso_segments(),
-            gro_segments = state.gro_segments(),
+            gso_segments = udp.state.max_gso_segments(),
+            gro_segments = udp.state.gro_segments(),
             "tunnel UDP socket"
         );
-        Ok(Arc::new(TunnelUdp { sock, state }))
+        Ok(Arc::new(udp))
+    }
+
+    /// The receive buffer the kernel gave the socket, as it reports it
+    /// (twice the bytes asked for: the other half is its bookkeeping).
+    /// Without CAP_NET_ADMIN in the host's user namespace (rootless
+    /// Docker) it stops at `net.core.rmem_max`, 208 KiB by default.
+    pub fn receive_buffer(&self) -> usize {
+        rustix::net::sockopt::socket_recv_buffer_size(&self.sock).unwrap_or(0)
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
