@@ -63,8 +63,8 @@ pub async fn decided() -> Chosen {
 static UDP_RECEIVE_BUFFER: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 /// The receive buffer of the tunnel's UDP socket, if the session may run
-/// over UDP; the control hello tells the agent, which keeps no more in
-/// flight than it holds.
+/// over UDP; the control hello tells the agent, which sizes what each
+/// connection keeps in flight by it.
 pub fn udp_receive_buffer() -> Option<usize> {
     UDP_RECEIVE_BUFFER.get().copied()
 }

@@ -22,7 +22,7 @@ pub enum Message {
         version: String,
         /// The receive buffer of the sidecar's tunnel UDP socket, in bytes
         /// as the kernel reports it, when the tunnel may run over UDP: the
-        /// agent keeps no more in flight per connection than it holds.
+        /// agent sizes what each connection keeps in flight by it.
         /// Absent from sidecars before it, and over the stream alone.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         udp_receive_buffer: Option<u64>,

@@ -62,6 +62,7 @@ pub fn fit_udp_window(receive_buffer: usize) -> usize {
 fn udp_window_for(receive_buffer: usize) -> usize {
     (receive_buffer / 4).clamp(TX_BUFFER_UDP_MIN, TX_BUFFER_UDP_MAX)
 }
+
 /// Whether the transport that last carried the peer's packets is lossy
 /// (UDP); connections take their send buffer and congestion control from
 /// it when they open.
