@@ -19,6 +19,7 @@ mod client;
 mod fs;
 mod heads;
 mod listing;
+mod readahead;
 #[cfg(test)]
 mod tests;
 
@@ -158,7 +159,9 @@ pub async fn mount_with(
         // Mounting waits for the kernel's INIT: keep it off the async threads.
         let session = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&at)?;
-            Session::new(fs, &at, &config)?.spawn()
+            let session = Session::new(fs, &at, &config)?.spawn()?;
+            readahead::widen(&at);
+            Ok(session)
         })
         .await
         .map_err(std::io::Error::other)
@@ -239,13 +242,23 @@ pub fn release(root: &Path) -> std::process::ExitCode {
 
 /// Mount points strictly below `root` in a /proc/self/mountinfo text.
 fn mount_points_below(mountinfo: &str, root: &Path) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .map(PathBuf::from)
-        .filter(|p| p != root && p.starts_with(root))
-        .collect()
+    mount_table(mountinfo).map(|(_, p)| p).filter(|p| p != root && p.starts_with(root)).collect()
+}
+
+/// The device (`major:minor`) of the mount at `point`; the last one wins,
+/// as a later mount on the same point hides the earlier.
+fn device_of(mountinfo: &str, point: &Path) -> Option<String> {
+    mount_table(mountinfo).filter(|(_, p)| p == point).last().map(|(device, _)| device.to_string())
+}
+
+/// `(device, mount point)` of each line of a /proc/self/mountinfo text.
+fn mount_table(mountinfo: &str) -> impl Iterator<Item = (&str, PathBuf)> {
+    mountinfo.lines().filter_map(|l| {
+        let mut fields = l.split(' ');
+        let device = fields.nth(2)?;
+        let point = fields.nth(1)?;
+        Some((device, PathBuf::from(unescape_mountinfo(point))))
+    })
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.

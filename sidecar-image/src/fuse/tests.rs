@@ -219,6 +219,11 @@ async fn posix_operations_through_fuse() {
 async fn large_files_and_concurrent_readers() {
     let m = mount_fixture().await;
     let (rw, pod) = (m.rw(), m.pod_rw());
+    // The kernel reads ahead as much as one request carries, not its 128 KiB default.
+    let device = super::device_of(&std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo"), &rw)
+        .expect("the mount's device");
+    let window = std::fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb")).expect("read_ahead_kb");
+    assert_eq!(window.trim(), (files::MAX_IO / 1024).to_string(), "readahead of {device}");
     blocking(move || {
         // 32 MiB of non-repeating bytes, written locally in odd-sized chunks.
         let data: Vec<u8> = (0..32u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
@@ -239,6 +244,16 @@ async fn large_files_and_concurrent_readers() {
         }
     })
     .await;
+}
+
+#[test]
+fn the_device_of_a_mount_point_is_read_from_mountinfo() {
+    let table = "29 1 253:1 / / rw - ext4 /dev/vda rw\n\
+                 64 42 0:59 / /tpd/volumes/0-my\\040data rw,nosuid - fuse tpd:my rw\n\
+                 65 64 0:61 / /tpd/volumes/0-my\\040data rw - fuse tpd:my rw\n";
+    assert_eq!(super::device_of(table, Path::new("/tpd/volumes/0-my data")).as_deref(), Some("0:61"), "the top mount");
+    assert_eq!(super::device_of(table, Path::new("/")).as_deref(), Some("253:1"));
+    assert_eq!(super::device_of(table, Path::new("/tpd/volumes")), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tpd_e2e::volumes::{self, DockerGuard, MOUNTED, ROLE_ENV, SERVER_ENV, docker, exec, mount_flag};
@@ -349,6 +349,11 @@ fn volumes_through_the_tunnel() {
     assert_eq!(sh(&app, "cat /etc/config/app.yaml"), "level: debug");
     assert_eq!(sh(&app, "cat $TPD_ROOT/var/run/secrets/tpd/token"), "tok-123");
     assert_eq!(sh(&app, "cat /data/from-init"), "written by init");
+    // The sidecar widened each mount's readahead past the kernel's 128 KiB
+    // from inside its container, where /sys is read-only.
+    for path in &tunnel.paths {
+        assert_eq!(read_ahead_kb(path), (files::MAX_IO / 1024).to_string(), "{}", path.display());
+    }
     sh(&app, "echo through-the-tunnel > /data/t.txt");
     assert_eq!(std::fs::read_to_string(pod.host("data/t.txt")).expect("pod side"), "through-the-tunnel\n");
     std::fs::write(pod.host("data/p.txt"), "from the pod").expect("write");
@@ -389,6 +394,16 @@ fn volumes_through_the_tunnel() {
     assert!(is_mounted(&first));
     docker(&["stop", "-t", "10", &tunnel.sidecar]).expect("stop");
     assert!(!is_mounted(&first), "stopping the sidecar unmounts on the host");
+}
+
+/// The host's readahead window of the FUSE mount at `path`, from its device's sysfs entry.
+fn read_ahead_kb(path: &Path) -> String {
+    let device = std::fs::metadata(path).expect("stat the mount").dev();
+    let (major, minor) = (rustix::fs::major(device), rustix::fs::minor(device));
+    std::fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"))
+        .expect("read_ahead_kb")
+        .trim()
+        .into()
 }
 
 fn sha256_hex(data: &[u8]) -> String {
