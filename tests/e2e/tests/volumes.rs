@@ -354,6 +354,16 @@ fn volumes_through_the_tunnel() {
     for path in &tunnel.paths {
         assert_eq!(read_ahead_kb(path), (files::MAX_IO / 1024).to_string(), "{}", path.display());
     }
+    // It lifted the read-only flag of its namespace's sysfs for that write
+    // only: /sys is read-only again, for the mount and its superblock.
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &tunnel.sidecar]).expect("sidecar pid");
+    let table = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("sidecar mountinfo");
+    let sys = table.lines().find(|l| l.split(' ').nth(4) == Some("/sys")).expect("/sys in the sidecar");
+    let (mount_options, super_options) = (sys.split(' ').nth(5), sys.rsplit(' ').next());
+    assert!(
+        mount_options.is_some_and(|o| o.starts_with("ro,")) && super_options.is_some_and(|o| o.starts_with("ro")),
+        "{sys}"
+    );
     sh(&app, "echo through-the-tunnel > /data/t.txt");
     assert_eq!(std::fs::read_to_string(pod.host("data/t.txt")).expect("pod side"), "through-the-tunnel\n");
     std::fs::write(pod.host("data/p.txt"), "from the pod").expect("write");
