@@ -4,8 +4,10 @@
 //! nothing here ever fails a build because a number is slow.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
 
 mod sandbox;
 mod sandbox_node;
@@ -67,7 +69,58 @@ pub enum Which {
 }
 
 pub fn run(which: Which, json: bool, root: &Path) -> anyhow::Result<()> {
-    let figures = match which {
+    stop_on_signals()?;
+    let figures = measure(which, json, root).map_err(|e| {
+        if STOP.load(Ordering::SeqCst) {
+            anyhow::anyhow!("interrupted; what this run had started is removed")
+        } else {
+            e
+        }
+    })?;
+    print(&figures, json);
+    Ok(())
+}
+
+/// Set by the first SIGINT or SIGTERM.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Makes the first Ctrl-C (SIGINT) or SIGTERM stop the run at its next step
+/// instead of killing it: only an orderly return runs the code that removes
+/// a run's containers, networks, FUSE mounts and network namespaces. Ctrl-C
+/// also ends the step's own child processes (they share the terminal's
+/// process group), so the step fails at once. A second signal quits now.
+fn stop_on_signals() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut interrupt, mut terminate) = {
+        let _entered = runtime.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
+    std::thread::spawn(move || {
+        runtime.block_on(async {
+            loop {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                if STOP.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+                eprintln!("stopping: removing what this run started (signal again to quit at once and leave it)…");
+            }
+        });
+    });
+    Ok(())
+}
+
+/// Fails once a stop was asked for. The benchmarks call it between steps;
+/// the error unwinds through their labs' cleanup.
+pub fn go_on() -> anyhow::Result<()> {
+    anyhow::ensure!(!STOP.load(Ordering::SeqCst), "interrupted");
+    Ok(())
+}
+
+fn measure(which: Which, json: bool, root: &Path) -> anyhow::Result<Vec<Figure>> {
+    Ok(match which {
         Which::Tunnel => tunnel::run()?,
         Which::Volumes => volumes::run()?,
         Which::Session => session::run(json)?,
@@ -79,7 +132,5 @@ pub fn run(which: Which, json: bool, root: &Path) -> anyhow::Result<()> {
             figures.extend(sandbox_node::figures(&sb)?);
             figures
         }
-    };
-    print(&figures, json);
-    Ok(())
+    })
 }

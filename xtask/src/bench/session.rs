@@ -38,6 +38,7 @@ pub fn run(_json: bool) -> Result<Vec<Figure>> {
     session::deploy_echo(&sb, "hello")?;
     let mut figures = Vec::new();
     for transport in ["portforward", "udp"] {
+        super::go_on()?;
         figures.extend(one(&sb, transport)?);
         sb.kubectl_ok(&["rollout", "status", "deployment/hello", "--timeout", "60s"])?;
     }

@@ -25,7 +25,7 @@ mod wireguard;
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use tpd_e2e::dataplane::{Lab, Via, docker};
 use wireguard::{Gateway, NETNS_VETH, NetnsPair, Userspace, VETH_SERVER_IP};
 
@@ -75,16 +75,23 @@ def serve(port):
         threading.Thread(target=handle, args=(c,), daemon=True).start()
 def down(host, port, mib, streams):
     n = mib * 1048576
+    failed = []
     def one():
-        s = socket.create_connection((host, port)); s.sendall(b'd' + str(n).encode().rjust(15))
-        got = 0
-        while got < n:
-            b = s.recv(1048576)
-            if not b: raise SystemExit('short read')
-            got += len(b)
-        s.close()
-    ts = [threading.Thread(target=one) for _ in range(streams)]
+        try:
+            s = socket.create_connection((host, port)); s.sendall(b'd' + str(n).encode().rjust(15))
+            got = 0
+            while got < n:
+                b = s.recv(1048576)
+                if not b: raise EOFError('short read: %d of %d bytes' % (got, n))
+                got += len(b)
+            s.close()
+        except Exception as e:
+            failed.append(e)
+    # Daemon threads: an interrupted run must not wait for a stream whose
+    # tunnel is gone.
+    ts = [threading.Thread(target=one, daemon=True) for _ in range(streams)]
     t = time.time(); [x.start() for x in ts]; [x.join() for x in ts]
+    if failed: raise SystemExit('download failed: %s' % failed[0])
     print(n * streams * 8 / (time.time() - t) / 1e6)
 def http(host, port, count):
     s = socket.create_connection((host, port)); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -128,6 +135,14 @@ fn numbers(out: &str) -> Result<Vec<f64>> {
     out.split_whitespace().map(|v| v.parse::<f64>().with_context(|| format!("probe printed {out:?}"))).collect()
 }
 
+/// The one figure a probe prints.
+fn figure(out: &str) -> Result<f64> {
+    match numbers(out)?[..] {
+        [value] => Ok(value),
+        _ => bail!("probe printed {out:?}, not one figure"),
+    }
+}
+
 /// Throughput (single, 4 streams) and new connections per second of one path.
 struct Bulk {
     single: f64,
@@ -138,9 +153,9 @@ struct Bulk {
 fn bulk(run: &Runner, server: &str) -> Result<Bulk> {
     let a = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
     let port = PORT.to_string();
-    let single = numbers(&run(&a(&["down", server, &port, &SINGLE_MIB.to_string(), "1"]))?)?[0];
-    let multi = numbers(&run(&a(&["down", server, &port, &MULTI_MIB_EACH.to_string(), "4"]))?)?[0];
-    let conns = numbers(&run(&a(&["conns", server, &port, &NEW_CONNECTIONS.to_string()]))?)?[0];
+    let single = figure(&run(&a(&["down", server, &port, &SINGLE_MIB.to_string(), "1"]))?)?;
+    let multi = figure(&run(&a(&["down", server, &port, &MULTI_MIB_EACH.to_string(), "4"]))?)?;
+    let conns = figure(&run(&a(&["conns", server, &port, &NEW_CONNECTIONS.to_string()]))?)?;
     Ok(Bulk { single, multi, conns })
 }
 
@@ -166,6 +181,7 @@ fn interleaved_rtts(routes: &[Route]) -> Result<Vec<Rtt>> {
     let port = PORT.to_string();
     let mut samples = vec![Vec::new(); routes.len()];
     for _ in 0..HTTP_ROUNDS {
+        super::go_on()?;
         for (route, samples) in routes.iter().zip(&mut samples) {
             let args = ["http", route.server, &port, &per_round].map(String::from);
             samples.extend(numbers(&(route.run)(&args)?)?);
@@ -194,6 +210,7 @@ struct Baseline {
 
 impl Baseline {
     fn measure(name: &'static str, run: Box<Runner>, server: &str) -> Result<Baseline> {
+        super::go_on()?;
         eprintln!("measuring {name}…");
         let bulk = bulk(&*run, server)?;
         Ok(Baseline { name, run, server: server.into(), bulk })
@@ -222,6 +239,7 @@ pub fn run() -> Result<Vec<Figure>> {
 
     let mut figures = Vec::new();
     for (via, label) in [(Via::StreamTcp, "stream"), (Via::Udp, "udp")] {
+        super::go_on()?;
         let mut lab = Lab::start()?;
         let server = lab.run_on_cluster(
             "bench-server",
@@ -244,6 +262,7 @@ pub fn run() -> Result<Vec<Figure>> {
         }
         let tpd_run = in_container(lab.dev.clone());
 
+        super::go_on()?;
         eprintln!("measuring tpd ({label} transport)…");
         let tpd = bulk(&*tpd_run, &server_ip)?;
         // Each compared path; `rtts` holds tpd's first, then these in order.
@@ -257,8 +276,8 @@ pub fn run() -> Result<Vec<Figure>> {
         // Absolute (trailing dot): the search list would add lookups that
         // Docker's DNS on an internal network never answers.
         let fqdn = format!("{}.", tpd_e2e::dataplane::echo_fqdn());
-        let dns_tpd = numbers(&tpd_run(&["dns".into(), fqdn.clone(), DNS_QUERIES.to_string()])?)?[0];
-        let dns_direct = numbers(&(baselines[0].run)(&["dns".into(), fqdn, DNS_QUERIES.to_string()])?)?[0];
+        let dns_tpd = figure(&tpd_run(&["dns".into(), fqdn.clone(), DNS_QUERIES.to_string()])?)?;
+        let dns_direct = figure(&(baselines[0].run)(&["dns".into(), fqdn, DNS_QUERIES.to_string()])?)?;
 
         let compared: Vec<(&str, &Bulk, Rtt)> = baselines
             .iter()

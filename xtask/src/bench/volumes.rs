@@ -50,8 +50,11 @@ pub fn run() -> Result<Vec<Figure>> {
     let sshd = Sshd::start(work.path())?;
     let mut figures = Vec::new();
     for w in WORKLOADS {
+        super::go_on()?;
         let tpd = measure_loopback(&loopback, &src, work.path(), w)?;
+        super::go_on()?;
         let tunnel = measure_tunnel(&images, &src, w)?;
+        super::go_on()?;
         let ssh = sshd.measure(&src, work.path(), w)?;
         let local = (w.run)(&src)?;
         let (value, base, local_value) = (w.figure)(tpd, ssh, local);
@@ -250,6 +253,10 @@ fn measure_loopback(bin: &Path, src: &Path, work: &Path, w: &Workload) -> Result
     };
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();
+    // A fixture killed by Ctrl-C (it shares the terminal's process group)
+    // leaves its mount behind, dead; without this the work directory
+    // could not be removed either.
+    let _ = Command::new("fusermount").args(["-u", "-z", "-q"]).arg(local.join(mount_dir_name(0, "bench"))).status();
     result
 }
 

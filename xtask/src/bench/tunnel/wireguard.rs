@@ -270,8 +270,10 @@ impl NetnsPair {
     pub fn runner(&self) -> Box<Runner> {
         let ns = self.ns[0].clone();
         Box::new(move |args: &[String]| {
+            // `--foreground` keeps the probe in our process group, so
+            // Ctrl-C ends it with us instead of leaving it to its timeout.
             let out = Command::new("ip")
-                .args(["netns", "exec", &ns, "timeout", "120", "python3", "-c", PROBE])
+                .args(["netns", "exec", &ns, "timeout", "--foreground", "120", "python3", "-c", PROBE])
                 .args(args)
                 .output()?;
             if !out.status.success() {
