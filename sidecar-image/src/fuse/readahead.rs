@@ -5,9 +5,11 @@
 //! too few in flight to fill the tunnel. The window is the mount's backing
 //! device's `read_ahead_kb` in sysfs, which Docker mounts read-only in the
 //! sidecar: we write it through a private sysfs instance (`fsopen` +
-//! `fsmount`), attached nowhere and gone when its descriptor closes, so the
-//! container's own /sys stays as Docker made it. The device is the FUSE
-//! connection's and goes with the mount; nothing outlives the session.
+//! `fsmount`), attached nowhere and gone when its descriptor closes. That
+//! instance shares the network namespace's superblock, which Docker made
+//! read-only too, so the flag is lifted for the one write and restored;
+//! the containers' /sys mounts stay read-only all along. The device is the
+//! FUSE connection's and goes with the mount; nothing outlives the session.
 
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
