@@ -68,7 +68,31 @@ impl Registry {
         let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_owned();
         let stored =
             self.store.create(&res.key(), ns_of(res, ns), &name, obj).map_err(|e| store_error(res, &name, e))?;
+        // A controller may create a dependent of an owner deleted just after
+        // it looked (a ReplicaSet of a Deployment being deleted). Kubernetes'
+        // garbage collector removes such an object; so does this. Checked
+        // after storing: a delete that listed dependents before this object
+        // was stored has removed the owner by now.
+        if self.owners_gone(&stored) {
+            let _ = self.delete(res, ns, &name, false);
+        }
         Ok((stored, warnings))
+    }
+
+    /// Whether `obj` has owners and none of them exists any more (by uid).
+    /// An owner of a kind the sandbox does not serve counts as present.
+    fn owners_gone(&self, obj: &Value) -> bool {
+        let refs = obj.pointer("/metadata/ownerReferences").and_then(Value::as_array);
+        let Some(refs) = refs.filter(|r| !r.is_empty()) else { return false };
+        let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default();
+        refs.iter().all(|r| {
+            let kind =
+                RESOURCES.iter().find(|res| r["kind"] == res.kind && r["apiVersion"] == res.api_version().as_str());
+            kind.is_some_and(|res| {
+                self.get(res, ns, r["name"].as_str().unwrap_or_default())
+                    .map_or(true, |owner| owner["metadata"]["uid"] != r["uid"])
+            })
+        })
     }
 
     /// PUT of the object or of its status. A resourceVersion in the body is
@@ -181,5 +205,48 @@ impl Registry {
                 let _ = self.delete(res, ns, item["metadata"]["name"].as_str().unwrap_or_default(), false);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::resources::by_kind;
+
+    fn registry() -> Registry {
+        let r = Registry::new(Arc::new(Store::new()));
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}});
+        r.create(by_kind("Namespace"), "", ns, FieldValidation::Strict).expect("namespace");
+        r
+    }
+
+    fn config_map(r: &Registry, name: &str, owner: Option<&Value>) -> ApiResult<Written> {
+        let mut cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}});
+        if let Some(o) = owner {
+            cm["metadata"]["ownerReferences"] = json!([{
+                "apiVersion": o["apiVersion"], "kind": o["kind"], "name": o["metadata"]["name"],
+                "uid": o["metadata"]["uid"], "controller": true,
+            }]);
+        }
+        r.create(by_kind("ConfigMap"), "default", cm, FieldValidation::Strict)
+    }
+
+    #[test]
+    fn a_dependent_created_after_its_owner_was_deleted_is_collected() {
+        let r = registry();
+        let (owner, _) = config_map(&r, "owner", None).expect("owner");
+        config_map(&r, "kept", Some(&owner)).expect("dependent");
+        assert!(r.get(by_kind("ConfigMap"), "default", "kept").is_ok(), "its owner exists");
+
+        r.delete(by_kind("ConfigMap"), "default", "owner", false).expect("delete");
+        assert!(r.get(by_kind("ConfigMap"), "default", "kept").is_err(), "collected with its owner");
+        config_map(&r, "late", Some(&owner)).expect("a create after the delete still succeeds");
+        assert!(r.get(by_kind("ConfigMap"), "default", "late").is_err(), "and is collected at once");
+
+        // A new owner of the same name is another object (another uid).
+        let (again, _) = config_map(&r, "owner", None).expect("owner again");
+        assert_ne!(again["metadata"]["uid"], owner["metadata"]["uid"]);
+        config_map(&r, "stale", Some(&owner)).expect("create");
+        assert!(r.get(by_kind("ConfigMap"), "default", "stale").is_err(), "owned by the deleted uid");
     }
 }
