@@ -52,11 +52,20 @@ impl FileClient {
 
     /// Sends one request and waits for its answer.
     pub async fn call(&self, req: Request) -> Response {
+        self.send(req).await
+    }
+
+    /// Queues one request now, ahead of any sent later; the future waits
+    /// for its answer.
+    pub fn send(&self, req: Request) -> impl Future<Output = Response> + Send + 'static {
         let (done, answer) = oneshot::channel();
-        if self.tx.send((req, done)).is_err() {
-            return Response::Error(EIO);
+        let queued = self.tx.send((req, done)).is_ok();
+        async move {
+            if !queued {
+                return Response::Error(EIO);
+            }
+            answer.await.unwrap_or(Response::Error(EIO))
         }
-        answer.await.unwrap_or(Response::Error(EIO))
     }
 
     /// Lists a whole directory with attributes, page by page.

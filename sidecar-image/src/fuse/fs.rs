@@ -16,9 +16,12 @@
 //! reopening a file shows the pod's latest content, and within an open the
 //! kernel drops cached pages when it sees the size or mtime change
 //! (FUSE_AUTO_INVAL_DATA). A small file's content comes with its open and
-//! answers its reads for at most [`ATTR_TTL`] (see `heads`). Closing costs no
-//! round trip: opens say FOPEN_NOFLUSH (writes are never buffered here) and a
-//! release is answered at once, its request sent after.
+//! answers its reads for at most [`ATTR_TTL`] (see `heads`). Writes are
+//! answered once sent and any other request waits until they are done (see
+//! `writes`). Closing a file opened read-only costs no round trip: its open
+//! says FOPEN_NOFLUSH, and a release is answered at once, its request sent
+//! after; closing a file opened for writing waits for its writes, so
+//! `close` reports their errors.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -40,6 +43,8 @@ use tpd_wire::files::{self, Attr, DirEntry, Request as Req, Response, SetAttr, T
 use super::client::FileClient;
 use super::heads::Heads;
 use super::listing::{Listings, Lookup};
+use super::lock;
+use super::writes::{self, WriteBehind};
 
 /// How long the kernel trusts attributes and names it got from us. Short, so
 /// that a change made in the pod shows up locally within a second, yet long
@@ -117,6 +122,7 @@ pub struct VolumeFs {
     /// Small files' content that came with their open; shared by every
     /// mount of the connection, since two may show one volume (subPaths).
     heads: Arc<Mutex<Heads>>,
+    writes: Arc<WriteBehind>,
     next_dir: AtomicU64,
 }
 
@@ -130,6 +136,7 @@ impl VolumeFs {
             dirs: Arc::new(Mutex::new(HashMap::new())),
             listings: Arc::new(Mutex::new(Listings::default())),
             heads,
+            writes: Arc::default(),
             next_dir: AtomicU64::new(1),
         }
     }
@@ -142,13 +149,18 @@ impl VolumeFs {
         Ok(join(&self.path(parent)?, name))
     }
 
-    /// Runs `f` on the runtime with the client; replies happen inside it.
+    /// Runs `f` on the runtime with the client once the writes answered so
+    /// far are done; replies happen inside it.
     fn spawn<F, Fut>(&self, f: F)
     where
         F: FnOnce(FileClient, Arc<Mutex<Inodes>>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f(self.client.clone(), self.inodes.clone()));
+        let (writes, run) = (self.writes.clone(), f(self.client.clone(), self.inodes.clone()));
+        self.rt.spawn(async move {
+            writes.settled().await;
+            run.await;
+        });
     }
 
     /// Asks for something whose answer is an entry (lookup, mkdir, symlink).
@@ -196,21 +208,22 @@ impl VolumeFs {
     }
 }
 
-/// O_TRUNC on Linux.
-const fn libc_o_trunc() -> i32 {
-    0o1000
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The errno for an unexpected answer.
 fn errno(resp: Response) -> Errno {
+    Errno::from_i32(raw_errno(resp))
+}
+
+fn raw_errno(resp: Response) -> i32 {
     match resp {
-        Response::Error(e) => Errno::from_i32(e),
-        _ => Errno::from_i32(EIO),
+        Response::Error(e) => e,
+        _ => EIO,
     }
+}
+
+/// What an open answers: a file opened for writing must hear of its close
+/// (FUSE's flush), which reports the errors of its deferred writes.
+fn open_flags(flags: OpenFlags) -> FopenFlags {
+    if flags.0 & libc::O_ACCMODE == libc::O_RDONLY { FopenFlags::FOPEN_NOFLUSH } else { FopenFlags::empty() }
 }
 
 fn time(t: Timespec) -> SystemTime {
@@ -465,9 +478,9 @@ impl Filesystem for VolumeFs {
             Err(e) => return reply.error(e),
         };
         let req = Req::Open { mount: self.mount, path, flags: flags.0 as u32 };
-        if flags.0 & libc_o_trunc() != 0 {
+        if flags.0 & libc::O_TRUNC != 0 {
             return self.changing_content(req, move |resp, _| match resp {
-                Response::Opened { handle, .. } => reply.opened(FileHandle(handle), FopenFlags::FOPEN_NOFLUSH),
+                Response::Opened { handle, .. } => reply.opened(FileHandle(handle), open_flags(flags)),
                 other => reply.error(errno(other)),
             });
         }
@@ -479,7 +492,7 @@ impl Filesystem for VolumeFs {
                     if let Some(data) = data {
                         lock(&heads).store(handle, generation, sent, data);
                     }
-                    reply.opened(FileHandle(handle), FopenFlags::FOPEN_NOFLUSH);
+                    reply.opened(FileHandle(handle), open_flags(flags));
                 }
                 other => reply.error(errno(other)),
             }
@@ -505,7 +518,7 @@ impl Filesystem for VolumeFs {
             Response::Opened { handle, attr, .. } => {
                 let ino = lock(inodes).ino(&path);
                 let fa = file_attr(ino, &attr);
-                reply.created(&ATTR_TTL, &fa, Generation(0), FileHandle(handle), FopenFlags::FOPEN_NOFLUSH);
+                reply.created(&ATTR_TTL, &fa, Generation(0), FileHandle(handle), FopenFlags::empty());
             }
             other => reply.error(errno(other)),
         });
@@ -536,26 +549,52 @@ impl Filesystem for VolumeFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let req = Req::Write { handle: fh.0, offset, data: Bytes::copy_from_slice(data) };
-        self.changing_content(req, move |resp, _| match resp {
-            Response::Written(n) => reply.written(n),
-            other => reply.error(errno(other)),
+        if !writes::deferrable(flags.0) {
+            return self.changing_content(req, move |resp, _| match resp {
+                Response::Written(n) => reply.written(n),
+                other => reply.error(errno(other)),
+            });
+        }
+        self.changing();
+        let (client, heads, writes, len) = (self.client.clone(), self.heads.clone(), self.writes.clone(), data.len());
+        self.rt.spawn(async move {
+            let in_flight = writes.begin(ino.0, offset, len).await;
+            if let Some(e) = writes.error(fh.0) {
+                return reply.error(Errno::from_i32(e));
+            }
+            let answer = client.send(req);
+            reply.written(u32::try_from(len).unwrap_or(u32::MAX));
+            let resp = answer.await;
+            lock(&heads).changed();
+            if !matches!(resp, Response::Written(_)) {
+                let e = raw_errno(resp);
+                tracing::debug!(handle = fh.0, errno = e, "deferred write failed");
+                writes.failed(fh.0, e);
+            }
+            drop(in_flight);
         });
     }
 
-    /// Writes go straight to the agent, so there is nothing to flush (opens
-    /// say FOPEN_NOFLUSH; this answers kernels that ignore it).
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+    /// Every close of a file opened for writing: reports what its deferred
+    /// writes failed with, once they are done.
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let writes = self.writes.clone();
+        self.spawn(move |_, _| async move {
+            match writes.error(fh.0) {
+                Some(e) => reply.error(Errno::from_i32(e)),
+                None => reply.ok(),
+            }
+        });
     }
 
     fn release(
@@ -572,7 +611,9 @@ impl Filesystem for VolumeFs {
         // only closes its descriptor, so nobody waits for that.
         lock(&self.heads).release(fh.0);
         reply.ok();
+        let writes = self.writes.clone();
         self.spawn(move |c, _| async move {
+            writes.forget(fh.0);
             if let Response::Error(e) = c.call(Req::Release { handle: fh.0 }).await {
                 tracing::debug!(handle = fh.0, errno = e, "release failed");
             }
@@ -580,7 +621,17 @@ impl Filesystem for VolumeFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.empty(Req::Fsync { handle: fh.0 }, reply);
+        let writes = self.writes.clone();
+        self.spawn(move |c, _| async move {
+            let answer = match writes.error(fh.0) {
+                Some(e) => Response::Error(e),
+                None => c.call(Req::Fsync { handle: fh.0 }).await,
+            };
+            match answer {
+                Response::Ok => reply.ok(),
+                other => reply.error(errno(other)),
+            }
+        });
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

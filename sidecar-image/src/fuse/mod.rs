@@ -22,6 +22,7 @@ mod listing;
 mod readahead;
 #[cfg(test)]
 mod tests;
+mod writes;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

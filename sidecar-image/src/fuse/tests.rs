@@ -359,3 +359,106 @@ async fn content_sent_with_an_open_is_never_staler_than_a_local_write() {
     })
     .await;
 }
+
+/// A tmpfs of `size` mounted at `dir` for one test; unmounted on drop, so a
+/// failing test leaves no mount behind.
+struct SmallVolume(PathBuf);
+
+impl SmallVolume {
+    fn mount(dir: PathBuf, size: &str) -> Self {
+        std::fs::create_dir(&dir).expect("mkdir");
+        let options = std::ffi::CString::new(format!("size={size}")).expect("options");
+        rustix::mount::mount("tmpfs", &dir, "tmpfs", rustix::mount::MountFlags::empty(), options.as_c_str())
+            .expect("mount tmpfs");
+        SmallVolume(dir)
+    }
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+/// What `close(2)` returned, which dropping a `File` throws away.
+fn close(f: std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: the descriptor was just taken from the File, so it is open and ours alone.
+    match unsafe { libc::close(f.into_raw_fd()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_deferred_write_is_reported_by_close_and_fsync() {
+    let m = mount_fixture().await;
+    let (rw, pod) = (m.rw(), m.pod_rw());
+    let _full = SmallVolume::mount(pod.join("full"), "256k");
+    blocking(move || {
+        let mb = vec![7u8; 1 << 20];
+        // The write is answered before the pod has run out of room; the
+        // error must not be lost: it comes back at the latest from close.
+        let mut f = std::fs::File::create(rw.join("full/a")).expect("create");
+        if let Err(e) = f.write_all(&mb) {
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        }
+        assert_eq!(errno(close(f)), libc::ENOSPC, "close reports the failed write");
+        std::fs::remove_file(pod.join("full/a")).expect("free the room");
+
+        let mut f = std::fs::File::create(rw.join("full/b")).expect("create");
+        let _ = f.write_all(&mb);
+        assert_eq!(errno(f.sync_all()), libc::ENOSPC, "fsync reports the failed write");
+        assert_eq!(errno(close(f)), libc::ENOSPC, "and so does close");
+
+        // A file that fits is written whole, and its close succeeds.
+        std::fs::remove_file(pod.join("full/b")).expect("free the room");
+        let mut f = std::fs::File::create(rw.join("full/c")).expect("create");
+        f.write_all(&mb[..100 << 10]).expect("write");
+        close(f).expect("close");
+        assert!(std::fs::read(pod.join("full/c")).expect("pod read") == mb[..100 << 10], "the file that fits");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deferred_writes_land_in_order_and_are_seen_by_every_later_request() {
+    let m = mount_fixture().await;
+    let (rw, pod) = (m.rw(), m.pod_rw());
+    blocking(move || {
+        use std::os::unix::fs::FileExt;
+        // The same bytes rewritten many times: the pod keeps the last.
+        let f = std::fs::File::create(rw.join("same")).expect("create");
+        for i in 0..200u8 {
+            f.write_all_at(&[i; 4096], 0).expect("write");
+        }
+        close(f).expect("close");
+        let got = std::fs::read(pod.join("same")).expect("pod read");
+        assert!(got == [199u8; 4096], "the pod has rewrite {:?} of 199", got.first());
+
+        // Written through one handle and not yet closed: another open, a
+        // stat and a listing all see the whole file.
+        let data: Vec<u8> = (0..6u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+        let mut f = std::fs::File::create(rw.join("open")).expect("create");
+        f.write_all(&data).expect("write");
+        assert!(std::fs::read(rw.join("open")).expect("read through another open") == data, "another open");
+        assert!(std::fs::read(pod.join("open")).expect("pod read after an open") == data, "the pod after an open");
+        let listed = std::fs::read_dir(&rw)
+            .expect("readdir")
+            .map(|e| e.expect("entry"))
+            .find(|e| e.file_name() == "open")
+            .expect("listed");
+        assert_eq!(listed.metadata().expect("stat").len(), data.len() as u64);
+        close(f).expect("close");
+
+        // Appends are not deferred: their order is the order written.
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(rw.join("log")).expect("open");
+        for i in 0..100 {
+            writeln!(log, "line {i}").expect("append");
+        }
+        close(log).expect("close");
+        let want: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(std::fs::read_to_string(pod.join("log")).expect("pod read"), want);
+    })
+    .await;
+}
