@@ -246,7 +246,7 @@ impl Lab {
             if running != "true" {
                 bail!("the sidecar exited before ready:\n{}", self.logs(&self.sidecar));
             }
-            std::thread::sleep(Duration::from_millis(200));
+            crate::interrupt::pause(Duration::from_millis(200))?;
         }
         bail!(
             "the sidecar was not ready in {limit:?}:\n{}\nagent:\n{}",

@@ -7,6 +7,7 @@
 
 pub mod dataplane;
 pub mod images;
+pub mod interrupt;
 pub mod sandbox;
 pub mod session;
 pub mod volumes;

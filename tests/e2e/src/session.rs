@@ -106,7 +106,7 @@ pub fn wait_deployment(
         if started.elapsed() > timeout {
             bail!("deployment/{name} did not reach the expected state in {timeout:?}; last: {}", d["metadata"]);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        crate::interrupt::pause(Duration::from_millis(50))?;
     }
 }
 
@@ -184,7 +184,7 @@ pub fn run_pod(sb: &Sandbox, name: &str, image: &str, cmd: &[&str]) -> Result<(S
         if Instant::now() > deadline {
             bail!("pod {name} did not finish within 60 s (phase {phase:?})");
         }
-        std::thread::sleep(Duration::from_millis(200));
+        crate::interrupt::pause(Duration::from_millis(200))?;
     };
     Ok((phase, sb.kubectl_ok(&["logs", name])?))
 }
@@ -221,7 +221,7 @@ pub fn wait_container(name: &str, timeout: Duration) -> Result<()> {
         if started.elapsed() > timeout {
             bail!("the container {name} did not start within {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        crate::interrupt::pause(Duration::from_millis(100))?;
     }
 }
 
@@ -236,6 +236,9 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> Result<std::process::E
             let _ = child.kill();
             bail!("tpd did not exit within {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        if let Err(e) = crate::interrupt::pause(Duration::from_millis(100)) {
+            let _ = child.kill();
+            return Err(e);
+        }
     }
 }

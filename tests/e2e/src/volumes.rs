@@ -265,7 +265,7 @@ pub fn wait_for_log(container: &str, needle: &str, timeout: std::time::Duration)
         if std::time::Instant::now() > deadline {
             bail!("{container} did not print {needle:?} within {timeout:?}:\n{text}");
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        crate::interrupt::pause(std::time::Duration::from_millis(100))?;
     }
 }
 

@@ -4,7 +4,6 @@
 //! nothing here ever fails a build because a number is slow.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
@@ -71,18 +70,11 @@ pub enum Which {
 pub fn run(which: Which, json: bool, root: &Path) -> anyhow::Result<()> {
     stop_on_signals()?;
     let figures = measure(which, json, root).map_err(|e| {
-        if STOP.load(Ordering::SeqCst) {
-            anyhow::anyhow!("interrupted; what this run had started is removed")
-        } else {
-            e
-        }
+        if go_on().is_err() { anyhow::anyhow!("interrupted; what this run had started is removed") } else { e }
     })?;
     print(&figures, json);
     Ok(())
 }
-
-/// Set by the first SIGINT or SIGTERM.
-static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Makes the first Ctrl-C (SIGINT) or SIGTERM stop the run at its next step
 /// instead of killing it: only an orderly return runs the code that removes
@@ -102,7 +94,7 @@ fn stop_on_signals() -> anyhow::Result<()> {
                     _ = interrupt.recv() => {}
                     _ = terminate.recv() => {}
                 }
-                if STOP.swap(true, Ordering::SeqCst) {
+                if tpd_e2e::interrupt::request() {
                     std::process::exit(130);
                 }
                 eprintln!("stopping: removing what this run started (signal again to quit at once and leave it)…");
@@ -115,8 +107,7 @@ fn stop_on_signals() -> anyhow::Result<()> {
 /// Fails once a stop was asked for. The benchmarks call it between steps;
 /// the error unwinds through their labs' cleanup.
 pub fn go_on() -> anyhow::Result<()> {
-    anyhow::ensure!(!STOP.load(Ordering::SeqCst), "interrupted");
-    Ok(())
+    tpd_e2e::interrupt::go_on()
 }
 
 fn measure(which: Which, json: bool, root: &Path) -> anyhow::Result<Vec<Figure>> {
