@@ -23,8 +23,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 /// Version of the file protocol; see the module docs. 2: [`Response::Opened`]
-/// carries the content of small files opened for reading.
-pub const FILES_VERSION: u16 = 2;
+/// carries the content of small files opened for reading. 3: writes through
+/// one handle run in the order they were sent (the sidecar answers writes,
+/// appends included, before they are done).
+pub const FILES_VERSION: u16 = 3;
 
 /// Largest read or write one request carries (the FUSE client's `max_write`
 /// and `max_read`): large requests keep sequential IO at wire speed.

@@ -6,10 +6,14 @@
 //! and runs each request on the blocking pool, the writer sends answers as
 //! they finish, tagged with the request's id. At most [`IN_FLIGHT`] requests
 //! run at a time per connection, which bounds memory (each holds at most one
-//! 1 MiB buffer) and pushes back on a client that sends faster.
+//! 1 MiB buffer) and pushes back on a client that sends faster. Writes
+//! through one handle run one after another in the order they arrived
+//! (since protocol version 3): the sidecar answers writes before they are
+//! done, and appends must land in the order they were written.
 
 mod ops;
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -17,7 +21,7 @@ use bytes::BytesMut;
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tpd_wire::files::{self, DecodeError, FILES_VERSION, MountInfo, Request, Response, VolumeMount};
 use tpd_wire::names;
 
@@ -127,6 +131,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
 ) -> Result<(), FilesError> {
     let handles = Arc::new(Handles::default());
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    // Per handle, what its latest write signals when done: the next write
+    // through that handle waits for it.
+    let mut last_write: HashMap<u64, oneshot::Receiver<()>> = HashMap::new();
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut greeted = false;
     loop {
@@ -156,12 +163,25 @@ async fn read_requests<R: AsyncRead + Unpin>(
             send(&tx, id, ops::handle(&mounts, &handles, req)).await;
             continue;
         }
+        let (after, done) = match &req {
+            Request::Write { handle, .. } => {
+                let (done, next) = oneshot::channel();
+                (last_write.insert(*handle, next), Some(done))
+            }
+            Request::Release { handle } => (last_write.remove(handle), None),
+            _ => (None, None),
+        };
         let permit = slots.clone().acquire_owned().await.map_err(std::io::Error::other)?;
         let (mounts, handles, tx) = (mounts.clone(), handles.clone(), tx.clone());
         tokio::spawn(async move {
+            if let Some(before) = after {
+                // Done or failed alike: only the order matters.
+                let _ = before.await;
+            }
             let resp = tokio::task::spawn_blocking(move || ops::handle(&mounts, &handles, req))
                 .await
                 .unwrap_or(Response::Error(files::EPROTO));
+            drop(done);
             send(&tx, id, resp).await;
             drop(permit);
         });

@@ -13,11 +13,12 @@
 //!   pod's files behind a write the kernel was told is done. The kernel
 //!   would otherwise take an older size from the answer and drop the
 //!   pages it holds beyond it.
-//! - A write overlapping one in flight waits for it: the agent runs
-//!   requests in parallel, so overlapping writes could land out of order.
-//! - Appends and O_SYNC/O_DSYNC writes are not deferred ([`deferrable`]):
-//!   the agent's descriptor appends in the order its writes run, and a
-//!   program that asked for synchronous writes gets them.
+//! - The agent runs the writes of one handle in the order they were sent
+//!   (file protocol 3), so appends land in the order written. A write
+//!   overlapping one in flight through another handle waits for it: the
+//!   agent runs other requests in parallel.
+//! - O_SYNC/O_DSYNC writes are not deferred ([`deferrable`]): a program
+//!   that asked for synchronous writes gets them.
 //! - At most [`WINDOW`] bytes per mount are in flight.
 
 use std::collections::HashMap;
@@ -34,7 +35,7 @@ pub const WINDOW: usize = 8 * 1024 * 1024;
 /// Whether writes through a file opened with `flags` may be answered
 /// before they are done.
 pub fn deferrable(flags: i32) -> bool {
-    flags & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC) == 0
+    flags & (libc::O_SYNC | libc::O_DSYNC) == 0
 }
 
 /// Deferred writes of one mount.
@@ -218,10 +219,10 @@ mod tests {
     }
 
     #[test]
-    fn appends_and_synchronous_writes_are_not_deferred() {
+    fn synchronous_writes_are_not_deferred() {
         assert!(deferrable(libc::O_WRONLY));
         assert!(deferrable(libc::O_RDWR | libc::O_CREAT));
-        assert!(!deferrable(libc::O_WRONLY | libc::O_APPEND));
+        assert!(deferrable(libc::O_WRONLY | libc::O_APPEND));
         assert!(!deferrable(libc::O_WRONLY | libc::O_SYNC));
         assert!(!deferrable(libc::O_WRONLY | libc::O_DSYNC));
     }
