@@ -7,6 +7,9 @@ use std::path::Path;
 
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
+// Fails once a stop was asked for. The benchmarks call it between steps;
+// the error unwinds through their labs' cleanup.
+pub use tpd_e2e::interrupt::go_on;
 
 mod sandbox;
 mod sandbox_node;
@@ -102,12 +105,6 @@ fn stop_on_signals() -> anyhow::Result<()> {
         });
     });
     Ok(())
-}
-
-/// Fails once a stop was asked for. The benchmarks call it between steps;
-/// the error unwinds through their labs' cleanup.
-pub fn go_on() -> anyhow::Result<()> {
-    tpd_e2e::interrupt::go_on()
 }
 
 fn measure(which: Which, json: bool, root: &Path) -> anyhow::Result<Vec<Figure>> {
