@@ -20,14 +20,21 @@ pub enum Error {
 
 /// Appends one frame holding `datagram` to `out`.
 pub fn encode(datagram: &[u8], out: &mut BytesMut) -> Result<(), Error> {
-    let len = u16::try_from(datagram.len()).map_err(|_| Error::TooLong(datagram.len()))?;
-    if len == 0 {
-        return Err(Error::Empty);
-    }
+    let head = header(datagram.len())?;
     out.reserve(HEADER_LEN + datagram.len());
-    out.put_u16(len);
+    out.put_slice(&head);
     out.put_slice(datagram);
     Ok(())
+}
+
+/// The length prefix of a frame holding `len` bytes, for writers that send
+/// the datagram from where it is.
+pub fn header(len: usize) -> Result<[u8; HEADER_LEN], Error> {
+    match u16::try_from(len) {
+        Ok(0) => Err(Error::Empty),
+        Ok(n) => Ok(n.to_be_bytes()),
+        Err(_) => Err(Error::TooLong(len)),
+    }
 }
 
 /// Takes one complete frame off the front of `buf`; `Ok(None)` until one has
