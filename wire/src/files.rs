@@ -16,8 +16,10 @@
 //! a symlink while resolving them. Error replies carry Linux errno values
 //! (both ends are Linux).
 //!
-//! Everything here is pure: [`encode`] appends a frame to a buffer and
-//! [`decode`] takes one off, returning `Ok(None)` until a whole frame is there.
+//! The codec is pure: [`encode`] appends a frame to a buffer and [`decode`]
+//! takes one off, returning `Ok(None)` until a whole frame is there. With the
+//! `io` feature, [`put_frame`] writes a read's or a write's data to a stream
+//! without copying it into the frame buffer first.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -344,18 +346,59 @@ pub enum DecodeError {
 
 /// A message that travels in frames.
 pub trait Message: Sized {
-    fn encode_body(&self, out: &mut BytesMut);
+    /// Appends the body, except a bulk payload that ends it (the data of a
+    /// read or a write), which it returns for the caller to append.
+    fn encode_body(&self, out: &mut BytesMut) -> Option<&Bytes>;
     fn decode_body(body: &mut Bytes) -> Result<Self, &'static str>;
 }
 
 /// Appends one frame carrying `msg` under `id`.
 pub fn encode<M: Message>(id: u64, msg: &M, out: &mut BytesMut) {
+    if let Some(payload) = encode_head(id, msg, out) {
+        out.put_slice(payload);
+    }
+}
+
+/// Appends the frame carrying `msg` under `id` without its bulk payload,
+/// which it returns: written to the stream right after `out`, it completes
+/// the frame. Megabytes of data then reach the stream without first being
+/// copied into `out`.
+pub fn encode_head<'m, M: Message>(id: u64, msg: &'m M, out: &mut BytesMut) -> Option<&'m Bytes> {
     let start = out.len();
     out.put_u32(0);
     out.put_u64(id);
-    msg.encode_body(out);
-    let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    let payload = msg.encode_body(out);
+    let len = out.len() - start - 4 + payload.map_or(0, Bytes::len);
+    out[start..start + 4].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    payload
+}
+
+#[cfg(feature = "io")]
+/// Payloads smaller than this are copied into the frame buffer: one write
+/// for many small frames costs less than a write each.
+const COPY_MAX: usize = 64 * 1024;
+
+#[cfg(feature = "io")]
+/// Appends the frame of `msg` under `id` to `out`; a large payload is not
+/// copied but written to `wr` right behind what `out` holds, in one
+/// vectored write that empties `out`.
+pub async fn put_frame<M, W>(wr: &mut W, out: &mut BytesMut, id: u64, msg: &M) -> std::io::Result<()>
+where
+    M: Message,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    match encode_head(id, msg, out) {
+        Some(payload) if payload.len() >= COPY_MAX => {
+            crate::io::write_all_vectored(wr, &[out, payload]).await?;
+            out.clear();
+            Ok(())
+        }
+        Some(payload) => {
+            out.put_slice(payload);
+            Ok(())
+        }
+        None => Ok(()),
+    }
 }
 
 /// Takes one frame off the front of `buf`: `Ok(None)` while it is incomplete.
@@ -430,8 +473,16 @@ fn get_vec(b: &mut Bytes) -> Result<Vec<u8>, &'static str> {
     get_bytes(b).map(|x| x.to_vec())
 }
 fn put_bytes(out: &mut BytesMut, v: &[u8]) {
-    out.put_u32(u32::try_from(v.len()).unwrap_or(u32::MAX));
+    put_len(out, v);
     out.put_slice(v);
+}
+fn put_len(out: &mut BytesMut, v: &[u8]) {
+    out.put_u32(u32::try_from(v.len()).unwrap_or(u32::MAX));
+}
+/// The length of a bulk payload, which [`encode_head`] leaves to its caller.
+fn put_payload<'m>(out: &mut BytesMut, v: &'m Bytes) -> Option<&'m Bytes> {
+    put_len(out, v);
+    Some(v)
 }
 fn get_opt<T>(b: &mut Bytes, f: impl FnOnce(&mut Bytes) -> Result<T, &'static str>) -> Result<Option<T>, &'static str> {
     if get_bool(b)? { f(b).map(Some) } else { Ok(None) }
@@ -586,7 +637,7 @@ mod kind {
 }
 
 impl Message for Request {
-    fn encode_body(&self, out: &mut BytesMut) {
+    fn encode_body(&self, out: &mut BytesMut) -> Option<&Bytes> {
         use Request::*;
         match self {
             Hello { version } => {
@@ -617,7 +668,7 @@ impl Message for Request {
                 out.put_u8(kind::WRITE);
                 out.put_u64(*handle);
                 out.put_u64(*offset);
-                put_bytes(out, data);
+                return put_payload(out, data);
             }
             Release { handle } => {
                 out.put_u8(kind::RELEASE);
@@ -653,6 +704,7 @@ impl Message for Request {
                 out.put_u16(*mount);
             }
         }
+        None
     }
 
     fn decode_body(b: &mut Bytes) -> Result<Self, &'static str> {
@@ -699,7 +751,7 @@ fn mount_path(out: &mut BytesMut, k: u8, mount: u16, path: &[u8]) {
 }
 
 impl Message for Response {
-    fn encode_body(&self, out: &mut BytesMut) {
+    fn encode_body(&self, out: &mut BytesMut) -> Option<&Bytes> {
         use Response::*;
         match self {
             Welcome { version, mounts } => {
@@ -733,7 +785,7 @@ impl Message for Response {
             }
             Data(d) => {
                 out.put_u8(kind::DATA);
-                put_bytes(out, d);
+                return put_payload(out, d);
             }
             Written(n) => {
                 out.put_u8(kind::WRITTEN);
@@ -752,6 +804,7 @@ impl Message for Response {
                 out.put_i32(*e);
             }
         }
+        None
     }
 
     fn decode_body(b: &mut Bytes) -> Result<Self, &'static str> {
@@ -796,6 +849,10 @@ mod tests {
     fn roundtrip<M: Message + PartialEq + Clone + std::fmt::Debug>(id: u64, m: &M) {
         let mut buf = BytesMut::new();
         encode(id, m, &mut buf);
+        let mut head = BytesMut::new();
+        let payload = encode_head(id, m, &mut head);
+        head.extend_from_slice(payload.map_or(&[][..], |p| p));
+        assert_eq!(head, buf, "the head and its payload make the whole frame");
         // Byte by byte: incomplete frames are "not yet", never errors.
         let whole = buf.clone();
         for cut in 0..whole.len() {
@@ -1016,5 +1073,39 @@ mod tests {
         assert!(!mounts[1].read_only);
         assert_eq!(mounts[1].sub_path.as_deref(), Some("x"));
         assert_eq!(parse_mounts(&mounts_env_value(&mounts)).expect("valid"), mounts);
+    }
+}
+
+#[cfg(all(test, feature = "io"))]
+mod stream_tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn frames_with_large_payloads_arrive_whole_and_in_order() {
+        let sent: Vec<Response> = [0usize, 10, COPY_MAX - 1, COPY_MAX, MAX_IO as usize]
+            .iter()
+            .flat_map(|&n| [Response::Data(Bytes::from(vec![n as u8; n])), Response::Written(n as u32)])
+            .collect();
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let to_send = sent.clone();
+        let writer = tokio::spawn(async move {
+            let mut out = BytesMut::new();
+            for (id, r) in to_send.iter().enumerate() {
+                put_frame(&mut a, &mut out, id as u64, r).await?;
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut a, &out).await
+        });
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        while got.len() < sent.len() {
+            match decode::<Response>(&mut buf).expect("well-formed") {
+                Some((id, r)) => got.push((id, r)),
+                None => assert_ne!(b.read_buf(&mut buf).await.expect("read"), 0, "stream ended early"),
+            }
+        }
+        writer.await.expect("writer").expect("written");
+        let want: Vec<(u64, Response)> = sent.into_iter().enumerate().map(|(i, r)| (i as u64, r)).collect();
+        assert_eq!(got, want);
     }
 }

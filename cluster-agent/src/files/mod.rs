@@ -216,18 +216,19 @@ async fn send(tx: &mpsc::Sender<(u64, Response)>, id: u64, resp: Response) {
     let _ = tx.send((id, resp)).await;
 }
 
-/// Writes answers as they come, batching whatever is ready into one write.
+/// Writes answers as they come, batching whatever is ready into one write;
+/// the data of a read goes to the stream without a copy.
 async fn write_responses<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::Receiver<(u64, Response)>,
 ) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(64 * 1024);
-    while let Some((id, resp)) = rx.recv().await {
-        files::encode(id, &resp, &mut out);
-        while out.len() < files::MAX_FRAME {
-            match rx.try_recv() {
-                Ok((id, resp)) => files::encode(id, &resp, &mut out),
-                Err(_) => break,
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some((id, resp)) = next.take() {
+            files::put_frame(&mut wr, &mut out, id, &resp).await?;
+            if out.len() < files::MAX_FRAME {
+                next = rx.try_recv().ok();
             }
         }
         wr.write_all(&out).await?;

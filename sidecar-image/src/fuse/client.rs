@@ -96,30 +96,48 @@ async fn write_requests<W: AsyncWrite + Unpin>(
     let mut next_id = 0u64;
     let mut out = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
-        let mut call = Some(first);
-        while let Some((req, done)) = call.take() {
-            next_id += 1;
-            match pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                Some(map) => {
-                    map.insert(next_id, done);
-                    files::encode(next_id, &req, &mut out);
-                }
-                None => {
-                    let _ = done.send(Response::Error(EIO));
-                }
-            }
-            if out.len() < files::MAX_FRAME {
-                call = rx.try_recv().ok();
-            }
-        }
-        if let Err(e) = wr.write_all(&out).await {
+        if let Err(e) = write_batch(&mut wr, &mut out, first, &mut rx, &pending, &mut next_id).await {
             tracing::warn!(error = %e, "file connection write failed");
             fail_all(&pending);
             return;
         }
-        out.clear();
     }
     let _ = wr.shutdown().await;
+}
+
+/// Registers and writes `first` and whatever else is queued, as few writes
+/// as the frames allow (the data of a write goes to the stream uncopied).
+async fn write_batch<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: &mut BytesMut,
+    first: (Request, Waiter),
+    rx: &mut mpsc::UnboundedReceiver<(Request, Waiter)>,
+    pending: &Pending,
+    next_id: &mut u64,
+) -> std::io::Result<()> {
+    let mut call = Some(first);
+    while let Some((req, done)) = call.take() {
+        *next_id += 1;
+        let registered = match pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(map) => {
+                map.insert(*next_id, done);
+                true
+            }
+            None => {
+                let _ = done.send(Response::Error(EIO));
+                false
+            }
+        };
+        if registered {
+            files::put_frame(wr, out, *next_id, &req).await?;
+        }
+        if out.len() < files::MAX_FRAME {
+            call = rx.try_recv().ok();
+        }
+    }
+    wr.write_all(out).await?;
+    out.clear();
+    Ok(())
 }
 
 async fn read_responses<R: AsyncRead + Unpin>(mut rd: R, pending: Pending) {
