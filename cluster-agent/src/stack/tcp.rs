@@ -97,11 +97,28 @@ pub type Accept = Box<dyn Fn(TcpConn, SocketAddrV4, SocketAddrV4) + Send + Sync>
 struct Queues {
     rx: VecDeque<Vec<u8>>,
     tx: Vec<Vec<u8>>,
+    /// Buffers of packets already sent, written over by the next ones: a
+    /// fresh buffer is zeroed before smoltcp writes it, a pass over every
+    /// byte sent that cost as much as a copy.
+    spare: Vec<Vec<u8>>,
     mtu: usize,
 }
 
+/// Sent packets' buffers kept for reuse: a round's worth of full-size
+/// segments of one bulk transfer, about 1 MiB at the stream transport's MTU.
+const SPARE_BUFFERS: usize = 16;
+
+impl Queues {
+    /// Keeps up to [`SPARE_BUFFERS`] of the buffers in `sent` (emptying it).
+    fn recycle(&mut self, sent: &mut Vec<Vec<u8>>) {
+        let room = SPARE_BUFFERS.saturating_sub(self.spare.len());
+        self.spare.extend(sent.drain(..).take(room));
+        sent.clear();
+    }
+}
+
 struct RxToken(Vec<u8>);
-struct TxToken<'a>(&'a mut Vec<Vec<u8>>);
+struct TxToken<'a>(&'a mut Queues);
 
 impl phy::RxToken for RxToken {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -111,9 +128,11 @@ impl phy::RxToken for RxToken {
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut packet = vec![0u8; len];
+        // Only bytes a reused buffer never held are zeroed.
+        let mut packet = self.0.spare.pop().unwrap_or_default();
+        packet.resize(len, 0);
         let r = f(&mut packet);
-        self.0.push(packet);
+        self.0.tx.push(packet);
         r
     }
 }
@@ -124,11 +143,11 @@ impl phy::Device for Queues {
 
     fn receive(&mut self, _: Instant) -> Option<(RxToken, TxToken<'_>)> {
         let packet = self.rx.pop_front()?;
-        Some((RxToken(packet), TxToken(&mut self.tx)))
+        Some((RxToken(packet), TxToken(self)))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
-        Some(TxToken(&mut self.tx))
+        Some(TxToken(self))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -247,6 +266,7 @@ async fn run(shared: Arc<Shared>, mut input: mpsc::Receiver<Vec<u8>>, send: Outp
         {
             let mut guard = shared.engine();
             let e = &mut *guard;
+            e.queues.recycle(&mut out);
             let now = now();
             for packet in batch.drain(..) {
                 e.ingest(packet, now, &shared, &mut accepted);
@@ -263,8 +283,8 @@ async fn run(shared: Arc<Shared>, mut input: mpsc::Receiver<Vec<u8>>, send: Outp
             std::mem::swap(&mut out, &mut e.queues.tx);
         }
         if !out.is_empty() {
+            // Recycled next round.
             send(&out);
-            out.clear();
         }
         for (conn, src, dst) in accepted.drain(..) {
             accept(conn, src, dst);
