@@ -373,15 +373,15 @@ pub fn encode_head<'m, M: Message>(id: u64, msg: &'m M, out: &mut BytesMut) -> O
     payload
 }
 
-#[cfg(feature = "io")]
 /// Payloads smaller than this are copied into the frame buffer: one write
 /// for many small frames costs less than a write each.
+#[cfg(feature = "io")]
 const COPY_MAX: usize = 64 * 1024;
 
-#[cfg(feature = "io")]
 /// Appends the frame of `msg` under `id` to `out`; a large payload is not
 /// copied but written to `wr` right behind what `out` holds, in one
 /// vectored write that empties `out`.
+#[cfg(feature = "io")]
 pub async fn put_frame<M, W>(wr: &mut W, out: &mut BytesMut, id: u64, msg: &M) -> std::io::Result<()>
 where
     M: Message,
