@@ -190,6 +190,16 @@ pub async fn list_containers(
     docker.list_containers(Some(opts)).await.map_err(docker_err("listing containers"))
 }
 
+/// Force-removes every container labelled for `instance`.
+async fn remove_containers(docker: &Docker, instance: &str) -> Result<()> {
+    for c in list_containers(docker, instance, &[]).await? {
+        if let Some(id) = c.id {
+            remove_container(docker, &id).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Force-removes a container; a container already gone is fine.
 pub async fn remove_container(docker: &Docker, id: &str) -> Result<()> {
     let opts = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
@@ -200,13 +210,17 @@ pub async fn remove_container(docker: &Docker, id: &str) -> Result<()> {
     }
 }
 
+/// How long teardown waits before it looks for containers a second time.
+/// A create the stopped server had sent can still finish in dockerd after
+/// the first listing: once, a pod container in state Created, made in a
+/// CI run's last second, outlived the sandbox.
+const LATE_CREATE_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Removes every container, network and volume labelled for `instance`.
 pub async fn teardown(docker: &Docker, instance: &str) -> Result<()> {
-    for c in list_containers(docker, instance, &[]).await? {
-        if let Some(id) = c.id {
-            remove_container(docker, &id).await?;
-        }
-    }
+    remove_containers(docker, instance).await?;
+    tokio::time::sleep(LATE_CREATE_SETTLE).await;
+    remove_containers(docker, instance).await?;
     let label = HashMap::from([("label".to_owned(), vec![format!("{}={instance}", layout::LABEL_INSTANCE)])]);
     let nets = docker
         .list_networks(Some(ListNetworksOptionsBuilder::default().filters(&label).build()))
