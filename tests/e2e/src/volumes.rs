@@ -158,6 +158,8 @@ impl LoopbackMount {
 pub struct TunnelMount {
     /// Where each volume is mounted on this host, in the order given.
     pub paths: Vec<PathBuf>,
+    /// The agent container's name.
+    pub agent: String,
     /// The sidecar container's name.
     pub sidecar: String,
     /// The shared host directory holding the mounts.
@@ -249,7 +251,7 @@ impl TunnelMount {
         wait_for_log(&sidecar, "\"ready\"", std::time::Duration::from_secs(60))?;
         let paths =
             mounts.iter().enumerate().map(|(i, v)| shared.join(tpd_wire::files::mount_dir_name(i, &v.name))).collect();
-        Ok(TunnelMount { paths, sidecar, shared, guard })
+        Ok(TunnelMount { paths, agent, sidecar, shared, guard })
     }
 }
 

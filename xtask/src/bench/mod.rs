@@ -11,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 // the error unwinds through their labs' cleanup.
 pub use tpd_e2e::interrupt::go_on;
 
+mod cpu;
 mod sandbox;
 mod sandbox_node;
 mod session;

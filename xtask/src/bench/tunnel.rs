@@ -14,7 +14,9 @@
 //! veth between their namespaces (the host's Python there, Debian's in the
 //! containers). Round trips are sampled on every path in turn, in rounds,
 //! so the machine's drift over a run does not favour whichever path came
-//! first.
+//! first. For each path through a tunnel, the CPU time both of its ends
+//! spend per keep-alive request is read meanwhile ([`super::cpu`]): tpd's
+//! agent and sidecar, each baseline's two daemons.
 //!
 //! Needs root, Docker, the tpd and test images. wireguard-go and
 //! wireguard-tools come from apt-get and boringtun-cli from `cargo install`
@@ -30,6 +32,7 @@ use tpd_e2e::dataplane::{Lab, Via, docker};
 use wireguard::{Gateway, NETNS_VETH, NetnsPair, Userspace, VETH_SERVER_IP};
 
 use super::Figure;
+use super::cpu::Processes;
 
 /// Port of the benchmark server.
 const PORT: u16 = 5201;
@@ -164,12 +167,17 @@ fn bulk(run: &Runner, server: &str) -> Result<Bulk> {
 struct Rtt {
     p50: f64,
     p99: f64,
+    /// CPU time both ends of the tunnel spent per request, in µs (paths
+    /// without a tunnel have none).
+    cpu_us: Option<f64>,
 }
 
-/// One path to the probe server: where its client runs and the server's address.
+/// One path to the probe server: where its client runs, the server's
+/// address, and the tunnel's two ends if it has any.
 struct Route<'a> {
     run: &'a Runner,
     server: &'a str,
+    ends: Option<&'a Processes>,
 }
 
 /// Round trips of every path, sampled in turn: a round of requests on each
@@ -180,18 +188,25 @@ fn interleaved_rtts(routes: &[Route]) -> Result<Vec<Rtt>> {
     let per_round = (HTTP_REQUESTS / HTTP_ROUNDS).to_string();
     let port = PORT.to_string();
     let mut samples = vec![Vec::new(); routes.len()];
+    let mut cpu = vec![Duration::ZERO; routes.len()];
     for _ in 0..HTTP_ROUNDS {
         super::go_on()?;
-        for (route, samples) in routes.iter().zip(&mut samples) {
+        for ((route, samples), cpu) in routes.iter().zip(&mut samples).zip(&mut cpu) {
             let args = ["http", route.server, &port, &per_round].map(String::from);
-            samples.extend(numbers(&(route.run)(&args)?)?);
+            let ends = route.ends.cloned().unwrap_or_default();
+            let (out, used) = ends.during(|| (route.run)(&args))?;
+            samples.extend(numbers(&out)?);
+            *cpu += used;
         }
     }
     Ok(samples
         .iter_mut()
-        .map(|s| {
+        .zip(routes.iter().zip(cpu))
+        .map(|(s, (route, cpu))| {
+            let requests = s.len().max(1) as f64;
             s.sort_by(f64::total_cmp);
-            Rtt { p50: percentile(s, 0.5), p99: percentile(s, 0.99) }
+            let cpu_us = route.ends.map(|_| cpu.as_secs_f64() * 1e6 / requests);
+            Rtt { p50: percentile(s, 0.5), p99: percentile(s, 0.99), cpu_us }
         })
         .collect())
 }
@@ -206,14 +221,16 @@ struct Baseline {
     run: Box<Runner>,
     server: String,
     bulk: Bulk,
+    /// The tunnel's two ends, for a path through a tunnel.
+    ends: Option<Processes>,
 }
 
 impl Baseline {
-    fn measure(name: &'static str, run: Box<Runner>, server: &str) -> Result<Baseline> {
+    fn measure(name: &'static str, run: Box<Runner>, server: &str, ends: Option<Processes>) -> Result<Baseline> {
         super::go_on()?;
         eprintln!("measuring {name}…");
         let bulk = bulk(&*run, server)?;
-        Ok(Baseline { name, run, server: server.into(), bulk })
+        Ok(Baseline { name, run, server: server.into(), bulk, ends })
     }
 }
 
@@ -231,10 +248,10 @@ pub fn run() -> Result<Vec<Figure>> {
     }
     let mut netns_baselines = Vec::new();
     if let Some((_, wg)) = pairs.first() {
-        netns_baselines.push(Baseline::measure(NETNS_VETH, wg.runner(), VETH_SERVER_IP)?);
+        netns_baselines.push(Baseline::measure(NETNS_VETH, wg.runner(), VETH_SERVER_IP, None)?);
     }
     for (which, wg) in &pairs {
-        netns_baselines.push(Baseline::measure(which.between_netns(), wg.runner(), &wg.server_ip)?);
+        netns_baselines.push(Baseline::measure(which.between_netns(), wg.runner(), &wg.server_ip, Some(wg.ends()))?);
     }
 
     let mut figures = Vec::new();
@@ -266,12 +283,17 @@ pub fn run() -> Result<Vec<Figure>> {
         eprintln!("measuring tpd ({label} transport)…");
         let tpd = bulk(&*tpd_run, &server_ip)?;
         // Each compared path; `rtts` holds tpd's first, then these in order.
-        let mut baselines = vec![Baseline::measure(DOCKER_VETH, in_container(direct), &server_ip)?];
+        let mut baselines = vec![Baseline::measure(DOCKER_VETH, in_container(direct), &server_ip, None)?];
         for (which, gw) in &gateways {
-            baselines.push(Baseline::measure(which.as_gateway(), gw.runner(), &server_ip)?);
+            baselines.push(Baseline::measure(which.as_gateway(), gw.runner(), &server_ip, Some(gw.ends()))?);
         }
-        let mut routes = vec![Route { run: &*tpd_run, server: &server_ip }];
-        routes.extend(baselines.iter().chain(&netns_baselines).map(|b| Route { run: &*b.run, server: &b.server }));
+        let tpd_ends = Processes::containers(&[&lab.agent, &lab.sidecar])?;
+        let mut routes = vec![Route { run: &*tpd_run, server: &server_ip, ends: Some(&tpd_ends) }];
+        routes.extend(baselines.iter().chain(&netns_baselines).map(|b| Route {
+            run: &*b.run,
+            server: &b.server,
+            ends: b.ends.as_ref(),
+        }));
         let rtts = interleaved_rtts(&routes)?;
         // Absolute (trailing dot): the search list would add lookups that
         // Docker's DNS on an internal network never answers.
@@ -296,6 +318,12 @@ pub fn run() -> Result<Vec<Figure>> {
         push("http keep-alive p99", "ms", rtts[0].p99, &|_, r| r.p99);
         push("new connections", "conn/s", tpd.conns, &|b, _| b.conns);
         figures.extend(added_p50(label, rtts[0].p50, &compared));
+        for (baseline, _, rtt) in &compared {
+            if let (Some(tpd), Some(theirs)) = (rtts[0].cpu_us, rtt.cpu_us) {
+                let figure = Figure::new(format!("cpu per http request, both ends (tpd {label})"), tpd, "us");
+                figures.push(figure.against(*baseline, theirs));
+            }
+        }
         figures.push(
             Figure::new(format!("dns query p50 (cluster name) (tpd {label})"), dns_tpd, "ms")
                 .against(DOCKER_VETH, dns_direct),

@@ -16,7 +16,10 @@
 //!   `TPD_SIDECAR_IMAGE` choose other images than this version's.
 //!
 //! Each workload runs on a fresh mount, so no target starts with the names
-//! or attributes an earlier workload cached. Needs root (FUSE mounts, sshd),
+//! or attributes an earlier workload cached. Besides its time, each prints
+//! the CPU time the processes serving it used ([`super::cpu`]): tpd's
+//! agent and sidecar (or the loopback process), against sshd and sshfs
+//! with their children; the reader's own is left out. Needs root (FUSE mounts, sshd),
 //! /dev/fuse, Docker with the tpd images (`cargo xtask images`), and
 //! `apt-get install openssh-server sshfs`.
 
@@ -32,6 +35,7 @@ use tpd_e2e::volumes::{LOCAL_ENV, MOUNTED, ROLE_ENV, TunnelMount};
 use tpd_wire::files::{VolumeMount, mount_dir_name, mounts_env_value};
 
 use super::Figure;
+use super::cpu::Processes;
 
 const BIG_MIB: usize = 256;
 const STAT_FILES: usize = 5_000;
@@ -57,19 +61,38 @@ pub fn run() -> Result<Vec<Figure>> {
         super::go_on()?;
         let ssh = sshd.measure(&src, work.path(), w)?;
         let local = (w.run)(&src)?;
-        let (value, base, local_value) = (w.figure)(tpd, ssh, local);
-        let (through_tunnel, _, _) = (w.figure)(tunnel, ssh, local);
+        let (value, base, local_value) = (w.figure)(tpd.took, ssh.took, local);
+        let (through_tunnel, _, _) = (w.figure)(tunnel.took, ssh.took, local);
+        let sshfs = "sshfs over loopback";
+        figures.push(Figure::new(format!("volumes {} (tpd, loopback)", w.name), value, w.unit).against(sshfs, base));
         figures.push(
-            Figure::new(format!("volumes {} (tpd, loopback)", w.name), value, w.unit)
-                .against("sshfs over loopback", base),
-        );
-        figures.push(
-            Figure::new(format!("volumes {} (tpd, tunnel)", w.name), through_tunnel, w.unit)
-                .against("sshfs over loopback", base),
+            Figure::new(format!("volumes {} (tpd, tunnel)", w.name), through_tunnel, w.unit).against(sshfs, base),
         );
         figures.push(Figure::new(format!("volumes {} (local disk)", w.name), local_value, w.unit));
+        for (how, run) in [("loopback", tpd), ("tunnel", tunnel)] {
+            figures.push(
+                Figure::new(format!("volumes {} CPU (tpd, {how})", w.name), ms(run.cpu), "ms")
+                    .against(format!("{sshfs} (sshd, sshfs, ssh)"), ms(ssh.cpu)),
+            );
+        }
     }
     Ok(figures)
+}
+
+/// One workload on one file system: how long it took, and the CPU time
+/// the processes serving it used meanwhile (tpd's, or sshd's and sshfs's
+/// with their children), the reader's own left out.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    took: Duration,
+    cpu: Duration,
+}
+
+impl Run {
+    fn of(serving: &Processes, work: impl FnOnce() -> Result<Duration>) -> Result<Run> {
+        let (took, cpu) = serving.during(work)?;
+        Ok(Run { took, cpu })
+    }
 }
 
 struct Workload {
@@ -220,7 +243,7 @@ fn release_loopback() -> Result<PathBuf> {
 
 /// Runs workload `w` on a loopback mount of `src` served and mounted by the
 /// release binary `bin`, which is stopped (and unmounts) afterwards.
-fn measure_loopback(bin: &Path, src: &Path, work: &Path, w: &Workload) -> Result<Duration> {
+fn measure_loopback(bin: &Path, src: &Path, work: &Path, w: &Workload) -> Result<Run> {
     let local = work.join("tpd");
     std::fs::create_dir_all(&local)?;
     let volume = VolumeMount {
@@ -247,7 +270,7 @@ fn measure_loopback(bin: &Path, src: &Path, work: &Path, w: &Workload) -> Result
     // The fixture's later output (the test harness's summary) must find a reader.
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let result = if mounted {
-        (w.run)(&local.join(mount_dir_name(0, "bench")))
+        Run::of(&Processes::new([child.id()]), || (w.run)(&local.join(mount_dir_name(0, "bench"))))
     } else {
         Err(anyhow::anyhow!("the loopback fixture exited before mounting"))
     };
@@ -269,11 +292,12 @@ fn tunnel_images() -> (String, String) {
     )
 }
 
-fn measure_tunnel(images: &(String, String), src: &Path, w: &Workload) -> Result<Duration> {
+fn measure_tunnel(images: &(String, String), src: &Path, w: &Workload) -> Result<Run> {
     let volume = VolumeMount { name: "bench".into(), mount_path: "/bench".into(), read_only: false, sub_path: None };
     let mount = TunnelMount::start(&[(src.to_path_buf(), volume)], &images.0, &images.1)
         .context("starting agent and sidecar containers")?;
-    (w.run)(&mount.paths[0])
+    let serving = Processes::containers(&[&mount.agent, &mount.sidecar])?;
+    Run::of(&serving, || (w.run)(&mount.paths[0]))
 }
 
 /// sshd on 127.0.0.1 with a throwaway host and client key, for sshfs.
@@ -326,7 +350,7 @@ impl Sshd {
         Ok(sshd)
     }
 
-    fn measure(&self, src: &Path, work: &Path, w: &Workload) -> Result<Duration> {
+    fn measure(&self, src: &Path, work: &Path, w: &Workload) -> Result<Run> {
         let mnt = work.join("sshfs");
         std::fs::create_dir_all(&mnt)?;
         let status = Command::new("sshfs")
@@ -342,10 +366,25 @@ impl Sshd {
         if !status.success() {
             bail!("sshfs mount failed ({status})");
         }
-        let result = (w.run)(&mnt);
+        let result =
+            daemon_serving(&mnt).and_then(|sshfs| Run::of(&Processes::new([self.child.id(), sshfs]), || (w.run)(&mnt)));
         let _ = Command::new("fusermount").arg("-u").arg(&mnt).status();
         result
     }
+}
+
+/// The sshfs daemon serving the mount at `mnt` (it forks into the
+/// background, so it is found by its command line).
+fn daemon_serving(mnt: &Path) -> Result<u32> {
+    let mnt = mnt.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let mut args = cmdline.split(|b| *b == 0);
+            args.next().is_some_and(|prog| prog.ends_with(b"sshfs")) && args.any(|a| a == mnt)
+        })
+        .context("the sshfs process serving the benchmark's mount was not found")
 }
 
 impl Drop for Sshd {

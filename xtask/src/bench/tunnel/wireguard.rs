@@ -25,6 +25,7 @@ use anyhow::{Context, Result, bail};
 use tpd_e2e::dataplane::{Lab, docker, ip_on};
 
 use super::{PORT, PROBE, Runner, in_container};
+use crate::bench::cpu::Processes;
 
 /// Plain TCP between the two namespaces of a userspace WireGuard baseline.
 pub const NETNS_VETH: &str = "TCP over netns veth (no tunnel)";
@@ -207,6 +208,11 @@ impl End<'_> {
     }
 }
 
+/// The two tunnel daemons (and whatever they started).
+fn ends(daemons: &[(Child, String)]) -> Processes {
+    Processes::new(daemons.iter().map(|(daemon, _)| daemon.id()))
+}
+
 /// Stops baseline daemons and removes their UAPI sockets (a daemon killed
 /// with SIGKILL would leave them).
 fn stop(daemons: &mut Vec<(Child, String)>) {
@@ -265,6 +271,11 @@ impl NetnsPair {
         );
         std::thread::sleep(Duration::from_millis(500));
         Ok(this)
+    }
+
+    /// Both ends of the tunnel.
+    pub fn ends(&self) -> Processes {
+        ends(&self.daemons)
     }
 
     pub fn runner(&self) -> Box<Runner> {
@@ -354,6 +365,11 @@ impl Gateway {
 
     pub fn runner(&self) -> Box<Runner> {
         in_container(self.client.clone())
+    }
+
+    /// Both ends of the tunnel: the client's daemon and the gateway's.
+    pub fn ends(&self) -> Processes {
+        ends(&self.daemons)
     }
 }
 
