@@ -224,15 +224,7 @@ async fn write_responses<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some((id, resp)) = next.take() {
-            files::put_frame(&mut wr, &mut out, id, &resp).await?;
-            if out.len() < files::MAX_FRAME {
-                next = rx.try_recv().ok();
-            }
-        }
-        wr.write_all(&out).await?;
-        out.clear();
+        files::write_batch(&mut wr, &mut out, first, || rx.try_recv().ok()).await?;
     }
     wr.shutdown().await
 }

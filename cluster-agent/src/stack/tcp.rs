@@ -112,8 +112,8 @@ impl Queues {
     /// Keeps up to [`SPARE_BUFFERS`] of the buffers in `sent` (emptying it).
     fn recycle(&mut self, sent: &mut Vec<Vec<u8>>) {
         let room = SPARE_BUFFERS.saturating_sub(self.spare.len());
+        // Dropping the drain empties `sent` of the rest too.
         self.spare.extend(sent.drain(..).take(room));
-        sent.clear();
     }
 }
 

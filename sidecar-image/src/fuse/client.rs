@@ -95,8 +95,10 @@ async fn write_requests<W: AsyncWrite + Unpin>(
 ) {
     let mut next_id = 0u64;
     let mut out = BytesMut::with_capacity(64 * 1024);
-    while let Some(first) = rx.recv().await {
-        if let Err(e) = write_batch(&mut wr, &mut out, first, &mut rx, &pending, &mut next_id).await {
+    while let Some(call) = rx.recv().await {
+        let Some(first) = register(&pending, &mut next_id, call) else { continue };
+        let more = || std::iter::from_fn(|| rx.try_recv().ok()).find_map(|c| register(&pending, &mut next_id, c));
+        if let Err(e) = files::write_batch(&mut wr, &mut out, first, more).await {
             tracing::warn!(error = %e, "file connection write failed");
             fail_all(&pending);
             return;
@@ -105,39 +107,20 @@ async fn write_requests<W: AsyncWrite + Unpin>(
     let _ = wr.shutdown().await;
 }
 
-/// Registers and writes `first` and whatever else is queued, as few writes
-/// as the frames allow (the data of a write goes to the stream uncopied).
-async fn write_batch<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    out: &mut BytesMut,
-    first: (Request, Waiter),
-    rx: &mut mpsc::UnboundedReceiver<(Request, Waiter)>,
-    pending: &Pending,
-    next_id: &mut u64,
-) -> std::io::Result<()> {
-    let mut call = Some(first);
-    while let Some((req, done)) = call.take() {
-        *next_id += 1;
-        let registered = match pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            Some(map) => {
-                map.insert(*next_id, done);
-                true
-            }
-            None => {
-                let _ = done.send(Response::Error(EIO));
-                false
-            }
-        };
-        if registered {
-            files::put_frame(wr, out, *next_id, &req).await?;
+/// Numbers a request and registers its waiter; `None` (and EIO to the
+/// waiter) once the connection is gone.
+fn register(pending: &Pending, next_id: &mut u64, (req, done): (Request, Waiter)) -> Option<(u64, Request)> {
+    *next_id += 1;
+    match pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        Some(map) => {
+            map.insert(*next_id, done);
+            Some((*next_id, req))
         }
-        if out.len() < files::MAX_FRAME {
-            call = rx.try_recv().ok();
+        None => {
+            let _ = done.send(Response::Error(EIO));
+            None
         }
     }
-    wr.write_all(out).await?;
-    out.clear();
-    Ok(())
 }
 
 async fn read_responses<R: AsyncRead + Unpin>(mut rd: R, pending: Pending) {
