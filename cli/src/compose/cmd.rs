@@ -287,8 +287,15 @@ impl OverrideFile {
     fn write(session: &str, project: &str, yaml: &str) -> anyhow::Result<Self> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
+        session::ensure_dir()?;
         let path = session::dir().join(format!("{session}-{project}-{}.yml", std::process::id()));
-        let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&path)?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         file.write_all(yaml.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(OverrideFile(path))
     }

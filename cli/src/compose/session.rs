@@ -156,8 +156,15 @@ pub fn write(record: &Record) -> anyhow::Result<()> {
     ensure_dir()?;
     let path = path(&record.name);
     let tmp = dir().join(format!(".{}.json.{}", record.name, std::process::id()));
-    let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
-    file.write_all(serde_json::to_string_pretty(record)?.as_bytes())?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(serde_json::to_string_pretty(record)?.as_bytes())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
 }
 

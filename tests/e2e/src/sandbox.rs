@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
 
+use crate::home::Home;
 use crate::images;
 
 /// Set to keep the instance after the test (to debug it with kubectl).
@@ -31,6 +32,9 @@ pub struct Sandbox {
     pub name: String,
     /// The kubeconfig `up` wrote (server `http://127.0.0.1:<port>`).
     pub kubeconfig: PathBuf,
+    /// The fresh home every `tpd` aimed at this instance runs with
+    /// (`tpd_e2e::session::tpd`).
+    pub home: Home,
     bin: PathBuf,
     dir: tempfile::TempDir,
     _lock: File,
@@ -73,7 +77,7 @@ impl Sandbox {
         let name = format!("tpd-e2e-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let dir = tempfile::tempdir().context("creating the kubeconfig directory")?;
         let kubeconfig = dir.path().join("kubeconfig");
-        let sandbox = Self { name, kubeconfig, bin, dir, _lock: lock };
+        let sandbox = Self { name, kubeconfig, home: Home::new()?, bin, dir, _lock: lock };
         let out =
             sandbox.tool(&["up", "--name", &sandbox.name, "--kubeconfig", &sandbox.kubeconfig.to_string_lossy()])?;
         if !out.status.success() {

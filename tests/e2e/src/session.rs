@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::home::Home;
 use crate::images;
 use crate::sandbox::Sandbox;
 
@@ -39,9 +40,17 @@ pub fn require_tpd_images() -> Result<()> {
     Ok(())
 }
 
-/// A `tpd` command aimed at the sandbox (its kubeconfig, namespace default).
+/// A `tpd` command aimed at the sandbox (its kubeconfig, namespace default),
+/// in the sandbox's fresh home.
 pub fn tpd(sb: &Sandbox) -> Result<Command> {
+    tpd_in(sb, &sb.home)
+}
+
+/// A `tpd` command aimed at the sandbox, in `home`: a test that plays two
+/// machines gives each its own.
+pub fn tpd_in(sb: &Sandbox, home: &Home) -> Result<Command> {
     let mut cmd = Command::new(binary()?);
+    home.apply(&mut cmd);
     cmd.env("KUBECONFIG", &sb.kubeconfig).env_remove("TPD_CONFIG").stdin(Stdio::null());
     Ok(cmd)
 }
@@ -118,10 +127,11 @@ pub fn session_containers(session: &str) -> Result<Vec<String>> {
 }
 
 /// What tpd and its guardian logged for `session` (their files under the
-/// cache directory), for failure messages: the guardian runs detached, so
-/// its log is the only account of a cleanup that went wrong.
-pub fn session_logs(session: &str) -> String {
-    let dir = crate::sandbox::cache_dir().join("tpd");
+/// cache directory of the sandbox's home), for failure messages: the
+/// guardian runs detached, so its log is the only account of a cleanup that
+/// went wrong.
+pub fn session_logs(sb: &Sandbox, session: &str) -> String {
+    let dir = sb.home.cache().join("tpd");
     let mut out = String::new();
     for name in [format!("{session}.log"), format!("{session}-guardian.log")] {
         let text = std::fs::read_to_string(dir.join(&name)).unwrap_or_else(|e| format!("({e})"));

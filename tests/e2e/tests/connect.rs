@@ -16,6 +16,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tpd_e2e::home::Home;
 use tpd_e2e::images;
 use tpd_e2e::sandbox::Sandbox;
 use tpd_e2e::session::{self, swap_record, user_owned, wait_deployment};
@@ -26,12 +27,12 @@ const NS: &str = "default";
 /// still records and removes their containers, networks and volumes, so a
 /// failing test leaves nothing behind.
 struct Sessions {
-    cache: tempfile::TempDir,
+    home: Home,
 }
 
 impl Sessions {
     fn dir(&self) -> PathBuf {
-        self.cache.path().join("tpd/connect")
+        self.home.cache().join("tpd/connect")
     }
 
     fn record(&self, name: &str) -> Option<Value> {
@@ -40,8 +41,8 @@ impl Sessions {
     }
 
     fn tpd(&self, sb: &Sandbox, args: &[&str]) -> Output {
-        let mut cmd = session::tpd(sb).unwrap();
-        cmd.env("XDG_CACHE_HOME", self.cache.path()).args(args);
+        let mut cmd = session::tpd_in(sb, &self.home).unwrap();
+        cmd.args(args);
         cmd.output().unwrap()
     }
 }
@@ -166,7 +167,7 @@ fn connect_and_quit_on_the_sandbox() {
     images::ensure().unwrap();
     session::require_tpd_images().unwrap();
     let sb = Sandbox::up().unwrap();
-    let s = Sessions { cache: tempfile::tempdir().unwrap() };
+    let s = Sessions { home: Home::new().unwrap() };
     for name in ["hello", "world"] {
         sb.kubectl_ok(&["create", "deployment", name, "--image", images::ECHO, "--port", "8080"]).unwrap();
         sb.kubectl_ok(&["expose", "deployment", name, "--port", "80", "--target-port", "8080"]).unwrap();

@@ -144,7 +144,7 @@ fn swap_lifecycle_on_the_sandbox() {
     assert!(
         session::session_containers(&session_id).unwrap().is_empty(),
         "containers of session {session_id} left behind\n{}",
-        session::session_logs(&session_id)
+        session::session_logs(&sb, &session_id)
     );
 
     // `tpd restore` by hand ends a live session: its next renewal fails and

@@ -74,7 +74,7 @@ fn all_gone(sb: &Sandbox, original: &Value, session: &str, timeout: Duration) {
         assert!(
             started.elapsed() < timeout,
             "left behind by session {session}: {services:?}, containers {containers:?}\n{}",
-            session::session_logs(session)
+            session::session_logs(sb, session)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
