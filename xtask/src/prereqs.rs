@@ -13,6 +13,8 @@ const NEEDED: &[(&str, &str)] = &[
     ("/usr/bin/mmdebstrap", "mmdebstrap"),
     ("/usr/bin/fusermount3", "fuse3"),
     ("/usr/sbin/ip", "iproute2"),
+    // `tpd run -it` is tested in a real terminal.
+    ("/usr/bin/tmux", "tmux"),
 ];
 
 /// Installs (or names) whatever of [`NEEDED`] is missing.

@@ -3,7 +3,7 @@
 //! output streamed (or a raw TTY with resize), stdin with `-i`, and its exit
 //! code returned so `tpd run` exits with it.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -12,8 +12,7 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, KillContainerOptions,
-    ResizeContainerTTYOptions, WaitContainerOptions,
+    AttachContainerOptions, CreateContainerOptions, KillContainerOptions, ResizeContainerTTYOptions,
 };
 use futures::StreamExt;
 use nix::sys::termios;
@@ -40,6 +39,7 @@ pub async fn run(
         network_mode: Some(format!("container:{}", sidecar.id)),
         binds: Some(args.volumes.clone()),
         mounts: sidecar.volumes.as_ref().map(|v| v.app.clone()),
+        memory: args.memory,
         ..Default::default()
     };
     let body = ContainerCreateBody {
@@ -72,33 +72,29 @@ pub async fn run(
         detach_keys: None,
     };
     let io = docker.attach_container(&id, Some(attach)).await.context("cannot attach to your container")?;
-    let _raw = if args.tty { RawMode::enable() } else { None };
+    let raw = if args.tty { RawMode::enable() } else { None };
     docker.start_container(&id, None).await.with_context(|| format!("cannot start your container {name}"))?;
     if args.tty {
         tokio::spawn(follow_window_size(docker.clone(), id.clone()));
     }
     if args.interactive {
-        let mut input = io.input;
-        tokio::spawn(async move {
-            let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut input).await;
-            // End of our stdin: half-close, so the container's stdin ends too.
-            let _ = input.shutdown().await;
-        });
+        tokio::spawn(forward_stdin(io.input));
     }
     let output = tokio::spawn(stream_output(io.output));
 
-    let mut wait = docker.wait_container(&id, None::<WaitContainerOptions>);
     tokio::select! {
-        r = wait.next() => {
+        ended = crate::docker::wait_ended(docker, &id) => {
             // What the container wrote last is still on its way.
             let _ = tokio::time::timeout(OUTPUT_DRAIN, output).await;
-            let code = exit_code(r);
-            if let Some(why) = ended_badly(docker, &id, code).await {
+            // Our own lines start at the left margin again, not mid-line.
+            drop(raw);
+            if let Some(why) = ended.why() {
                 eprintln!("tpd: your container {name} {why}; ending the session");
             }
-            Ok(code)
+            Ok(ended.code())
         }
         () = shutdown.cancelled() => {
+            drop(raw);
             debug!("stopping your container");
             let _ = docker.kill_container(&id, None::<KillContainerOptions>).await;
             Ok(130)
@@ -109,32 +105,35 @@ pub async fn run(
 /// How long the output may take to arrive after the container exited.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
-fn exit_code(r: Option<Result<bollard::models::ContainerWaitResponse, bollard::errors::Error>>) -> i64 {
-    match r {
-        Some(Ok(w)) => w.status_code,
-        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
-        _ => 1,
+/// Copies our stdin into the container's until either ends. The blocking
+/// reads run on a plain thread of their own: a read on tokio's blocking pool
+/// cannot be cancelled, and the runtime would wait at exit for a keypress
+/// that ends it; a plain thread dies with the process.
+async fn forward_stdin(mut input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let reader = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match std::io::stdin().read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    if reader.is_err() {
+        return;
     }
-}
-
-/// Why the container ended, unless it exited with 0: killed by a signal, by
-/// the kernel for memory, removed, or its own exit code.
-async fn ended_badly(docker: &Docker, id: &str, code: i64) -> Option<String> {
-    if code == 0 {
-        return None;
+    while let Some(chunk) = rx.recv().await {
+        if input.write_all(&chunk).await.is_err() {
+            return;
+        }
     }
-    let state = match docker.inspect_container(id, None::<InspectContainerOptions>).await {
-        Ok(c) => c.state,
-        Err(e) if crate::docker::is_not_found(&e) => return Some("was removed".into()),
-        Err(_) => None,
-    };
-    if state.as_ref().and_then(|s| s.oom_killed) == Some(true) {
-        return Some(format!("was killed for lack of memory (OOM, exit code {code})"));
-    }
-    match code {
-        129..=159 => Some(format!("was killed by signal {} (exit code {code})", code - 128)),
-        _ => Some(format!("exited with code {code}")),
-    }
+    // End of our stdin: half-close, so the container's stdin ends too.
+    let _ = input.shutdown().await;
 }
 
 async fn stream_output(
