@@ -116,6 +116,9 @@ pub struct RunArgs {
     /// Name of your container.
     #[arg(long)]
     pub name: Option<String>,
+    /// Memory limit of your container, as in `docker run -m` (e.g. 512m, 2g).
+    #[arg(short = 'm', long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub memory: Option<i64>,
     /// How WireGuard reaches the agent. The key exchange always goes over a
     /// port-forward; `udp` needs the cluster's nodes reachable over UDP from
     /// this machine, and `auto` falls back to the port-forward when the
@@ -262,4 +265,39 @@ pub struct GuardianArgs {
     /// The swapped Deployment, if any.
     #[arg(long)]
     pub deployment: Option<String>,
+}
+
+/// `512m`, `2g`, `1048576`: a size as `docker run -m` takes it (b, k, m, g;
+/// powers of 1024).
+fn parse_bytes(s: &str) -> Result<i64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let (digits, unit) = match lower.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => lower.split_at(i),
+        None => (lower.as_str(), ""),
+    };
+    let shift = match unit.trim_end_matches('b') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        _ => return Err(format!("{s:?} is not a size: use a number of bytes with b, k, m or g, e.g. 512m")),
+    };
+    let n: i64 = digits.parse().map_err(|_| format!("{s:?} is not a size: e.g. 512m or 2g"))?;
+    n.checked_mul(1 << shift).filter(|b| *b > 0).ok_or_else(|| format!("{s:?} is not a usable memory limit"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_read_as_docker_reads_them() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("32m"), Ok(32 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("512kb"), Ok(512 << 10));
+        assert!(parse_bytes("12x").is_err());
+        assert!(parse_bytes("m").is_err());
+        assert!(parse_bytes("0").is_err());
+    }
 }

@@ -26,3 +26,55 @@ pub async fn connect() -> Result<Docker, Hint> {
 pub fn is_not_found(err: &bollard::errors::Error) -> bool {
     matches!(err, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
 }
+
+/// How a container ended, as a user is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Removed (e.g. `docker rm -f`) before its exit could be read.
+    Removed,
+    Exited {
+        code: i64,
+        oom: bool,
+    },
+}
+
+impl Ended {
+    /// The exit code a shell would show (137 for a container removed by force).
+    pub fn code(self) -> i64 {
+        match self {
+            Ended::Removed => 137,
+            Ended::Exited { code, .. } => code,
+        }
+    }
+
+    /// Why it ended, unless it exited with 0: "was killed for lack of
+    /// memory (OOM, exit code 137)", "was killed by signal 9", "exited with code 3".
+    pub fn why(self) -> Option<String> {
+        match self {
+            Ended::Exited { code: 0, oom: false } => None,
+            Ended::Removed => Some("was removed".into()),
+            Ended::Exited { code, oom: true } => Some(format!("was killed: out of memory (OOM, exit code {code})")),
+            Ended::Exited { code: code @ 129..=159, .. } => {
+                Some(format!("was killed by signal {} (exit code {code})", code - 128))
+            }
+            Ended::Exited { code, .. } => Some(format!("exited with code {code}")),
+        }
+    }
+}
+
+/// Waits until container `id` stops and reads how.
+pub async fn wait_ended(docker: &Docker, id: &str) -> Ended {
+    use bollard::query_parameters::{InspectContainerOptions, WaitContainerOptions};
+    use futures::StreamExt;
+    let code = match docker.wait_container(id, None::<WaitContainerOptions>).next().await {
+        Some(Ok(w)) => w.status_code,
+        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
+        Some(Err(e)) if is_not_found(&e) => return Ended::Removed,
+        _ => 1,
+    };
+    match docker.inspect_container(id, None::<InspectContainerOptions>).await {
+        Ok(c) => Ended::Exited { code, oom: c.state.and_then(|s| s.oom_killed).unwrap_or(false) },
+        Err(e) if is_not_found(&e) => Ended::Removed,
+        Err(_) => Ended::Exited { code, oom: false },
+    }
+}

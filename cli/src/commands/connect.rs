@@ -93,6 +93,7 @@ impl Spec {
             interactive: false,
             tty: false,
             name: None,
+            memory: None,
             transport: self.transport.unwrap_or(Transport::Portforward),
             also_proxy: self.also_proxy.clone(),
             mount_root: None,
@@ -181,6 +182,12 @@ async fn start(
         .with_context(|| format!("cannot create the session's Docker network {network}"))?;
     let ctx = session::Context { cluster, args: &args, images, id, agent_pod, swap: swap.as_ref() };
     let started = session::start(&ctx, tasks).await?;
+    tokio::spawn(end_when_the_sidecar_stops(
+        docker.clone(),
+        started.sidecar.id.clone(),
+        started.sidecar.name.clone(),
+        tasks.clone(),
+    ));
     let connect = NetworkConnectRequest { container: started.sidecar.id.clone(), ..Default::default() };
     docker
         .connect_network(network, connect)
@@ -522,7 +529,7 @@ async fn hold(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitCode
         Ok(held) => held,
         Err(e) => {
             let help = e.chain().find_map(|c| c.downcast_ref::<Hint>()).map(|h| h.help.clone());
-            let message = e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ");
+            let message = crate::error::one_line(&e);
             eprintln!("error: {message}");
             report(&Event::Error { message, help });
             return Ok(ExitCode::FAILURE);
@@ -551,6 +558,18 @@ async fn hold(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitCode
         false => progress(&format!("cleanup of session {name:?} finished with errors (see above)")),
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Ends the held session (through its tasks' token, as a lost lease does)
+/// when the sidecar stops: nothing joined to it reaches the cluster any more.
+async fn end_when_the_sidecar_stops(docker: Docker, id: String, name: String, tasks: CancellationToken) {
+    tokio::select! {
+        why = session::sidecar::stopped(&docker, &id, &name) => {
+            tracing::warn!("{why}; ending the session");
+            tasks.cancel();
+        }
+        () = tasks.cancelled() => {}
+    }
 }
 
 fn report(event: &Event) {

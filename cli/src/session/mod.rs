@@ -104,7 +104,20 @@ pub fn session_dir_path(id: &str) -> PathBuf {
 pub async fn run(ctx: Context<'_>, shutdown: &CancellationToken) -> anyhow::Result<i64> {
     let Started { sidecar, status, docker } = start(&ctx, shutdown).await?;
     let env = env::merge(status.env, &ctx.args.env, &ctx.args.env_file)?;
-    container::run(&docker, &ctx, &sidecar, env, shutdown).await
+    tokio::select! {
+        code = container::run(&docker, &ctx, &sidecar, env, shutdown) => code,
+        why = sidecar::stopped(&docker, &sidecar.id, &sidecar.name) => Err(sidecar_lost(why)),
+    }
+}
+
+/// The session ends when its sidecar does; the cleanup that follows removes
+/// the developer's container, now in a network namespace that routes nowhere.
+pub fn sidecar_lost(why: String) -> anyhow::Error {
+    crate::error::Hint::new(
+        format!("{why}; the session ended"),
+        "start the session again; if the sidecar keeps stopping, `tpd doctor` checks Docker, TUN and FUSE",
+    )
+    .into()
 }
 
 /// The local half up to a ready sidecar (what `tpd connect` holds).
@@ -126,7 +139,7 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
     )?;
     progress(&format!("cluster ranges routed through the tunnel: {}", routes.join(", ")));
     let dir = session_dir(ctx.id)?;
-    let relay = relay::start(&dir, ctx.cluster, &ctx.agent_pod, shutdown.clone())?;
+    let relay = relay::start(&dir, ctx.cluster, ctx.id, &ctx.agent_pod, shutdown.clone())?;
     let docker = crate::docker::connect().await?;
     let volumes = (!ctx.args.no_mounts).then(|| ctx.swap.map(|s| s.mounts.clone())).flatten().unwrap_or_default();
     progress("starting the sidecar");

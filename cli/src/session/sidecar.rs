@@ -26,6 +26,8 @@ use crate::mounts::{self, VolumeMounts};
 #[derive(Debug)]
 pub struct Sidecar {
     pub id: String,
+    /// `tpd-sidecar-<session>`, as `docker ps` shows it.
+    pub name: String,
     /// Mounts for the developer's container, when remote volumes are shown.
     pub volumes: Option<VolumeMounts>,
 }
@@ -164,7 +166,7 @@ pub async fn start(
     let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
     let id = docker.create_container(Some(options), body).await.context("cannot create the sidecar container")?.id;
     docker.start_container(&id, None).await.with_context(|| format!("cannot start the sidecar container {name}"))?;
-    Ok(Sidecar { id, volumes: volume_mounts })
+    Ok(Sidecar { id, name, volumes: volume_mounts })
 }
 
 /// A Docker volume on the engine's (shared) data root, labelled for cleanup;
@@ -210,6 +212,14 @@ pub async fn ready(docker: &Docker, sidecar: &Sidecar, dir: &Path, timeout: Dura
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until the sidecar stops (killed, OOM, a Docker restart) and says
+/// what happened, for the session to end on it: without the sidecar the
+/// developer's container is in a network namespace that routes nowhere.
+pub async fn stopped(docker: &Docker, id: &str, name: &str) -> String {
+    let why = crate::docker::wait_ended(docker, id).await.why().unwrap_or_else(|| "stopped".into());
+    format!("the sidecar container {name} {why}")
 }
 
 async fn last_logs(docker: &Docker, id: &str) -> String {
