@@ -59,6 +59,14 @@ impl Cleanup {
         }
         ok &= step("delete the session's cluster objects", self.delete_objects()).await;
         ok &= step("remove the session's containers, networks and volume mounts", remove_local(&self.session)).await;
+        // The session's directory holds the remote env (secrets) in status.json.
+        let dir = crate::session::session_dir_path(&self.session);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove {}: {e}", dir.display());
+            ok = false;
+        }
         Outcome { ok, restored: restored.load(Ordering::Relaxed) }
     }
 

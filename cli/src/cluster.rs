@@ -99,3 +99,13 @@ fn read_kubeconfig(explicit: Option<&PathBuf>) -> Result<Kubeconfig, Hint> {
 pub fn is_not_found(err: &kube::Error) -> bool {
     matches!(err, kube::Error::Api(status) if status.code == 404)
 }
+
+/// A kube error in one line a user can read: kube's own text of an API
+/// error carries the whole `Status` object.
+pub fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) if status.message.is_empty() => format!("the API server said {}", status.code),
+        kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
+        other => other.to_string(),
+    }
+}

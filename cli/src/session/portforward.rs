@@ -41,8 +41,8 @@ const ERROR: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open a port-forward to pod/{pod}:{port}: {source}")]
-    Open { pod: String, port: u16, source: kube::Error },
+    #[error("cannot open a port-forward to pod/{pod}:{port}: {why}")]
+    Open { pod: String, port: u16, why: String },
     #[error("the port-forward's WebSocket failed: {0}")]
     Socket(#[from] ws::Error),
     #[error("the local end of the port-forward failed: {0}")]
@@ -74,7 +74,7 @@ impl std::fmt::Debug for PortForward {
 
 /// Asks the API server for a port-forward to `pod:port` in `namespace`.
 pub async fn open(client: &kube::Client, namespace: &str, pod: &str, port: u16) -> Result<PortForward, Error> {
-    let open_err = |source| Error::Open { pod: pod.to_owned(), port, source };
+    let open_err = |e: kube::Error| Error::Open { pod: pod.to_owned(), port, why: crate::cluster::describe(&e) };
     let request = Request::new(<Pod as kube::Resource>::url_path(&(), Some(namespace)))
         .portforward(pod, &[port])
         .map_err(|e| open_err(kube::Error::BuildRequest(e)))?;
