@@ -128,23 +128,33 @@ pub(crate) async fn start_agent(
     Ok((swap, agent_name))
 }
 
-/// Renews the lease until shutdown; losing it (someone took the Deployment
-/// over or restored it) ends the session.
+/// Renews the lease until shutdown. An API server that does not answer is
+/// asked again (the record may still be ours when it comes back, even past
+/// the lease: nobody repaired it meanwhile); a record that is no longer ours
+/// (restored or taken over) ends the session.
 async fn renew_lease(
     api: Api<Deployment>,
     name: String,
     mut record: crate::swap::record::Record,
     shutdown: CancellationToken,
 ) {
+    let mut wait = lease::RENEW_EVERY;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(lease::RENEW_EVERY) => {}
+            () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => return,
         }
         match apply::renew(&api, &name, &record).await {
-            Ok(renewed) => record = renewed,
-            Err(e) => {
-                eprintln!("tpd: lost the swap of deployment/{name} ({e:#}); ending the session");
+            Ok(renewed) => {
+                record = renewed;
+                wait = lease::RENEW_EVERY;
+            }
+            Err(apply::RenewError::Unreachable(why)) => {
+                info!("{why}; trying again");
+                wait = lease::RETRY_EVERY;
+            }
+            Err(apply::RenewError::Lost(why)) => {
+                progress(&format!("lost the swap of deployment/{name}: {why}; ending the session"));
                 shutdown.cancel();
                 return;
             }

@@ -150,17 +150,35 @@ async fn restore_record(api: &Api<Deployment>, current: &Deployment, record: &Re
 }
 
 /// Renews the lease; fails if the record is no longer ours.
-pub async fn renew(api: &Api<Deployment>, name: &str, record: &Record) -> anyhow::Result<Record> {
+pub async fn renew(api: &Api<Deployment>, name: &str, record: &Record) -> Result<Record, RenewError> {
     let renewed = record.renewed(Timestamp::now());
     let pointer = plan::annotation_pointer();
     let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
         { "op": "test", "path": pointer, "value": record.to_annotation() },
         { "op": "replace", "path": pointer, "value": renewed.to_annotation() },
-    ]))?;
-    api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
-        .await
-        .with_context(|| format!("cannot renew the lease on deployment/{name}"))?;
-    Ok(renewed)
+    ]))
+    .map_err(|e| RenewError::Lost(format!("cannot build the renewal: {e}")))?;
+    match api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
+        Ok(_) => Ok(renewed),
+        // The test op failed (someone restored or took the swap), or the Deployment is gone.
+        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 404 | 409 | 422) => Err(RenewError::Lost(match s.code {
+            404 => format!("deployment/{name} was deleted"),
+            _ => format!("deployment/{name} was restored or taken over by someone else"),
+        })),
+        Err(e) => Err(RenewError::Unreachable(crate::cluster::describe(&e))),
+    }
+}
+
+/// Why a lease renewal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    /// The swap record is no longer this session's: the session is over.
+    #[error("{0}")]
+    Lost(String),
+    /// The API server did not answer (a stall, a network blip): the record
+    /// may still be ours, so the renewal is tried again.
+    #[error("the API server did not take the renewal: {0}")]
+    Unreachable(String),
 }
 
 /// Waits until the session's agent pod is Running and Ready, printing each
@@ -235,7 +253,7 @@ fn rolled_out(d: &Deployment) -> bool {
         && status.replicas.unwrap_or(0) == want
 }
 
-fn is_ready(pod: &Pod) -> bool {
+pub fn is_ready(pod: &Pod) -> bool {
     let status = pod.status.as_ref();
     status.and_then(|s| s.phase.as_deref()) == Some("Running")
         && status

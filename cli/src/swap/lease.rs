@@ -11,6 +11,8 @@ use super::record::Record;
 pub const LEASE_SECONDS: i64 = 15;
 /// A session renews three times per lease, so one slow API call does not lose it.
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How soon a renewal the API server did not take is tried again.
+pub const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Automatic repair waits this long past expiry, so a session whose renewal
 /// is merely late (a network blip) is not restored under its feet;
 /// `--force` does not wait.

@@ -383,6 +383,24 @@ fn kubectl_session(sb: &Sandbox) -> Result<()> {
         "malformed body: {}",
         String::from_utf8_lossy(&malformed.stderr)
     );
+    // A JSON patch whose `test` op fails is 422, not 400: clients (tpd's
+    // lease renewal) tell "someone changed it" from "I sent garbage" by it.
+    sb.kubectl_ok(&["create", "configmap", "patched", "--from-literal", "a=1"])?;
+    let failed_test = sb
+        .kubectl()
+        .args([
+            "patch",
+            "configmap",
+            "patched",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"test","path":"/data/a","value":"2"}]"#,
+        ])
+        .args(["-v", "6"])
+        .output()?;
+    let said = String::from_utf8_lossy(&failed_test.stderr);
+    ensure!(!failed_test.status.success() && said.contains("422"), "failed test op: {said}");
     Ok(())
 }
 

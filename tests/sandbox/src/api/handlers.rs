@@ -198,7 +198,7 @@ pub fn scale(
         _ => {
             let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
             let kind = PatchType::from_content_type(ct).ok_or_else(|| ApiError::unsupported_media_type(ct))?;
-            super::patch::apply(kind, &scale, body).map_err(|e| ApiError::bad_request(e.to_string()))?
+            super::patch::apply(kind, &scale, body).map_err(ApiError::from)?
         }
     };
     let replicas = wanted.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0);

@@ -149,7 +149,7 @@ impl Registry {
                 }
                 other => other?,
             };
-            let mut patched = patch::apply(kind, &current, body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let mut patched = patch::apply(kind, &current, body).map_err(ApiError::from)?;
             // The patch's own resourceVersion (if any) is the precondition; otherwise the one we read.
             let own_rv = rv_of(&patched).is_some_and(|rv| rv != rv_of(&current).unwrap_or_default());
             if !own_rv {

@@ -117,6 +117,12 @@ impl ApiError {
         e
     }
 
+    /// 422 for a JSON patch whose operations do not apply (a failed `test`
+    /// op, a missing path), as kube-apiserver answers it.
+    pub fn patch_not_applicable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message)
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
     }

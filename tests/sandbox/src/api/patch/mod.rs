@@ -37,6 +37,18 @@ pub enum PatchError {
     Json(#[from] json_patch::PatchError),
 }
 
+impl From<PatchError> for crate::api::status::ApiError {
+    /// A body that does not parse is a bad request (400); a JSON patch that
+    /// parses but does not apply is unprocessable (422), as kube-apiserver
+    /// answers: clients tell "someone changed it" from "I sent garbage" by it.
+    fn from(e: PatchError) -> Self {
+        match e {
+            PatchError::Body(_) => Self::bad_request(e.to_string()),
+            PatchError::Json(_) => Self::patch_not_applicable(e.to_string()),
+        }
+    }
+}
+
 /// Applies `body` of `kind` to `current`.
 pub fn apply(kind: PatchType, current: &Value, body: &[u8]) -> Result<Value, PatchError> {
     let mut doc = current.clone();
