@@ -60,13 +60,23 @@ pub struct Control {
 
 impl Control {
     /// Keeps a control connection up for the session's life.
+    /// A new agent (its pod replaced) ends the connection at once: the old
+    /// one's TCP state is gone, and the new agent announces inbound clients
+    /// only on a connection of its own.
     pub async fn run(self: Arc<Self>) {
         let mut announced = false;
         loop {
-            if let Err(e) = self.connection(&mut announced).await {
-                tracing::warn!("control connection to the agent: {e:#}; reconnecting");
+            tokio::select! {
+                r = self.connection(&mut announced) => {
+                    if let Err(e) = r {
+                        tracing::warn!("control connection to the agent: {e:#}; reconnecting");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                () = crate::transport::agent_replaced() => {
+                    tracing::info!("the agent was replaced; reconnecting the control connection");
+                }
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 

@@ -46,6 +46,20 @@ pub enum Chosen {
 /// Set once, by whichever of UDP's first answer and the fallback window's end comes first.
 static CHOSEN: LazyLock<watch::Sender<Option<Chosen>>> = LazyLock::new(|| watch::Sender::new(None));
 
+/// Bumped each time the hello brings an agent key other than the last one:
+/// the agent pod was replaced (or its container restarted), and every
+/// connection inside the tunnel to the old agent is gone with it.
+static AGENTS: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::new(0));
+
+/// Returns when the agent is replaced after this call: connections inside
+/// the tunnel (control, files) reconnect then instead of waiting for TCP to
+/// give up on an agent that no longer exists.
+pub async fn agent_replaced() {
+    let mut rx = AGENTS.subscribe();
+    // The sender is a static: it never closes.
+    let _ = rx.changed().await;
+}
+
 /// The transport carrying the session; `None` while a UDP fallback window is open.
 pub fn chosen() -> Option<Chosen> {
     *CHOSEN.borrow()
@@ -162,6 +176,7 @@ async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg
     }
     if wg.set_peer(hello.public_key) {
         tracing::info!("new WireGuard session with the agent");
+        AGENTS.send_modify(|n| *n += 1);
     }
     tracing::info!("transport stream up");
     let mut fell_back = false;

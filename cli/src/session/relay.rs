@@ -1,22 +1,37 @@
 //! The stream transport's relay: the sidecar connects to a Unix socket in
 //! the session directory, and each connection is carried over a fresh
-//! port-forward to the agent pod's transport port. When a
+//! port-forward to the transport port of the session's agent pod. When a
 //! port-forward drops, the sidecar's connection ends and it dials again,
 //! which opens a new port-forward: the session (and WireGuard) live on.
+//!
+//! The agent pod is looked up again for every connection: when it is
+//! deleted (a node drained, an eviction, `kubectl delete pod`), its
+//! ReplicaSet starts another, and the next connection waits until that one
+//! is ready and goes there. The sidecar then meets a new agent key in the
+//! hello and starts a new WireGuard session.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tpd_wire::names;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::portforward;
 use crate::cluster::Cluster;
+use crate::output::progress;
+use crate::swap::apply;
 
 /// File name of the relay's socket in the session directory.
 pub const SOCKET: &str = "transport.sock";
+
+/// How often a connection waiting for a ready agent pod looks again.
+const POLL: Duration = Duration::from_millis(250);
 
 #[derive(Debug)]
 pub struct Relay {
@@ -25,11 +40,23 @@ pub struct Relay {
 }
 
 /// Listens on `dir/transport.sock` and relays until `shutdown`.
-pub fn start(dir: &Path, cluster: &Cluster, agent_pod: &str, shutdown: CancellationToken) -> anyhow::Result<Relay> {
+pub fn start(
+    dir: &Path,
+    cluster: &Cluster,
+    session: &str,
+    agent_pod: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Relay> {
     let path: PathBuf = dir.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    let (client, namespace, pod) = (cluster.client.clone(), cluster.namespace.clone(), agent_pod.to_owned());
+    let agent = Arc::new(AgentPod {
+        pods: Api::namespaced(cluster.client.clone(), &cluster.namespace),
+        client: cluster.client.clone(),
+        namespace: cluster.namespace.clone(),
+        selector: format!("{}={session}", names::LABEL_SESSION),
+        current: Mutex::new(agent_pod.to_owned()),
+    });
     tokio::spawn(async move {
         loop {
             let conn = tokio::select! {
@@ -38,36 +65,86 @@ pub fn start(dir: &Path, cluster: &Cluster, agent_pod: &str, shutdown: Cancellat
             };
             match conn {
                 Ok((stream, _)) => {
-                    tokio::spawn(relay_one(client.clone(), namespace.clone(), pod.clone(), stream, shutdown.clone()));
+                    tokio::spawn(agent.clone().relay_one(stream, shutdown.clone()));
                 }
-                Err(e) => warn!("relay accept failed: {e}"),
+                Err(e) => info!("relay accept failed: {e}"),
             }
         }
     });
     Ok(Relay { socket_in_sidecar: format!("{}/{SOCKET}", names::SESSION_DIR) })
 }
 
-async fn relay_one(
+/// The session's agent pod, as it is now.
+struct AgentPod {
+    pods: Api<Pod>,
     client: kube::Client,
     namespace: String,
-    pod: String,
-    local: UnixStream,
-    shutdown: CancellationToken,
-) {
-    let port = names::AGENT_TRANSPORT_PORT;
-    let forward = match portforward::open(&client, &namespace, &pod, port).await {
-        Ok(f) => f,
-        Err(e) => {
-            warn!("{e}");
-            return;
+    selector: String,
+    /// The pod the last connection went to.
+    current: Mutex<String>,
+}
+
+impl AgentPod {
+    async fn relay_one(self: Arc<Self>, local: UnixStream, shutdown: CancellationToken) {
+        let pod = tokio::select! {
+            pod = self.ready() => pod,
+            () = shutdown.cancelled() => return,
+        };
+        let port = names::AGENT_TRANSPORT_PORT;
+        let forward = match portforward::open(&self.client, &self.namespace, &pod, port).await {
+            Ok(f) => f,
+            Err(e) => {
+                // The sidecar dials again with backoff; the next try may find another pod.
+                info!("{e}");
+                return;
+            }
+        };
+        info!("stream transport connected through a port-forward to pod/{pod}:{port}");
+        tokio::select! {
+            r = forward.relay(local) => match r {
+                Ok(carried) => debug!(up = carried.up, down = carried.down, "port-forward closed"),
+                Err(e) => info!("port-forward dropped: {e}; the sidecar reconnects"),
+            },
+            () = shutdown.cancelled() => {}
         }
-    };
-    info!("stream transport connected through a port-forward to pod/{pod}:{port}");
-    tokio::select! {
-        r = forward.relay(local) => match r {
-            Ok(carried) => debug!(up = carried.up, down = carried.down, "port-forward closed"),
-            Err(e) => info!("port-forward dropped: {e}; the sidecar reconnects"),
-        },
-        () = shutdown.cancelled() => {}
+    }
+
+    /// The name of a ready agent pod of the session, waiting until there is
+    /// one; says once when it is not the pod the session used before.
+    async fn ready(&self) -> String {
+        let mut waiting = false;
+        loop {
+            match self.find_ready().await {
+                Ok(Some(pod)) => {
+                    self.note(&pod);
+                    return pod;
+                }
+                Ok(None) if !waiting => {
+                    waiting = true;
+                    let gone = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    progress(&format!("the agent pod {gone} is not ready; waiting for it or its replacement"));
+                }
+                Ok(None) => {}
+                Err(e) => debug!("cannot list the agent pods: {}", crate::cluster::describe(&e)),
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn find_ready(&self) -> Result<Option<String>, kube::Error> {
+        let list = self.pods.list(&ListParams::default().labels(&self.selector)).await?;
+        Ok(list
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && apply::is_ready(p))
+            .find_map(|p| p.metadata.name.clone()))
+    }
+
+    fn note(&self, pod: &str) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != pod {
+            progress(&format!("the agent pod {current} was replaced by {pod}; reconnecting"));
+            *current = pod.to_owned();
+        }
     }
 }
