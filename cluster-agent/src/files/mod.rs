@@ -9,7 +9,9 @@
 //! 1 MiB buffer) and pushes back on a client that sends faster. Writes
 //! through one handle run one after another in the order they arrived
 //! (since protocol version 3): the sidecar answers writes before they are
-//! done, and appends must land in the order they were written.
+//! done, and appends must land in the order they were written. A release
+//! (closing a handle) is done before the next request is read, since the
+//! sidecar answers closes at once too.
 
 mod ops;
 
@@ -163,12 +165,23 @@ async fn read_requests<R: AsyncRead + Unpin>(
             send(&tx, id, ops::handle(&mounts, &handles, req)).await;
             continue;
         }
+        // A release is done before the next request is read: the client
+        // answered the close long before, and a program that then removes
+        // the file and writes another must find its space free. It waits
+        // for the handle's last write, which is normally done already (the
+        // close of a file opened for writing waits for its writes).
+        if let Request::Release { handle } = &req {
+            if let Some(before) = last_write.remove(handle) {
+                let _ = before.await;
+            }
+            send(&tx, id, ops::handle(&mounts, &handles, req)).await;
+            continue;
+        }
         let (after, done) = match &req {
             Request::Write { handle, .. } => {
                 let (done, next) = oneshot::channel();
                 (last_write.insert(*handle, next), Some(done))
             }
-            Request::Release { handle } => (last_write.remove(handle), None),
             _ => (None, None),
         };
         let permit = slots.clone().acquire_owned().await.map_err(std::io::Error::other)?;

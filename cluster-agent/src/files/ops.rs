@@ -10,7 +10,8 @@
 //! only shown (readlink) or made when they stay inside their mount.
 //!
 //! These functions block on the filesystem; the connection loop runs them on
-//! tokio's blocking pool.
+//! tokio's blocking pool, except the one-syscall ones (stat, readlink,
+//! release) that it answers in place.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

@@ -33,10 +33,16 @@ impl Client {
     }
 
     async fn recv(&mut self, want: u64) -> Response {
+        let (id, resp) = self.next_answer().await;
+        assert_eq!(id, want);
+        resp
+    }
+
+    /// The next answer, whichever request it is for.
+    async fn next_answer(&mut self) -> (u64, Response) {
         loop {
-            if let Some((id, resp)) = files::decode::<Response>(&mut self.buf).expect("decodable") {
-                assert_eq!(id, want);
-                return resp;
+            if let Some(answer) = files::decode::<Response>(&mut self.buf).expect("decodable") {
+                return answer;
             }
             assert!(self.io.read_buf(&mut self.buf).await.expect("read") > 0, "server closed");
         }
@@ -240,6 +246,55 @@ async fn maps_errnos() {
     );
     assert_eq!(c.call(Request::Unlink { mount: 0, path: p("sub/hello") }).await, Response::Ok);
     assert_eq!(errno(c.call(Request::Read { handle: 999, offset: 0, size: 1 }).await), 9, "EBADF");
+}
+
+/// Whether this process has a descriptor open on `path`.
+fn is_open(path: &std::path::Path) -> bool {
+    let fds = std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd");
+    // A descriptor closed while we look has no link left: not ours.
+    fds.flatten().filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|target| target == path)
+}
+
+/// A release must take effect before the next request of the connection is
+/// served: the pod's space of a removed file is free only once its
+/// descriptor is closed, and the client answered the close long before.
+/// Here the one thread of the blocking pool is held busy, as a loaded
+/// machine may leave it unscheduled, so nothing may wait for it.
+#[test]
+fn a_release_takes_effect_before_the_next_request_is_served() {
+    let rt = tokio::runtime::Builder::new_current_thread().max_blocking_threads(1).enable_all().build().expect("rt");
+    rt.block_on(async {
+        let (fx, table) = fixture();
+        let mut c = connect(table).await;
+        let path = fx.rw.canonicalize().expect("canonical").join("hello");
+        let h = open(&mut c, 0, "hello", 1).await.expect("open");
+        assert!(is_open(&path), "the agent holds the opened file");
+        let (gate, held) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::task::spawn_blocking(move || held.recv());
+        // Release and the next request in one batch, as the sidecar sends
+        // them when a program closes a file and goes on at once.
+        let mut out = BytesMut::new();
+        files::encode(c.next + 1, &Request::Release { handle: h }, &mut out);
+        files::encode(c.next + 2, &Request::Stat { mount: 0, path: p("hello") }, &mut out);
+        c.next += 2;
+        c.io.write_all(&out).await.expect("write");
+        let mut released = None;
+        let stat = loop {
+            match c.next_answer().await {
+                (id, resp) if id == c.next => break resp,
+                (_, resp) => released = Some(resp),
+            }
+        };
+        assert!(matches!(stat, Response::Attr(_)), "{stat:?}");
+        assert!(!is_open(&path), "the next request was answered before the release took effect");
+        drop(gate);
+        busy.await.expect("join").expect_err("gate dropped");
+        let released = match released {
+            Some(r) => r,
+            None => c.recv(c.next - 1).await,
+        };
+        assert_eq!(released, Response::Ok);
+    });
 }
 
 #[tokio::test]

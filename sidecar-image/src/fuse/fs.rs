@@ -19,8 +19,9 @@
 //! answers its reads for at most [`ATTR_TTL`] (see `heads`). Writes are
 //! answered once sent and any other request waits until they are done (see
 //! `writes`). Closing a file opened read-only costs no round trip: its open
-//! says FOPEN_NOFLUSH, and a release is answered at once, its request sent
-//! after; closing a file opened for writing waits for its writes, so
+//! says FOPEN_NOFLUSH, and a release is answered at once, its request
+//! queued first so that the agent closes the file before serving anything
+//! later; closing a file opened for writing waits for its writes, so
 //! `close` reports their errors.
 
 use std::collections::HashMap;
@@ -608,15 +609,22 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         // Nothing can fail that the closing process could act on: the agent
-        // only closes its descriptor, so nobody waits for that.
+        // only closes its descriptor, so nobody waits for that. The request
+        // is queued before the answer, so it reaches the agent ahead of
+        // anything the program does next, and the agent closes before
+        // serving that: a file removed after its close frees its space at
+        // once. The handle's answered writes are queued before it already.
         lock(&self.heads).release(fh.0);
+        let released = self.client.send(Req::Release { handle: fh.0 });
         reply.ok();
         let writes = self.writes.clone();
-        self.spawn(move |c, _| async move {
-            writes.forget(fh.0);
-            if let Response::Error(e) = c.call(Req::Release { handle: fh.0 }).await {
+        self.rt.spawn(async move {
+            if let Response::Error(e) = released.await {
                 tracing::debug!(handle = fh.0, errno = e, "release failed");
             }
+            // Its writes may still be recording their errors.
+            writes.settled().await;
+            writes.forget(fh.0);
         });
     }
 
