@@ -135,6 +135,11 @@ pub struct RunArgs {
     /// Do not mount the remote volumes.
     #[arg(long)]
     pub no_mounts: bool,
+    /// How long a file operation on the remote volumes waits for the agent
+    /// to come back (its pod replaced, the connection lost) before it fails
+    /// with EIO [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub volume_timeout: Option<u64>,
     /// How long to wait for the agent pod to become ready.
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub ready_timeout: u64,

@@ -54,6 +54,8 @@ pub struct Control {
     pub ports: HashMap<u16, u16>,
     /// Set when the volumes are to be mounted before ready; they unmount when it fires.
     pub volumes: Option<tokio_util::sync::CancellationToken>,
+    /// How long volume requests wait for a lost agent to come back.
+    pub volume_timeout: Duration,
     /// The mounted volumes, held for the session's life.
     pub mounted: std::sync::Mutex<Option<crate::fuse::MountHandle>>,
 }
@@ -111,8 +113,12 @@ impl Control {
             match msg {
                 Message::Info { version, env } if !*announced => {
                     if let Some(shutdown) = &self.volumes {
-                        let mounts =
-                            crate::fuse::mount_all(crate::fuse::MountConfig::in_tunnel(), shutdown.clone()).await?;
+                        let cfg = crate::fuse::MountConfig {
+                            retry_for: self.volume_timeout,
+                            agents: Some(crate::transport::agents()),
+                            ..crate::fuse::MountConfig::in_tunnel()
+                        };
+                        let mounts = crate::fuse::mount_all(cfg, shutdown.clone()).await?;
                         tracing::info!(count = mounts.paths().len(), "volumes mounted");
                         *self.mounted.lock().unwrap_or_else(|p| p.into_inner()) = Some(mounts);
                     }

@@ -90,6 +90,10 @@ struct RunArgs {
     /// FUSE-mount the agent's volumes (needs SYS_ADMIN and /dev/fuse) before announcing ready.
     #[arg(long)]
     volumes: bool,
+    /// How long a volume request waits for a lost connection to the agent
+    /// (its pod replaced) to come back before the program gets EIO.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, default_value = "30")]
+    volume_timeout: std::time::Duration,
 }
 
 fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
@@ -175,6 +179,7 @@ async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
         session_dir: args.session_dir,
         ports,
         volumes: args.volumes.then(|| shutdown.clone()),
+        volume_timeout: args.volume_timeout,
         mounted: Default::default(),
     });
 

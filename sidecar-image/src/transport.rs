@@ -55,9 +55,13 @@ static AGENTS: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::ne
 /// the tunnel (control, files) reconnect then instead of waiting for TCP to
 /// give up on an agent that no longer exists.
 pub async fn agent_replaced() {
-    let mut rx = AGENTS.subscribe();
     // The sender is a static: it never closes.
-    let _ = rx.changed().await;
+    let _ = agents().changed().await;
+}
+
+/// A receiver that sees each replacement of the agent from now on.
+pub fn agents() -> watch::Receiver<u64> {
+    AGENTS.subscribe()
 }
 
 /// The transport carrying the session; `None` while a UDP fallback window is open.

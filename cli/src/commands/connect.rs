@@ -98,6 +98,7 @@ impl Spec {
             also_proxy: self.also_proxy.clone(),
             mount_root: None,
             no_mounts: self.no_mounts,
+            volume_timeout: None,
             ready_timeout: self.ready_timeout,
             command: Vec::new(),
         }

@@ -93,6 +93,9 @@ fn command(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[String], vol
     }
     if !volumes.is_empty() {
         cmd.push("--volumes".into());
+        if let Some(seconds) = ctx.args.volume_timeout {
+            cmd.extend(["--volume-timeout".into(), seconds.to_string()]);
+        }
     }
     cmd
 }

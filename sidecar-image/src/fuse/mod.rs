@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tpd_wire::{files, names};
 
@@ -70,15 +69,27 @@ pub struct MountConfig {
     pub server: SocketAddr,
     /// The directory holding one mount point per volume.
     pub root: PathBuf,
+    /// How long a request waits for a lost connection to the agent to come
+    /// back before the program gets EIO.
+    pub retry_for: Duration,
+    /// Changes when the agent is replaced (the sidecar's transport sees a
+    /// new agent key): the file connection is dialled anew at once.
+    pub agents: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
+/// How long requests wait for the agent by default (`--volume-timeout`).
+pub const RETRY_FOR: Duration = Duration::from_secs(30);
+
 impl MountConfig {
+    /// `server`'s volumes under `root`, waiting [`RETRY_FOR`] for a lost connection.
+    pub fn new(server: SocketAddr, root: PathBuf) -> Self {
+        MountConfig { server, root, retry_for: RETRY_FOR, agents: None }
+    }
+
     /// The agent's file service inside the tunnel, mounts under `SIDECAR_VOLUMES_DIR`.
     pub fn in_tunnel() -> Self {
-        MountConfig {
-            server: SocketAddr::from((names::AGENT_TUNNEL_IP, names::AGENT_FILES_PORT)),
-            root: PathBuf::from(files::SIDECAR_VOLUMES_DIR),
-        }
+        let server = SocketAddr::from((names::AGENT_TUNNEL_IP, names::AGENT_FILES_PORT));
+        MountConfig::new(server, PathBuf::from(files::SIDECAR_VOLUMES_DIR))
     }
 }
 
@@ -129,15 +140,8 @@ fn unmount_sessions(sessions: Vec<(PathBuf, BackgroundSession)>) {
 /// Connects to the agent and mounts every volume it serves. Call it once the
 /// tunnel is up; the mounts live until `shutdown` fires or the handle drops.
 pub async fn mount_all(cfg: MountConfig, shutdown: CancellationToken) -> Result<MountHandle, FuseError> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(cfg.server))
-        .await
-        .map_err(|_| FuseError::Timeout(CONNECT_TIMEOUT))?
-        .map_err(|source| FuseError::Connect { addr: cfg.server, source })?;
-    // Small requests (lookups, stats) must not wait for Nagle.
-    let _ = stream.set_nodelay(true);
-    let (client, mounts) = tokio::time::timeout(CONNECT_TIMEOUT, FileClient::start(stream))
-        .await
-        .map_err(|_| FuseError::Timeout(CONNECT_TIMEOUT))??;
+    let redial = client::Redial { server: cfg.server, retry_for: cfg.retry_for, agents: cfg.agents };
+    let (client, mounts) = FileClient::connect(redial, CONNECT_TIMEOUT).await?;
     mount_with(client, &mounts, &cfg.root, shutdown).await
 }
 

@@ -28,6 +28,8 @@ pub struct Mounted {
     pub handle: Option<MountHandle>,
     /// Requests that reached the agent, by kind.
     pub requests: Requests,
+    /// Plays the agent's replacement: see [`Mounted::replace_agent`].
+    agent: Agent,
     pub shutdown: CancellationToken,
     pub local: tempfile::TempDir,
     pub pod: tempfile::TempDir,
@@ -66,18 +68,72 @@ pub async fn mount_fixture() -> Mounted {
     let server = listener.local_addr().expect("addr");
     let requests = Requests::default();
     let counted = requests.clone();
+    let agent = Agent::default();
+    let serving = agent.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
+            let Some(alive) = serving.current() else { continue };
             let _ = s.set_nodelay(true);
             let (client, agent) = tokio::io::duplex(4 * files::MAX_FRAME);
+            // Each connection has handles of its own, as each agent process does.
             tokio::spawn(agent_files::serve_connection(agent, table.clone()));
-            tokio::spawn(counting_relay(s, client, counted.clone()));
+            let relay = counting_relay(s, client, counted.clone());
+            tokio::spawn(async move {
+                tokio::select! { () = relay => {}, () = alive.cancelled() => {} }
+            });
         }
     });
     let shutdown = CancellationToken::new();
-    let cfg = MountConfig { server, root: local.path().to_path_buf() };
+    let cfg = MountConfig {
+        retry_for: RETRY_FOR,
+        agents: Some(agent.replaced.subscribe()),
+        ..MountConfig::new(server, local.path().to_path_buf())
+    };
     let handle = mount_all(cfg, shutdown.clone()).await.expect("mount");
-    Mounted { handle: Some(handle), requests, shutdown, local, pod }
+    Mounted { handle: Some(handle), requests, agent, shutdown, local, pod }
+}
+
+/// How long the fixture's mounts wait for a lost agent before EIO.
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The fixture's agent: its connections live until it is replaced; while
+/// it is down, new connections are closed at once. `replaced` plays the
+/// sidecar's transport, which sees a new agent key.
+#[derive(Debug, Clone)]
+struct Agent {
+    live: Arc<Mutex<Option<CancellationToken>>>,
+    replaced: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Agent { live: Arc::default(), replaced: Arc::new(tokio::sync::watch::Sender::new(0)) }
+    }
+}
+
+impl Agent {
+    /// The token of the live agent's connections, `None` while it is down.
+    fn current(&self) -> Option<CancellationToken> {
+        let mut slot = self.live.lock().expect("agent");
+        let up = slot.as_ref().is_none_or(|t| !t.is_cancelled());
+        up.then(|| slot.get_or_insert_with(CancellationToken::new).clone())
+    }
+}
+
+impl Mounted {
+    /// Ends every connection of the agent (its handles die with them) and,
+    /// with `up`, lets the next connection in, as a replaced agent pod does.
+    fn replace_agent(&self, up: bool) {
+        let mut slot = self.agent.live.lock().expect("agent");
+        if let Some(t) = slot.take() {
+            t.cancel();
+        }
+        if !up {
+            *slot = Some(CancellationToken::new());
+            slot.as_ref().expect("set").cancel();
+        }
+        self.agent.replaced.send_modify(|n| *n += 1);
+    }
 }
 
 /// How many requests of each kind the agent was sent.
@@ -116,23 +172,30 @@ fn kind(r: &Request) -> &'static str {
 
 /// Passes the client's frames on to the agent, counting them by kind, and
 /// the agent's answers back unchanged.
+/// Ends when either side does, closing the client's connection.
 async fn counting_relay(client: TcpStream, agent: tokio::io::DuplexStream, requests: Requests) {
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_agent, mut to_agent) = tokio::io::split(agent);
-    tokio::spawn(async move { tokio::io::copy(&mut from_agent, &mut to_client).await });
-    let mut buf = BytesMut::new();
-    loop {
-        while let Ok(Some((id, req))) = files::decode::<Request>(&mut buf) {
-            *requests.0.lock().expect("counts").entry(kind(&req)).or_default() += 1;
-            let mut out = BytesMut::new();
-            files::encode(id, &req, &mut out);
-            if to_agent.write_all(&out).await.is_err() {
+    let answers = tokio::io::copy(&mut from_agent, &mut to_client);
+    let requests = async move {
+        let mut buf = BytesMut::new();
+        loop {
+            while let Ok(Some((id, req))) = files::decode::<Request>(&mut buf) {
+                *requests.0.lock().expect("counts").entry(kind(&req)).or_default() += 1;
+                let mut out = BytesMut::new();
+                files::encode(id, &req, &mut out);
+                if to_agent.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+            if from_client.read_buf(&mut buf).await.unwrap_or(0) == 0 {
                 return;
             }
         }
-        if from_client.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-            return;
-        }
+    };
+    tokio::select! {
+        _ = answers => {}
+        () = requests => {}
     }
 }
 
@@ -462,4 +525,48 @@ async fn deferred_writes_land_in_order_and_are_seen_by_every_later_request() {
         assert!(got == want, "appends out of order: {:?}", got.lines().take(20).collect::<Vec<_>>());
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_files_and_new_requests_survive_a_replaced_agent() {
+    let m = mount_fixture().await;
+    let (rw, pod) = (m.rw(), m.pod_rw());
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(pod.join("kept"), &data).expect("pod write");
+    let (reader, writer) = blocking({
+        let rw = rw.clone();
+        move || {
+            let mut reader = std::fs::File::open(rw.join("kept")).expect("open");
+            let mut first = vec![0u8; 4096];
+            reader.read_exact(&mut first).expect("read before");
+            let mut writer = std::fs::File::create(rw.join("written")).expect("create");
+            writer.write_all(b"before ").expect("write before");
+            (reader, writer)
+        }
+    })
+    .await;
+
+    m.replace_agent(true);
+    let here = rw.clone();
+    blocking(move || {
+        // The open files go on through the new connection, where they are
+        // opened again; the file written before and after is whole.
+        let (mut reader, mut writer) = (reader, writer);
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).expect("read after the agent was replaced");
+        assert!(rest == data[4096..], "the rest of an open file, read through the new agent");
+        writer.write_all(b"after").expect("write after");
+        close(writer).expect("close after");
+        assert_eq!(std::fs::read(pod.join("written")).expect("pod read"), b"before after");
+        std::fs::write(here.join("new"), "new").expect("a new file after the agent was replaced");
+        assert_eq!(std::fs::read_to_string(pod.join("new")).expect("pod read"), "new");
+    })
+    .await;
+
+    // With no agent coming back, a request fails with EIO after the deadline.
+    m.replace_agent(false);
+    let started = std::time::Instant::now();
+    let gone = blocking(move || std::fs::metadata(rw.join("never-looked-up"))).await;
+    assert_eq!(errno(gone), libc::EIO, "no agent within the deadline");
+    assert!(started.elapsed() >= RETRY_FOR, "EIO came only after the deadline ({:?})", started.elapsed());
 }

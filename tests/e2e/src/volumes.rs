@@ -96,7 +96,7 @@ async fn sidecar_role() -> Result<()> {
     let server = std::env::var(SERVER_ENV).context("TPD_VOLUMES_SERVER")?;
     let addr = tokio::net::lookup_host(&server).await?.next().context("agent address")?;
     let shutdown = CancellationToken::new();
-    let cfg = fuse::MountConfig { server: addr, root: PathBuf::from(tpd_wire::files::SIDECAR_VOLUMES_DIR) };
+    let cfg = fuse::MountConfig::new(addr, PathBuf::from(tpd_wire::files::SIDECAR_VOLUMES_DIR));
     let handle = fuse::mount_all(cfg, shutdown.clone()).await?;
     println!("{MOUNTED}");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -141,7 +141,7 @@ impl LoopbackMount {
         let server = listener.local_addr()?;
         tokio::spawn(serve_on(listener, table));
         let shutdown = CancellationToken::new();
-        let cfg = fuse::MountConfig { server, root: local.to_path_buf() };
+        let cfg = fuse::MountConfig::new(server, local.to_path_buf());
         let handle = fuse::mount_all(cfg, shutdown.clone()).await?;
         Ok(LoopbackMount { handle: Some(handle), shutdown })
     }
