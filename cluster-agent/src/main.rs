@@ -33,6 +33,7 @@ use crate::stack::{Ingress, Stack};
 #[command(name = "tpd-agent", version = tpd_wire::VERSION, about)]
 struct Args {
     /// Where the transport arrives: TCP (framed stream, e.g. a port-forward) and UDP, same port.
+    /// A stream is admitted only over the pod's loopback, where a port-forward lands.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], names::AGENT_TRANSPORT_PORT)))]
     listen: SocketAddr,
     /// Ports of the swapped container; cluster clients connecting to them reach the developer's app.

@@ -1,9 +1,14 @@
 //! The agent's transports on `AGENT_TRANSPORT_PORT`: TCP streams (hello, then
 //! WireGuard frames; what a port-forward carries) and plain UDP datagrams.
-//! The session locks to the first sidecar's key; every new stream from it
-//! becomes the route for replies, so a redialled stream takes over without
-//! ending the session.
+//! A stream is admitted only when it arrives on the pod's loopback, where a
+//! kubelet's port-forward lands; anyone else on the pod network is closed
+//! on at once, before the agent says anything. The session locks to the
+//! first admitted sidecar's key; every new stream from it becomes the route
+//! for replies, so a redialled stream takes over without ending the
+//! session. UDP needs no such check: before a key is admitted every
+//! datagram is dropped, and after it WireGuard answers only that key.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -22,6 +27,11 @@ pub async fn serve_streams(listener: TcpListener, wg: Arc<Endpoint>) {
     loop {
         match listener.accept().await {
             Ok((sock, addr)) => {
+                if !arrived_on_loopback(&sock, addr) {
+                    // Dropped unread: the peer sees a close (or a reset), nothing else.
+                    tracing::debug!(%addr, "refused a transport stream from outside the pod");
+                    continue;
+                }
                 let wg = wg.clone();
                 tokio::spawn(async move {
                     match serve_stream(sock, &wg).await {
@@ -33,6 +43,19 @@ pub async fn serve_streams(listener: TcpListener, wg: Arc<Endpoint>) {
             Err(e) => tracing::warn!("accepting a transport stream: {e}"),
         }
     }
+}
+
+/// Whether a connection came over the pod's loopback. The port itself
+/// listens on every address: the readiness probe dials the pod IP, and UDP
+/// shares the address.
+fn arrived_on_loopback(sock: &TcpStream, peer: SocketAddr) -> bool {
+    sock.local_addr().is_ok_and(|local| admitted(local.ip(), peer.ip()))
+}
+
+/// The admission rule: both ends on loopback (an IPv4-mapped IPv6 address
+/// counts as the IPv4 one).
+fn admitted(local: IpAddr, peer: IpAddr) -> bool {
+    local.to_canonical().is_loopback() && peer.to_canonical().is_loopback()
 }
 
 async fn serve_stream(sock: TcpStream, wg: &Endpoint) -> anyhow::Result<()> {
@@ -68,4 +91,41 @@ pub async fn serve_udp(udp: Arc<TunnelUdp>, wg: Arc<Endpoint>) {
         wg.receive(Some(from.ip()), datagram, &Route::Udp(sender.clone(), from));
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn only_loopback_connections_are_admitted() {
+        assert!(admitted(ip("127.0.0.1"), ip("127.0.0.1")));
+        assert!(admitted(ip("::1"), ip("::1")));
+        assert!(admitted(ip("::ffff:127.0.0.1"), ip("::ffff:127.0.0.1")));
+        // Another pod, or the node, dialling the pod IP.
+        assert!(!admitted(ip("10.244.1.7"), ip("10.244.2.9")));
+        assert!(!admitted(ip("::ffff:10.244.1.7"), ip("::ffff:10.244.2.9")));
+        // The pod dialling its own IP is not a port-forward either.
+        assert!(!admitted(ip("10.244.1.7"), ip("10.244.1.7")));
+        assert!(!admitted(ip("127.0.0.1"), ip("10.244.2.9")));
+    }
+
+    /// Over the loopback the agent introduces itself; the stream is served.
+    #[tokio::test]
+    async fn a_loopback_stream_gets_the_agents_hello() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let wg = Arc::new(Endpoint::new(None, |_| {}));
+        let server = tokio::spawn(serve_streams(listener, wg.clone()));
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut hello = [0u8; tpd_wire::hello::LEN];
+        conn.read_exact(&mut hello).await.unwrap();
+        assert_eq!(Hello::decode(&hello).unwrap().map(|h| h.public_key), Some(wg.public_key()));
+        server.abort();
+    }
 }

@@ -6,6 +6,12 @@
 //! through a port-forward), the sidecar only to the laptop one, so traffic
 //! to the cluster can only pass through the tunnel.
 //!
+//! The agent admits a transport stream only over its own loopback, where a
+//! kubelet's port-forward lands, so the lab reaches its transport port
+//! through a forwarder in the agent's network namespace
+//! ([`loopback_forwarder`], on [`LOOPBACK_FORWARD_PORT`]); the UDP
+//! transport's datagrams go to the agent's address, as they do in a cluster.
+//!
 //! The recipe the CLI follows is [`Lab::start_sidecar`]: the sidecar flags,
 //! the DNS options the developer's container inherits, the session directory
 //! bind-mounted at `/run/tpd` and readiness read from its stdout.
@@ -27,6 +33,8 @@ pub const ECHO_NAME: &str = "echo";
 pub const INBOUND_PORT: u16 = 8080;
 pub const LOCAL_APP_PORT: u16 = 3000;
 const LABEL: &str = "tpd.test.dataplane";
+/// Where [`loopback_forwarder`] listens, beside the agent's ports.
+pub const LOOPBACK_FORWARD_PORT: u16 = 7710;
 
 pub fn echo_fqdn() -> String {
     format!("{ECHO_NAME}.{NAMESPACE}.svc.cluster.local")
@@ -41,12 +49,41 @@ pub fn docker(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// `docker run` arguments (after the labels) of a forwarder named `name`
+/// in `agent`'s network namespace: what connects to its
+/// [`LOOPBACK_FORWARD_PORT`] reaches the agent's transport port on the
+/// agent's loopback, as a kubelet's port-forward does. As restricted as the
+/// agent, so it adds nothing a pod could not do.
+pub fn loopback_forwarder(name: &str, agent: &str) -> Vec<String> {
+    let to = format!("{LOOPBACK_FORWARD_PORT}=127.0.0.1:{}", tpd_wire::names::AGENT_TRANSPORT_PORT);
+    let netns = format!("container:{agent}");
+    let uid = tpd_wire::names::AGENT_UID.to_string();
+    [
+        "--name",
+        name,
+        "--network",
+        &netns,
+        "--user",
+        &uid,
+        "--cap-drop",
+        "ALL",
+        "--read-only",
+        crate::images::ECHO,
+        "/bin/tpd-echo",
+        "--forward",
+        &to,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// How the sidecar reaches the agent.
 #[derive(Debug, Clone)]
 pub enum Via {
-    /// Framed stream straight to the agent's TCP port.
+    /// Framed stream over TCP, through the forwarder onto the agent's loopback.
     StreamTcp,
-    /// Datagrams over UDP (hello over TCP first).
+    /// Datagrams over UDP to the agent's address; the hello (key exchange)
+    /// over TCP through the forwarder first.
     Udp,
     /// Framed stream through the Unix socket `<session dir>/agent.sock`,
     /// which the test serves (the CLI's port-forward relay does this).
@@ -140,6 +177,8 @@ impl Lab {
             "DB_PASSWORD=s3cret",
             &crate::images::tpd_agent(),
         ])?;
+        let forwarder = loopback_forwarder(&format!("tpd-dp-forward-{}", lab.id), &agent);
+        lab.run(&forwarder.iter().map(String::as_str).collect::<Vec<_>>())?;
         docker(&["network", "connect", &laptop_net, &agent])?;
         lab.agent_cluster_ip = ip_on(&agent, &cluster_net)?;
         lab.agent_laptop_ip = ip_on(&agent, &laptop_net)?;
@@ -160,18 +199,25 @@ impl Lab {
         docker(&all)
     }
 
-    /// The sidecar's `--transport` value for `via`.
-    pub fn transport_arg(&self, via: &Via) -> String {
+    /// The sidecar's `--transport` (and, for UDP, `--hello`) arguments for `via`.
+    fn transport_args(&self, via: &Via) -> Vec<String> {
+        let forwarded = format!("stream:tcp:{}", self.agent_transport_addr());
         match via {
-            Via::StreamTcp => format!("stream:tcp:{}:{}", self.agent_laptop_ip, tpd_wire::names::AGENT_TRANSPORT_PORT),
-            Via::Udp => format!("udp:{}:{}", self.agent_laptop_ip, tpd_wire::names::AGENT_TRANSPORT_PORT),
-            Via::StreamUnix => "stream:unix:/run/tpd/agent.sock".to_string(),
+            Via::StreamTcp => vec!["--transport".into(), forwarded],
+            Via::Udp => vec![
+                "--transport".into(),
+                format!("udp:{}:{}", self.agent_laptop_ip, tpd_wire::names::AGENT_TRANSPORT_PORT),
+                "--hello".into(),
+                forwarded,
+            ],
+            Via::StreamUnix => vec!["--transport".into(), "stream:unix:/run/tpd/agent.sock".into()],
         }
     }
 
-    /// The agent's transport address as the host sees it (for relays).
+    /// Where the host and the laptop network reach the agent's transport
+    /// stream: the forwarder onto its loopback (for relays).
     pub fn agent_transport_addr(&self) -> String {
-        format!("{}:{}", self.agent_laptop_ip, tpd_wire::names::AGENT_TRANSPORT_PORT)
+        format!("{}:{LOOPBACK_FORWARD_PORT}", self.agent_laptop_ip)
     }
 
     /// Where the Unix socket of [`Via::StreamUnix`] lives on the host.
@@ -185,10 +231,11 @@ impl Lab {
         let (sidecar, laptop_net) = (self.sidecar.clone(), self.laptop_net.clone());
         let search = format!("{NAMESPACE}.svc.cluster.local");
         let session = format!("{}:/run/tpd", self.session_dir.path().display());
-        let transport = self.transport_arg(via);
+        let transport = self.transport_args(via);
         let cidr = self.cluster_subnet.clone();
         let port = format!("{INBOUND_PORT}:{LOCAL_APP_PORT}");
-        self.run(&[
+        let image = crate::images::tpd_sidecar();
+        let mut args = vec![
             "--name",
             &sidecar,
             "--network",
@@ -211,15 +258,15 @@ impl Lab {
             "TPD_SIDECAR_LOG=tpd_sidecar=debug,info",
             "-v",
             &session,
-            &crate::images::tpd_sidecar(),
+            &image,
             "run",
-            "--transport",
-            &transport,
             "--cluster-cidr",
             &cidr,
             "--port",
             &port,
-        ])?;
+        ];
+        args.extend(transport.iter().map(String::as_str));
+        self.run(&args)?;
         let ready = self.wait_ready(Duration::from_secs(40))?;
         let dev = self.dev.clone();
         let netns = format!("container:{sidecar}");

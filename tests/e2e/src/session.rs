@@ -24,9 +24,11 @@ pub fn binary() -> Result<PathBuf> {
     images::cargo_binary(&BIN, "tpd-cli", "tpd", "TPD_BIN")
 }
 
-/// The tpd images a session needs, built by `cargo xtask images`.
+/// The tpd images a session needs, built by `cargo xtask images`: this
+/// version's, or `TPD_SIDECAR_IMAGE`/`TPD_AGENT_IMAGE`, which tpd itself
+/// reads too (the tests do not clear them).
 pub fn require_tpd_images() -> Result<()> {
-    for image in [format!("tpd/sidecar:{}", tpd_wire::VERSION), format!("tpd/agent:{}", tpd_wire::VERSION)] {
+    for image in [images::tpd_sidecar(), images::tpd_agent()] {
         let ok = Command::new("docker")
             .args(["image", "inspect", &image])
             .stdout(Stdio::null())

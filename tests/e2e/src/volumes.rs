@@ -151,7 +151,8 @@ impl LoopbackMount {
 /// image (uid 65532, no capabilities, read-only root) serving host
 /// directories as the swapped pod's volumes, and the `tpd/sidecar` image
 /// FUSE-mounting them through the WireGuard tunnel (stream transport over
-/// TCP on a private Docker network), into a Docker volume's directory that
+/// TCP on a private Docker network, onto the agent's loopback through
+/// [`crate::dataplane::loopback_forwarder`]), into a Docker volume's directory that
 /// is bound rshared, so the mounts also appear on this host at
 /// [`TunnelMount::paths`]. Everything goes on drop.
 #[derive(Debug)]
@@ -175,6 +176,8 @@ impl TunnelMount {
     /// the images `agent_image` and `sidecar_image`, and returns once the
     /// sidecar reports ready (its volumes are mounted by then).
     pub fn start(volumes: &[(PathBuf, VolumeMount)], agent_image: &str, sidecar_image: &str) -> Result<Self> {
+        // The forwarder onto the agent's loopback runs the echo image.
+        crate::images::ensure()?;
         let mut guard = DockerGuard::default();
         let tag = format!(
             "{}-{:x}",
@@ -212,6 +215,12 @@ impl TunnelMount {
         docker(&a.iter().map(String::as_str).collect::<Vec<_>>())
             .context("starting the agent (run `cargo xtask images`)")?;
         let agent_ip = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &agent])?;
+        let forwarder = format!("tpd-vol-tforward-{tag}");
+        let mut f: Vec<String> = ["run", "-d"].map(String::from).to_vec();
+        f.extend(TUNNEL_LABELS.map(String::from));
+        f.extend(crate::dataplane::loopback_forwarder(&forwarder, &agent));
+        guard.containers.push(forwarder);
+        docker(&f.iter().map(String::as_str).collect::<Vec<_>>()).context("starting the forwarder to the agent")?;
 
         let vol = format!("tpd-vol-tshared-{tag}");
         let mut v = vec!["volume", "create"];
@@ -240,7 +249,7 @@ impl TunnelMount {
         s.extend([
             "run".into(),
             "--transport".into(),
-            format!("stream:tcp:{agent_ip}:{}", tpd_wire::names::AGENT_TRANSPORT_PORT),
+            format!("stream:tcp:{agent_ip}:{}", crate::dataplane::LOOPBACK_FORWARD_PORT),
         ]);
         // The file service is on the agent's tunnel address; the Docker
         // network must stay out of the tunnel (it carries it).

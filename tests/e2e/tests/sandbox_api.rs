@@ -188,6 +188,8 @@ async fn rollout_scale_portforward_gc(client: &kube::Client) -> Result<()> {
         .context("port-forward read timed out")??;
     let body = String::from_utf8_lossy(&body);
     ensure!(body.contains(&format!("hello from {name}")), "port-forwarded answer: {body}");
+    // A kubelet's port-forward dials localhost inside the pod's network namespace.
+    ensure!(body.contains("client=127.0.0.1:"), "a port-forward lands on the pod's loopback: {body}");
     drop(conn);
     pf.abort();
 

@@ -12,7 +12,9 @@
 //! - `-i` carries piped stdin to the container (`echo hi | tpd run -i -- cat`);
 //! - the NodePort Service goes on every exit path: Ctrl-C, the command
 //!   exiting, the guardian after `kill -9`, `tpd restore`, and the repair of
-//!   an expired lease.
+//!   an expired lease;
+//! - a pod that reaches the swapped pod's transport port directly (not
+//!   through a port-forward) gets nothing back, and tpd's session starts.
 //!
 //! One sandbox instance serves every step (one instance per machine).
 
@@ -297,5 +299,120 @@ fn transports_and_how_the_developers_container_ends_a_session() {
     let agents = sb.kubectl_ok(&["get", "pods", "-l", "app.kubernetes.io/managed-by=tpd", "-o", "name"]).unwrap();
     assert_eq!(agents.trim(), "", "the outbound-only agent pod is deleted");
 
+    drop(cleanup);
+}
+
+/// What a pod sees when it dials `IP:PORT` and says `HELLO` (hex), as a
+/// sidecar would: `received N bytes` (a reset, an EOF and a timeout are all
+/// "nothing came"), or `unreachable` when it could not connect within 60 s.
+/// It retries the connect, so it can be started before the agent listens.
+const INTRUDE: &str = r#"
+import binascii, socket, sys, time
+addr, hello = (sys.argv[1], int(sys.argv[2])), binascii.unhexlify(sys.argv[3])
+deadline = time.time() + 60
+while True:
+    try:
+        s = socket.create_connection(addr, timeout=2)
+        break
+    except OSError:
+        if time.time() > deadline:
+            print('unreachable')
+            sys.exit(0)
+        time.sleep(0.05)
+got = b''
+try:
+    s.settimeout(3)
+    s.sendall(hello)
+    while True:
+        b = s.recv(4096)
+        if not b:
+            break
+        got += b
+except OSError:
+    pass
+print('received %d bytes' % len(got))
+"#;
+
+/// Waits until `pod` runs.
+fn wait_running(sb: &Sandbox, pod: &str) {
+    let started = Instant::now();
+    while sb.kubectl_ok(&["get", "pod", pod, "-o", "jsonpath={.status.phase}"]).unwrap_or_default() != "Running" {
+        assert!(started.elapsed() < Duration::from_secs(60), "pod {pod} is not running after 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The IP of the session's agent pod, as soon as it has one.
+fn agent_pod_ip(sb: &Sandbox, session: &str, log: &tempfile::NamedTempFile) -> String {
+    let selector = format!("{}={session}", tpd_wire::names::LABEL_SESSION);
+    let started = Instant::now();
+    loop {
+        let ip = sb.kubectl_ok(&["get", "pods", "-l", &selector, "-o", "jsonpath={.items[0].status.podIP}"]);
+        if let Some(ip) = ip.ok().filter(|ip| !ip.is_empty()) {
+            return ip;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the agent pod got no IP; tpd said:\n{}", self::log(log));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue #18, item 5: the agent admits a session only over its pod's
+/// loopback, where a kubelet's port-forward lands. A pod that dials the
+/// swapped pod's transport port as soon as it has an IP (before tpd's
+/// port-forward, if it wins the race) and introduces itself as a sidecar
+/// learns nothing, not even the agent's key; tpd's session then starts
+/// and serves inbound traffic.
+#[test]
+fn a_pod_cannot_take_a_swapped_pods_session() {
+    images::ensure().unwrap();
+    session::require_tpd_images().unwrap();
+    let sb = Sandbox::up().unwrap();
+    let mut cleanup = Cleanup::default();
+    session::deploy_echo(&sb, "hello").unwrap();
+    let original = user_owned(session::deployment_json(&sb, NS, "hello").unwrap());
+    sb.kubectl_ok(&["run", "intruder", "--image", images::DEBIAN, "--restart=Never", "--", "sleep", "600"]).unwrap();
+    wait_running(&sb, "intruder");
+
+    let dev = format!("tpd-e2e-admit-{}", std::process::id());
+    let tpd_log = tempfile::NamedTempFile::new().unwrap();
+    let args = [
+        "run",
+        "--image",
+        images::DEBIAN,
+        "--name",
+        &dev,
+        "--swap",
+        "deployment/hello",
+        "--port",
+        "8080:9000",
+        "--",
+        "sh",
+        "-c",
+        SERVE,
+    ];
+    let pid = spawn_logged(&sb, &mut cleanup, &tpd_log, &args);
+    let id = swapped(&sb, &mut cleanup);
+    let ip = agent_pod_ip(&sb, &id, &tpd_log);
+    let key: [u8; 32] = std::array::from_fn(|i| i as u8 ^ 0x5a);
+    let hello = tpd_wire::hello::Hello { role: tpd_wire::hello::Role::Sidecar, public_key: key }.encode();
+    let hex: String = hello.iter().map(|b| format!("{b:02x}")).collect();
+    let port = tpd_wire::names::AGENT_TRANSPORT_PORT.to_string();
+    let seen = sb.kubectl_ok(&["exec", "intruder", "--", "python3", "-c", INTRUDE, &ip, &port, &hex]).unwrap();
+    assert_eq!(seen.trim(), "received 0 bytes", "a pod dialling {ip}:{port} directly; tpd said:\n{}", log(&tpd_log));
+
+    session::wait_container(&dev, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\ntpd said:\n{}", log(&tpd_log)));
+    let (phase, served) =
+        session::run_pod(&sb, "client", images::DEBIAN, &["curl", "-s", "-m", "10", "http://hello"]).unwrap();
+    assert_eq!(
+        (phase.as_str(), served.trim()),
+        ("Succeeded", "served-locally"),
+        "a client pod calling hello through tpd's session; tpd said:\n{}",
+        log(&tpd_log)
+    );
+    Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
+    let code = session::wait_exit(child(&mut cleanup, pid), Duration::from_secs(60)).unwrap();
+    assert_eq!(code.code(), Some(130), "tpd after Ctrl-C; it said:\n{}", log(&tpd_log));
+    all_gone(&sb, &original, &id, Duration::from_secs(15));
     drop(cleanup);
 }

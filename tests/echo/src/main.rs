@@ -12,6 +12,11 @@
 //!   `client=IP:PORT\n` followed by the datagram, or, for a datagram
 //!   `bytes:N`, by N bytes of `x` (a large answer to a small question, as a
 //!   DNS server gives).
+//! - With `--forward PORT=ADDR`, nothing of the above: every TCP connection
+//!   to PORT is relayed to ADDR. Run in another container's network
+//!   namespace (`--network container:X`) as `--forward 7710=127.0.0.1:7700`,
+//!   it lets a test reach X's loopback from outside, which is where tpd's
+//!   agent admits transport streams (where a kubelet's port-forward lands).
 
 // Property tests unwrap inside proptest!, which clippy does not see as a test.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -22,14 +27,27 @@ use std::thread;
 
 use sha2::{Digest, Sha256};
 
+const USAGE: &str = "usage: tpd-echo [--http PORT] [--echo PORT] | tpd-echo --forward PORT=ADDR:PORT";
+
+/// What to run: the echo servers, or only a TCP forwarder.
+#[derive(Debug, PartialEq)]
+enum Mode {
+    Serve { http: u16, echo: u16 },
+    Forward { listen: u16, to: SocketAddr },
+}
+
 fn main() {
-    let (http_port, echo_port) = match parse_args(std::env::args().skip(1)) {
-        Ok(ports) => ports,
+    match parse_args(std::env::args().skip(1)) {
+        Ok(Mode::Serve { http, echo }) => serve(http, echo),
+        Ok(Mode::Forward { listen, to }) => forward(listen, to),
         Err(msg) => {
-            eprintln!("tpd-echo: {msg}\nusage: tpd-echo [--http PORT] [--echo PORT]");
+            eprintln!("tpd-echo: {msg}\n{USAGE}");
             std::process::exit(2);
         }
-    };
+    }
+}
+
+fn serve(http_port: u16, echo_port: u16) {
     let http = bind_tcp(http_port);
     let echo = bind_tcp(echo_port);
     let udp = UdpSocket::bind(("0.0.0.0", echo_port)).unwrap_or_else(|e| die("bind udp", e));
@@ -39,18 +57,25 @@ fn main() {
     accept_loop(http, http_conn);
 }
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<(u16, u16), String> {
-    let (mut http, mut echo) = (8080, 9000);
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Mode, String> {
+    let (mut http, mut echo, mut forward) = (8080, 9000, None);
     while let Some(flag) = args.next() {
-        let slot = match flag.as_str() {
-            "--http" => &mut http,
-            "--echo" => &mut echo,
-            other => return Err(format!("unknown argument {other:?}")),
-        };
-        let value = args.next().ok_or(format!("{flag} needs a port"))?;
-        *slot = value.parse().map_err(|_| format!("{flag}: {value:?} is not a port"))?;
+        if !matches!(flag.as_str(), "--http" | "--echo" | "--forward") {
+            return Err(format!("unknown argument {flag:?}"));
+        }
+        let value = args.next().ok_or(format!("{flag} needs a value"))?;
+        let port = |v: &str| v.parse::<u16>().map_err(|_| format!("{flag}: {v:?} is not a port"));
+        match flag.as_str() {
+            "--http" => http = port(&value)?,
+            "--echo" => echo = port(&value)?,
+            _ => {
+                let (listen, to) = value.split_once('=').ok_or(format!("{flag}: {value:?} is not PORT=ADDR:PORT"))?;
+                let to = to.parse().map_err(|_| format!("{flag}: {to:?} is not ADDR:PORT"))?;
+                forward = Some(Mode::Forward { listen: port(listen)?, to });
+            }
+        }
     }
-    Ok((http, echo))
+    Ok(forward.unwrap_or(Mode::Serve { http, echo }))
 }
 
 fn die(what: &str, e: io::Error) -> ! {
@@ -68,6 +93,33 @@ fn accept_loop(listener: TcpListener, serve: fn(TcpStream, SocketAddr) -> io::Re
         let Ok(peer) = conn.peer_addr() else { continue };
         thread::spawn(move || serve(conn, peer));
     }
+}
+
+fn forward(listen: u16, to: SocketAddr) {
+    let listener = bind_tcp(listen);
+    println!("tpd-echo: forwarding tcp {listen} to {to}");
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        thread::spawn(move || relay(conn, to));
+    }
+}
+
+/// Copies both ways until each side has ended; an end is passed on as a
+/// half-close, so either side closing closes the other.
+fn relay(client: TcpStream, to: SocketAddr) -> io::Result<()> {
+    let upstream = TcpStream::connect(to)?;
+    for s in [&client, &upstream] {
+        s.set_nodelay(true)?;
+    }
+    let (mut from_client, mut to_upstream) = (client.try_clone()?, upstream.try_clone()?);
+    let up = thread::spawn(move || {
+        let _ = io::copy(&mut from_client, &mut to_upstream);
+        to_upstream.shutdown(std::net::Shutdown::Write)
+    });
+    let (mut from_upstream, mut to_client) = (upstream, client);
+    let _ = io::copy(&mut from_upstream, &mut to_client);
+    to_client.shutdown(std::net::Shutdown::Write)?;
+    up.join().map_err(|_| io::Error::other("the upstream copy panicked"))?
 }
 
 fn echo_conn(mut conn: TcpStream, _peer: SocketAddr) -> io::Result<()> {
@@ -204,13 +256,37 @@ mod tests {
 
     #[test]
     fn ports_default_and_override() {
-        assert_eq!(parse_args(args(&[])), Ok((8080, 9000)));
-        assert_eq!(parse_args(args(&["--echo", "7", "--http", "80"])), Ok((80, 7)));
+        assert_eq!(parse_args(args(&[])), Ok(Mode::Serve { http: 8080, echo: 9000 }));
+        assert_eq!(parse_args(args(&["--echo", "7", "--http", "80"])), Ok(Mode::Serve { http: 80, echo: 7 }));
+    }
+
+    #[test]
+    fn forward_takes_a_port_and_an_address() {
+        let to = "127.0.0.1:7700".parse().unwrap();
+        assert_eq!(parse_args(args(&["--forward", "7710=127.0.0.1:7700"])), Ok(Mode::Forward { listen: 7710, to }));
+        assert!(parse_args(args(&["--forward", "7710"])).unwrap_err().contains("PORT=ADDR:PORT"));
+        assert!(parse_args(args(&["--forward", "7710=localhost"])).unwrap_err().contains("ADDR:PORT"));
+    }
+
+    #[test]
+    fn relay_carries_both_ways_and_passes_the_end_on() {
+        let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = upstream.local_addr().unwrap();
+        thread::spawn(move || accept_loop(upstream, echo_conn));
+        let front = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = front.local_addr().unwrap();
+        thread::spawn(move || relay(front.accept().unwrap().0, to));
+        let mut client = TcpStream::connect(at).unwrap();
+        client.write_all(b"through the relay").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"through the relay");
     }
 
     #[test]
     fn bad_arguments_are_explained() {
-        assert!(parse_args(args(&["--http"])).unwrap_err().contains("needs a port"));
+        assert!(parse_args(args(&["--http"])).unwrap_err().contains("needs a value"));
         assert!(parse_args(args(&["--http", "x"])).unwrap_err().contains("not a port"));
         assert!(parse_args(args(&["-z"])).unwrap_err().contains("unknown"));
     }

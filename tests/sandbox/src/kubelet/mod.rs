@@ -6,6 +6,7 @@
 //! status. Service proxying and cluster DNS live in [`crate::network`].
 
 mod env;
+mod netns;
 mod node_object;
 mod pods;
 mod probe;

@@ -1,8 +1,6 @@
 //! The pod subresources that stream (`log`, `exec`, `portforward`), served
 //! from Docker the way kube-apiserver proxies them to a kubelet.
 
-use std::net::{IpAddr, SocketAddr};
-
 use async_trait::async_trait;
 use bollard::Docker;
 use bollard::container::LogOutput;
@@ -47,14 +45,14 @@ impl DockerNode {
         })
     }
 
-    async fn pod_ip(&self, pod: &PodRef) -> Result<IpAddr, NodeError> {
+    /// The pid of the pod's pause container, which holds the pod's network namespace.
+    async fn netns_pid(&self, pod: &PodRef) -> Result<i64, NodeError> {
         let pause = self.current(pod, PAUSE_CONTAINER).await?;
-        let info = self.docker.inspect_container(&pause, None).await.map_err(|e| NodeError::Runtime(e.to_string()))?;
-        info.network_settings
-            .and_then(|n| n.networks)
-            .and_then(|nets| nets.get(&runtime::network_name(&self.instance)).and_then(|n| n.ip_address.clone()))
-            .and_then(|ip| ip.parse().ok())
-            .ok_or_else(|| NodeError::NotReady(format!("pod {} has no IP yet", pod.name)))
+        let info = self.docker.inspect_container(&pause, None).await.map_err(runtime_err)?;
+        info.state
+            .and_then(|s| s.pid)
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| NodeError::NotReady(format!("pod {} is not running", pod.name)))
     }
 }
 
@@ -165,11 +163,12 @@ impl Node for DockerNode {
         })
     }
 
+    /// Lands on the pod's loopback, as a kubelet's port-forward does (see [`super::netns`]).
     async fn connect(&self, pod: &PodRef, port: u16) -> Result<TcpStream, NodeError> {
-        let ip = self.pod_ip(pod).await?;
-        let stream = TcpStream::connect(SocketAddr::new(ip, port))
+        let pid = self.netns_pid(pod).await?;
+        let stream = super::netns::connect_loopback(pid, port)
             .await
-            .map_err(|e| NodeError::Runtime(format!("connecting to {ip}:{port} in pod {}: {e}", pod.name)))?;
+            .map_err(|e| NodeError::Runtime(format!("connecting to 127.0.0.1:{port} in pod {}: {e}", pod.name)))?;
         // A kubelet (Go) disables Nagle on every connection; with it on, each
         // port-forwarded websocket message that ends in a partial segment
         // waits for the pod's delayed ACK (40 ms), and uploads crawl.
