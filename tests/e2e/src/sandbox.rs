@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -121,6 +122,42 @@ impl Sandbox {
     pub fn state_dir(&self) -> PathBuf {
         cache_dir().join("tpd-sandbox").join(&self.name)
     }
+
+    /// Closes every open pods/portforward stream from the server's side
+    /// (SIGUSR1 to the server), as a real cluster drops a long-lived
+    /// connection. Returns how many streams were open, read back from the
+    /// line the server logs, so a test knows its fault hit something.
+    pub fn cut_streams(&self) -> Result<usize> {
+        let log = self.state_dir().join("serve.log");
+        let cuts_logged = || -> Result<Vec<String>> {
+            let text = std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+            Ok(text.lines().filter(|l| l.contains(CUT_MARKER)).map(str::to_owned).collect())
+        };
+        let before = cuts_logged()?.len();
+        let pid = std::fs::read_to_string(self.state_dir().join("pid")).context("reading the server's pid")?;
+        let sent = Command::new("kill").args(["-USR1", pid.trim()]).status().context("running kill")?;
+        if !sent.success() {
+            bail!("kill -USR1 {} failed", pid.trim());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(line) = cuts_logged()?.get(before) {
+                return streams_in(line).with_context(|| format!("no stream count in {line:?}"));
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not log {CUT_MARKER:?} within 5 s of SIGUSR1");
+            }
+            crate::interrupt::pause(Duration::from_millis(20))?;
+        }
+    }
+}
+
+/// What the server logs on SIGUSR1 (tests/sandbox/src/main.rs), followed by `streams=N`.
+const CUT_MARKER: &str = "SIGUSR1: closing every port-forward stream";
+
+/// N of the `streams=N` field in a server log line.
+fn streams_in(line: &str) -> Option<usize> {
+    line.split_whitespace().find_map(|w| w.strip_prefix("streams="))?.parse().ok()
 }
 
 /// The user's cache directory, where tpd and the sandbox keep state and logs.
@@ -162,5 +199,17 @@ impl Drop for Sandbox {
             Ok(out) => eprintln!("tpd-sandbox down {} failed: {}", self.name, String::from_utf8_lossy(&out.stderr)),
             Err(e) => eprintln!("tpd-sandbox down {} failed: {e:#}", self.name),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_count_of_a_cut_line() {
+        let line = "2026-11-30T10:00:00Z  INFO tpd_sandbox: SIGUSR1: closing every port-forward stream streams=3";
+        assert_eq!(streams_in(line), Some(3));
+        assert_eq!(streams_in("no count here"), None);
     }
 }

@@ -254,3 +254,44 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> Result<std::process::E
         }
     }
 }
+
+/// What a spawned tpd wrote to stderr (it must have exited, or this blocks).
+pub fn stderr_of(child: &mut Child) -> String {
+    let mut said = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut err, &mut said);
+    }
+    said
+}
+
+/// Ctrl-C to a spawned tpd, as a user ends a session; waits for it to exit
+/// and returns what it said.
+pub fn interrupt(mut child: Child) -> Result<String> {
+    let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+    if !sent.success() {
+        bail!("kill -INT {} failed", child.id());
+    }
+    let status = wait_exit(&mut child, Duration::from_secs(60))?;
+    let said = stderr_of(&mut child);
+    if status.code().is_none() {
+        bail!("tpd did not end by itself after Ctrl-C ({status}):\n{said}");
+    }
+    Ok(said)
+}
+
+/// Waits until deployment `name` is as `original` again (swap restored) and
+/// session `id` left no local container.
+pub fn restored(sb: &Sandbox, ns: &str, name: &str, original: &Value, id: &str) -> Result<()> {
+    let (d, _) = wait_deployment(sb, ns, name, Duration::from_secs(30), |d| swap_record(d).is_none())?;
+    if &user_owned(d) != original {
+        bail!("the restored deployment/{name} differs from the original");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !session_containers(id)?.is_empty() {
+        if Instant::now() > deadline {
+            bail!("containers of session {id} left behind\n{}", session_logs(sb, id));
+        }
+        crate::interrupt::pause(Duration::from_millis(100))?;
+    }
+    Ok(())
+}

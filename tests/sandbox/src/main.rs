@@ -115,6 +115,19 @@ fn cancel_on_signals(shutdown: CancellationToken) -> Result<()> {
     Ok(())
 }
 
+/// SIGUSR1 closes every open pods/portforward stream (a test's
+/// `Sandbox::cut_streams`), as a real cluster drops long-lived connections.
+fn cut_streams_on_sigusr1(cut: tokio::sync::watch::Sender<u64>) -> Result<()> {
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            tracing::info!(streams = cut.receiver_count(), "SIGUSR1: closing every port-forward stream");
+            cut.send_modify(|n| *n += 1);
+        }
+    });
+    Ok(())
+}
+
 async fn serve(inst: Instance) -> Result<()> {
     std::fs::create_dir_all(&inst.dir).with_context(|| format!("creating {}", inst.dir.display()))?;
     let shutdown = CancellationToken::new();
@@ -124,8 +137,13 @@ async fn serve(inst: Instance) -> Result<()> {
     let port = listener.local_addr()?.port();
     let registry = Arc::new(api::registry::Registry::new(Arc::new(store::Store::new())));
     controllers::bootstrap::run(&registry, port);
-    let app =
-        Arc::new(api::App { registry: registry.clone(), node: OnceLock::new(), address: format!("127.0.0.1:{port}") });
+    let app = Arc::new(api::App {
+        registry: registry.clone(),
+        node: OnceLock::new(),
+        address: format!("127.0.0.1:{port}"),
+        cut_streams: tokio::sync::watch::Sender::new(0),
+    });
+    cut_streams_on_sigusr1(app.cut_streams.clone())?;
     let server = tokio::spawn(api::serve(listener, app.clone(), shutdown.clone()));
     let controllers = controllers::spawn(registry, shutdown.clone());
     tracing::info!(port, "API server listening");

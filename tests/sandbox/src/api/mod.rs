@@ -40,6 +40,10 @@ pub struct App {
     pub node: OnceLock<Arc<dyn Node>>,
     /// `host:port` the server listens on, for discovery.
     pub address: String,
+    /// Bumped (on SIGUSR1) to close every open pods/portforward stream, as a
+    /// real API server or load balancer drops a long-lived connection; each
+    /// stream watches it from its start.
+    pub cut_streams: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for App {

@@ -10,7 +10,7 @@ use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::super::App;
 use super::super::handlers::Query;
@@ -39,14 +39,19 @@ pub async fn serve(app: Arc<App>, t: Target, q: Query, ws: WebSocketUpgrade) -> 
         .cloned()
         .ok_or_else(|| ApiError::bad_request(format!("pod {name} is not running: the sandbox node is not up")))?;
     let pod = PodRef { namespace: ns, name };
-    Ok(ws.protocols([channel::V5, channel::V4, "portforward.k8s.io"]).on_upgrade(move |s| run(s, node, pod, ports)))
+    let cut = app.cut_streams.subscribe();
+    Ok(ws
+        .protocols([channel::V5, channel::V4, "portforward.k8s.io"])
+        .on_upgrade(move |s| run(s, node, pod, ports, cut)))
 }
 
 fn binary(ch: u8, data: &[u8]) -> Message {
     Message::Binary(channel::encode(ch, data).into())
 }
 
-async fn run(socket: WebSocket, node: Arc<dyn Node>, pod: PodRef, ports: Vec<u16>) {
+/// Relays until every port's connection ended, the client closed, or `cut`
+/// changed (the server drops the stream, see `App::cut_streams`).
+async fn run(socket: WebSocket, node: Arc<dyn Node>, pod: PodRef, ports: Vec<u16>, mut cut: watch::Receiver<u64>) {
     let v5 = socket.protocol().is_some_and(|p| p == channel::V5);
     let (mut sink, mut incoming) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(64);
@@ -113,6 +118,10 @@ async fn run(socket: WebSocket, node: Arc<dyn Node>, pod: PodRef, ports: Vec<u16
                 Some(Ok(_)) => {}
             },
             Some(()) = done_rx.recv() => open -= 1,
+            Ok(()) = cut.changed() => {
+                tracing::info!(pod = %pod.name, "cutting a port-forward stream");
+                break;
+            }
         }
     }
     for r in readers {
