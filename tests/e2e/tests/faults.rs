@@ -7,7 +7,6 @@
 // A failed unwrap is a failed test, with its message and line.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -63,10 +62,10 @@ fn agent_pod_replaced(sb: &Sandbox, original: &serde_json::Value) {
         served.as_secs_f64()
     );
 
-    let said = interrupt(cleanup.children.pop().unwrap());
+    let said = session::interrupt(cleanup.children.pop().unwrap()).unwrap();
     assert_eq!(said.matches("was replaced by").count(), 1, "one line says the agent pod was replaced:\n{said}");
     assert!(!said.contains("WARN") && !said.contains("Status {"), "no warnings or dumps on the terminal:\n{said}");
-    restored(sb, original, &id);
+    session::restored(sb, NS, "hello", original, &id).unwrap();
 }
 
 /// The API server stops answering for 20 s (SIGSTOP) while a 64 MiB
@@ -78,7 +77,7 @@ fn api_server_stalls(sb: &Sandbox, original: &serde_json::Value) {
     cleanup.children.push(child);
     answers(sb, "local-app", Duration::from_secs(60));
     let dev = format!("tpd-{id}");
-    let expected = docker_exec(&dev, &["python3", "-c", PATTERN_SHA256]);
+    let expected = tpd_e2e::dataplane::echo_bytes_sha256(64 << 20);
     // 2 MiB/s: the download spans the stall.
     let download =
         "curl -s --limit-rate 2M http://world/bytes/67108864 | sha256sum > /tmp/sum.part && mv /tmp/sum.part /tmp/sum";
@@ -91,15 +90,15 @@ fn api_server_stalls(sb: &Sandbox, original: &serde_json::Value) {
         std::thread::sleep(Duration::from_secs(20));
     }
     let sum = wait_file(&dev, "/tmp/sum", Duration::from_secs(120));
-    assert_eq!(sum.split_whitespace().next(), expected.split_whitespace().next(), "the download's sha256");
+    assert_eq!(sum.split_whitespace().next(), Some(expected.as_str()), "the download's sha256");
     eprintln!("API server stalled 20 s: 64 MiB download intact after {:.1} s", started.elapsed().as_secs_f64());
     let child = cleanup.children.last_mut().unwrap();
-    assert!(child.try_wait().unwrap().is_none(), "the session lives on:\n{}", stderr_of(child));
+    assert!(child.try_wait().unwrap().is_none(), "the session lives on:\n{}", session::stderr_of(child));
     let d = session::deployment_json(sb, NS, "hello").unwrap();
     assert_eq!(swap_record(&d).unwrap()["session"].as_str(), Some(id.as_str()), "the session still holds its swap");
     answers(sb, "local-app", Duration::from_secs(30));
-    interrupt(cleanup.children.pop().unwrap());
-    restored(sb, original, &id);
+    session::interrupt(cleanup.children.pop().unwrap()).unwrap();
+    session::restored(sb, NS, "hello", original, &id).unwrap();
 }
 
 /// The laptop sleeps 45 s, past the lease: tpd, its guardian and the
@@ -123,8 +122,8 @@ fn laptop_sleeps(sb: &Sandbox, original: &serde_json::Value) {
     eprintln!("laptop slept 45 s: served again {:.1} s after waking (target 10 s)", served.as_secs_f64());
     std::thread::sleep(lease_renewal());
     assert_eq!(lease_live(sb), Some(true), "the session took its lease again");
-    interrupt(cleanup.children.pop().unwrap());
-    restored(sb, original, &id);
+    session::interrupt(cleanup.children.pop().unwrap()).unwrap();
+    session::restored(sb, NS, "hello", original, &id).unwrap();
 }
 
 /// The laptop sleeps past the lease and its grace, and a `tpd` command on
@@ -144,10 +143,10 @@ fn laptop_sleeps_while_the_swap_is_repaired(sb: &Sandbox, original: &serde_json:
         assert!(swap_record(&d).is_none(), "another machine's tpd repaired the abandoned swap");
     }
     let status = session::wait_exit(&mut child, Duration::from_secs(60)).unwrap();
-    let said = stderr_of(&mut child);
+    let said = session::stderr_of(&mut child);
     assert!(!status.success(), "tpd ends non-zero after losing its swap:\n{said}");
     assert!(said.contains("lost the swap of deployment/hello"), "tpd says why:\n{said}");
-    restored(sb, original, &id);
+    session::restored(sb, NS, "hello", original, &id).unwrap();
 }
 
 /// `docker kill` of the sidecar: tpd says so naming it, exits non-zero,
@@ -160,10 +159,10 @@ fn sidecar_killed(sb: &Sandbox, original: &serde_json::Value) {
     let killed = Command::new("docker").args(["kill", &sidecar]).output().unwrap();
     assert!(killed.status.success(), "docker kill {sidecar}: {}", String::from_utf8_lossy(&killed.stderr));
     let status = session::wait_exit(&mut child, Duration::from_secs(60)).unwrap();
-    let said = stderr_of(&mut child);
+    let said = session::stderr_of(&mut child);
     assert!(!status.success(), "tpd exits non-zero when its sidecar is killed:\n{said}");
     assert!(said.contains(&sidecar), "the message names the sidecar {sidecar}:\n{said}");
-    restored(sb, original, &id);
+    session::restored(sb, NS, "hello", original, &id).unwrap();
 }
 
 /// A developer's container that runs out of memory: tpd says so and exits
@@ -190,7 +189,7 @@ fn swap_hello(sb: &Sandbox, cleanup: &mut Cleanup, cmd: &[&str]) -> (Child, Stri
         Ok((d, _)) => d,
         Err(e) => {
             let _ = child.kill();
-            panic!("{e:#}\ntpd said:\n{}", stderr_of(&mut child))
+            panic!("{e:#}\ntpd said:\n{}", session::stderr_of(&mut child))
         }
     };
     let id = swap_record(&d).unwrap()["session"].as_str().unwrap().to_owned();
@@ -229,9 +228,6 @@ fn agent_pod(sb: &Sandbox, id: &str, not: Option<&str>) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
-
-/// The sha256 of `/bytes/67108864` from tpd-echo (a 64 KiB pattern of i % 251, repeated).
-const PATTERN_SHA256: &str = "import hashlib\nc = bytes(i % 251 for i in range(65536))\nh = hashlib.sha256()\nfor _ in range(1024): h.update(c)\nprint(h.hexdigest())";
 
 /// Processes stopped with SIGSTOP and containers paused, until dropped
 /// (also when the test fails), as a laptop's sleep freezes them.
@@ -304,32 +300,4 @@ fn wait_file(container: &str, path: &str, timeout: Duration) -> String {
 fn docker_exec(container: &str, cmd: &[&str]) -> String {
     let out = Command::new("docker").arg("exec").arg(container).args(cmd).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
-
-/// Ctrl-C to tpd, as a user ends a session; returns what it said.
-fn interrupt(mut child: Child) -> String {
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    let status = session::wait_exit(&mut child, Duration::from_secs(60)).unwrap();
-    let said = stderr_of(&mut child);
-    assert!(status.code().is_some(), "tpd ended by itself after Ctrl-C:\n{said}");
-    said
-}
-
-fn stderr_of(child: &mut Child) -> String {
-    let mut said = String::new();
-    if let Some(mut err) = child.stderr.take() {
-        let _ = err.read_to_string(&mut said);
-    }
-    said
-}
-
-/// The Deployment is as it was and the session left nothing locally.
-fn restored(sb: &Sandbox, original: &serde_json::Value, id: &str) {
-    let (d, _) = wait_deployment(sb, NS, "hello", Duration::from_secs(30), |d| swap_record(d).is_none()).unwrap();
-    assert_eq!(&user_owned(d), original, "the restored Deployment differs from the original");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !session::session_containers(id).unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "containers of session {id} left behind\n{}", session::session_logs(sb, id));
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
