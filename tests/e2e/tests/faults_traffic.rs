@@ -132,8 +132,17 @@ fn load(sb: &Sandbox, original: &Value) {
             load.udp.seconds
         );
     }
+    // UDP is allowed to lose datagrams anywhere (the sandbox's ClusterIP
+    // proxy drops a few of a 200-flow burst from the pod): a margin of 0.1%
+    // of the datagrams keeps one unlucky loss from failing the comparison.
+    let margin = local.udp.requests / 1000;
     assert!(local.http.errors <= inside.http.errors, "more HTTP errors through the session than in the cluster");
-    assert!(local.udp.errors <= inside.udp.errors, "more UDP errors through the session than in the cluster");
+    assert!(
+        local.udp.errors <= inside.udp.errors + margin,
+        "more UDP errors through the session ({}) than in the cluster ({}) beyond a margin of {margin}",
+        local.udp.errors,
+        inside.udp.errors
+    );
     end_session(sb, &mut cleanup, original, &id);
 }
 
