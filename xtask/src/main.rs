@@ -3,7 +3,7 @@
 //! - `images`: the sidecar and agent images (static binaries, FROM scratch).
 //! - `test`: everything the test suite needs, then the whole suite.
 //! - `demo`: the main job end to end on the sandbox cluster.
-//! - `bench <tunnel|volumes|session|sandbox>`: printed figures, never a failure.
+//! - `bench <tunnel|volumes|session|sandbox|soak>`: printed figures, never a failure.
 
 mod bench;
 mod demo;
@@ -49,6 +49,9 @@ enum Task {
         /// One JSON object per figure instead of a table.
         #[arg(long)]
         json: bool,
+        /// How long `soak` runs.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
     },
 }
 
@@ -67,7 +70,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::TestImages => test_images(&root),
         Task::Test { args } => test(&root, &args),
         Task::Demo => demo::run(&root),
-        Task::Bench { which, json } => bench::run(which, json, &root),
+        Task::Bench { which, json, minutes } => bench::run(which, json, minutes, &root),
     }
 }
 

@@ -15,6 +15,7 @@ mod cpu;
 mod sandbox;
 mod sandbox_node;
 mod session;
+mod soak;
 mod tunnel;
 mod volumes;
 
@@ -69,11 +70,12 @@ pub enum Which {
     Volumes,
     Session,
     Sandbox,
+    Soak,
 }
 
-pub fn run(which: Which, json: bool, root: &Path) -> anyhow::Result<()> {
+pub fn run(which: Which, json: bool, minutes: u64, root: &Path) -> anyhow::Result<()> {
     stop_on_signals()?;
-    let figures = measure(which, json, root).map_err(|e| {
+    let figures = measure(which, json, minutes, root).map_err(|e| {
         if go_on().is_err() { anyhow::anyhow!("interrupted; what this run had started is removed") } else { e }
     })?;
     print(&figures, json);
@@ -108,11 +110,12 @@ fn stop_on_signals() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(which: Which, json: bool, root: &Path) -> anyhow::Result<Vec<Figure>> {
+fn measure(which: Which, json: bool, minutes: u64, root: &Path) -> anyhow::Result<Vec<Figure>> {
     Ok(match which {
         Which::Tunnel => tunnel::run()?,
         Which::Volumes => volumes::run()?,
         Which::Session => session::run(json)?,
+        Which::Soak => soak::run(minutes)?,
         Which::Sandbox => {
             // A release build: the figures are the server's, not debug code's.
             crate::run(crate::cargo(root).args(["build", "--quiet", "--release", "-p", "tpd-sandbox"]))?;
