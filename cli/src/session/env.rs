@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use tpd_wire::names::agent_env;
 
 use crate::cli::EnvFormat;
@@ -17,8 +16,9 @@ pub use crate::remote_env::Env;
 pub fn merge(remote: Env, flags: &[String], files: &[PathBuf]) -> anyhow::Result<Env> {
     let mut env: Env = remote.into_iter().filter(|(k, _)| !agent_env::ALL.contains(&k.as_str())).collect();
     for file in files {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("cannot read the env file {}", file.display()))?;
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            Hint::new(format!("cannot read the env file {}: {e}", file.display()), "check the path given to --env-file")
+        })?;
         env.extend(parse_env_file(&text).map_err(|line| {
             Hint::new(format!("line {line} of {} is not KEY=VALUE", file.display()), "fix that line or remove it")
         })?);

@@ -36,6 +36,7 @@ fn refused(sb: &Sandbox, args: &[&str], expect: &str, original: &Value) {
     assert!(!out.status.success(), "tpd {args:?} should fail; stderr: {err}");
     assert!(err.contains(expect), "tpd {args:?}: expected {expect:?} in:\n{err}");
     assert!(err.contains("help:"), "tpd {args:?}: no help line in:\n{err}");
+    assert!(!err.contains("backtrace") && !err.contains("caused by"), "tpd {args:?}: one line and a help line:\n{err}");
     let now = user_owned(session::deployment_json(sb, NS, "hello").unwrap());
     assert_eq!(&now, original, "tpd {args:?} changed the Deployment");
 }
@@ -114,6 +115,13 @@ fn swap_lifecycle_on_the_sandbox() {
         .output()
         .unwrap();
     assert!(!out.status.success() && stderr(&out).contains("Docker is not reachable"), "{}", stderr(&out));
+    // A bare OS error gets its context and a help line, and no backtrace.
+    refused(
+        &sb,
+        &run(&["--swap", "deployment/hello", "--env-file", "/nonexistent/app.env"]),
+        "/nonexistent/app.env",
+        &original,
+    );
     sb.kubectl_ok(&["create", "deployment", "pair", "--image", images::ECHO, "--image", images::BUSYBOX]).unwrap();
     refused(&sb, &run(&["--swap", "deployment/pair"]), "has 2 containers", &original);
 
