@@ -140,12 +140,14 @@ fn sample_memory(sb: &Sandbox, id: &str, duration: Duration) -> Result<Memory> {
 fn agent_container(sb: &Sandbox, id: &str) -> Result<String> {
     let selector = format!("{}={id}", tpd_wire::names::LABEL_SESSION);
     let pod = sb.kubectl_ok(&["get", "pods", "-l", &selector, "-o", "jsonpath={.items[0].metadata.name}"])?;
+    // The agent keeps the swapped container's name: find it by its image.
     let filter = format!("label=dev.tpd.sandbox.pod-name={}", pod.trim());
-    let out = Command::new("docker")
-        .args(["ps", "-q", "--filter", &filter, "--filter", "label=dev.tpd.sandbox.container=agent"])
-        .output()?;
-    let found = String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_owned);
-    found.with_context(|| format!("no container of the agent pod {pod}"))
+    let out = Command::new("docker").args(["ps", "--filter", &filter, "--format", "{{.ID}} {{.Image}}"]).output()?;
+    let found = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.split_once(' ').filter(|(_, image)| image.starts_with(tpd_wire::names::AGENT_IMAGE_REPO)))
+        .map(|(id, _)| id.to_owned());
+    found.with_context(|| format!("no agent container in the pod {pod}"))
 }
 
 fn container_pid(container: &str) -> Result<u32> {
