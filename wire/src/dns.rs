@@ -105,6 +105,15 @@ mod tests {
         assert!(!is_under("evilcluster.local", "cluster.local"));
     }
 
+    /// Found by the `dns` fuzz target: one label "evil.cluster.local" read
+    /// as the name evil.cluster.local, three labels, and was routed as one.
+    #[test]
+    fn a_label_with_a_dot_is_malformed() {
+        let mut q = query("x", 1);
+        q.splice(12..14, [18].into_iter().chain(*b"evil.cluster.local"));
+        assert_eq!(question(&q), Err(Error::BadName));
+    }
+
     #[test]
     fn empty_answer_echoes_id_and_question() {
         let qb = query("a.b", 1);
