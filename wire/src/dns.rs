@@ -50,6 +50,11 @@ pub fn question(msg: &[u8]) -> Result<Question, Error> {
             return Err(Error::BadName);
         }
         let label = msg.get(i..i + len).ok_or(Error::BadName)?;
+        // The name is routed as dot-joined text: a dot inside a label would
+        // make it name other labels than the query's.
+        if label.contains(&b'.') {
+            return Err(Error::BadName);
+        }
         labels.push(String::from_utf8_lossy(label).to_ascii_lowercase());
         i += len;
     }
