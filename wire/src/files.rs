@@ -1067,6 +1067,20 @@ mod tests {
         assert!(matches!(decode::<Response>(&mut frame), Err(DecodeError::Malformed { id: Some(7), .. })));
     }
 
+    /// Each entry is a name's length and an [`Attr`] at least, so a count
+    /// of 4-byte items let a 4 MiB frame allocate over 100 MiB of entries.
+    #[test]
+    fn entry_count_is_checked_against_whole_entries() {
+        let mut frame = BytesMut::new();
+        frame.put_u32(8 + 1 + 4 + 4000);
+        frame.put_u64(7);
+        frame.put_u8(kind::ENTRIES);
+        frame.put_u32(1000);
+        frame.put_bytes(0, 4000);
+        let reason = "list longer than its frame";
+        assert_eq!(decode::<Response>(&mut frame), Err(DecodeError::Malformed { id: Some(7), reason }));
+    }
+
     #[test]
     fn path_rules() {
         assert_eq!(components(b""), Ok(vec![]));
