@@ -1,10 +1,10 @@
 //! `cargo xtask fuzz`: the `wire/fuzz` targets on the pinned stable toolchain.
 //!
-//! cargo-fuzz asks for nightly only for the sanitizers and its `-Z` flags;
-//! with `-s none` (libFuzzer's coverage and comparison tracing alone, which
-//! stable rustc has) and `RUSTC_BOOTSTRAP=1` for the rest, the pinned
-//! toolchain builds and runs the targets. Debug assertions stay on (`-a`),
-//! so an arithmetic overflow in a decoder is a crash too.
+//! cargo-fuzz needs nightly only for the sanitizers (`-Zsanitizer`); with
+//! `--sanitizer none` it passes only stable codegen flags (libFuzzer's
+//! coverage and comparison tracing), so the pinned toolchain builds and runs
+//! the targets. Debug assertions stay on, so an arithmetic overflow in a
+//! decoder is a crash too.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+/// The cargo-fuzz these flags were checked with (CI installs the same).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Per input: a decoder that takes longer than this has a bug (libFuzzer
 /// reports it as a timeout artifact).
@@ -56,7 +59,7 @@ pub fn run(root: &Path, only: Option<&str>, seconds: u32, list: bool) -> Result<
     println!("fuzz: total {executions} executions");
     if !crashed.is_empty() {
         bail!(
-            "fuzz targets crashed: {}; reproduce with `cargo fuzz run -s none -a TARGET ARTIFACT` in wire/",
+            "fuzz targets crashed: {}; reproduce with `cargo fuzz run -s none -a TARGET INPUT` in wire/",
             crashed.join(", ")
         );
     }
@@ -67,7 +70,7 @@ pub fn run(root: &Path, only: Option<&str>, seconds: u32, list: bool) -> Result<
 fn ensure_cargo_fuzz() -> Result<()> {
     let ok = Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
     if !ok {
-        bail!("cargo-fuzz is not installed: run `cargo install cargo-fuzz --locked`");
+        bail!("cargo-fuzz is not installed: run `cargo install cargo-fuzz --version {CARGO_FUZZ_VERSION} --locked`");
     }
     Ok(())
 }
@@ -86,7 +89,6 @@ fn targets(root: &Path) -> Result<Vec<String>> {
 fn fuzz_cmd(root: &Path, target_dir: &Path, sub: &str) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root.join("wire"))
-        .env("RUSTC_BOOTSTRAP", "1")
         .args(["fuzz", sub, "--sanitizer", "none", "--debug-assertions", "--target-dir"])
         .arg(target_dir);
     cmd
