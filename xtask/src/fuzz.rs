@@ -103,11 +103,7 @@ fn run_target(root: &Path, target_dir: &Path, target: &str, seconds: u32) -> Res
     let status = fuzz_cmd(root, target_dir, "run")
         .arg(target)
         .arg("--")
-        .args([
-            format!("-max_total_time={seconds}"),
-            format!("-timeout={INPUT_TIMEOUT_SECS}"),
-            "-print_final_stats=1".to_owned(),
-        ])
+        .args(libfuzzer_args(root, target, seconds))
         .stdout(Stdio::null())
         .stderr(log)
         .status()
@@ -119,6 +115,20 @@ fn run_target(root: &Path, target_dir: &Path, target: &str, seconds: u32) -> Res
         bail!("cargo fuzz run {target} failed ({status}) without a crash input; see {}", log_path.display());
     }
     Ok(Outcome { executions: executions(&text).unwrap_or(0), elapsed, artifact })
+}
+
+fn libfuzzer_args(root: &Path, target: &str, seconds: u32) -> Vec<String> {
+    let mut args = vec![
+        format!("-max_total_time={seconds}"),
+        format!("-timeout={INPUT_TIMEOUT_SECS}"),
+        "-print_final_stats=1".to_owned(),
+    ];
+    // Words of a text format (control's JSON) that mutation alone rarely spells.
+    let dict = root.join(format!("wire/fuzz/dicts/{target}.dict"));
+    if dict.exists() {
+        args.push(format!("-dict={}", dict.display()));
+    }
+    args
 }
 
 /// libFuzzer's count of inputs run, from `-print_final_stats`.
