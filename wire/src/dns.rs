@@ -50,6 +50,11 @@ pub fn question(msg: &[u8]) -> Result<Question, Error> {
             return Err(Error::BadName);
         }
         let label = msg.get(i..i + len).ok_or(Error::BadName)?;
+        // The name is routed as dot-joined text: a dot inside a label would
+        // make it name other labels than the query's.
+        if label.contains(&b'.') {
+            return Err(Error::BadName);
+        }
         labels.push(String::from_utf8_lossy(label).to_ascii_lowercase());
         i += len;
     }
@@ -103,6 +108,15 @@ mod tests {
         assert!(is_under(&q.name, "cluster.local"));
         assert!(is_under("cluster.local", "cluster.local."));
         assert!(!is_under("evilcluster.local", "cluster.local"));
+    }
+
+    /// Found by the `dns` fuzz target: one label "evil.cluster.local" read
+    /// as the name evil.cluster.local, three labels, and was routed as one.
+    #[test]
+    fn a_label_with_a_dot_is_malformed() {
+        let mut q = query("x", 1);
+        q.splice(12..14, [18].into_iter().chain(*b"evil.cluster.local"));
+        assert_eq!(question(&q), Err(Error::BadName));
     }
 
     #[test]

@@ -546,6 +546,9 @@ fn put_timeset(out: &mut BytesMut, t: &TimeSet) {
     }
 }
 
+/// Bytes of an encoded [`Attr`].
+const ATTR_LEN: usize = 88;
+
 impl Attr {
     fn encode(&self, out: &mut BytesMut) {
         out.put_u64(self.ino);
@@ -851,7 +854,7 @@ impl Message for Response {
             kind::OK => Ok,
             kind::ATTR => Attr(self::Attr::decode(b)?),
             kind::ENTRIES => {
-                let n = get_count(b, 4)?;
+                let n = get_count(b, 4 + ATTR_LEN)?;
                 let mut entries = Vec::with_capacity(n);
                 for _ in 0..n {
                     entries.push(DirEntry { name: get_vec(b)?, attr: self::Attr::decode(b)? });
@@ -1065,6 +1068,27 @@ mod tests {
         frame.put_u64(7);
         frame.put_slice(&body);
         assert!(matches!(decode::<Response>(&mut frame), Err(DecodeError::Malformed { id: Some(7), .. })));
+    }
+
+    /// Each entry is a name's length and an [`Attr`] at least, so a count
+    /// of 4-byte items let a 4 MiB frame allocate over 100 MiB of entries.
+    #[test]
+    fn entry_count_is_checked_against_whole_entries() {
+        let mut frame = BytesMut::new();
+        frame.put_u32(8 + 1 + 4 + 4000);
+        frame.put_u64(7);
+        frame.put_u8(kind::ENTRIES);
+        frame.put_u32(1000);
+        frame.put_bytes(0, 4000);
+        let reason = "list longer than its frame";
+        assert_eq!(decode::<Response>(&mut frame), Err(DecodeError::Malformed { id: Some(7), reason }));
+    }
+
+    #[test]
+    fn attr_len_is_what_encode_writes() {
+        let mut out = BytesMut::new();
+        Attr::default().encode(&mut out);
+        assert_eq!(out.len(), ATTR_LEN);
     }
 
     #[test]

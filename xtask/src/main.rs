@@ -4,9 +4,11 @@
 //! - `test`: everything the test suite needs, then the whole suite.
 //! - `demo`: the main job end to end on the sandbox cluster.
 //! - `bench <tunnel|volumes|session|sandbox|soak>`: printed figures, never a failure.
+//! - `fuzz [TARGET]`: the `wire` decoders' fuzz targets, on the stable toolchain.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod images;
 mod prereqs;
 
@@ -53,6 +55,17 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         minutes: u64,
     },
+    /// Fuzz the wire decoders (wire/fuzz) for a while each; fails on a crash.
+    Fuzz {
+        /// Only this target (default: every one, in turn).
+        target: Option<String>,
+        /// How long each target runs.
+        #[arg(long, default_value_t = 20, value_name = "N")]
+        seconds: u32,
+        /// Print the target names and exit.
+        #[arg(long)]
+        list: bool,
+    },
 }
 
 fn main() {
@@ -71,6 +84,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Test { args } => test(&root, &args),
         Task::Demo => demo::run(&root),
         Task::Bench { which, json, minutes } => bench::run(which, json, minutes, &root),
+        Task::Fuzz { target, seconds, list } => fuzz::run(&root, target.as_deref(), seconds, list),
     }
 }
 
