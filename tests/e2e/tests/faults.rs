@@ -254,7 +254,8 @@ impl Stopped {
             assert!(Command::new("kill").args(["-STOP", pid]).status().unwrap().success(), "kill -STOP {pid}");
         }
         if !containers.is_empty() {
-            assert!(Command::new("docker").arg("pause").args(&containers).status().unwrap().success());
+            let paused = Command::new("docker").arg("pause").args(&containers).output().unwrap();
+            assert!(paused.status.success(), "docker pause: {}", String::from_utf8_lossy(&paused.stderr));
         }
         Stopped { pids, containers }
     }
