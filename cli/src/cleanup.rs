@@ -30,7 +30,14 @@ pub struct Outcome {
     pub restored: bool,
 }
 
+/// How long a step that talks to the API server may take: it must not hang
+/// on an unreachable cluster.
 const STEP_DEADLINE: Duration = Duration::from_secs(8);
+/// How long the local step may take: stopping the sidecar, removing the
+/// containers and, after a killed sidecar, the volume release helper (up to
+/// 20 s of its own) on a loaded Docker engine. With 8 s it ran out under
+/// load and left a killed sidecar's FUSE mounts behind.
+const LOCAL_STEP_DEADLINE: Duration = Duration::from_secs(45);
 
 /// What a session may have created.
 #[derive(Clone)]
@@ -55,10 +62,11 @@ impl Cleanup {
         let restored = Arc::new(AtomicBool::new(false));
         let mut ok = true;
         if let Some(name) = &self.deployment {
-            ok &= step("restore", self.restore(name, &restored)).await;
+            ok &= step("restore", STEP_DEADLINE, self.restore(name, &restored)).await;
         }
-        ok &= step("delete the session's cluster objects", self.delete_objects()).await;
-        ok &= step("remove the session's containers, networks and volume mounts", remove_local(&self.session)).await;
+        ok &= step("delete the session's cluster objects", STEP_DEADLINE, self.delete_objects()).await;
+        let local = remove_local(&self.session);
+        ok &= step("remove the session's containers, networks and volume mounts", LOCAL_STEP_DEADLINE, local).await;
         // The session's directory holds the remote env (secrets) in status.json.
         let dir = crate::session::session_dir_path(&self.session);
         if let Err(e) = std::fs::remove_dir_all(&dir)
@@ -194,15 +202,15 @@ pub async fn remove_containers(session: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn step(what: &str, fut: impl Future<Output = anyhow::Result<()>>) -> bool {
-    match tokio::time::timeout(STEP_DEADLINE, fut).await {
+async fn step(what: &str, deadline: Duration, fut: impl Future<Output = anyhow::Result<()>>) -> bool {
+    match tokio::time::timeout(deadline, fut).await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
             eprintln!("tpd: cleanup could not {what}: {e:#}");
             false
         }
         Err(_) => {
-            eprintln!("tpd: cleanup could not {what} within {} s", STEP_DEADLINE.as_secs());
+            eprintln!("tpd: cleanup could not {what} within {} s", deadline.as_secs());
             false
         }
     }

@@ -175,6 +175,10 @@ async fn run_helper(
     labels: HashMap<String, String>,
 ) -> anyhow::Result<String> {
     let name = format!("tpd-release-{session}");
+    // A cleanup killed while its helper ran (tpd SIGKILLed mid-cleanup) left
+    // this name taken; the guardian's cleanup runs the helper again.
+    let force = RemoveContainerOptions { force: true, ..Default::default() };
+    let _ = docker.remove_container(&name, Some(force)).await;
     let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
     let id = docker
         .create_container(Some(options), helper_container(image, host_dir, labels))

@@ -22,7 +22,6 @@ const NS: &str = "default";
 const LOCAL_APP: &str = "mkdir -p /w && echo local-app > /w/index.html && cd /w && exec python3 -m http.server 8080";
 
 #[test]
-#[ignore = "needs docker and root: run with `cargo xtask test`"]
 fn a_session_survives_what_clusters_and_laptops_do_to_it() {
     images::ensure().unwrap();
     session::require_tpd_images().unwrap();

@@ -63,7 +63,6 @@ fn quoted(word: &str) -> String {
 }
 
 #[test]
-#[ignore = "needs docker and root: run with `cargo xtask test`"]
 fn an_interactive_shell_ends_the_session_when_it_exits() {
     images::ensure().unwrap();
     session::require_tpd_images().unwrap();
