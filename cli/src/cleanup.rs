@@ -34,8 +34,8 @@ pub struct Outcome {
 /// on an unreachable cluster.
 const STEP_DEADLINE: Duration = Duration::from_secs(8);
 /// How long the local step may take: stopping the sidecar, removing the
-/// containers and, after a killed sidecar, the volume release helper (up to
-/// 20 s of its own) on a loaded Docker engine. With 8 s it ran out under
+/// containers and, after a killed sidecar, the volume release (up to 30 s
+/// of its own) on a loaded Docker engine. With 8 s it ran out under
 /// load and left a killed sidecar's FUSE mounts behind.
 const LOCAL_STEP_DEADLINE: Duration = Duration::from_secs(45);
 
@@ -135,10 +135,13 @@ async fn remove_local(session: &str) -> anyhow::Result<()> {
         info!("could not stop the sidecar gracefully: {e:#}");
         None
     });
-    remove_containers(session).await?;
-    remove_networks(&docker, session).await?;
+    // The volume release runs even when a removal failed: it checks for
+    // itself that nothing of the session still runs.
+    let containers = remove_containers(session).await;
+    let networks = remove_networks(&docker, session).await;
     let image = image.unwrap_or_else(|| crate::config::Images::defaults().sidecar);
-    crate::mounts::release(&docker, session, &image, crate::session::sidecar::labels(session)).await
+    let volumes = crate::mounts::release(&docker, session, &image, crate::session::sidecar::labels(session)).await;
+    containers.and(networks).and(volumes)
 }
 
 /// Removes the Docker networks labelled with `session` (`tpd connect` makes
@@ -194,10 +197,12 @@ pub async fn remove_containers(session: &str) -> anyhow::Result<()> {
         .await?;
     for c in list {
         let id = c.id.unwrap_or_default();
-        docker
-            .remove_container(&id, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }))
-            .await?;
-        info!("removed container {id}");
+        let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        match docker.remove_container(&id, Some(options)).await {
+            Ok(()) => info!("removed container {id}"),
+            Err(e) if crate::docker::is_gone_or_going(&e) => info!("container {id} is already gone or going: {e}"),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }

@@ -27,6 +27,19 @@ pub fn is_not_found(err: &bollard::errors::Error) -> bool {
     matches!(err, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
 }
 
+/// Whether a removal failed only because the container is already gone or
+/// another removal of it is under way (a killed `tpd` and its guardian
+/// cleaning up the same session).
+pub fn is_gone_or_going(err: &bollard::errors::Error) -> bool {
+    match err {
+        bollard::errors::Error::DockerResponseServerError { status_code: 404, .. } => true,
+        bollard::errors::Error::DockerResponseServerError { status_code: 409, message } => {
+            message.contains("already in progress")
+        }
+        _ => false,
+    }
+}
+
 /// How a container ended, as a user is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {

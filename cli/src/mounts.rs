@@ -80,8 +80,10 @@ pub fn volume_name(session: &str) -> String {
 
 /// How long the sidecar gets to unmount after SIGTERM before Docker kills it.
 const SIDECAR_STOP_SECONDS: i32 = 3;
-/// How long the release helper may take.
-const HELPER_DEADLINE: Duration = Duration::from_secs(20);
+/// How long [`release`] keeps trying, helper runs included.
+const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
+/// The pause between two of its attempts.
+const RELEASE_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 /// Stops the session's sidecar, if it runs, with SIGTERM so it unmounts every
 /// volume itself (Docker's forced removal would SIGKILL it and leave dead
@@ -111,9 +113,39 @@ pub async fn stop_sidecar(docker: &Docker, session: &str) -> anyhow::Result<Opti
 /// as in the sidecar) runs `tpd-sidecar release-volumes`, whose lazy
 /// unmounts propagate to the host, and the removal is retried.
 ///
+/// Two cleanups of one session can overlap (a `tpd run` killed in its own
+/// cleanup, then its guardian's), so the first can leave a helper or a
+/// container removal still finishing in the engine; each attempt checks
+/// again, until [`RELEASE_DEADLINE`].
+///
 /// Never call it while the sidecar runs: removing a directory that holds
 /// live mounts would delete the pod's files through them. It checks.
 pub async fn release(
+    docker: &Docker,
+    session: &str,
+    helper_image: &str,
+    labels: HashMap<String, String>,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + RELEASE_DEADLINE;
+    loop {
+        let attempt = release_once(docker, session, helper_image, labels.clone());
+        let error = match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                anyhow::bail!("the session's volume mounts were not released within {} s", RELEASE_DEADLINE.as_secs())
+            }
+        };
+        if tokio::time::Instant::now() + RELEASE_RETRY_PAUSE >= deadline {
+            return Err(error);
+        }
+        tracing::info!("releasing the session's volume mounts: {error:#}; trying again");
+        tokio::time::sleep(RELEASE_RETRY_PAUSE).await;
+    }
+}
+
+/// One attempt of [`release`].
+async fn release_once(
     docker: &Docker,
     session: &str,
     helper_image: &str,
@@ -130,17 +162,15 @@ pub async fn release(
     let filters = [("label".to_owned(), vec![format!("{}={session}", names::LABEL_SESSION)])].into_iter().collect();
     let running =
         docker.list_containers(Some(ListContainersOptions { filters: Some(filters), ..Default::default() })).await?;
-    if !running.is_empty() {
+    // A helper of an overlapping cleanup only unmounts; the next one replaces it.
+    let helper = format!("/{}", helper_name(session));
+    if running.iter().any(|c| !c.names.iter().flatten().any(|n| *n == helper)) {
         anyhow::bail!("the session's containers still run; remove them before the volume {volume}");
     }
     if docker.remove_volume(&volume, None::<RemoveVolumeOptions>).await.is_ok() {
         return Ok(());
     }
-    let said = tokio::time::timeout(HELPER_DEADLINE, run_helper(docker, session, helper_image, &dir, labels))
-        .await
-        .with_context(|| {
-        format!("the volume release helper did not finish within {} s", HELPER_DEADLINE.as_secs())
-    })??;
+    let said = run_helper(docker, session, helper_image, &dir, labels).await?;
     docker
         .remove_volume(&volume, None::<RemoveVolumeOptions>)
         .await
@@ -166,6 +196,12 @@ pub fn helper_container(image: &str, host_dir: &str, labels: HashMap<String, Str
     }
 }
 
+/// The release helper's container name: one per session, so an overlapping
+/// cleanup replaces a helper rather than running a second one.
+fn helper_name(session: &str) -> String {
+    format!("tpd-release-{session}")
+}
+
 /// Runs the helper to completion and returns what it printed.
 async fn run_helper(
     docker: &Docker,
@@ -174,7 +210,7 @@ async fn run_helper(
     host_dir: &str,
     labels: HashMap<String, String>,
 ) -> anyhow::Result<String> {
-    let name = format!("tpd-release-{session}");
+    let name = helper_name(session);
     // A cleanup killed while its helper ran (tpd SIGKILLed mid-cleanup) left
     // this name taken; the guardian's cleanup runs the helper again.
     let force = RemoveContainerOptions { force: true, ..Default::default() };

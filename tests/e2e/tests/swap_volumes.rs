@@ -364,8 +364,9 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     while left() != (vec![], vec![], vec![]) {
         assert!(
             killed.elapsed() < Duration::from_secs(30),
-            "left behind 30 s after kill -9 (containers, volumes, mounts): {:?}",
-            left()
+            "left behind 30 s after kill -9 (containers, volumes, mounts): {:?}\n{}",
+            left(),
+            session::session_logs(&sb, &session_id)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
