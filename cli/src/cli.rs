@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use tpd_wire::sidecar::Cidr;
 
 use crate::output::OutputFormat;
 use crate::swap::plan::Target;
@@ -126,9 +127,9 @@ pub struct RunArgs {
     /// shows which one a session uses.
     #[arg(long, value_enum, default_value_t = Transport::Portforward)]
     pub transport: Transport,
-    /// Also route this CIDR through the cluster.
+    /// Also route this IPv4 CIDR (e.g. 10.0.0.0/8) through the cluster. Repeatable.
     #[arg(long, value_name = "CIDR")]
-    pub also_proxy: Vec<String>,
+    pub also_proxy: Vec<Cidr>,
     /// Where all remote volumes also appear in your container.
     #[arg(long, value_name = "PATH")]
     pub mount_root: Option<String>,
@@ -201,9 +202,9 @@ pub struct ConnectArgs {
     /// How WireGuard reaches the agent (as for `tpd run`).
     #[arg(long, value_enum, default_value_t = Transport::Portforward)]
     pub transport: Transport,
-    /// Also route this CIDR through the cluster.
+    /// Also route this IPv4 CIDR (e.g. 10.0.0.0/8) through the cluster. Repeatable.
     #[arg(long, value_name = "CIDR")]
-    pub also_proxy: Vec<String>,
+    pub also_proxy: Vec<Cidr>,
     /// Do not mount the swapped Deployment's volumes.
     #[arg(long)]
     pub no_mounts: bool,

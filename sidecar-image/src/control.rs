@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::BytesMut;
-use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -22,40 +21,18 @@ use tpd_wire::inbound::Header;
 use tpd_wire::io as wio;
 use tpd_wire::names::{self, AGENT_CONTROL_PORT, AGENT_INBOUND_PORT, AGENT_TUNNEL_IP};
 use tpd_wire::preamble::{self, Kind};
+use tpd_wire::sidecar::{Event, Status};
 
 const PING_EVERY: Duration = Duration::from_secs(15);
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What `status.json` holds (mode 0600: `env` holds the app's secrets).
-#[derive(Debug, Serialize)]
-pub struct Status<'a> {
-    pub event: &'static str,
-    pub protocol_version: u16,
-    pub sidecar_version: &'static str,
-    pub agent_version: &'a str,
-    pub tunnel_ip: String,
-    pub agent_tunnel_ip: String,
-    /// What carries WireGuard: `udp` or `stream`.
-    pub transport: Option<crate::transport::Chosen>,
-    pub env: &'a BTreeMap<String, String>,
-}
-
-/// The stdout line: the same facts without the env, which never goes to a log.
-#[derive(Debug, Serialize)]
-struct ReadyLine<'a> {
-    event: &'static str,
-    protocol_version: u16,
-    agent_version: &'a str,
-    status_file: &'a Path,
-}
-
 pub struct Control {
     pub session_dir: PathBuf,
     pub ports: HashMap<u16, u16>,
-    /// Set when the volumes are to be mounted before ready; they unmount when it fires.
-    pub volumes: Option<tokio_util::sync::CancellationToken>,
-    /// How long volume requests wait for a lost agent to come back.
-    pub volume_timeout: Duration,
+    /// Set when the volumes are to be mounted before ready: they unmount
+    /// when the token fires, and their requests wait this long for a lost
+    /// agent to come back.
+    pub volumes: Option<(tokio_util::sync::CancellationToken, Duration)>,
     /// The mounted volumes, held for the session's life.
     pub mounted: std::sync::Mutex<Option<crate::fuse::MountHandle>>,
 }
@@ -112,9 +89,9 @@ impl Control {
         while let Some(msg) = wio::read_message(rd, buf).await? {
             match msg {
                 Message::Info { version, env } if !*announced => {
-                    if let Some(shutdown) = &self.volumes {
+                    if let Some((shutdown, retry_for)) = &self.volumes {
                         let cfg = crate::fuse::MountConfig {
-                            retry_for: self.volume_timeout,
+                            retry_for: *retry_for,
                             agents: Some(crate::transport::agents()),
                             ..crate::fuse::MountConfig::in_tunnel()
                         };
@@ -137,18 +114,20 @@ impl Control {
 
     fn announce_ready(&self, agent_version: &str, env: &BTreeMap<String, String>) -> anyhow::Result<()> {
         let status = Status {
-            event: "ready",
             protocol_version: names::PROTOCOL_VERSION,
-            sidecar_version: tpd_wire::VERSION,
-            agent_version,
-            tunnel_ip: names::SIDECAR_TUNNEL_IP.to_string(),
-            agent_tunnel_ip: AGENT_TUNNEL_IP.to_string(),
+            sidecar_version: tpd_wire::VERSION.into(),
+            agent_version: agent_version.into(),
+            tunnel_ip: names::SIDECAR_TUNNEL_IP,
+            agent_tunnel_ip: AGENT_TUNNEL_IP,
             transport: crate::transport::chosen(),
-            env,
+            env: env.clone(),
         };
-        let path = write_status(&self.session_dir, &status)?;
-        let line =
-            ReadyLine { event: "ready", protocol_version: names::PROTOCOL_VERSION, agent_version, status_file: &path };
+        let status_file = write_status(&self.session_dir, &status)?;
+        let line = Event::Ready {
+            protocol_version: names::PROTOCOL_VERSION,
+            agent_version: agent_version.into(),
+            status_file,
+        };
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", serde_json::to_string(&line)?)?;
         out.flush()?;
@@ -158,7 +137,8 @@ impl Control {
 
     /// Connects the local app, then dials back to the agent naming the client.
     async fn inbound(&self, id: u64, port: u16) {
-        let local_port = crate::config::local_port(&self.ports, port);
+        // Unmapped ports keep their number.
+        let local_port = self.ports.get(&port).copied().unwrap_or(port);
         let local = tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", local_port))).await;
         let mut local = match local {
             Ok(Ok(s)) => Some(s),
@@ -215,7 +195,7 @@ async fn connect_through_the_tunnel(to: SocketAddr, limit: Duration) -> anyhow::
 }
 
 /// Writes `status.json` atomically with mode 0600; returns its path.
-pub fn write_status(dir: &Path, status: &Status<'_>) -> anyhow::Result<PathBuf> {
+pub fn write_status(dir: &Path, status: &Status) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating the session directory {}", dir.display()))?;
     let path = dir.join(names::STATUS_FILE);
     let tmp = dir.join(format!(".{}.tmp", names::STATUS_FILE));
@@ -237,27 +217,24 @@ pub fn write_status(dir: &Path, status: &Status<'_>) -> anyhow::Result<PathBuf> 
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use tpd_wire::sidecar::Carrier;
 
     #[test]
     fn status_file_is_private_and_complete() {
         let dir = tempfile::tempdir().unwrap();
         let env = BTreeMap::from([("DB_PASSWORD".to_string(), "s3cret".to_string())]);
         let status = Status {
-            event: "ready",
             protocol_version: names::PROTOCOL_VERSION,
-            sidecar_version: tpd_wire::VERSION,
-            agent_version: "0.1.0",
-            tunnel_ip: "198.18.0.2".into(),
-            agent_tunnel_ip: "198.18.0.1".into(),
-            transport: Some(crate::transport::Chosen::Udp),
-            env: &env,
+            sidecar_version: tpd_wire::VERSION.into(),
+            agent_version: "0.1.0".into(),
+            tunnel_ip: names::SIDECAR_TUNNEL_IP,
+            agent_tunnel_ip: AGENT_TUNNEL_IP,
+            transport: Some(Carrier::Udp),
+            env,
         };
         let path = write_status(dir.path(), &status).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        assert_eq!(v["event"], "ready");
-        assert_eq!(v["env"]["DB_PASSWORD"], "s3cret");
-        assert_eq!(v["agent_version"], "0.1.0");
-        assert_eq!(v["transport"], "udp");
+        let back: Status = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(back, status);
     }
 }

@@ -1,6 +1,6 @@
 //! The DNS server the developer's container uses (127.0.0.1:53 in the shared
 //! network namespace). Names under the cluster domain (or all names, with
-//! `--dns-all-cluster`) go through the tunnel to the agent, which resolves
+//! the configuration's `dns.all_to_cluster`) go through the tunnel to the agent, which resolves
 //! them as the swapped pod would; others go to the upstream resolver the
 //! CLI passes (the host's). Queries are forwarded as they are.
 
@@ -11,28 +11,20 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tpd_wire::dns;
 use tpd_wire::names::{AGENT_DNS_PORT, AGENT_TUNNEL_IP};
+use tpd_wire::sidecar::Dns;
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(4);
 
-#[derive(Debug, Clone)]
-pub struct Routing {
-    pub cluster_domain: String,
-    pub all_to_cluster: bool,
-    pub upstream: Option<SocketAddr>,
-}
-
-impl Routing {
-    /// Where a query for `name` goes; `None` means refuse it.
-    pub fn server_for(&self, name: &str) -> Option<SocketAddr> {
-        if self.all_to_cluster || dns::is_under(name, &self.cluster_domain) {
-            Some(SocketAddr::from((AGENT_TUNNEL_IP, AGENT_DNS_PORT)))
-        } else {
-            self.upstream
-        }
+/// Where a query for `name` goes; `None` means refuse it.
+fn server_for(routing: &Dns, name: &str) -> Option<SocketAddr> {
+    if routing.all_to_cluster || dns::is_under(name, &routing.cluster_domain) {
+        Some(SocketAddr::from((AGENT_TUNNEL_IP, AGENT_DNS_PORT)))
+    } else {
+        routing.upstream
     }
 }
 
-pub async fn serve(sock: UdpSocket, routing: Routing) {
+pub async fn serve(sock: UdpSocket, routing: Dns) {
     let sock = Arc::new(sock);
     let routing = Arc::new(routing);
     let mut buf = vec![0u8; 4096];
@@ -50,9 +42,9 @@ pub async fn serve(sock: UdpSocket, routing: Routing) {
     }
 }
 
-async fn answer(query: &[u8], routing: &Routing) -> Option<Vec<u8>> {
+async fn answer(query: &[u8], routing: &Dns) -> Option<Vec<u8>> {
     let q = dns::question(query).ok()?;
-    let Some(server) = routing.server_for(&q.name) else {
+    let Some(server) = server_for(routing, &q.name) else {
         return dns::empty_response(query, dns::RCODE_REFUSED).ok();
     };
     match tpd_wire::io::dns_exchange(query, server, QUERY_TIMEOUT).await {
@@ -72,13 +64,13 @@ mod tests {
     #[test]
     fn routes_cluster_names_to_the_agent() {
         let upstream: SocketAddr = "192.0.2.53:53".parse().unwrap();
-        let r = Routing { cluster_domain: "cluster.local".into(), all_to_cluster: false, upstream: Some(upstream) };
+        let r = Dns { upstream: Some(upstream), ..Dns::default() };
         let agent = SocketAddr::from((AGENT_TUNNEL_IP, AGENT_DNS_PORT));
-        assert_eq!(r.server_for("echo.default.svc.cluster.local"), Some(agent));
-        assert_eq!(r.server_for("example.org"), Some(upstream));
-        let all = Routing { all_to_cluster: true, upstream: None, ..r };
-        assert_eq!(all.server_for("example.org"), Some(agent));
-        let none = Routing { all_to_cluster: false, ..all };
-        assert_eq!(none.server_for("example.org"), None);
+        assert_eq!(server_for(&r, "echo.default.svc.cluster.local"), Some(agent));
+        assert_eq!(server_for(&r, "example.org"), Some(upstream));
+        let all = Dns { all_to_cluster: true, upstream: None, ..r };
+        assert_eq!(server_for(&all, "example.org"), Some(agent));
+        let none = Dns { all_to_cluster: false, ..all };
+        assert_eq!(server_for(&none, "example.org"), None);
     }
 }

@@ -6,7 +6,6 @@
 // Property tests unwrap inside proptest!, which clippy does not see as a test.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-mod config;
 mod control;
 mod dns;
 mod fuse;
@@ -14,8 +13,6 @@ mod selfcheck;
 mod transport;
 mod tun;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -24,9 +21,9 @@ use clap::{Parser, Subcommand};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tpd_wire::names;
+use tpd_wire::sidecar::{Carrier, Config, Event, Transport};
 use tpd_wire::tunnel::Endpoint as Wg;
 
-use crate::config::{Cidr, Endpoint, PortMap, Transport};
 use crate::control::Control;
 use crate::tun::Tun;
 
@@ -53,66 +50,20 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// How WireGuard reaches the agent: stream:tcp:IP:PORT, stream:unix:/path or udp:IP:PORT.
-    #[arg(long)]
-    transport: Transport,
-    /// For a udp transport, where the key exchange stream goes (default: TCP to the same address).
-    #[arg(long)]
-    hello: Option<Endpoint>,
-    /// For a udp transport: when no answer comes over UDP within SECONDS of the
-    /// first handshake, carry WireGuard over the hello stream instead.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    udp_fallback: Option<std::time::Duration>,
-    /// A cluster CIDR (pods, services) routed into the tunnel. Repeatable.
-    #[arg(long = "cluster-cidr")]
-    cluster_cidrs: Vec<Cidr>,
-    /// Another CIDR to route into the tunnel. Repeatable.
-    #[arg(long = "also-proxy")]
-    also_proxy: Vec<Cidr>,
-    /// Names under this domain are resolved by the agent.
-    #[arg(long, default_value = "cluster.local")]
-    cluster_domain: String,
-    /// Resolve every name through the agent.
-    #[arg(long)]
-    dns_all_cluster: bool,
-    /// Resolver for names outside the cluster (IP or IP:PORT); without it they are refused.
-    #[arg(long, value_parser = parse_resolver)]
-    upstream_dns: Option<SocketAddr>,
-    /// Where the DNS server listens.
-    #[arg(long, default_value = "127.0.0.1:53")]
-    dns_listen: SocketAddr,
-    /// REMOTE:LOCAL: inbound connections to the agent's port REMOTE reach 127.0.0.1:LOCAL. Repeatable.
-    #[arg(long = "port")]
-    ports: Vec<PortMap>,
-    /// Directory for status.json (and the CLI's Unix socket).
-    #[arg(long, default_value = names::SESSION_DIR)]
-    session_dir: PathBuf,
-    /// FUSE-mount the agent's volumes (needs SYS_ADMIN and /dev/fuse) before announcing ready.
-    #[arg(long)]
-    volumes: bool,
-    /// How long a volume request waits for a lost connection to the agent
-    /// (its pod replaced) to come back before the program gets EIO.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, default_value = "30")]
-    volume_timeout: std::time::Duration,
+    /// The session's configuration as JSON (`tpd_wire::sidecar::Config`),
+    /// written by the CLI; see `docker inspect` of a running sidecar.
+    #[arg(long, value_parser = parse_config)]
+    config: Config,
 }
 
-fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
-    s.parse::<f64>()
-        .ok()
-        .and_then(|secs| std::time::Duration::try_from_secs_f64(secs).ok())
-        .ok_or_else(|| format!("{s:?} is not a number of seconds"))
-}
-
-fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>()
-        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-        .map_err(|e| format!("{s:?} is not an IP or IP:PORT ({e})"))
+fn parse_config(s: &str) -> Result<Config, String> {
+    serde_json::from_str(s).map_err(|e| format!("not a sidecar configuration: {e}"))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     let args = match Args::parse().command {
-        Command::Run(args) => *args,
+        Command::Run(args) => args.config,
         Command::Selfcheck => return Ok(selfcheck::run()),
         Command::ReleaseVolumes { root } => return Ok(fuse::release(&root)),
     };
@@ -140,64 +91,53 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     shutdown.cancel();
     if let Err(e) = &result {
         // The CLI reads stdout: failures are an event there too.
-        println!("{}", serde_json::json!({ "event": "error", "message": format!("{e:#}") }));
+        let event = Event::Error { message: format!("{e:#}") };
+        println!("{}", serde_json::to_string(&event).unwrap_or_default());
     }
     result.map(|()| std::process::ExitCode::SUCCESS)
 }
 
 /// Runs until a fatal error; everything else is retried inside.
-async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let routes: Vec<Cidr> = args.cluster_cidrs.iter().chain(&args.also_proxy).copied().collect();
+async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Datagrams over UDP must fit the path; frames on a stream need not. A
     // UDP transport that falls back to the stream raises the MTU then.
-    let mtu = match args.transport {
+    let mtu = match config.transport {
         Transport::Stream(_) => names::STREAM_TUNNEL_MTU,
         Transport::Udp(_) => names::TUNNEL_MTU,
     };
     let tun = Arc::new(
-        Tun::create(names::SIDECAR_TUNNEL_IP, names::TUNNEL_PREFIX_LEN, mtu, &routes)
+        Tun::create(names::SIDECAR_TUNNEL_IP, names::TUNNEL_PREFIX_LEN, mtu, &config.routes)
             .context("setting up the tunnel device")?,
     );
     let grow = tun.clone();
     let sink = tun.clone();
     let wg = Arc::new(Wg::new(Some(25), move |packet| sink.write(packet)));
 
-    let dns_sock =
-        UdpSocket::bind(args.dns_listen).await.with_context(|| format!("DNS listening on {}", args.dns_listen))?;
-    let routing = dns::Routing {
-        cluster_domain: args.cluster_domain.clone(),
-        all_to_cluster: args.dns_all_cluster,
-        upstream: args.upstream_dns,
-    };
-    let hello_at = match (&args.transport, args.hello) {
-        (_, Some(at)) => at,
-        (Transport::Stream(at), None) => at.clone(),
-        (Transport::Udp(addr), None) => Endpoint::Tcp(*addr),
-    };
-    let ports: HashMap<u16, u16> = args.ports.iter().map(|p| (p.remote, p.local)).collect();
+    let listen = config.dns.listen;
+    let dns_sock = UdpSocket::bind(listen).await.with_context(|| format!("DNS listening on {listen}"))?;
+    let hello_at = config.hello_at();
     let control = Arc::new(Control {
-        session_dir: args.session_dir,
-        ports,
-        volumes: args.volumes.then(|| shutdown.clone()),
-        volume_timeout: args.volume_timeout,
+        session_dir: config.session_dir.clone(),
+        ports: config.port_map(),
+        volumes: config.volumes.as_ref().map(|v| (shutdown.clone(), v.retry_for)),
         mounted: Default::default(),
     });
 
     let tasks = [
-        tokio::spawn(dns::serve(dns_sock, routing)),
+        tokio::spawn(dns::serve(dns_sock, config.dns)),
         tokio::spawn(tun_to_wg(tun, wg.clone())),
         tokio::spawn(wg.clone().run_timers()),
         tokio::spawn(control.run()),
         tokio::spawn(async move {
             if mtu != names::STREAM_TUNNEL_MTU
-                && transport::decided().await == transport::Chosen::Stream
+                && transport::decided().await == Carrier::Stream
                 && let Err(e) = grow.set_mtu(names::STREAM_TUNNEL_MTU)
             {
                 tracing::warn!("keeping the tunnel MTU at {}: {e}", names::TUNNEL_MTU);
             }
         }),
     ];
-    let result = transport::run(args.transport, hello_at, args.udp_fallback, wg).await;
+    let result = transport::run(config.transport, hello_at, config.udp_fallback, wg).await;
     tasks.iter().for_each(|t| t.abort());
     result
 }

@@ -24,7 +24,7 @@ use tpd_wire::preamble;
 use tpd_wire::tunnel::{Endpoint as Wg, Route};
 use tpd_wire::udp::{TunnelUdp, UdpSender};
 
-use crate::config::{Endpoint, Transport};
+use tpd_wire::sidecar::{Carrier, Endpoint, Transport};
 
 const STREAM_QUEUE: usize = 4096;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -35,16 +35,8 @@ const HEALTHY: Duration = Duration::from_secs(5);
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
-/// What carries WireGuard for this session, once decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Chosen {
-    Udp,
-    Stream,
-}
-
 /// Set once, by whichever of UDP's first answer and the fallback window's end comes first.
-static CHOSEN: LazyLock<watch::Sender<Option<Chosen>>> = LazyLock::new(|| watch::Sender::new(None));
+static CHOSEN: LazyLock<watch::Sender<Option<Carrier>>> = LazyLock::new(|| watch::Sender::new(None));
 
 /// Bumped each time the hello brings an agent key other than the last one:
 /// the agent pod was replaced (or its container restarted), and every
@@ -65,16 +57,16 @@ pub fn agents() -> watch::Receiver<u64> {
 }
 
 /// The transport carrying the session; `None` while a UDP fallback window is open.
-pub fn chosen() -> Option<Chosen> {
+pub fn chosen() -> Option<Carrier> {
     *CHOSEN.borrow()
 }
 
 /// Waits until the transport is decided.
-pub async fn decided() -> Chosen {
+pub async fn decided() -> Carrier {
     let mut rx = CHOSEN.subscribe();
     let chosen = rx.wait_for(Option::is_some).await.map(|c| *c);
     // The sender is a static: it never closes.
-    chosen.ok().flatten().unwrap_or(Chosen::Stream)
+    chosen.ok().flatten().unwrap_or(Carrier::Stream)
 }
 
 /// The tunnel UDP socket's receive buffer, once bound (see [`udp_receive_buffer`]).
@@ -88,7 +80,7 @@ pub fn udp_receive_buffer() -> Option<usize> {
 }
 
 /// Decides the transport unless it already is; true if this call decided it.
-fn choose(which: Chosen) -> bool {
+fn choose(which: Carrier) -> bool {
     CHOSEN.send_if_modified(|c| c.is_none() && c.replace(which).is_none())
 }
 
@@ -119,12 +111,12 @@ pub async fn run(
             let sender = sock.sender();
             tokio::spawn(read_udp(sock, sender.clone(), *addr, heard_tx, wg.clone()));
             if fallback.is_none() {
-                choose(Chosen::Udp);
+                choose(Carrier::Udp);
             }
             Some(Udp { sender, addr: *addr, heard })
         }
         Transport::Stream(_) => {
-            choose(Chosen::Stream);
+            choose(Carrier::Stream);
             None
         }
     };
@@ -184,20 +176,20 @@ async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg
     }
     tracing::info!("transport stream up");
     let mut fell_back = false;
-    if let Some(Udp { sender, addr, mut heard }) = udp.filter(|_| chosen() != Some(Chosen::Stream)) {
+    if let Some(Udp { sender, addr, mut heard }) = udp.filter(|_| chosen() != Some(Carrier::Stream)) {
         wg.set_route(Route::Udp(sender, addr));
         wg.handshake();
         if let (Some(window), None) = (fallback, chosen()) {
             let answered = tokio::time::timeout(window, heard.wait_for(|h| *h)).await.is_ok_and(|r| r.is_ok());
             // UDP's first answer and the end of the window race for the decision.
-            if !answered && choose(Chosen::Stream) {
+            if !answered && choose(Carrier::Stream) {
                 fell_back = true;
                 tracing::warn!(
                     "no answer over UDP from {addr} within {window:?}; WireGuard goes over the stream instead"
                 );
             }
         }
-        if chosen() == Some(Chosen::Udp) {
+        if chosen() == Some(Carrier::Udp) {
             tracing::info!("WireGuard goes over UDP to {addr}");
             // Nothing more comes on the stream; its end means the agent went away.
             let mut rest = [0u8; 64];
@@ -225,10 +217,10 @@ async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg
 async fn read_udp(sock: Arc<TunnelUdp>, sender: UdpSender, agent: SocketAddr, heard: watch::Sender<bool>, wg: Arc<Wg>) {
     sock.read_each(|datagram, from| {
         if from == agent && !*heard.borrow() {
-            choose(Chosen::Udp);
+            choose(Carrier::Udp);
             heard.send_replace(true);
         }
-        if chosen() != Some(Chosen::Stream) {
+        if chosen() != Some(Carrier::Stream) {
             wg.receive(Some(from.ip()), datagram, &Route::Udp(sender.clone(), from));
         }
     })
@@ -282,7 +274,7 @@ mod tests {
         .await
         .expect("a packet crosses the tunnel after the fallback");
         assert_eq!(arrived, tpd_wire::ip::tunnel_test_packet());
-        assert_eq!(chosen(), Some(Chosen::Stream));
+        assert_eq!(chosen(), Some(Carrier::Stream));
         // The first handshake went to the UDP address before the fallback.
         let mut first = [0u8; 256];
         assert_eq!(silent.try_recv(&mut first).ok(), Some(148), "a handshake initiation over UDP");

@@ -21,6 +21,7 @@ pub mod io;
 pub mod ip;
 pub mod names;
 pub mod preamble;
+pub mod sidecar;
 #[cfg(feature = "io")]
 pub mod tunnel;
 #[cfg(feature = "io")]

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
+use tpd_wire::sidecar::Cidr;
 use tracing::{info, warn};
 
 use crate::cleanup::Cleanup;
@@ -47,7 +48,7 @@ pub struct Spec {
     pub force: bool,
     pub ports: Vec<PortPair>,
     pub publish: Vec<PortPair>,
-    pub also_proxy: Vec<String>,
+    pub also_proxy: Vec<Cidr>,
     pub transport: Option<Transport>,
     pub no_mounts: bool,
     pub ready_timeout: u64,
@@ -394,7 +395,7 @@ async fn spawn_holder(
         cmd.args(["--publish", &format!("{}:{}", p.first, p.second)]);
     }
     for c in &args.also_proxy {
-        cmd.args(["--also-proxy", c]);
+        cmd.args(["--also-proxy", &c.to_string()]);
     }
     let transport = match args.transport {
         Transport::Auto => "auto",

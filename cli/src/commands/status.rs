@@ -131,7 +131,8 @@ async fn local_sessions() -> Result<Vec<LocalSession>, String> {
     Ok(by_session
         .into_iter()
         .map(|(session, containers)| {
-            let transport = crate::session::sidecar::transport_in(&crate::session::session_dir_path(&session));
+            let transport =
+                crate::session::sidecar::transport_in(&crate::session::session_dir_path(&session)).map(Used::from);
             LocalSession { session, containers, transport }
         })
         .collect())

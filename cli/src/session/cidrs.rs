@@ -10,10 +10,11 @@ use anyhow::Context;
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use tpd_wire::sidecar::Cidr;
 use tracing::debug;
 
-/// Pod ranges then service ranges, deduplicated, IPv4 and IPv6 as given.
-pub async fn discover(client: &kube::Client) -> anyhow::Result<Vec<String>> {
+/// Pod ranges then service ranges, deduplicated; IPv4 only, as the tunnel is.
+pub async fn discover(client: &kube::Client) -> anyhow::Result<Vec<Cidr>> {
     let nodes: Api<Node> = Api::all(client.clone());
     let mut ranges: Vec<String> = Vec::new();
     for node in nodes.list(&ListParams::default()).await.context("cannot list nodes to find the pod range")?.items {
@@ -21,9 +22,20 @@ pub async fn discover(client: &kube::Client) -> anyhow::Result<Vec<String>> {
         ranges.extend(spec.pod_cidrs.unwrap_or_default().into_iter().chain(spec.pod_cidr));
     }
     ranges.extend(service_ranges(client).await?);
-    let mut seen = std::collections::BTreeSet::new();
-    ranges.retain(|r| seen.insert(r.clone()));
-    Ok(ranges)
+    Ok(routable(&ranges))
+}
+
+/// The IPv4 ranges among `ranges`, each once; the others are logged.
+fn routable(ranges: &[String]) -> Vec<Cidr> {
+    let mut cidrs: Vec<Cidr> = Vec::new();
+    for range in ranges {
+        match range.parse::<Cidr>() {
+            Ok(cidr) if !cidrs.contains(&cidr) => cidrs.push(cidr),
+            Ok(_) => {}
+            Err(e) => debug!("not routed through the tunnel, which carries IPv4 only: {e}"),
+        }
+    }
+    cidrs
 }
 
 async fn service_ranges(client: &kube::Client) -> anyhow::Result<Vec<String>> {
@@ -69,6 +81,13 @@ pub fn range_in_message(message: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ipv4_ranges_are_routed_each_once() {
+        let ranges = ["10.244.0.0/24", "fd00:10:96::/108", "10.96.0.0/12", "10.244.0.0/24"].map(String::from);
+        let routed: Vec<String> = routable(&ranges).iter().map(Cidr::to_string).collect();
+        assert_eq!(routed, ["10.244.0.0/24", "10.96.0.0/12"]);
+    }
 
     #[test]
     fn range_from_the_invalid_message() {

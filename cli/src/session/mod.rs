@@ -19,6 +19,7 @@ use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use kube::api::ObjectMeta;
 use tokio_util::sync::CancellationToken;
 use tpd_wire::names;
+use tpd_wire::sidecar::{Carrier, Status};
 
 use crate::cli::RunArgs;
 use crate::cluster::Cluster;
@@ -125,7 +126,7 @@ pub fn sidecar_lost(why: String) -> anyhow::Error {
 pub struct Started {
     pub sidecar: sidecar::Sidecar,
     /// What the sidecar reported, with the agent's env.
-    pub status: sidecar::Status,
+    pub status: Status,
     pub docker: bollard::Docker,
 }
 
@@ -137,7 +138,8 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
         cidrs::discover(&ctx.cluster.client),
         transport::prepare(ctx.cluster, ctx.args.transport, ctx.id, &ctx.agent_pod),
     )?;
-    progress(&format!("cluster ranges routed through the tunnel: {}", routes.join(", ")));
+    let shown: Vec<String> = routes.iter().map(ToString::to_string).collect();
+    progress(&format!("cluster ranges routed through the tunnel: {}", shown.join(", ")));
     let dir = session_dir(ctx.id)?;
     let relay = relay::start(&dir, ctx.cluster, ctx.id, &ctx.agent_pod, shutdown.clone())?;
     let docker = crate::docker::connect().await?;
@@ -149,8 +151,8 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
         () = shutdown.cancelled() => anyhow::bail!("interrupted before the sidecar was ready"),
     };
     let used = status.transport.unwrap_or(match plan {
-        Plan::PortForward => transport::Used::Portforward,
-        Plan::Udp { .. } => transport::Used::Udp,
+        Plan::PortForward => Carrier::Stream,
+        Plan::Udp { .. } => Carrier::Udp,
     });
     progress(&format!("session ready ({})", transport_line(ctx.cluster, ctx.id, &plan, used).await));
     status.transport = Some(used);
@@ -159,13 +161,13 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
 
 /// Says which transport carries the session (and why, after a fallback);
 /// an unused NodePort goes at once.
-async fn transport_line(cluster: &Cluster, id: &str, plan: &Plan, used: transport::Used) -> String {
+async fn transport_line(cluster: &Cluster, id: &str, plan: &Plan, used: Carrier) -> String {
     let line = match (plan, used) {
         (Plan::PortForward, _) => "transport: port-forward".to_owned(),
-        (Plan::Udp { at, service, .. }, transport::Used::Udp) => {
+        (Plan::Udp { at, service, .. }, Carrier::Udp) => {
             format!("transport: udp to {at}, service/{service}")
         }
-        (Plan::Udp { at, fallback, .. }, transport::Used::Portforward) => {
+        (Plan::Udp { at, fallback, .. }, Carrier::Stream) => {
             transport::release_unused(cluster, id).await;
             let window = fallback.unwrap_or(transport::UDP_FALLBACK);
             format!("transport: port-forward; udp to {at} got no answer within {} s", window.as_secs_f64())

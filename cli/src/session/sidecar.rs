@@ -4,7 +4,8 @@
 //! of the remote volumes. It writes `status.json` into the session
 //! directory when the tunnel is up; that file holds the agent's env.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -13,13 +14,13 @@ use bollard::Docker;
 use bollard::models::{ContainerCreateBody, DeviceMapping, HostConfig, PortBinding, VolumeCreateRequest};
 use bollard::query_parameters::{CreateContainerOptions, InspectContainerOptions, LogsOptions};
 use futures::StreamExt;
-use serde::Deserialize;
 use tpd_wire::files::VolumeMount;
 use tpd_wire::names;
+use tpd_wire::sidecar::{Carrier, Cidr, Config, Endpoint, Event, PortMap, Status, Transport, Volumes};
 
 use super::Context;
 use super::relay::Relay;
-use super::transport::{Plan, Used};
+use super::transport::Plan;
 use crate::mounts::{self, VolumeMounts};
 
 /// A started sidecar.
@@ -32,26 +33,11 @@ pub struct Sidecar {
     pub volumes: Option<VolumeMounts>,
 }
 
-/// What the sidecar writes to `status.json` when the session is ready.
-#[derive(Debug, Default, Deserialize)]
-pub struct Status {
-    /// The agent's process env minus tpd's variables. Secrets: never logged.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// What carries WireGuard (older sidecars do not say; `start` fills it in).
-    #[serde(default)]
-    pub transport: Option<Used>,
-}
-
 /// The transport named in a session directory's `status.json`, for `tpd
-/// status`; only that field is read (the file also holds the env).
-pub fn transport_in(dir: &Path) -> Option<Used> {
-    #[derive(Deserialize)]
-    struct Only {
-        transport: Option<Used>,
-    }
+/// status`.
+pub fn transport_in(dir: &Path) -> Option<Carrier> {
     let text = std::fs::read_to_string(dir.join(names::STATUS_FILE)).ok()?;
-    serde_json::from_str::<Only>(&text).ok()?.transport
+    serde_json::from_str::<Status>(&text).ok()?.transport
 }
 
 /// Labels of everything local the session creates, found by cleanup.
@@ -62,52 +48,36 @@ pub fn labels(session: &str) -> HashMap<String, String> {
     ])
 }
 
-/// The sidecar's arguments (`tpd-sidecar run --help`): the transport (the
-/// relay's socket carries the hello, and WireGuard too unless it goes over
-/// UDP), the routes, the inbound port map, and the host's resolver for
-/// names outside the cluster.
-fn command(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[String], volumes: &[VolumeMount]) -> Vec<String> {
-    let stream = format!("stream:unix:{}", relay.socket_in_sidecar);
-    let mut cmd: Vec<String> = vec!["run".into()];
-    match plan {
-        Plan::PortForward => cmd.extend(["--transport".into(), stream]),
+/// The sidecar's configuration: the transport (the relay's socket carries
+/// the hello, and WireGuard too unless it goes over UDP), the routes, the
+/// inbound port map, and the host's resolver for names outside the cluster.
+fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[Cidr], volumes: &[VolumeMount]) -> Config {
+    let stream = Endpoint::Unix(relay.socket_in_sidecar.clone().into());
+    let mut config = match plan {
+        Plan::PortForward => Config::new(Transport::Stream(stream)),
         Plan::Udp { at, fallback, .. } => {
-            cmd.extend(["--transport".into(), format!("udp:{at}"), "--hello".into(), stream]);
-            if let Some(window) = fallback {
-                cmd.extend(["--udp-fallback".into(), window.as_secs_f64().to_string()]);
-            }
+            Config { hello: Some(stream), udp_fallback: *fallback, ..Config::new(Transport::Udp(*at)) }
         }
-    }
-    cmd.extend(["--session-dir".into(), names::SESSION_DIR.into()]);
-    for cidr in routes {
-        cmd.extend(["--cluster-cidr".into(), cidr.clone()]);
-    }
-    for cidr in &ctx.args.also_proxy {
-        cmd.extend(["--also-proxy".into(), cidr.clone()]);
-    }
-    for p in &ctx.args.ports {
-        cmd.extend(["--port".into(), format!("{}:{}", p.first, p.second)]);
-    }
-    if let Some(upstream) = host_resolver() {
-        cmd.extend(["--upstream-dns".into(), upstream]);
-    }
-    if !volumes.is_empty() {
-        cmd.push("--volumes".into());
-        if let Some(seconds) = ctx.args.volume_timeout {
-            cmd.extend(["--volume-timeout".into(), seconds.to_string()]);
-        }
-    }
-    cmd
+    };
+    config.routes = routes.iter().chain(&ctx.args.also_proxy).copied().collect();
+    config.ports = ctx.args.ports.iter().map(|p| PortMap { remote: p.first, local: p.second }).collect();
+    config.dns.upstream = host_resolver();
+    config.volumes = (!volumes.is_empty())
+        .then(|| Volumes { retry_for: ctx.args.volume_timeout.map_or(VOLUME_RETRY_FOR, Duration::from_secs) });
+    config
 }
 
+/// How long a volume request waits for a lost agent by default (`--volume-timeout`).
+const VOLUME_RETRY_FOR: Duration = Duration::from_secs(30);
+
 /// The host's first resolver that a container can reach (not loopback).
-fn host_resolver() -> Option<String> {
+fn host_resolver() -> Option<SocketAddr> {
     let conf = std::fs::read_to_string("/etc/resolv.conf").ok()?;
     conf.lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .map(str::trim)
-        .find(|ip| ip.parse::<std::net::IpAddr>().is_ok_and(|ip| !ip.is_loopback()))
-        .map(str::to_owned)
+        .filter_map(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+        .find(|ip| !ip.is_loopback())
+        .map(|ip| SocketAddr::new(ip, 53))
 }
 
 fn search_path(namespace: &str) -> Vec<String> {
@@ -120,9 +90,10 @@ pub async fn start(
     dir: &Path,
     relay: &Relay,
     plan: &Plan,
-    routes: &[String],
+    routes: &[Cidr],
     volumes: &[VolumeMount],
 ) -> anyhow::Result<Sidecar> {
+    let config = serde_json::to_string(&config(ctx, relay, plan, routes, volumes))?;
     let mut host = HostConfig {
         cap_add: Some(vec!["NET_ADMIN".into()]),
         devices: Some(vec![device("/dev/net/tun")]),
@@ -159,7 +130,7 @@ pub async fn start(
     };
     let body = ContainerCreateBody {
         image: Some(ctx.images.sidecar.clone()),
-        cmd: Some(command(ctx, relay, plan, routes, volumes)),
+        cmd: Some(vec!["run".into(), "--config".into(), config]),
         labels: Some(labels(ctx.id)),
         exposed_ports: Some(ctx.args.publish.iter().map(|p| format!("{}/tcp", p.second)).collect()),
         host_config: Some(host),
@@ -192,7 +163,8 @@ fn device(path: &str) -> DeviceMapping {
     }
 }
 
-/// Waits for `status.json`; fails with the sidecar's last log lines if it exits.
+/// Waits for `status.json`; if the sidecar exits first, fails with the
+/// error it reported, or its last log lines when it reported none.
 pub async fn ready(docker: &Docker, sidecar: &Sidecar, dir: &Path, timeout: Duration) -> anyhow::Result<Status> {
     let path = dir.join(names::STATUS_FILE);
     let started = Instant::now();
@@ -204,7 +176,11 @@ pub async fn ready(docker: &Docker, sidecar: &Sidecar, dir: &Path, timeout: Dura
         }
         let state = docker.inspect_container(&sidecar.id, None::<InspectContainerOptions>).await?.state;
         if state.and_then(|s| s.running) == Some(false) {
-            anyhow::bail!("the sidecar exited before the session was ready:\n{}", last_logs(docker, &sidecar.id).await);
+            let logs = last_logs(docker, &sidecar.id).await;
+            match logs.lines().find_map(Event::from_line) {
+                Some(Event::Error { message }) => anyhow::bail!("the sidecar failed: {message}"),
+                _ => anyhow::bail!("the sidecar exited before the session was ready:\n{logs}"),
+            }
         }
         if started.elapsed() > timeout {
             anyhow::bail!(

@@ -24,6 +24,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use tpd_wire::names;
+use tpd_wire::sidecar::Carrier;
 use tracing::{debug, info};
 
 use crate::cli::Transport;
@@ -50,12 +51,21 @@ pub enum Plan {
 }
 
 /// The transport that carries a ready session, as `tpd status` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Used {
     Udp,
-    #[serde(alias = "stream")]
     Portforward,
+}
+
+/// The CLI carries the sidecar's stream over a port-forward.
+impl From<Carrier> for Used {
+    fn from(carrier: Carrier) -> Self {
+        match carrier {
+            Carrier::Udp => Used::Udp,
+            Carrier::Stream => Used::Portforward,
+        }
+    }
 }
 
 impl std::fmt::Display for Used {
@@ -251,8 +261,8 @@ mod tests {
 
     #[test]
     fn a_sidecar_saying_stream_means_the_port_forward() {
-        assert_eq!(serde_json::from_str::<Used>("\"stream\"").unwrap(), Used::Portforward);
-        assert_eq!(serde_json::from_str::<Used>("\"udp\"").unwrap(), Used::Udp);
+        assert_eq!(Used::from(Carrier::Stream), Used::Portforward);
+        assert_eq!(Used::from(Carrier::Udp), Used::Udp);
         assert_eq!(serde_json::to_string(&Used::Portforward).unwrap(), "\"portforward\"");
     }
 }

@@ -19,11 +19,13 @@
 //! Everything is labelled `tpd.test=1` and `tpd.test.dataplane=<id>` and
 //! removed in `Drop`, even when a test fails.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Error, Result, bail};
+use tpd_wire::sidecar::{Config, Endpoint, Event, PortMap, Transport};
 
 /// The namespace the echo service pretends to live in.
 pub const NAMESPACE: &str = "tpdtest";
@@ -199,19 +201,17 @@ impl Lab {
         docker(&all)
     }
 
-    /// The sidecar's `--transport` (and, for UDP, `--hello`) arguments for `via`.
-    fn transport_args(&self, via: &Via) -> Vec<String> {
-        let forwarded = format!("stream:tcp:{}", self.agent_transport_addr());
-        match via {
-            Via::StreamTcp => vec!["--transport".into(), forwarded],
-            Via::Udp => vec![
-                "--transport".into(),
-                format!("udp:{}:{}", self.agent_laptop_ip, tpd_wire::names::AGENT_TRANSPORT_PORT),
-                "--hello".into(),
-                forwarded,
-            ],
-            Via::StreamUnix => vec!["--transport".into(), "stream:unix:/run/tpd/agent.sock".into()],
-        }
+    /// The sidecar's transport (and, for UDP, hello stream) for `via`.
+    fn sidecar_config(&self, via: &Via) -> Result<Config> {
+        let forwarded: Endpoint = format!("stream:tcp:{}", self.agent_transport_addr()).parse().map_err(Error::msg)?;
+        Ok(match via {
+            Via::StreamTcp => Config::new(Transport::Stream(forwarded)),
+            Via::Udp => {
+                let at = SocketAddr::new(self.agent_laptop_ip.parse()?, tpd_wire::names::AGENT_TRANSPORT_PORT);
+                Config { hello: Some(forwarded), ..Config::new(Transport::Udp(at)) }
+            }
+            Via::StreamUnix => Config::new(Transport::Stream(Endpoint::Unix("/run/tpd/agent.sock".into()))),
+        })
     }
 
     /// Where the host and the laptop network reach the agent's transport
@@ -231,11 +231,12 @@ impl Lab {
         let (sidecar, laptop_net) = (self.sidecar.clone(), self.laptop_net.clone());
         let search = format!("{NAMESPACE}.svc.cluster.local");
         let session = format!("{}:/run/tpd", self.session_dir.path().display());
-        let transport = self.transport_args(via);
-        let cidr = self.cluster_subnet.clone();
-        let port = format!("{INBOUND_PORT}:{LOCAL_APP_PORT}");
+        let mut config = self.sidecar_config(via)?;
+        config.routes = vec![self.cluster_subnet.parse().map_err(Error::msg)?];
+        config.ports = vec![PortMap { remote: INBOUND_PORT, local: LOCAL_APP_PORT }];
+        let config = serde_json::to_string(&config)?;
         let image = crate::images::tpd_sidecar();
-        let mut args = vec![
+        let args = vec![
             "--name",
             &sidecar,
             "--network",
@@ -260,12 +261,9 @@ impl Lab {
             &session,
             &image,
             "run",
-            "--cluster-cidr",
-            &cidr,
-            "--port",
-            &port,
+            "--config",
+            &config,
         ];
-        args.extend(transport.iter().map(String::as_str));
         self.run(&args)?;
         let ready = self.wait_ready(Duration::from_secs(40))?;
         let dev = self.dev.clone();
@@ -280,13 +278,10 @@ impl Lab {
             let out = Command::new("docker").args(["logs", &self.sidecar]).output()?;
             let stdout = String::from_utf8_lossy(&out.stdout);
             for line in stdout.lines() {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                    continue;
-                };
-                match v["event"].as_str() {
-                    Some("ready") => return Ok(v),
-                    Some("error") => bail!("the sidecar failed: {}", v["message"]),
-                    _ => {}
+                match Event::from_line(line) {
+                    Some(Event::Ready { .. }) => return Ok(serde_json::from_str(line)?),
+                    Some(Event::Error { message }) => bail!("the sidecar failed: {message}"),
+                    None => {}
                 }
             }
             let running = docker(&["inspect", "-f", "{{.State.Running}}", &self.sidecar])?;

@@ -246,14 +246,13 @@ impl TunnelMount {
             s.extend(["--mount".into(), mount_flag(m)]);
         }
         s.push(sidecar_image.into());
-        s.extend([
-            "run".into(),
-            "--transport".into(),
-            format!("stream:tcp:{agent_ip}:{}", crate::dataplane::LOOPBACK_FORWARD_PORT),
-        ]);
+        let transport = format!("stream:tcp:{agent_ip}:{}", crate::dataplane::LOOPBACK_FORWARD_PORT);
+        let mut config = tpd_wire::sidecar::Config::new(transport.parse().map_err(anyhow::Error::msg)?);
         // The file service is on the agent's tunnel address; the Docker
         // network must stay out of the tunnel (it carries it).
-        s.extend(["--cluster-cidr".into(), "10.96.0.0/12".into(), "--volumes".into()]);
+        config.routes = vec!["10.96.0.0/12".parse().map_err(anyhow::Error::msg)?];
+        config.volumes = Some(tpd_wire::sidecar::Volumes { retry_for: std::time::Duration::from_secs(30) });
+        s.extend(["run".into(), "--config".into(), serde_json::to_string(&config)?]);
         guard.containers.push(sidecar.clone());
         docker(&s.iter().map(String::as_str).collect::<Vec<_>>())
             .context("starting the sidecar (run `cargo xtask images`)")?;
