@@ -91,3 +91,20 @@ pub async fn wait_ended(docker: &Docker, id: &str) -> Ended {
         Err(_) => Ended::Exited { code, oom: false },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status_code: u16, message: &str) -> bollard::errors::Error {
+        bollard::errors::Error::DockerResponseServerError { status_code, message: message.into() }
+    }
+
+    #[test]
+    fn a_removal_under_way_elsewhere_counts_as_done() {
+        assert!(is_gone_or_going(&answer(404, "No such container: abc")));
+        assert!(is_gone_or_going(&answer(409, "removal of container abc is already in progress")));
+        assert!(!is_gone_or_going(&answer(409, "You cannot remove a running container abc")));
+        assert!(!is_gone_or_going(&answer(500, "driver failed")));
+    }
+}

@@ -326,9 +326,12 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     assert_eq!(host_mounts_of(&session_id), Vec::<String>::new(), "mounts of session {session_id} left on the host");
 
     // The worst exit: the sidecar is SIGKILLed (OOM, `docker kill`), so its
-    // FUSE mounts stay on the host, dead; then tpd itself is SIGKILLed. The
-    // guardian restores the Deployment and removes the dead mounts (with the
-    // sidecar image's `release-volumes` helper) and the volume directory.
+    // FUSE mounts stay on the host, dead; tpd begins its cleanup on that,
+    // and is SIGKILLed itself in the middle of it, while its volume release
+    // helper runs. The guardian's cleanup then meets what the first one
+    // left in flight, and still restores the Deployment and removes the
+    // dead mounts (with the sidecar image's `release-volumes` helper) and
+    // the volume directory.
     let child =
         tpd_spawn(&sb, &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &swap, "--", "sleep", "600"])?;
     cleanup.children.push(child);
@@ -345,8 +348,21 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     assert!(!host_mounts_of(&session_id).is_empty(), "the session's mounts show on the host");
     let sidecar = format!("tpd-sidecar-{session_id}");
     assert!(Command::new("docker").args(["kill", "-s", "KILL", &sidecar]).output()?.status.success());
-    let (ok, _, err) = docker_exec(&dev, "cat /work/from-init");
-    assert!(!ok, "a killed sidecar's mount is dead: {err}");
+    let helper = format!("name=tpd-release-{session_id}");
+    let sidecar_killed = Instant::now();
+    while !Command::new("docker")
+        .args(["ps", "-aq", "--filter", &helper])
+        .output()?
+        .stdout
+        .iter()
+        .any(|b| !b.is_ascii_whitespace())
+    {
+        assert!(
+            sidecar_killed.elapsed() < Duration::from_secs(20),
+            "tpd's cleanup never ran the volume release helper"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut child = cleanup.children.pop().context("the tpd process")?;
     child.kill()?;
     child.wait()?;
