@@ -56,6 +56,16 @@ impl std::fmt::Debug for Cleanup {
 }
 
 impl Cleanup {
+    /// The cleanup of `session` on `cluster`, which swapped `deployment` if any.
+    pub fn new(cluster: &crate::cluster::Cluster, session: &str, deployment: Option<String>) -> Self {
+        Cleanup {
+            client: cluster.client.clone(),
+            namespace: cluster.namespace.clone(),
+            session: session.to_owned(),
+            deployment,
+        }
+    }
+
     /// Restores the Deployment, deletes the session's pods and Services,
     /// removes its local containers and networks.
     pub async fn run(&self) -> Outcome {

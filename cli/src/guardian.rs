@@ -69,12 +69,7 @@ impl Guardian {
 pub async fn run(global: &GlobalArgs, args: &GuardianArgs) -> anyhow::Result<ExitCode> {
     crate::logging::to_file(&format!("{}-guardian", args.session))?;
     let cluster = crate::cluster::connect(global).await?;
-    let cleanup = Cleanup {
-        client: cluster.client,
-        namespace: cluster.namespace,
-        session: args.session.clone(),
-        deployment: args.deployment.clone(),
-    };
+    let cleanup = Cleanup::new(&cluster, &args.session, args.deployment.clone());
     println!("{READY}");
     std::io::stdout().flush()?;
     info!(session = %args.session, deployment = ?args.deployment, "guarding");

@@ -1,8 +1,9 @@
 //! One module per subcommand; `dispatch` routes the parsed command line.
 
-pub(crate) mod connect;
+mod connect;
 mod doctor;
 mod env;
+mod quit;
 mod restore;
 mod run;
 mod status;
@@ -19,7 +20,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Version => version::run(&cli.global).await,
         Command::Compose(args) => crate::compose::cmd::run(&cli.global, args).await,
         Command::Connect(args) => connect::run(&cli.global, args).await,
-        Command::Quit(args) => connect::quit(&cli.global, &args).await,
+        Command::Quit(args) => quit::run(&cli.global, &args).await,
         Command::Run(args) => run::run(&cli.global, *args).await,
         Command::Env(args) => env::run(&cli.global, &args).await,
         Command::Status(args) => status::run(&cli.global, &args).await,

@@ -8,8 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -20,8 +19,6 @@ use crate::config::{self, Images};
 use crate::guardian::Guardian;
 use crate::output::progress;
 use crate::swap::apply;
-use crate::swap::lease;
-use crate::swap::plan::{self, Params};
 use crate::{checks, session};
 
 pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -44,12 +41,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     info!(session = %id, log = %log.display(), "session starting");
     let deployment = args.swap.as_ref().map(|t| t.name.clone());
     let guardian = Guardian::spawn(global, &cluster, &id, deployment.as_deref())?;
-    let cleanup = Cleanup {
-        client: cluster.client.clone(),
-        namespace: cluster.namespace.clone(),
-        session: id.clone(),
-        deployment,
-    };
+    let cleanup = Cleanup::new(&cluster, &id, deployment);
 
     let shutdown = CancellationToken::new();
     tokio::spawn(ctrl_c(shutdown.clone()));
@@ -79,89 +71,9 @@ async fn session_body(
     id: &str,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<i64> {
-    let (swap, agent_pod) = start_agent(cluster, args, images, id, shutdown).await?;
+    let (swap, agent_pod) = session::agent::start(cluster, args, images, id, shutdown).await?;
     let ctx = session::Context { cluster, args, images, id, agent_pod, swap: swap.as_ref() };
     session::run(ctx, shutdown).await
-}
-
-/// The cluster half of a session (also `tpd connect`'s): the swap, whose
-/// lease is renewed until `shutdown`, or the outbound-only agent pod; returns
-/// once the agent pod is ready, with the swap and the pod's name.
-pub(crate) async fn start_agent(
-    cluster: &Cluster,
-    args: &RunArgs,
-    images: &Images,
-    id: &str,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<(Option<plan::Swap>, String)> {
-    let params = Params {
-        agent_image: images.agent.clone(),
-        session: id.to_owned(),
-        holder: session::holder(),
-        now: k8s_openapi::jiff::Timestamp::now(),
-        lease_seconds: lease::LEASE_SECONDS,
-        extra_ports: args.ports.iter().map(|p| p.first).collect(),
-    };
-    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let swap = match &args.swap {
-        Some(target) => {
-            let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-            progress(&format!("swapping {target} in namespace {} for tpd's agent", cluster.namespace));
-            let swap = apply::swap(&api, &cluster.namespace, target, &params, args.force).await?;
-            tokio::spawn(renew_lease(api, target.name.clone(), swap.record.clone(), shutdown.clone()));
-            Some(swap)
-        }
-        None => {
-            let pod = session::outbound_agent_pod(&cluster.namespace, &params);
-            progress("starting an outbound-only agent pod");
-            pods.create(&PostParams::default(), &pod)
-                .await
-                .map_err(|e| anyhow::anyhow!(e).context("cannot create the agent pod"))?;
-            None
-        }
-    };
-    let timeout = Duration::from_secs(args.ready_timeout);
-    let agent = tokio::select! {
-        pod = apply::wait_for_agent(&pods, id, &images.agent, timeout) => pod?,
-        () = shutdown.cancelled() => anyhow::bail!("interrupted before the agent was ready"),
-    };
-    let agent_name = agent.metadata.name.clone().unwrap_or_default();
-    progress(&format!("agent pod {agent_name} is ready"));
-    Ok((swap, agent_name))
-}
-
-/// Renews the lease until shutdown. An API server that does not answer is
-/// asked again (the record may still be ours when it comes back, even past
-/// the lease: nobody repaired it meanwhile); a record that is no longer ours
-/// (restored or taken over) ends the session.
-async fn renew_lease(
-    api: Api<Deployment>,
-    name: String,
-    mut record: crate::swap::record::Record,
-    shutdown: CancellationToken,
-) {
-    let mut wait = lease::RENEW_EVERY;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = shutdown.cancelled() => return,
-        }
-        match apply::renew(&api, &name, &record).await {
-            Ok(renewed) => {
-                record = renewed;
-                wait = lease::RENEW_EVERY;
-            }
-            Err(apply::RenewError::Unreachable(why)) => {
-                info!("{why}; trying again");
-                wait = lease::RETRY_EVERY;
-            }
-            Err(apply::RenewError::Lost(why)) => {
-                progress(&format!("lost the swap of deployment/{name}: {why}; ending the session"));
-                shutdown.cancel();
-                return;
-            }
-        }
-    }
 }
 
 /// First Ctrl-C: graceful shutdown. Second: exit now and leave the cleanup

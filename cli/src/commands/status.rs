@@ -68,7 +68,7 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitC
         Ok(list) => (list, None),
         Err(e) => (Vec::new(), Some(e)),
     };
-    let connect = super::connect::summaries();
+    let connect = crate::session::named::summaries();
 
     if global.output == OutputFormat::Json {
         println!(

@@ -14,22 +14,22 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::args::{Choice, ComposeAction, ComposeArgs};
-use super::generate::{self, Generated, Request};
+use super::generate::{self, Generated, Mount, Request, Swapped};
 use super::project::Project;
-use super::session::{self, Record, SwapRecord};
 use super::tool::{self, Tool};
 use crate::cli::GlobalArgs;
-use crate::commands::connect::{self, Spec};
 use crate::config::{self, Images};
 use crate::error::Hint;
 use crate::output::progress;
+use crate::session::held::{self, Spec};
+use crate::session::named::{self as session, Record, SwapRecord};
 use crate::swap::plan::Target;
 
 pub async fn run(global: &GlobalArgs, args: ComposeArgs) -> anyhow::Result<ExitCode> {
     match args.action {
         Some(ComposeAction::Generate(choice)) => {
             let loaded = Loaded::load(&choice).await?;
-            let name = connect::resolve_name(global, choice.session.as_deref()).await?;
+            let name = session::resolve_name(global, choice.session.as_deref()).await?;
             let record = session::load(&name)?;
             let generated = loaded.generate(&record)?;
             warn_unpublished(&generated, &record);
@@ -74,7 +74,7 @@ impl Loaded {
         let swapped = self
             .pairs
             .iter()
-            .map(|(deployment, service)| record.swapped(deployment, service))
+            .map(|(deployment, service)| swapped(record, deployment, service))
             .collect::<Result<Vec<_>, _>>()?;
         let request = Request {
             project: &self.project,
@@ -159,7 +159,7 @@ async fn up_in_own_session(
     let starting = Arc::new(AtomicBool::new(true));
     tokio::spawn(cancel_on_signal(shutdown.clone(), starting.clone()));
     progress(&format!("starting a session for project {project} (it ends with compose)"));
-    let held = connect::establish(global, &cluster, &images, project, &spec, &shutdown).await;
+    let held = held::establish(global, &cluster, &images, project, &spec, &shutdown).await;
     starting.store(false, Ordering::SeqCst);
     let held = held?;
     let result = async {
@@ -305,6 +305,39 @@ impl Drop for OverrideFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(Path::new(&self.0));
     }
+}
+
+/// The generator's view of a swap of the session `record` describes, for compose `service`.
+fn swapped(record: &Record, deployment: &str, service: &str) -> Result<Swapped, Hint> {
+    let same = |a: &str, b: &str| match (a.parse::<Target>(), b.parse::<Target>()) {
+        (Ok(a), Ok(b)) => a.name == b.name,
+        _ => a == b,
+    };
+    let swap = record.swaps.iter().find(|s| same(&s.deployment, deployment)).ok_or_else(|| {
+        let held: Vec<&str> = record.swaps.iter().map(|s| s.deployment.as_str()).collect();
+        Hint::new(
+            format!(
+                "session {:?} does not swap {deployment} (it swaps: {})",
+                record.name,
+                if held.is_empty() { "nothing".into() } else { held.join(", ") }
+            ),
+            format!(
+                "end it with `tpd quit {}` and start it again with `tpd connect --name {} --swap {deployment}`",
+                record.name, record.name
+            ),
+        )
+    })?;
+    Ok(Swapped {
+        service: service.to_string(),
+        deployment: deployment.to_string(),
+        env: swap.env.clone(),
+        mounts: swap
+            .mounts
+            .iter()
+            .map(|m| Mount { source: m.source.clone(), target: m.target.clone(), read_only: m.read_only })
+            .collect(),
+        local_ports: swap.local_ports.clone(),
+    })
 }
 
 #[cfg(test)]

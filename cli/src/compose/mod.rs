@@ -1,10 +1,9 @@
 //! docker-compose projects on a tpd session: the override generator (pure),
-//! the compose tool it drives, the session record it reads, and the
-//! `tpd compose` command.
+//! the compose tool it drives, and the `tpd compose` command, on top of
+//! `crate::session` (the named session's record, the held session).
 
 pub mod args;
 pub mod cmd;
 pub mod generate;
 pub mod project;
-pub mod session;
 pub mod tool;

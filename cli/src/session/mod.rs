@@ -2,9 +2,12 @@
 //! the stream transport, the sidecar container and the developer's
 //! container. `tpd run` calls [`run`] once the agent pod is ready.
 
+pub mod agent;
 pub mod cidrs;
 pub mod container;
 pub mod env;
+pub mod held;
+pub mod named;
 pub mod portforward;
 pub mod relay;
 pub mod sidecar;

@@ -1,0 +1,274 @@
+//! A held session: what `tpd connect --hold` and `tpd compose` keep up
+//! while they run. It is `tpd run`'s session without the developer's
+//! container: the guardian, the swap or outbound agent pod with its lease
+//! renewal ([`super::agent`]), the relay and the sidecar ([`super::start`]),
+//! plus a Docker network for compose projects. [`establish`] undoes
+//! everything it started when it fails; [`Held::end`] runs the same
+//! `Cleanup` as every other exit path.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bollard::Docker;
+use bollard::models::{NetworkConnectRequest, NetworkCreateRequest};
+use bollard::query_parameters::InspectContainerOptions;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::Api;
+use tokio_util::sync::CancellationToken;
+use tpd_wire::sidecar::Cidr;
+use tracing::{info, warn};
+
+use super::named::{MountRecord, Record, SwapRecord};
+use crate::checks;
+use crate::cleanup::Cleanup;
+use crate::cli::{ConnectArgs, GlobalArgs, PortPair, RunArgs, Transport};
+use crate::cluster::Cluster;
+use crate::config::Images;
+use crate::error::Hint;
+use crate::guardian::Guardian;
+use crate::output::progress;
+use crate::swap::apply;
+use crate::swap::plan::Target;
+
+/// What a session holds, whoever starts it (`tpd connect`, `tpd compose up`).
+#[derive(Debug, Clone, Default)]
+pub struct Spec {
+    pub swap: Option<Target>,
+    pub force: bool,
+    pub ports: Vec<PortPair>,
+    pub publish: Vec<PortPair>,
+    pub also_proxy: Vec<Cidr>,
+    pub transport: Option<Transport>,
+    pub no_mounts: bool,
+    pub ready_timeout: u64,
+}
+
+impl Spec {
+    /// At most one swap: one sidecar holds one WireGuard session to one agent.
+    pub fn new(swaps: &[Target]) -> Result<Self, Hint> {
+        if let [first, second, ..] = swaps {
+            return Err(Hint::new(
+                format!("a session swaps one Deployment, and {first} and {second} were given"),
+                "start one session per Deployment (`tpd connect --name NAME --swap ...` for each)",
+            ));
+        }
+        Ok(Spec { swap: swaps.first().cloned(), ready_timeout: 120, ..Default::default() })
+    }
+
+    pub fn from_args(args: &ConnectArgs) -> Result<Self, Hint> {
+        Ok(Spec {
+            force: args.force,
+            ports: args.ports.clone(),
+            publish: args.publish.clone(),
+            also_proxy: args.also_proxy.clone(),
+            transport: Some(args.transport),
+            no_mounts: args.no_mounts,
+            ready_timeout: args.ready_timeout,
+            ..Spec::new(&args.swap)?
+        })
+    }
+
+    /// The session machinery takes `tpd run`'s arguments; a session without
+    /// a developer's container leaves the container's fields empty.
+    fn run_args(&self) -> RunArgs {
+        RunArgs {
+            image: String::new(),
+            swap: self.swap.clone(),
+            force: self.force,
+            ports: self.ports.clone(),
+            env: Vec::new(),
+            env_file: Vec::new(),
+            volumes: Vec::new(),
+            publish: self.publish.clone(),
+            interactive: false,
+            tty: false,
+            name: None,
+            memory: None,
+            transport: self.transport.unwrap_or(Transport::Portforward),
+            also_proxy: self.also_proxy.clone(),
+            mount_root: None,
+            no_mounts: self.no_mounts,
+            volume_timeout: None,
+            ready_timeout: self.ready_timeout,
+            command: Vec::new(),
+        }
+    }
+}
+
+/// A session that is up: the record compose reads, and what ends it.
+#[derive(Debug)]
+pub struct Held {
+    pub record: Record,
+    cleanup: Cleanup,
+    guardian: Guardian,
+    cluster: Cluster,
+    /// Cancels the relay and the lease renewal.
+    tasks: CancellationToken,
+}
+
+/// Starts a session named `name` and returns once its sidecar is ready.
+/// On failure (or `shutdown` before it is ready) everything it created is
+/// removed before the error is returned.
+pub async fn establish(
+    global: &GlobalArgs,
+    cluster: &Cluster,
+    images: &Images,
+    name: &str,
+    spec: &Spec,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Held> {
+    let docker = crate::docker::connect().await?;
+    checks::image_present(&docker, &images.sidecar, "build tpd's images with `cargo xtask images`").await?;
+    checks::ports_free(spec.publish.iter().map(|p| p.first))?;
+    if let Some(target) = &spec.swap {
+        // Unknown Deployment or ambiguous container: fail before the guardian exists.
+        apply::check_target(cluster, target).await?;
+    }
+    let id = super::new_id();
+    info!(session = %id, name, "connect session starting");
+    let deployment = spec.swap.as_ref().map(|t| t.name.clone());
+    let guardian = Guardian::spawn(global, cluster, &id, deployment.as_deref())?;
+    let cleanup = Cleanup::new(cluster, &id, deployment);
+    let tasks = shutdown.child_token();
+    let network = format!("tpd-{id}");
+    match start(&docker, cluster, images, name, &id, &network, spec, &tasks).await {
+        Ok(record) => Ok(Held { record, cleanup, guardian, cluster: cluster.clone(), tasks }),
+        Err(e) => {
+            progress("removing what the session had started");
+            tasks.cancel();
+            if cleanup.run().await.ok {
+                guardian.dismiss();
+            }
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start(
+    docker: &Docker,
+    cluster: &Cluster,
+    images: &Images,
+    name: &str,
+    id: &str,
+    network: &str,
+    spec: &Spec,
+    tasks: &CancellationToken,
+) -> anyhow::Result<Record> {
+    let args = spec.run_args();
+    let (swap, agent_pod) = super::agent::start(cluster, &args, images, id, tasks).await?;
+    let request = NetworkCreateRequest {
+        name: network.to_owned(),
+        labels: Some(super::sidecar::labels(id)),
+        ..Default::default()
+    };
+    docker
+        .create_network(request)
+        .await
+        .with_context(|| format!("cannot create the session's Docker network {network}"))?;
+    let ctx = super::Context { cluster, args: &args, images, id, agent_pod, swap: swap.as_ref() };
+    let started = super::start(&ctx, tasks).await?;
+    tokio::spawn(end_when_the_sidecar_stops(
+        docker.clone(),
+        started.sidecar.id.clone(),
+        started.sidecar.name.clone(),
+        tasks.clone(),
+    ));
+    let connect = NetworkConnectRequest { container: started.sidecar.id.clone(), ..Default::default() };
+    docker
+        .connect_network(network, connect)
+        .await
+        .with_context(|| format!("cannot attach the sidecar to the network {network}"))?;
+    let inspect = docker.inspect_container(&started.sidecar.id, None::<InspectContainerOptions>).await?;
+    let sidecar = inspect.name.unwrap_or_default().trim_start_matches('/').to_owned();
+
+    let mut env = super::env::merge(started.status.env, &[], &[])?;
+    let mut mounts = Vec::new();
+    if let Some(v) = &started.sidecar.volumes {
+        env.insert(v.env.0.clone(), v.env.1.clone());
+        mounts = v
+            .app
+            .iter()
+            .map(|m| MountRecord {
+                source: m.source.clone().unwrap_or_default(),
+                target: m.target.clone().unwrap_or_default(),
+                read_only: m.read_only.unwrap_or(false),
+            })
+            .collect();
+    }
+    let swaps = match (&spec.swap, &swap) {
+        (Some(target), Some(swap)) => {
+            let local = |remote: u16| spec.ports.iter().find(|p| p.first == remote).map_or(remote, |p| p.second);
+            vec![SwapRecord {
+                deployment: target.to_string(),
+                env: env.into_iter().collect(),
+                mounts,
+                local_ports: swap.ports.iter().map(|p| local(*p)).collect(),
+            }]
+        }
+        _ => Vec::new(),
+    };
+    Ok(Record {
+        name: name.to_owned(),
+        id: id.to_owned(),
+        context: cluster.context.clone(),
+        namespace: cluster.namespace.clone(),
+        sidecar,
+        network: network.to_owned(),
+        pid: std::process::id(),
+        published: spec.publish.iter().map(|p| format!("{}:{}", p.first, p.second)).collect(),
+        swaps,
+    })
+}
+
+impl Held {
+    /// Cancelled when the session ends by itself (its swap's lease was lost:
+    /// restored by hand or taken over).
+    pub fn lost(&self) -> CancellationToken {
+        self.tasks.clone()
+    }
+
+    /// Ends the session: stops the relay and the lease renewal, restores the
+    /// swap, deletes the agent pod, removes the sidecar and the network.
+    pub async fn end(self) -> bool {
+        self.tasks.cancel();
+        let outcome = self.cleanup.run().await;
+        if outcome.ok {
+            self.guardian.dismiss();
+        }
+        if let (Some(name), true) = (&self.cleanup.deployment, outcome.restored) {
+            let api: Api<Deployment> = Api::namespaced(self.cluster.client.clone(), &self.cluster.namespace);
+            progress(&format!("waiting for deployment/{name} to roll back"));
+            if let Err(e) = apply::wait_for_rollout(&api, name, Duration::from_secs(60)).await {
+                warn!("{e:#}");
+            }
+        }
+        outcome.ok
+    }
+}
+
+/// Ends the held session (through its tasks' token, as a lost lease does)
+/// when the sidecar stops: nothing joined to it reaches the cluster any more.
+async fn end_when_the_sidecar_stops(docker: Docker, id: String, name: String, tasks: CancellationToken) {
+    tokio::select! {
+        why = super::sidecar::stopped(&docker, &id, &name) => {
+            tracing::warn!("{why}; ending the session");
+            tasks.cancel();
+        }
+        () = tasks.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_swap_per_session() {
+        let t = |s: &str| s.parse::<Target>().unwrap();
+        assert!(Spec::new(&[]).unwrap().swap.is_none());
+        assert_eq!(Spec::new(&[t("deployment/a")]).unwrap().swap, Some(t("deployment/a")));
+        let err = Spec::new(&[t("deployment/a"), t("deployment/b")]).unwrap_err();
+        assert!(err.message.contains("deployment/a and deployment/b"), "{}", err.message);
+    }
+}
