@@ -150,7 +150,7 @@ pub struct RunArgs {
 }
 
 /// `A:B` port pairs of `--port` and `-p`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortPair {
     pub first: u16,
     pub second: u16,
@@ -167,7 +167,8 @@ impl std::str::FromStr for PortPair {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// UDP if the first handshake is answered within 2 s, else the port-forward.
     Auto,

@@ -14,13 +14,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncBufReadExt as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::checks;
-use crate::cli::{ConnectArgs, GlobalArgs, Transport};
+use crate::cli::{ConnectArgs, GlobalArgs};
 use crate::cluster::Cluster;
 use crate::config::{self, Images};
 use crate::error::Hint;
@@ -69,7 +69,7 @@ pub async fn run(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitC
     checks::image_present(&docker, &images.sidecar, "build tpd's images with `cargo xtask images`").await?;
     checks::ports_free(spec.publish.iter().map(|p| p.first))?;
     crate::checks::namespace_exists(&cluster).await?;
-    let record = spawn_holder(global, &cluster, &images, &name, &args).await?;
+    let record = spawn_holder(global, &cluster, &images, &name, &spec).await?;
     show(
         global,
         &record,
@@ -85,7 +85,7 @@ async fn spawn_holder(
     cluster: &Cluster,
     images: &Images,
     name: &str,
-    args: &ConnectArgs,
+    spec: &Spec,
 ) -> anyhow::Result<Record> {
     record::ensure_dir()?;
     let log = log_path(name);
@@ -103,37 +103,9 @@ async fn spawn_holder(
     if let Some(kubeconfig) = &global.kubeconfig {
         cmd.arg("--kubeconfig").arg(kubeconfig);
     }
-    for t in &args.swap {
-        let spec = match &t.container {
-            Some(c) => format!("deployment/{}:{c}", t.name),
-            None => format!("deployment/{}", t.name),
-        };
-        cmd.args(["--swap", &spec]);
-    }
-    for p in &args.ports {
-        cmd.args(["--port", &format!("{}:{}", p.first, p.second)]);
-    }
-    for p in &args.publish {
-        cmd.args(["--publish", &format!("{}:{}", p.first, p.second)]);
-    }
-    for c in &args.also_proxy {
-        cmd.args(["--also-proxy", &c.to_string()]);
-    }
-    let transport = match args.transport {
-        Transport::Auto => "auto",
-        Transport::Portforward => "portforward",
-        Transport::Udp => "udp",
-    };
-    cmd.args(["--transport", transport, "--ready-timeout", &args.ready_timeout.to_string()]);
-    if args.force {
-        cmd.arg("--force");
-    }
-    if args.no_mounts {
-        cmd.arg("--no-mounts");
-    }
     // The log file gets tracing's debug file layer; stderr (the same file)
     // carries the `tpd: ...` progress lines and errors only.
-    cmd.env("RUST_LOG", "off").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(file);
+    cmd.env("RUST_LOG", "off").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(file);
     // Its own session and process group: the terminal's Ctrl-C and hang-up
     // do not reach it, and it outlives this command.
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
@@ -142,6 +114,10 @@ async fn spawn_holder(
     }
     let mut child = cmd.spawn().context("cannot start the session's background process")?;
     let pid = child.id().unwrap_or_default();
+    // The session's spec goes whole on stdin, read to its end by the holder.
+    let mut stdin = child.stdin.take().context("no stdin pipe")?;
+    stdin.write_all(&serde_json::to_vec(spec)?).await.context("cannot hand the session to its background process")?;
+    drop(stdin);
     progress(&format!("starting session {name:?} in the background (process {pid}, log {})", log.display()));
     let mut lines = tokio::io::BufReader::new(child.stdout.take().context("no stdout pipe")?).lines();
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -190,6 +166,14 @@ async fn spawn_holder(
     }
 }
 
+/// The holder's session, as `tpd connect` wrote it on its stdin.
+async fn read_spec() -> anyhow::Result<Spec> {
+    let mut json = String::new();
+    tokio::io::stdin().read_to_string(&mut json).await.context("cannot read the session's spec from stdin")?;
+    serde_json::from_str(&json)
+        .context("`tpd connect --hold` reads the session's spec as JSON on stdin; `tpd connect` starts it")
+}
+
 /// The background process: holds the session until SIGTERM (or SIGINT,
 /// SIGHUP, or the swap's lease lost), then cleans up.
 async fn hold(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitCode> {
@@ -207,7 +191,7 @@ async fn hold(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitCode
         });
     }
     let established = async {
-        let spec = Spec::from_args(&args)?;
+        let spec = read_spec().await?;
         let cluster = super::cluster(global).await?;
         let images = Images::resolve(global, &config::load()?);
         establish(global, &cluster, &images, &name, &spec, &shutdown).await

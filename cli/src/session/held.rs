@@ -31,7 +31,7 @@ use crate::swap::apply;
 use crate::swap::plan::Target;
 
 /// What a session holds, whoever starts it (`tpd connect`, `tpd compose up`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Spec {
     pub swap: Option<Target>,
     pub force: bool,
@@ -262,6 +262,22 @@ async fn end_when_the_sidecar_stops(docker: Docker, id: String, name: String, ta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spec_crosses_to_the_holder_unchanged() {
+        let spec = Spec {
+            swap: Some("deployment/api:app".parse().unwrap()),
+            force: true,
+            ports: vec!["8080:9000".parse().unwrap()],
+            publish: vec!["18080:9000".parse().unwrap()],
+            also_proxy: vec!["10.0.0.0/8".parse().unwrap()],
+            transport: Some(Transport::Auto),
+            no_mounts: true,
+            ready_timeout: 7,
+        };
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<Spec>(&json).unwrap(), spec);
+    }
 
     #[test]
     fn one_swap_per_session() {
