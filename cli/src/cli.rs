@@ -167,12 +167,13 @@ impl std::str::FromStr for PortPair {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// UDP if the first handshake is answered within 2 s, else the port-forward.
     Auto,
     /// WireGuard over a Kubernetes port-forward: works on every cluster.
+    #[default]
     Portforward,
     /// WireGuard over UDP to a NodePort Service tpd creates for the session and deletes with it.
     Udp,

@@ -25,8 +25,9 @@ use crate::cluster::Cluster;
 use crate::config::{self, Images};
 use crate::error::Hint;
 use crate::output::{OutputFormat, progress};
-use crate::session::held::{Spec, establish};
+use crate::session::held::establish;
 use crate::session::named::{self as record, Record, Tail, checked_name, default_name, log_path, repair};
+use crate::session::spec::Spec;
 
 /// What the background process reports on its stdout pipe, one JSON line.
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,7 +41,7 @@ pub async fn run(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitC
     if args.hold {
         return hold(global, args).await;
     }
-    let spec = Spec::from_args(&args)?;
+    let spec = Spec::from_connect(&args)?;
     let cluster = crate::cluster::connect(global).await?;
     let name = match &args.name {
         Some(n) => checked_name(n)?,

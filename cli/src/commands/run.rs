@@ -18,6 +18,7 @@ use crate::cluster::Cluster;
 use crate::config::{self, Images};
 use crate::guardian::Guardian;
 use crate::output::progress;
+use crate::session::spec::Spec;
 use crate::swap::apply;
 use crate::{checks, session};
 
@@ -71,9 +72,10 @@ async fn session_body(
     id: &str,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<i64> {
-    let (swap, agent_pod) = session::agent::start(cluster, args, images, id, shutdown).await?;
-    let ctx = session::Context { cluster, args, images, id, agent_pod, swap: swap.as_ref() };
-    session::run(ctx, shutdown).await
+    let spec = Spec::from_run(args);
+    let (swap, agent_pod) = session::agent::start(cluster, &spec, images, id, shutdown).await?;
+    let ctx = session::Context { cluster, spec: &spec, images, id, agent_pod, swap: swap.as_ref() };
+    session::run(ctx, args, shutdown).await
 }
 
 /// First Ctrl-C: graceful shutdown. Second: exit now and leave the cleanup

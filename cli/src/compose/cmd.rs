@@ -21,8 +21,9 @@ use crate::cli::GlobalArgs;
 use crate::config::{self, Images};
 use crate::error::Hint;
 use crate::output::progress;
-use crate::session::held::{self, Spec};
+use crate::session::held;
 use crate::session::named::{self as session, Record, SwapRecord};
+use crate::session::spec::Spec;
 use crate::swap::plan::Target;
 
 pub async fn run(global: &GlobalArgs, args: ComposeArgs) -> anyhow::Result<ExitCode> {

@@ -10,7 +10,7 @@ use kube::api::{Api, PostParams};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::cli::RunArgs;
+use super::spec::Spec;
 use crate::cluster::Cluster;
 use crate::config::Images;
 use crate::output::progress;
@@ -22,7 +22,7 @@ use crate::swap::{apply, lease};
 /// once the agent pod is ready, with the swap and the pod's name.
 pub async fn start(
     cluster: &Cluster,
-    args: &RunArgs,
+    spec: &Spec,
     images: &Images,
     id: &str,
     shutdown: &CancellationToken,
@@ -33,14 +33,14 @@ pub async fn start(
         holder: super::holder(),
         now: k8s_openapi::jiff::Timestamp::now(),
         lease_seconds: lease::LEASE_SECONDS,
-        extra_ports: args.ports.iter().map(|p| p.first).collect(),
+        extra_ports: spec.ports.iter().map(|p| p.first).collect(),
     };
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let swap = match &args.swap {
+    let swap = match &spec.swap {
         Some(target) => {
             let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
             progress(&format!("swapping {target} in namespace {} for tpd's agent", cluster.namespace));
-            let swap = apply::swap(&api, &cluster.namespace, target, &params, args.force).await?;
+            let swap = apply::swap(&api, &cluster.namespace, target, &params, spec.force).await?;
             tokio::spawn(renew_lease(api, target.name.clone(), swap.record.clone(), shutdown.clone()));
             Some(swap)
         }
@@ -53,7 +53,7 @@ pub async fn start(
             None
         }
     };
-    let timeout = Duration::from_secs(args.ready_timeout);
+    let timeout = Duration::from_secs(spec.ready_timeout);
     let agent = tokio::select! {
         pod = apply::wait_for_agent(&pods, id, &images.agent, timeout) => pod?,
         () = shutdown.cancelled() => anyhow::bail!("interrupted before the agent was ready"),

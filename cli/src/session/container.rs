@@ -20,18 +20,18 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::Context;
 use super::env::Env;
 use super::sidecar::{self, Sidecar};
+use crate::cli::RunArgs;
 
 pub async fn run(
     docker: &Docker,
-    ctx: &Context<'_>,
+    session: &str,
+    args: &RunArgs,
     sidecar: &Sidecar,
     mut env: Env,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<i64> {
-    let args = ctx.args;
     if let Some(v) = &sidecar.volumes {
         env.insert(v.env.0.clone(), v.env.1.clone());
     }
@@ -46,7 +46,7 @@ pub async fn run(
         image: Some(args.image.clone()),
         cmd: (!args.command.is_empty()).then(|| args.command.clone()),
         env: Some(env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
-        labels: Some(sidecar::labels(ctx.id)),
+        labels: Some(sidecar::labels(session)),
         tty: Some(args.tty),
         open_stdin: Some(args.interactive),
         stdin_once: Some(args.interactive),
@@ -56,7 +56,7 @@ pub async fn run(
         host_config: Some(host),
         ..Default::default()
     };
-    let name = args.name.clone().unwrap_or_else(|| format!("tpd-{}", ctx.id));
+    let name = args.name.clone().unwrap_or_else(|| format!("tpd-{session}"));
     let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
     let id = docker
         .create_container(Some(options), body)

@@ -15,85 +15,18 @@ use bollard::query_parameters::InspectContainerOptions;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use tokio_util::sync::CancellationToken;
-use tpd_wire::sidecar::Cidr;
 use tracing::{info, warn};
 
 use super::named::{MountRecord, Record, SwapRecord};
+use super::spec::Spec;
 use crate::checks;
 use crate::cleanup::Cleanup;
-use crate::cli::{ConnectArgs, GlobalArgs, PortPair, RunArgs, Transport};
+use crate::cli::GlobalArgs;
 use crate::cluster::Cluster;
 use crate::config::Images;
-use crate::error::Hint;
 use crate::guardian::Guardian;
 use crate::output::progress;
 use crate::swap::apply;
-use crate::swap::plan::Target;
-
-/// What a session holds, whoever starts it (`tpd connect`, `tpd compose up`).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Spec {
-    pub swap: Option<Target>,
-    pub force: bool,
-    pub ports: Vec<PortPair>,
-    pub publish: Vec<PortPair>,
-    pub also_proxy: Vec<Cidr>,
-    pub transport: Option<Transport>,
-    pub no_mounts: bool,
-    pub ready_timeout: u64,
-}
-
-impl Spec {
-    /// At most one swap: one sidecar holds one WireGuard session to one agent.
-    pub fn new(swaps: &[Target]) -> Result<Self, Hint> {
-        if let [first, second, ..] = swaps {
-            return Err(Hint::new(
-                format!("a session swaps one Deployment, and {first} and {second} were given"),
-                "start one session per Deployment (`tpd connect --name NAME --swap ...` for each)",
-            ));
-        }
-        Ok(Spec { swap: swaps.first().cloned(), ready_timeout: 120, ..Default::default() })
-    }
-
-    pub fn from_args(args: &ConnectArgs) -> Result<Self, Hint> {
-        Ok(Spec {
-            force: args.force,
-            ports: args.ports.clone(),
-            publish: args.publish.clone(),
-            also_proxy: args.also_proxy.clone(),
-            transport: Some(args.transport),
-            no_mounts: args.no_mounts,
-            ready_timeout: args.ready_timeout,
-            ..Spec::new(&args.swap)?
-        })
-    }
-
-    /// The session machinery takes `tpd run`'s arguments; a session without
-    /// a developer's container leaves the container's fields empty.
-    fn run_args(&self) -> RunArgs {
-        RunArgs {
-            image: String::new(),
-            swap: self.swap.clone(),
-            force: self.force,
-            ports: self.ports.clone(),
-            env: Vec::new(),
-            env_file: Vec::new(),
-            volumes: Vec::new(),
-            publish: self.publish.clone(),
-            interactive: false,
-            tty: false,
-            name: None,
-            memory: None,
-            transport: self.transport.unwrap_or(Transport::Portforward),
-            also_proxy: self.also_proxy.clone(),
-            mount_root: None,
-            no_mounts: self.no_mounts,
-            volume_timeout: None,
-            ready_timeout: self.ready_timeout,
-            command: Vec::new(),
-        }
-    }
-}
 
 /// A session that is up: the record compose reads, and what ends it.
 #[derive(Debug)]
@@ -155,8 +88,7 @@ async fn start(
     spec: &Spec,
     tasks: &CancellationToken,
 ) -> anyhow::Result<Record> {
-    let args = spec.run_args();
-    let (swap, agent_pod) = super::agent::start(cluster, &args, images, id, tasks).await?;
+    let (swap, agent_pod) = super::agent::start(cluster, spec, images, id, tasks).await?;
     let request = NetworkCreateRequest {
         name: network.to_owned(),
         labels: Some(super::sidecar::labels(id)),
@@ -166,7 +98,7 @@ async fn start(
         .create_network(request)
         .await
         .with_context(|| format!("cannot create the session's Docker network {network}"))?;
-    let ctx = super::Context { cluster, args: &args, images, id, agent_pod, swap: swap.as_ref() };
+    let ctx = super::Context { cluster, spec, images, id, agent_pod, swap: swap.as_ref() };
     let started = super::start(&ctx, tasks).await?;
     tokio::spawn(end_when_the_sidecar_stops(
         docker.clone(),
@@ -256,35 +188,5 @@ async fn end_when_the_sidecar_stops(docker: Docker, id: String, name: String, ta
             tasks.cancel();
         }
         () = tasks.cancelled() => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_spec_crosses_to_the_holder_unchanged() {
-        let spec = Spec {
-            swap: Some("deployment/api:app".parse().unwrap()),
-            force: true,
-            ports: vec!["8080:9000".parse().unwrap()],
-            publish: vec!["18080:9000".parse().unwrap()],
-            also_proxy: vec!["10.0.0.0/8".parse().unwrap()],
-            transport: Some(Transport::Auto),
-            no_mounts: true,
-            ready_timeout: 7,
-        };
-        let json = serde_json::to_string(&spec).unwrap();
-        assert_eq!(serde_json::from_str::<Spec>(&json).unwrap(), spec);
-    }
-
-    #[test]
-    fn one_swap_per_session() {
-        let t = |s: &str| s.parse::<Target>().unwrap();
-        assert!(Spec::new(&[]).unwrap().swap.is_none());
-        assert_eq!(Spec::new(&[t("deployment/a")]).unwrap().swap, Some(t("deployment/a")));
-        let err = Spec::new(&[t("deployment/a"), t("deployment/b")]).unwrap_err();
-        assert!(err.message.contains("deployment/a and deployment/b"), "{}", err.message);
     }
 }

@@ -11,6 +11,7 @@ pub mod named;
 pub mod portforward;
 pub mod relay;
 pub mod sidecar;
+pub mod spec;
 pub mod transport;
 
 use std::collections::BTreeMap;
@@ -29,13 +30,14 @@ use crate::cluster::Cluster;
 use crate::config::Images;
 use crate::output::progress;
 use crate::swap::plan::{self, Params, Swap};
+use spec::Spec;
 use transport::Plan;
 
-/// What the session needs from `tpd run`.
+/// What the session machinery works from.
 #[derive(Debug)]
 pub struct Context<'a> {
     pub cluster: &'a Cluster,
-    pub args: &'a RunArgs,
+    pub spec: &'a Spec,
     pub images: &'a Images,
     pub id: &'a str,
     pub agent_pod: String,
@@ -105,11 +107,11 @@ pub fn session_dir_path(id: &str) -> PathBuf {
 
 /// Runs the local half until the developer's container exits or `shutdown`
 /// fires; returns the container's exit code.
-pub async fn run(ctx: Context<'_>, shutdown: &CancellationToken) -> anyhow::Result<i64> {
+pub async fn run(ctx: Context<'_>, args: &RunArgs, shutdown: &CancellationToken) -> anyhow::Result<i64> {
     let Started { sidecar, status, docker } = start(&ctx, shutdown).await?;
-    let env = env::merge(status.env, &ctx.args.env, &ctx.args.env_file)?;
+    let env = env::merge(status.env, &args.env, &args.env_file)?;
     tokio::select! {
-        code = container::run(&docker, &ctx, &sidecar, env, shutdown) => code,
+        code = container::run(&docker, ctx.id, args, &sidecar, env, shutdown) => code,
         why = sidecar::stopped(&docker, &sidecar.id, &sidecar.name) => Err(sidecar_lost(why)),
     }
 }
@@ -139,14 +141,14 @@ pub struct Started {
 pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::Result<Started> {
     let (routes, plan) = tokio::try_join!(
         cidrs::discover(&ctx.cluster.client),
-        transport::prepare(ctx.cluster, ctx.args.transport, ctx.id, &ctx.agent_pod),
+        transport::prepare(ctx.cluster, ctx.spec.transport, ctx.id, &ctx.agent_pod),
     )?;
     let shown: Vec<String> = routes.iter().map(ToString::to_string).collect();
     progress(&format!("cluster ranges routed through the tunnel: {}", shown.join(", ")));
     let dir = session_dir(ctx.id)?;
     let relay = relay::start(&dir, ctx.cluster, ctx.id, &ctx.agent_pod, shutdown.clone())?;
     let docker = crate::docker::connect().await?;
-    let volumes = (!ctx.args.no_mounts).then(|| ctx.swap.map(|s| s.mounts.clone())).flatten().unwrap_or_default();
+    let volumes = (!ctx.spec.no_mounts).then(|| ctx.swap.map(|s| s.mounts.clone())).flatten().unwrap_or_default();
     progress("starting the sidecar");
     let sidecar = sidecar::start(&docker, ctx, &dir, &relay, &plan, &routes, &volumes).await?;
     let mut status = tokio::select! {

@@ -59,11 +59,11 @@ fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[Cidr], volume
             Config { hello: Some(stream), udp_fallback: *fallback, ..Config::new(Transport::Udp(*at)) }
         }
     };
-    config.routes = routes.iter().chain(&ctx.args.also_proxy).copied().collect();
-    config.ports = ctx.args.ports.iter().map(|p| PortMap { remote: p.first, local: p.second }).collect();
+    config.routes = routes.iter().chain(&ctx.spec.also_proxy).copied().collect();
+    config.ports = ctx.spec.ports.iter().map(|p| PortMap { remote: p.first, local: p.second }).collect();
     config.dns.upstream = host_resolver();
     config.volumes = (!volumes.is_empty())
-        .then(|| Volumes { retry_for: ctx.args.volume_timeout.map_or(VOLUME_RETRY_FOR, Duration::from_secs) });
+        .then(|| Volumes { retry_for: ctx.spec.volume_timeout.map_or(VOLUME_RETRY_FOR, Duration::from_secs) });
     config
 }
 
@@ -102,7 +102,7 @@ pub async fn start(
         dns_options: Some(vec!["ndots:5".into()]),
         binds: Some(vec![format!("{}:{}", dir.display(), names::SESSION_DIR)]),
         port_bindings: Some(
-            ctx.args
+            ctx.spec
                 .publish
                 .iter()
                 .map(|p| {
@@ -119,7 +119,7 @@ pub async fn start(
         true => None,
         false => {
             let host_dir = volume_dir(docker, ctx.id).await?;
-            let root = ctx.args.mount_root.as_deref().unwrap_or(mounts::DEFAULT_MOUNT_ROOT);
+            let root = ctx.spec.mount_root.as_deref().unwrap_or(mounts::DEFAULT_MOUNT_ROOT);
             let planned = mounts::plan(&host_dir, volumes, root);
             host.cap_add.get_or_insert_with(Vec::new).push("SYS_ADMIN".into());
             host.devices.get_or_insert_with(Vec::new).push(device("/dev/fuse"));
@@ -132,7 +132,7 @@ pub async fn start(
         image: Some(ctx.images.sidecar.clone()),
         cmd: Some(vec!["run".into(), "--config".into(), config]),
         labels: Some(labels(ctx.id)),
-        exposed_ports: Some(ctx.args.publish.iter().map(|p| format!("{}/tcp", p.second)).collect()),
+        exposed_ports: Some(ctx.spec.publish.iter().map(|p| format!("{}/tcp", p.second)).collect()),
         host_config: Some(host),
         ..Default::default()
     };
