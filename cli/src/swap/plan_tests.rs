@@ -1,4 +1,5 @@
 use super::*;
+use k8s_openapi::api::core::v1::{Capabilities, PodSecurityContext, SeccompProfile, SecurityContext};
 use crate::swap::record::Record;
 
 fn fixture(name: &str) -> Deployment {
@@ -120,13 +121,16 @@ fn the_agent_takes_the_containers_place() {
     );
     let ready = agent.readiness_probe.as_ref().unwrap().tcp_socket.as_ref().unwrap();
     assert_eq!(ready.port, IntOrString::Int(7700));
-    // Restricted: non-root, read-only, no capabilities.
+    // The container's user (1000, with the pod's fsGroup 2000, which stays
+    // on the pod); read-only, never escalating, no capabilities (a non-root
+    // process has none to use, NET_BIND_SERVICE included).
     let sc = agent.security_context.as_ref().unwrap();
     assert_eq!(
         (sc.run_as_non_root, sc.run_as_user, sc.read_only_root_filesystem, sc.allow_privilege_escalation),
-        (Some(true), Some(65532), Some(true), Some(false))
+        (None, Some(1000), Some(true), Some(false))
     );
-    assert_eq!(sc.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(sc.capabilities, Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), add: None }));
+    assert_eq!(after.security_context, before.security_context);
     // The rest of the pod is untouched.
     assert_eq!(after.containers[1], before.containers[1]);
     assert_eq!(
@@ -197,7 +201,108 @@ fn a_restore_after_someone_renamed_the_container_says_so() {
 #[test]
 fn an_agent_without_ports_gets_no_port_variable() {
     // The outbound-only agent pod: the agent would read "" as one empty port.
-    let agent = agent_container(&Container { name: "agent".into(), ..Default::default() }, &params(), &[], &[]);
+    let agent = agent_container(&Container { name: "agent".into(), ..Default::default() }, None, &params(), &[], &[]);
     assert_eq!(env_of(&agent, agent_env::PORTS), None);
     assert_eq!(env_of(&agent, agent_env::SESSION), Some("s-1234"));
+}
+
+/// The agent's identity from the container's and the pod's securityContext,
+/// merged as the kubelet does; never more privilege than the container had.
+#[test]
+fn the_agent_runs_as_the_container_it_replaces() {
+    fn pod(user: Option<i64>, group: Option<i64>, non_root: Option<bool>) -> Option<PodSecurityContext> {
+        Some(PodSecurityContext {
+            run_as_user: user,
+            run_as_group: group,
+            run_as_non_root: non_root,
+            fs_group: Some(2000),
+            ..Default::default()
+        })
+    }
+    fn ctr(user: Option<i64>, group: Option<i64>, non_root: Option<bool>) -> Option<SecurityContext> {
+        Some(SecurityContext { run_as_user: user, run_as_group: group, run_as_non_root: non_root, ..Default::default() })
+    }
+    fn caps(add: &[&str], drop: &[&str]) -> Option<SecurityContext> {
+        let list = |l: &[&str]| (!l.is_empty()).then(|| l.iter().map(|s| (*s).to_owned()).collect());
+        Some(SecurityContext { capabilities: Some(Capabilities { add: list(add), drop: list(drop) }), ..Default::default() })
+    }
+    let privileged = Some(SecurityContext { privileged: Some(true), ..Default::default() });
+    const FILES: &[&str] = &["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "NET_BIND_SERVICE"];
+    // (what, pod, container, want (runAsUser, runAsGroup, runAsNonRoot), want capabilities added)
+    #[allow(clippy::type_complexity)]
+    let table: Vec<(&str, Option<PodSecurityContext>, Option<SecurityContext>, (i64, Option<i64>, Option<bool>), &[&str])> = vec![
+        ("no securityContext: root, as the image ran", None, None, (0, None, None), FILES),
+        ("empty ones: the same", Some(Default::default()), Some(Default::default()), (0, None, None), FILES),
+        ("the pod's user and group", pod(Some(1000), Some(3000), None), None, (1000, Some(3000), None), &[]),
+        ("the container's over the pod's", pod(Some(1000), Some(3000), None), ctr(Some(1001), None, None), (1001, Some(3000), None), &[]),
+        ("group only: root in that group", pod(None, Some(3000), None), None, (0, Some(3000), None), FILES),
+        ("non-root without a uid: the agent's", pod(None, None, Some(true)), None, (65532, Some(65532), Some(true)), &[]),
+        ("non-root without a uid, with a group", None, ctr(None, Some(3000), Some(true)), (65532, Some(3000), Some(true)), &[]),
+        ("non-root with a uid", pod(Some(1000), None, Some(true)), None, (1000, None, Some(true)), &[]),
+        ("the container's runAsNonRoot over the pod's", pod(None, None, Some(true)), ctr(None, None, Some(false)), (0, None, Some(false)), FILES),
+        ("explicit root", None, ctr(Some(0), Some(0), None), (0, Some(0), None), FILES),
+        ("root, all dropped: none", None, caps(&[], &["ALL"]), (0, None, None), &[]),
+        ("root, all dropped, one added", None, caps(&["NET_BIND_SERVICE"], &["ALL"]), (0, None, None), &["NET_BIND_SERVICE"]),
+        ("root, some dropped (with and without CAP_)", None, caps(&[], &["CAP_DAC_OVERRIDE", "chown"]), (0, None, None), &["FOWNER", "FSETID", "NET_BIND_SERVICE"]),
+        ("root, ALL added, one dropped", None, caps(&["ALL"], &["FSETID"]), (0, None, None), &["CHOWN", "DAC_OVERRIDE", "FOWNER", "NET_BIND_SERVICE"]),
+        ("root, added beyond the defaults: not ours to keep", None, caps(&["SYS_ADMIN", "NET_ADMIN"], &["ALL"]), (0, None, None), &[]),
+        ("privileged root: only the file and port ones", None, privileged, (0, None, None), FILES),
+    ];
+    for (what, pod_sc, c, (user, group, non_root), add) in table {
+        let sc = agent_security_context(pod_sc.as_ref(), c.as_ref());
+        assert_eq!((sc.run_as_user, sc.run_as_group, sc.run_as_non_root), (Some(user), group, non_root), "{what}");
+        let want_add = (!add.is_empty()).then(|| add.iter().map(|s| (*s).to_owned()).collect());
+        assert_eq!(sc.capabilities, Some(Capabilities { drop: Some(vec!["ALL".into()]), add: want_add }), "{what}");
+        // Whatever the original, the agent never escalates nor writes its root.
+        assert_eq!(
+            (sc.allow_privilege_escalation, sc.read_only_root_filesystem, sc.privileged),
+            (Some(false), Some(true), None),
+            "{what}"
+        );
+    }
+}
+
+/// A container that passes Pod Security `restricted` is replaced by an agent
+/// that passes it too: non-root, no escalation, all capabilities dropped
+/// (NET_BIND_SERVICE alone may be added), seccomp RuntimeDefault or
+/// Localhost, its own or the pod's.
+#[test]
+fn a_restricted_container_gets_a_restricted_agent() {
+    let runtime_default = || Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None });
+    let localhost =
+        || Some(SeccompProfile { type_: "Localhost".into(), localhost_profile: Some("profiles/app.json".into()) });
+    let restricted = SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(1000),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: Some(vec!["NET_BIND_SERVICE".into()]),
+        }),
+        ..Default::default()
+    };
+    let pod_level = PodSecurityContext { seccomp_profile: runtime_default(), ..Default::default() };
+    // (what, pod, container's seccomp, the agent's own seccomp)
+    let table = [
+        ("the pod's seccomp, inherited", Some(&pod_level), None, None),
+        ("the container's own", None, localhost(), localhost()),
+        ("none anywhere: RuntimeDefault", None, None, runtime_default()),
+    ];
+    for (what, pod_sc, seccomp, want) in table {
+        let c = SecurityContext { seccomp_profile: seccomp, ..restricted.clone() };
+        let sc = agent_security_context(pod_sc, Some(&c));
+        assert_eq!(sc.seccomp_profile, want, "{what}");
+        assert_eq!((sc.run_as_non_root, sc.run_as_user), (Some(true), Some(1000)), "{what}");
+        let caps = sc.capabilities.unwrap();
+        assert_eq!((caps.drop, caps.add), (Some(vec!["ALL".to_owned()]), None), "{what}");
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{what}");
+    }
+}
+
+#[test]
+fn the_outbound_agent_pod_runs_as_the_agents_own_non_root_user() {
+    let pod = crate::session::outbound_agent_pod("default", &params());
+    let sc = pod.spec.unwrap().containers[0].security_context.clone().unwrap();
+    assert_eq!((sc.run_as_non_root, sc.run_as_user, sc.run_as_group), (Some(true), Some(65532), Some(65532)));
+    assert_eq!(sc.capabilities.unwrap().add, None);
 }
