@@ -389,7 +389,10 @@ impl Worker {
     /// Creates and starts the slot's next container instance.
     async fn start(&mut self, init: bool, i: usize, c: &Container) -> anyhow::Result<()> {
         let image = c.image.clone().unwrap_or_default();
-        if let Err(e) = self.k.docker.inspect_image(&image).await {
+        let inspected = self.k.docker.inspect_image(&image).await;
+        let image_user = match inspected {
+            Ok(found) => found.config.and_then(|c| c.user).unwrap_or_default(),
+            Err(e) => {
             if runtime::status_of(&e) != Some(404) {
                 return Err(e.into());
             }
@@ -411,6 +414,17 @@ impl Worker {
                     "image {image:?} is not in the local Docker engine and the sandbox cannot pull: build or tag it locally"
                 ),
             ));
+            return Ok(());
+            }
+        };
+        if let Err(e) = spec::verify_run_as_non_root(&self.pod, c, &image_user) {
+            let waiting = Some(("CreateContainerConfigError".to_owned(), e.clone()));
+            let slot = self.slot(init, i);
+            let first = slot.obs.waiting != waiting;
+            slot.obs.waiting = waiting;
+            if first {
+                self.event(true, "Failed", format!("Error: {e}"));
+            }
             return Ok(());
         }
         let Some(sb) = &self.sandbox else {
