@@ -50,11 +50,13 @@ const AGENT_CAPS: [&str; 5] = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "NET
 ///   few of [`AGENT_CAPS`] a root container had;
 /// - the container's SELinux, AppArmor and seccomp profiles; RuntimeDefault
 ///   seccomp where neither it nor the pod names one.
-pub fn agent_security_context(pod: Option<&PodSecurityContext>, container: Option<&SecurityContext>) -> SecurityContext {
+pub fn agent_security_context(
+    pod: Option<&PodSecurityContext>,
+    container: Option<&SecurityContext>,
+) -> SecurityContext {
     let own = |f: fn(&SecurityContext) -> Option<i64>| container.and_then(f);
     let inherited = |f: fn(&PodSecurityContext) -> Option<i64>| pod.and_then(f);
-    let run_as_non_root =
-        container.and_then(|c| c.run_as_non_root).or_else(|| pod.and_then(|p| p.run_as_non_root));
+    let run_as_non_root = container.and_then(|c| c.run_as_non_root).or_else(|| pod.and_then(|p| p.run_as_non_root));
     let user = own(|c| c.run_as_user).or_else(|| inherited(|p| p.run_as_user));
     let group = own(|c| c.run_as_group).or_else(|| inherited(|p| p.run_as_group));
     let (user, group) = match (user, run_as_non_root) {

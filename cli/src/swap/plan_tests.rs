@@ -1,6 +1,6 @@
 use super::*;
-use k8s_openapi::api::core::v1::{Capabilities, PodSecurityContext, SeccompProfile, SecurityContext};
 use crate::swap::record::Record;
+use k8s_openapi::api::core::v1::{Capabilities, PodSecurityContext, SeccompProfile, SecurityContext};
 
 fn fixture(name: &str) -> Deployment {
     let path = format!("{}/src/swap/testdata/{name}.json", env!("CARGO_MANIFEST_DIR"));
@@ -207,58 +207,91 @@ fn an_agent_without_ports_gets_no_port_variable() {
 }
 
 /// The agent's identity from the container's and the pod's securityContext,
-/// merged as the kubelet does; never more privilege than the container had.
+/// merged as the kubelet does.
 #[test]
 fn the_agent_runs_as_the_container_it_replaces() {
     fn pod(user: Option<i64>, group: Option<i64>, non_root: Option<bool>) -> Option<PodSecurityContext> {
-        Some(PodSecurityContext {
-            run_as_user: user,
-            run_as_group: group,
-            run_as_non_root: non_root,
-            fs_group: Some(2000),
-            ..Default::default()
-        })
+        let sc = PodSecurityContext { fs_group: Some(2000), ..Default::default() };
+        Some(PodSecurityContext { run_as_user: user, run_as_group: group, run_as_non_root: non_root, ..sc })
     }
     fn ctr(user: Option<i64>, group: Option<i64>, non_root: Option<bool>) -> Option<SecurityContext> {
-        Some(SecurityContext { run_as_user: user, run_as_group: group, run_as_non_root: non_root, ..Default::default() })
+        let sc = SecurityContext::default();
+        Some(SecurityContext { run_as_user: user, run_as_group: group, run_as_non_root: non_root, ..sc })
     }
-    fn caps(add: &[&str], drop: &[&str]) -> Option<SecurityContext> {
-        let list = |l: &[&str]| (!l.is_empty()).then(|| l.iter().map(|s| (*s).to_owned()).collect());
-        Some(SecurityContext { capabilities: Some(Capabilities { add: list(add), drop: list(drop) }), ..Default::default() })
-    }
-    let privileged = Some(SecurityContext { privileged: Some(true), ..Default::default() });
-    const FILES: &[&str] = &["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "NET_BIND_SERVICE"];
-    // (what, pod, container, want (runAsUser, runAsGroup, runAsNonRoot), want capabilities added)
-    #[allow(clippy::type_complexity)]
-    let table: Vec<(&str, Option<PodSecurityContext>, Option<SecurityContext>, (i64, Option<i64>, Option<bool>), &[&str])> = vec![
-        ("no securityContext: root, as the image ran", None, None, (0, None, None), FILES),
-        ("empty ones: the same", Some(Default::default()), Some(Default::default()), (0, None, None), FILES),
-        ("the pod's user and group", pod(Some(1000), Some(3000), None), None, (1000, Some(3000), None), &[]),
-        ("the container's over the pod's", pod(Some(1000), Some(3000), None), ctr(Some(1001), None, None), (1001, Some(3000), None), &[]),
-        ("group only: root in that group", pod(None, Some(3000), None), None, (0, Some(3000), None), FILES),
-        ("non-root without a uid: the agent's", pod(None, None, Some(true)), None, (65532, Some(65532), Some(true)), &[]),
-        ("non-root without a uid, with a group", None, ctr(None, Some(3000), Some(true)), (65532, Some(3000), Some(true)), &[]),
-        ("non-root with a uid", pod(Some(1000), None, Some(true)), None, (1000, None, Some(true)), &[]),
-        ("the container's runAsNonRoot over the pod's", pod(None, None, Some(true)), ctr(None, None, Some(false)), (0, None, Some(false)), FILES),
-        ("explicit root", None, ctr(Some(0), Some(0), None), (0, Some(0), None), FILES),
-        ("root, all dropped: none", None, caps(&[], &["ALL"]), (0, None, None), &[]),
-        ("root, all dropped, one added", None, caps(&["NET_BIND_SERVICE"], &["ALL"]), (0, None, None), &["NET_BIND_SERVICE"]),
-        ("root, some dropped (with and without CAP_)", None, caps(&[], &["CAP_DAC_OVERRIDE", "chown"]), (0, None, None), &["FOWNER", "FSETID", "NET_BIND_SERVICE"]),
-        ("root, ALL added, one dropped", None, caps(&["ALL"], &["FSETID"]), (0, None, None), &["CHOWN", "DAC_OVERRIDE", "FOWNER", "NET_BIND_SERVICE"]),
-        ("root, added beyond the defaults: not ours to keep", None, caps(&["SYS_ADMIN", "NET_ADMIN"], &["ALL"]), (0, None, None), &[]),
-        ("privileged root: only the file and port ones", None, privileged, (0, None, None), FILES),
+    type Row = (&'static str, Option<PodSecurityContext>, Option<SecurityContext>, (i64, Option<i64>, Option<bool>));
+    // (what, pod, container, want (runAsUser, runAsGroup, runAsNonRoot))
+    let table: [Row; 10] = [
+        ("no securityContext: root, as the image ran", None, None, (0, None, None)),
+        ("empty ones: the same", Some(Default::default()), Some(Default::default()), (0, None, None)),
+        ("the pod's user and group", pod(Some(1000), Some(3000), None), None, (1000, Some(3000), None)),
+        (
+            "the container's over the pod's",
+            pod(Some(1000), Some(3000), None),
+            ctr(Some(7), None, None),
+            (7, Some(3000), None),
+        ),
+        ("a group only: root in it", pod(None, Some(3000), None), None, (0, Some(3000), None)),
+        ("non-root, no uid: the agent's", pod(None, None, Some(true)), None, (65532, Some(65532), Some(true))),
+        ("non-root, no uid, a group", None, ctr(None, Some(3000), Some(true)), (65532, Some(3000), Some(true))),
+        ("non-root with a uid", pod(Some(1000), None, Some(true)), None, (1000, None, Some(true))),
+        (
+            "the container's runAsNonRoot over the pod's",
+            pod(None, None, Some(true)),
+            ctr(None, None, Some(false)),
+            (0, None, Some(false)),
+        ),
+        ("explicit root", None, ctr(Some(0), Some(0), None), (0, Some(0), None)),
     ];
-    for (what, pod_sc, c, (user, group, non_root), add) in table {
+    for (what, pod_sc, c, (user, group, non_root)) in table {
         let sc = agent_security_context(pod_sc.as_ref(), c.as_ref());
         assert_eq!((sc.run_as_user, sc.run_as_group, sc.run_as_non_root), (Some(user), group, non_root), "{what}");
-        let want_add = (!add.is_empty()).then(|| add.iter().map(|s| (*s).to_owned()).collect());
-        assert_eq!(sc.capabilities, Some(Capabilities { drop: Some(vec!["ALL".into()]), add: want_add }), "{what}");
         // Whatever the original, the agent never escalates nor writes its root.
         assert_eq!(
             (sc.allow_privilege_escalation, sc.read_only_root_filesystem, sc.privileged),
             (Some(false), Some(true), None),
             "{what}"
         );
+        let drop = sc.capabilities.and_then(|c| c.drop);
+        assert_eq!(drop, Some(vec!["ALL".to_owned()]), "{what}");
+    }
+}
+
+/// A root agent keeps, of the capabilities a root container had, only those
+/// for files and low ports; a non-root one gets none.
+#[test]
+fn the_agent_keeps_no_capability_the_container_lacked() {
+    fn caps(add: &[&str], drop: &[&str]) -> Option<SecurityContext> {
+        let list = |l: &[&str]| (!l.is_empty()).then(|| l.iter().map(|s| (*s).to_owned()).collect());
+        let caps = Some(Capabilities { add: list(add), drop: list(drop) });
+        Some(SecurityContext { capabilities: caps, ..Default::default() })
+    }
+    const ALL_OURS: &[&str] = &["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "NET_BIND_SERVICE"];
+    let privileged = Some(SecurityContext { privileged: Some(true), ..Default::default() });
+    let non_root = Some(SecurityContext { run_as_user: Some(1000), ..privileged.clone().unwrap() });
+    // (what, container, capabilities the agent adds after dropping ALL)
+    let table: [(&str, Option<SecurityContext>, &[&str]); 8] = [
+        ("root with the runtime's defaults", None, ALL_OURS),
+        ("all dropped", caps(&[], &["ALL"]), &[]),
+        ("all dropped, one added", caps(&["NET_BIND_SERVICE"], &["ALL"]), &["NET_BIND_SERVICE"]),
+        (
+            "some dropped (with and without CAP_)",
+            caps(&[], &["CAP_DAC_OVERRIDE", "chown"]),
+            &["FOWNER", "FSETID", "NET_BIND_SERVICE"],
+        ),
+        (
+            "ALL added, one dropped",
+            caps(&["ALL"], &["FSETID"]),
+            &["CHOWN", "DAC_OVERRIDE", "FOWNER", "NET_BIND_SERVICE"],
+        ),
+        ("added beyond the defaults: not ours to keep", caps(&["SYS_ADMIN", "NET_ADMIN"], &["ALL"]), &[]),
+        ("privileged: only the file and port ones", privileged, ALL_OURS),
+        ("non-root, privileged even: none", non_root, &[]),
+    ];
+    for (what, c, add) in table {
+        let sc = agent_security_context(None, c.as_ref());
+        let want_add = (!add.is_empty()).then(|| add.iter().map(|s| (*s).to_owned()).collect());
+        assert_eq!(sc.capabilities, Some(Capabilities { drop: Some(vec!["ALL".into()]), add: want_add }), "{what}");
+        assert_eq!(sc.privileged, None, "{what}");
     }
 }
 
@@ -275,10 +308,7 @@ fn a_restricted_container_gets_a_restricted_agent() {
         run_as_non_root: Some(true),
         run_as_user: Some(1000),
         allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            add: Some(vec!["NET_BIND_SERVICE".into()]),
-        }),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: Some(vec!["NET_BIND_SERVICE".into()]) }),
         ..Default::default()
     };
     let pod_level = PodSecurityContext { seccomp_profile: runtime_default(), ..Default::default() };

@@ -510,10 +510,28 @@ mod tests {
             ("not asked", &pod(), ctr(None, None), "", Ok(())),
             ("asked, a uid", &pod(), ctr(Some(1000), Some(true)), "", Ok(())),
             ("asked, uid 0", &pod(), ctr(Some(0), Some(true)), "", Err("container's runAsUser breaks non-root policy")),
-            ("the pod asks, root image", &non_root_pod, ctr(None, None), "", Err("container has runAsNonRoot and image will run as root")),
-            ("the pod asks, image 0:0", &non_root_pod, ctr(None, None), "0:0", Err("container has runAsNonRoot and image will run as root")),
+            (
+                "the pod asks, root image",
+                &non_root_pod,
+                ctr(None, None),
+                "",
+                Err("container has runAsNonRoot and image will run as root"),
+            ),
+            (
+                "the pod asks, image 0:0",
+                &non_root_pod,
+                ctr(None, None),
+                "0:0",
+                Err("container has runAsNonRoot and image will run as root"),
+            ),
             ("the pod asks, image nonroot", &non_root_pod, ctr(None, None), "65532:65532", Ok(())),
-            ("the pod asks, named image user", &non_root_pod, ctr(None, None), "app", Err("container has runAsNonRoot and image has non-numeric user (app)")),
+            (
+                "the pod asks, named image user",
+                &non_root_pod,
+                ctr(None, None),
+                "app",
+                Err("container has runAsNonRoot and image has non-numeric user (app)"),
+            ),
             ("the container says no", &non_root_pod, ctr(None, Some(false)), "", Ok(())),
         ];
         for (what, p, c, image_user, want) in table {
