@@ -506,7 +506,8 @@ mod tests {
         non_root_pod.spec.get_or_insert_with(Default::default).security_context =
             Some(PodSecurityContext { run_as_non_root: Some(true), ..Default::default() });
         // (what, pod, container, image user, Ok or the error's start)
-        let table: [(&str, &Pod, Container, &str, Result<(), &str>); 8] = [
+        type Row<'a> = (&'a str, &'a Pod, Container, &'a str, Result<(), &'a str>);
+        let table: [Row; 8] = [
             ("not asked", &pod(), ctr(None, None), "", Ok(())),
             ("asked, a uid", &pod(), ctr(Some(1000), Some(true)), "", Ok(())),
             ("asked, uid 0", &pod(), ctr(Some(0), Some(true)), "", Err("container's runAsUser breaks non-root policy")),
