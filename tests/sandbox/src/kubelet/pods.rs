@@ -389,34 +389,33 @@ impl Worker {
     /// Creates and starts the slot's next container instance.
     async fn start(&mut self, init: bool, i: usize, c: &Container) -> anyhow::Result<()> {
         let image = c.image.clone().unwrap_or_default();
-        let inspected = self.k.docker.inspect_image(&image).await;
-        let image_user = match inspected {
-            Ok(found) => found.config.and_then(|c| c.user).unwrap_or_default(),
-            Err(e) => {
-                if runtime::status_of(&e) != Some(404) {
-                    return Err(e.into());
-                }
-                let slot = self.slot(init, i);
-                let first = slot.image_missing_since.is_none();
-                let since = *slot.image_missing_since.get_or_insert_with(Instant::now);
-                if first {
-                    self.event(
-                        true,
-                        "Failed",
-                        format!("Failed to pull image {image:?}: not present locally and the sandbox has no registry"),
-                    );
-                }
-                let slot = self.slot(init, i);
-                let reason = if since.elapsed() < PULL_BACKOFF_AFTER { "ErrImagePull" } else { "ImagePullBackOff" };
-                slot.obs.waiting = Some((
-                    reason.into(),
-                    format!(
-                        "image {image:?} is not in the local Docker engine and the sandbox cannot pull: build or tag it locally"
-                    ),
-                ));
-                return Ok(());
-            }
+        let found = match self.k.docker.inspect_image(&image).await {
+            Ok(found) => Some(found),
+            Err(e) if runtime::status_of(&e) != Some(404) => return Err(e.into()),
+            Err(_) => None,
         };
+        let Some(found) = found else {
+            let slot = self.slot(init, i);
+            let first = slot.image_missing_since.is_none();
+            let since = *slot.image_missing_since.get_or_insert_with(Instant::now);
+            if first {
+                self.event(
+                    true,
+                    "Failed",
+                    format!("Failed to pull image {image:?}: not present locally and the sandbox has no registry"),
+                );
+            }
+            let slot = self.slot(init, i);
+            let reason = if since.elapsed() < PULL_BACKOFF_AFTER { "ErrImagePull" } else { "ImagePullBackOff" };
+            slot.obs.waiting = Some((
+                reason.into(),
+                format!(
+                    "image {image:?} is not in the local Docker engine and the sandbox cannot pull: build or tag it locally"
+                ),
+            ));
+            return Ok(());
+        };
+        let image_user = found.config.and_then(|c| c.user).unwrap_or_default();
         if let Err(e) = spec::verify_run_as_non_root(&self.pod, c, &image_user) {
             let waiting = Some(("CreateContainerConfigError".to_owned(), e.clone()));
             let slot = self.slot(init, i);
