@@ -5,9 +5,9 @@
 //!   ship: its container runs as root. An init container fills an emptyDir
 //!   and a hostPath (which the node creates root-owned, 0755). The local
 //!   container (root) writes, renames into a subdirectory and deletes in
-//!   both; a second container of the pod (`watcher`) and, for the hostPath,
-//!   the node's own directory show the result, owned by root as the app
-//!   would have left it.
+//!   both, and appends to a file of another user (as root may); a second
+//!   container of the pod (`watcher`) and, for the hostPath, the node's own
+//!   directory show the result, owned as the app would have left it.
 //! - `deployment/ident-user` runs as uid 1000, gid 3000, with fsGroup 2000,
 //!   a supplementary group and what Pod Security `restricted` asks of a
 //!   container. The local container does the same in its fsGroup emptyDir;
@@ -39,6 +39,8 @@ const USER: &str = "ident-user";
 /// directory to move it into, a file to delete. It runs again in the agent's
 /// pod, where the hostPath still holds what the first pod left.
 const FILL: &str = "echo from-init > a && mkdir -p b && echo old > old";
+/// A file of another user, which a root app may write (CAP_DAC_OVERRIDE).
+const THEIRS: &str = "echo theirs > theirs && chown 1234:1234 theirs && chmod 644 theirs";
 
 fn manifests(host_dir: &str) -> String {
     format!(
@@ -55,7 +57,7 @@ spec:
       initContainers:
       - name: init
         image: {busybox}
-        command: [sh, -c, "cd /payload && {FILL} && cd /host && {FILL}"]
+        command: [sh, -c, "cd /payload && {FILL} && {THEIRS} && cd /host && {FILL}"]
         volumeMounts:
         - {{name: payload, mountPath: /payload}}
         - {{name: host, mountPath: /host}}
@@ -236,14 +238,17 @@ fn the_agent_runs_as_the_container_it_replaces() -> anyhow::Result<()> {
     // Root: an emptyDir the init container filled, and a hostPath.
     let original = user_owned(session::deployment_json(&sb, NS, ROOT)?);
     let s = swap(&sb, &mut cleanup, ROOT)?;
-    for dir in ["/payload", "/host"] {
+    for (dir, left) in [("/payload", "b\nf\ntheirs"), ("/host", "b\nf")] {
         write_rename_delete(&s.dev, dir);
         assert_eq!(
             pod_view(&sb, &s.pod, dir),
-            "f=from-laptop owner=0:0\nb/a=from-init appended \nb\nf",
+            format!("f=from-laptop owner=0:0\nb/a=from-init appended \n{left}"),
             "what the pod sees in {dir}"
         );
     }
+    // Root writes another user's file, as the app could; it stays theirs.
+    local(&s.dev, "echo mine >> /payload/theirs");
+    assert_eq!(in_pod(&sb, &s.pod, "stat -c %u:%g /payload/theirs; cat /payload/theirs"), "1234:1234\ntheirs\nmine");
     let on_node = |rel: &str| std::fs::read_to_string(host_dir.join(rel)).unwrap_or_else(|e| format!("({e})"));
     assert_eq!((on_node("f"), on_node("b/a")), ("from-laptop\n".into(), "from-init\nappended\n".into()));
     let pod: Value = serde_json::from_str(&sb.kubectl_ok(&["get", "pod", &s.pod, "-o", "json"])?)?;
