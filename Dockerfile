@@ -9,8 +9,9 @@ ENTRYPOINT ["/tpd-sidecar"]
 CMD ["run"]
 
 FROM scratch AS agent
-# Runs as the "nonroot" uid with no shell and no writable root: what Pod
-# Security Admission "restricted" accepts. Keep in sync with names::AGENT_UID.
+# No shell, run with a read-only root. Its default user is the "nonroot" uid
+# (names::AGENT_UID, keep in sync), which the outbound-only agent pod runs
+# as; a swap runs it as the swapped container's user (cli/src/swap/identity.rs).
 COPY --chown=65532:65532 tpd-agent /tpd-agent
 USER 65532:65532
 ENTRYPOINT ["/tpd-agent"]

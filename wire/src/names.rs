@@ -50,7 +50,10 @@ pub const STATUS_FILE: &str = "status.json";
 pub const SIDECAR_IMAGE_REPO: &str = "tpd/sidecar";
 pub const AGENT_IMAGE_REPO: &str = "tpd/agent";
 
-/// Numeric uid/gid the agent image runs as (the "nonroot" convention).
+/// Numeric uid/gid the agent image runs as by default (the "nonroot"
+/// convention): the outbound-only agent pod's, and a swapped container's
+/// when it is `runAsNonRoot` without naming a uid. Otherwise a swap runs the
+/// agent as the container it replaces.
 pub const AGENT_UID: u32 = 65532;
 
 /// Label put on every object, container and network tpd creates, so cleanup

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, SecurityContext};
 use kube::api::ObjectMeta;
 use tokio_util::sync::CancellationToken;
 use tpd_wire::names;
@@ -65,7 +65,15 @@ pub fn holder() -> String {
 /// The agent pod of a session without `--swap` (outbound only); the
 /// cleanup deletes it by its session label.
 pub fn outbound_agent_pod(namespace: &str, p: &Params) -> Pod {
-    let base = Container { name: "agent".into(), ..Default::default() };
+    // It stands in for no container: it runs as the agent image's non-root user.
+    let uid = i64::from(names::AGENT_UID);
+    let identity = SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        ..Default::default()
+    };
+    let base = Container { name: "agent".into(), security_context: Some(identity), ..Default::default() };
     let labels = BTreeMap::from([
         (names::LABEL_MANAGED_BY.to_owned(), names::MANAGED_BY_VALUE.to_owned()),
         (names::LABEL_SESSION.to_owned(), p.session.clone()),
@@ -78,7 +86,7 @@ pub fn outbound_agent_pod(namespace: &str, p: &Params) -> Pod {
             ..Default::default()
         },
         spec: Some(PodSpec {
-            containers: vec![plan::agent_container(&base, p, &[], &[])],
+            containers: vec![plan::agent_container(&base, None, p, &[], &[])],
             restart_policy: Some("Never".into()),
             automount_service_account_token: Some(false),
             ..Default::default()

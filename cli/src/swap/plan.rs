@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStrategy};
-use k8s_openapi::api::core::v1::{Capabilities, Container, EnvVar, PodSpec, Probe, SecurityContext, TCPSocketAction};
+use k8s_openapi::api::core::v1::{Container, EnvVar, PodSecurityContext, PodSpec, Probe, TCPSocketAction};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tpd_wire::files::VolumeMount;
 use tpd_wire::names::{self, agent_env};
 
+use super::identity::agent_security_context;
 use super::record::{Original, Record};
 
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +142,8 @@ pub fn plan(original: &Deployment, container: Option<&str>, p: &Params) -> Resul
     let meta = spec.template.metadata.get_or_insert_with(Default::default);
     meta.labels.get_or_insert_with(BTreeMap::new).insert(names::LABEL_SESSION.into(), p.session.clone());
     if let Some(pod) = spec.template.spec.as_mut() {
-        pod.containers[index] = agent_container(orig, p, &ports, &mounts);
+        let pod_sc = template.and_then(|t| t.security_context.as_ref());
+        pod.containers[index] = agent_container(orig, pod_sc, p, &ports, &mounts);
     }
     swapped
         .metadata
@@ -217,8 +219,15 @@ pub fn annotation_pointer() -> String {
     format!("/metadata/annotations/{}", names::ANNOTATION_SWAP.replace('~', "~0").replace('/', "~1"))
 }
 
-/// The agent in place of `orig` (also the outbound-only agent pod's container).
-pub fn agent_container(orig: &Container, p: &Params, ports: &[u16], mounts: &[VolumeMount]) -> Container {
+/// The agent in place of `orig`, in a pod with `pod_sc` (also the
+/// outbound-only agent pod's container); it runs as `orig` did.
+pub fn agent_container(
+    orig: &Container,
+    pod_sc: Option<&PodSecurityContext>,
+    p: &Params,
+    ports: &[u16],
+    mounts: &[VolumeMount],
+) -> Container {
     let ours = [
         (agent_env::PORTS, ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")),
         (agent_env::SESSION, p.session.clone()),
@@ -252,15 +261,7 @@ pub fn agent_container(orig: &Container, p: &Params, ports: &[u16], mounts: &[Vo
             period_seconds: Some(1),
             ..Default::default()
         }),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(names::AGENT_UID.into()),
-            run_as_group: Some(names::AGENT_UID.into()),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
-            ..Default::default()
-        }),
+        security_context: Some(agent_security_context(pod_sc, orig.security_context.as_ref())),
         ..Default::default()
     }
 }

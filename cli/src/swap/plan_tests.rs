@@ -1,5 +1,6 @@
 use super::*;
 use crate::swap::record::Record;
+use k8s_openapi::api::core::v1::{Capabilities, PodSecurityContext, SeccompProfile, SecurityContext};
 
 fn fixture(name: &str) -> Deployment {
     let path = format!("{}/src/swap/testdata/{name}.json", env!("CARGO_MANIFEST_DIR"));
@@ -120,13 +121,16 @@ fn the_agent_takes_the_containers_place() {
     );
     let ready = agent.readiness_probe.as_ref().unwrap().tcp_socket.as_ref().unwrap();
     assert_eq!(ready.port, IntOrString::Int(7700));
-    // Restricted: non-root, read-only, no capabilities.
+    // The container's user (1000, with the pod's fsGroup 2000, which stays
+    // on the pod); read-only, never escalating, no capabilities (a non-root
+    // process has none to use, NET_BIND_SERVICE included).
     let sc = agent.security_context.as_ref().unwrap();
     assert_eq!(
         (sc.run_as_non_root, sc.run_as_user, sc.read_only_root_filesystem, sc.allow_privilege_escalation),
-        (Some(true), Some(65532), Some(true), Some(false))
+        (None, Some(1000), Some(true), Some(false))
     );
-    assert_eq!(sc.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(sc.capabilities, Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), add: None }));
+    assert_eq!(after.security_context, before.security_context);
     // The rest of the pod is untouched.
     assert_eq!(after.containers[1], before.containers[1]);
     assert_eq!(
@@ -197,7 +201,138 @@ fn a_restore_after_someone_renamed_the_container_says_so() {
 #[test]
 fn an_agent_without_ports_gets_no_port_variable() {
     // The outbound-only agent pod: the agent would read "" as one empty port.
-    let agent = agent_container(&Container { name: "agent".into(), ..Default::default() }, &params(), &[], &[]);
+    let agent = agent_container(&Container { name: "agent".into(), ..Default::default() }, None, &params(), &[], &[]);
     assert_eq!(env_of(&agent, agent_env::PORTS), None);
     assert_eq!(env_of(&agent, agent_env::SESSION), Some("s-1234"));
+}
+
+/// The agent's identity from the container's and the pod's securityContext,
+/// merged as the kubelet does.
+#[test]
+fn the_agent_runs_as_the_container_it_replaces() {
+    fn pod(user: Option<i64>, group: Option<i64>, non_root: Option<bool>) -> Option<PodSecurityContext> {
+        let sc = PodSecurityContext { fs_group: Some(2000), ..Default::default() };
+        Some(PodSecurityContext { run_as_user: user, run_as_group: group, run_as_non_root: non_root, ..sc })
+    }
+    fn ctr(user: Option<i64>, group: Option<i64>, non_root: Option<bool>) -> Option<SecurityContext> {
+        let sc = SecurityContext::default();
+        Some(SecurityContext { run_as_user: user, run_as_group: group, run_as_non_root: non_root, ..sc })
+    }
+    type Row = (&'static str, Option<PodSecurityContext>, Option<SecurityContext>, (i64, Option<i64>, Option<bool>));
+    // (what, pod, container, want (runAsUser, runAsGroup, runAsNonRoot))
+    let table: [Row; 10] = [
+        ("no securityContext: root, as the image ran", None, None, (0, None, None)),
+        ("empty ones: the same", Some(Default::default()), Some(Default::default()), (0, None, None)),
+        ("the pod's user and group", pod(Some(1000), Some(3000), None), None, (1000, Some(3000), None)),
+        (
+            "the container's over the pod's",
+            pod(Some(1000), Some(3000), None),
+            ctr(Some(7), None, None),
+            (7, Some(3000), None),
+        ),
+        ("a group only: root in it", pod(None, Some(3000), None), None, (0, Some(3000), None)),
+        ("non-root, no uid: the agent's", pod(None, None, Some(true)), None, (65532, Some(65532), Some(true))),
+        ("non-root, no uid, a group", None, ctr(None, Some(3000), Some(true)), (65532, Some(3000), Some(true))),
+        ("non-root with a uid", pod(Some(1000), None, Some(true)), None, (1000, None, Some(true))),
+        (
+            "the container's runAsNonRoot over the pod's",
+            pod(None, None, Some(true)),
+            ctr(None, None, Some(false)),
+            (0, None, Some(false)),
+        ),
+        ("explicit root", None, ctr(Some(0), Some(0), None), (0, Some(0), None)),
+    ];
+    for (what, pod_sc, c, (user, group, non_root)) in table {
+        let sc = agent_security_context(pod_sc.as_ref(), c.as_ref());
+        assert_eq!((sc.run_as_user, sc.run_as_group, sc.run_as_non_root), (Some(user), group, non_root), "{what}");
+        // Whatever the original, the agent never escalates nor writes its root.
+        assert_eq!(
+            (sc.allow_privilege_escalation, sc.read_only_root_filesystem, sc.privileged),
+            (Some(false), Some(true), None),
+            "{what}"
+        );
+        let drop = sc.capabilities.and_then(|c| c.drop);
+        assert_eq!(drop, Some(vec!["ALL".to_owned()]), "{what}");
+    }
+}
+
+/// A root agent keeps, of the capabilities a root container had, only those
+/// for files and low ports; a non-root one gets none.
+#[test]
+fn the_agent_keeps_no_capability_the_container_lacked() {
+    fn caps(add: &[&str], drop: &[&str]) -> Option<SecurityContext> {
+        let list = |l: &[&str]| (!l.is_empty()).then(|| l.iter().map(|s| (*s).to_owned()).collect());
+        let caps = Some(Capabilities { add: list(add), drop: list(drop) });
+        Some(SecurityContext { capabilities: caps, ..Default::default() })
+    }
+    const ALL_OURS: &[&str] = &["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "NET_BIND_SERVICE"];
+    let privileged = Some(SecurityContext { privileged: Some(true), ..Default::default() });
+    let non_root = Some(SecurityContext { run_as_user: Some(1000), ..privileged.clone().unwrap() });
+    // (what, container, capabilities the agent adds after dropping ALL)
+    let table: [(&str, Option<SecurityContext>, &[&str]); 8] = [
+        ("root with the runtime's defaults", None, ALL_OURS),
+        ("all dropped", caps(&[], &["ALL"]), &[]),
+        ("all dropped, one added", caps(&["NET_BIND_SERVICE"], &["ALL"]), &["NET_BIND_SERVICE"]),
+        (
+            "some dropped (with and without CAP_)",
+            caps(&[], &["CAP_DAC_OVERRIDE", "chown"]),
+            &["FOWNER", "FSETID", "NET_BIND_SERVICE"],
+        ),
+        (
+            "ALL added, one dropped",
+            caps(&["ALL"], &["FSETID"]),
+            &["CHOWN", "DAC_OVERRIDE", "FOWNER", "NET_BIND_SERVICE"],
+        ),
+        ("added beyond the defaults: not ours to keep", caps(&["SYS_ADMIN", "NET_ADMIN"], &["ALL"]), &[]),
+        ("privileged: only the file and port ones", privileged, ALL_OURS),
+        ("non-root, privileged even: none", non_root, &[]),
+    ];
+    for (what, c, add) in table {
+        let sc = agent_security_context(None, c.as_ref());
+        let want_add = (!add.is_empty()).then(|| add.iter().map(|s| (*s).to_owned()).collect());
+        assert_eq!(sc.capabilities, Some(Capabilities { drop: Some(vec!["ALL".into()]), add: want_add }), "{what}");
+        assert_eq!(sc.privileged, None, "{what}");
+    }
+}
+
+/// A container that passes Pod Security `restricted` is replaced by an agent
+/// that passes it too: non-root, no escalation, all capabilities dropped
+/// (NET_BIND_SERVICE alone may be added), seccomp RuntimeDefault or
+/// Localhost, its own or the pod's.
+#[test]
+fn a_restricted_container_gets_a_restricted_agent() {
+    let runtime_default = || Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None });
+    let localhost =
+        || Some(SeccompProfile { type_: "Localhost".into(), localhost_profile: Some("profiles/app.json".into()) });
+    let restricted = SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(1000),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: Some(vec!["NET_BIND_SERVICE".into()]) }),
+        ..Default::default()
+    };
+    let pod_level = PodSecurityContext { seccomp_profile: runtime_default(), ..Default::default() };
+    // (what, pod, container's seccomp, the agent's own seccomp)
+    let table = [
+        ("the pod's seccomp, inherited", Some(&pod_level), None, None),
+        ("the container's own", None, localhost(), localhost()),
+        ("none anywhere: RuntimeDefault", None, None, runtime_default()),
+    ];
+    for (what, pod_sc, seccomp, want) in table {
+        let c = SecurityContext { seccomp_profile: seccomp, ..restricted.clone() };
+        let sc = agent_security_context(pod_sc, Some(&c));
+        assert_eq!(sc.seccomp_profile, want, "{what}");
+        assert_eq!((sc.run_as_non_root, sc.run_as_user), (Some(true), Some(1000)), "{what}");
+        let caps = sc.capabilities.unwrap();
+        assert_eq!((caps.drop, caps.add), (Some(vec!["ALL".to_owned()]), None), "{what}");
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{what}");
+    }
+}
+
+#[test]
+fn the_outbound_agent_pod_runs_as_the_agents_own_non_root_user() {
+    let pod = crate::session::outbound_agent_pod("default", &params());
+    let sc = pod.spec.unwrap().containers[0].security_context.clone().unwrap();
+    assert_eq!((sc.run_as_non_root, sc.run_as_user, sc.run_as_group), (Some(true), Some(65532), Some(65532)));
+    assert_eq!(sc.capabilities.unwrap().add, None);
 }

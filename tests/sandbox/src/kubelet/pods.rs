@@ -389,10 +389,12 @@ impl Worker {
     /// Creates and starts the slot's next container instance.
     async fn start(&mut self, init: bool, i: usize, c: &Container) -> anyhow::Result<()> {
         let image = c.image.clone().unwrap_or_default();
-        if let Err(e) = self.k.docker.inspect_image(&image).await {
-            if runtime::status_of(&e) != Some(404) {
-                return Err(e.into());
-            }
+        let found = match self.k.docker.inspect_image(&image).await {
+            Ok(found) => Some(found),
+            Err(e) if runtime::status_of(&e) != Some(404) => return Err(e.into()),
+            Err(_) => None,
+        };
+        let Some(found) = found else {
             let slot = self.slot(init, i);
             let first = slot.image_missing_since.is_none();
             let since = *slot.image_missing_since.get_or_insert_with(Instant::now);
@@ -411,6 +413,17 @@ impl Worker {
                     "image {image:?} is not in the local Docker engine and the sandbox cannot pull: build or tag it locally"
                 ),
             ));
+            return Ok(());
+        };
+        let image_user = found.config.and_then(|c| c.user).unwrap_or_default();
+        if let Err(e) = spec::verify_run_as_non_root(&self.pod, c, &image_user) {
+            let waiting = Some(("CreateContainerConfigError".to_owned(), e.clone()));
+            let slot = self.slot(init, i);
+            let first = slot.obs.waiting != waiting;
+            slot.obs.waiting = waiting;
+            if first {
+                self.event(true, "Failed", format!("Error: {e}"));
+            }
             return Ok(());
         }
         let Some(sb) = &self.sandbox else {

@@ -130,9 +130,45 @@ pub fn container_body(
             cap_add: caps.and_then(|c| c.add.clone()),
             cap_drop: caps.and_then(|c| c.drop.clone()),
             group_add: (!groups.is_empty()).then_some(groups),
+            security_opt: (sc.and_then(|s| s.allow_privilege_escalation) == Some(false))
+                .then(|| vec!["no-new-privileges".to_owned()]),
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// The kubelet's check of `runAsNonRoot` (pod and container merged) before
+/// it creates a container, with its messages: a uid of 0, or no uid and an
+/// image whose user (`image_user`, Docker's `Config.User`) is root or not
+/// numeric, is refused (CreateContainerConfigError).
+pub fn verify_run_as_non_root(pod: &Pod, c: &Container, image_user: &str) -> Result<(), String> {
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let sc = c.security_context.as_ref();
+    let non_root = sc.and_then(|s| s.run_as_non_root).or_else(|| pod_sc.and_then(|s| s.run_as_non_root));
+    if non_root != Some(true) {
+        return Ok(());
+    }
+    let which = format!(
+        "(pod: \"{}_{}({})\", container: {})",
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.uid.as_deref().unwrap_or_default(),
+        c.name
+    );
+    match sc.and_then(|s| s.run_as_user).or_else(|| pod_sc.and_then(|s| s.run_as_user)) {
+        Some(0) => return Err(format!("container's runAsUser breaks non-root policy {which}")),
+        Some(_) => return Ok(()),
+        None => {}
+    }
+    let user = image_user.split(':').next().unwrap_or_default();
+    match user.parse::<u32>() {
+        _ if user.is_empty() => Err(format!("container has runAsNonRoot and image will run as root {which}")),
+        Ok(0) => Err(format!("container has runAsNonRoot and image will run as root {which}")),
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!(
+            "container has runAsNonRoot and image has non-numeric user ({user}), cannot verify user is non-root {which}"
+        )),
     }
 }
 
@@ -425,6 +461,88 @@ mod tests {
         assert_eq!(hc.cap_drop, Some(vec!["ALL".into()]));
         let labels = body.labels.expect("labels");
         assert_eq!(sorted(&labels)[LABEL_ATTEMPT], "2");
+    }
+
+    #[test]
+    fn group_identity_and_no_new_privileges() {
+        use k8s_openapi::api::core::v1::PodSecurityContext;
+        let mut p = pod();
+        p.spec.get_or_insert_with(Default::default).security_context = Some(PodSecurityContext {
+            run_as_user: Some(1000),
+            run_as_group: Some(3000),
+            fs_group: Some(2000),
+            supplemental_groups: Some(vec![4000]),
+            ..Default::default()
+        });
+        let c = Container {
+            name: "app".into(),
+            security_context: Some(SecurityContext {
+                run_as_user: Some(1001),
+                allow_privilege_escalation: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let body = container_body("sb", &p, &c, 0, "pauseid", &[], vec![]);
+        assert_eq!(body.user.as_deref(), Some("1001:3000"), "the container's user over the pod's");
+        let hc = body.host_config.expect("host config");
+        assert_eq!(hc.group_add, Some(vec!["2000".into(), "4000".into()]));
+        assert_eq!(hc.security_opt, Some(vec!["no-new-privileges".into()]));
+    }
+
+    #[test]
+    fn run_as_non_root_is_checked_as_the_kubelet_does() {
+        use k8s_openapi::api::core::v1::PodSecurityContext;
+        let ctr = |user: Option<i64>, non_root: Option<bool>| Container {
+            name: "app".into(),
+            security_context: Some(SecurityContext {
+                run_as_user: user,
+                run_as_non_root: non_root,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut non_root_pod = pod();
+        non_root_pod.spec.get_or_insert_with(Default::default).security_context =
+            Some(PodSecurityContext { run_as_non_root: Some(true), ..Default::default() });
+        // (what, pod, container, image user, Ok or the error's start)
+        type Row<'a> = (&'a str, &'a Pod, Container, &'a str, Result<(), &'a str>);
+        let table: [Row; 8] = [
+            ("not asked", &pod(), ctr(None, None), "", Ok(())),
+            ("asked, a uid", &pod(), ctr(Some(1000), Some(true)), "", Ok(())),
+            ("asked, uid 0", &pod(), ctr(Some(0), Some(true)), "", Err("container's runAsUser breaks non-root policy")),
+            (
+                "the pod asks, root image",
+                &non_root_pod,
+                ctr(None, None),
+                "",
+                Err("container has runAsNonRoot and image will run as root"),
+            ),
+            (
+                "the pod asks, image 0:0",
+                &non_root_pod,
+                ctr(None, None),
+                "0:0",
+                Err("container has runAsNonRoot and image will run as root"),
+            ),
+            ("the pod asks, image nonroot", &non_root_pod, ctr(None, None), "65532:65532", Ok(())),
+            (
+                "the pod asks, named image user",
+                &non_root_pod,
+                ctr(None, None),
+                "app",
+                Err("container has runAsNonRoot and image has non-numeric user (app)"),
+            ),
+            ("the container says no", &non_root_pod, ctr(None, Some(false)), "", Ok(())),
+        ];
+        for (what, p, c, image_user, want) in table {
+            let got = verify_run_as_non_root(p, &c, image_user);
+            match (got, want) {
+                (Ok(()), Ok(())) => {}
+                (Err(e), Err(start)) => assert!(e.starts_with(start) && e.contains("container: app"), "{what}: {e}"),
+                (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

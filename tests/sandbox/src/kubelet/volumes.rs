@@ -135,8 +135,11 @@ fn volume_dir(
     let io = |source| VolumeError::Io { volume: vol.name.clone(), source };
     if let Some(hp) = &vol.host_path {
         let path = PathBuf::from(&hp.path);
-        if matches!(hp.type_.as_deref(), Some("DirectoryOrCreate")) {
+        // The node creates it as itself (root) with mode 0755, as the
+        // kubelet does; fsGroup is not applied to a hostPath.
+        if matches!(hp.type_.as_deref(), Some("DirectoryOrCreate")) && !path.exists() {
             std::fs::create_dir_all(&path).map_err(io)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
         }
         return Ok((path, false));
     }
@@ -234,18 +237,20 @@ fn fs_group(pod: &Pod) -> Option<u32> {
     pod.spec.as_ref()?.security_context.as_ref()?.fs_group.and_then(|g| u32::try_from(g).ok())
 }
 
-/// What the kubelet does for `fsGroup`: the volume's files belong to the
-/// group, which may read them (and write them, in a writable volume).
+/// What the kubelet does for `fsGroup` (`SetVolumeOwnership`): the volume's
+/// files belong to the group, which may read them (and write them, in a
+/// writable volume); directories are setgid and searchable by the group, so
+/// what the pod's containers create in them belongs to the group too.
 fn apply_fs_group(path: &Path, gid: u32, read_only: bool) -> std::io::Result<()> {
     std::os::unix::fs::chown(path, None, Some(gid))?;
     let meta = std::fs::symlink_metadata(path)?;
+    let mut mask = if read_only { 0o440 } else { 0o660 };
     if meta.is_dir() {
+        mask |= 0o2110;
         for entry in std::fs::read_dir(path)? {
             apply_fs_group(&entry?.path(), gid, read_only)?;
         }
-        return Ok(());
     }
-    let mask = if read_only { 0o440 } else { 0o660 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(meta.permissions().mode() | mask))
 }
 
@@ -391,6 +396,44 @@ mod tests {
         assert_eq!(binds[2], format!("{}:{SERVICE_ACCOUNT_DIR}:ro", vdir.join(SERVICE_ACCOUNT_VOLUME).display()));
         assert_eq!(std::fs::read_to_string(vdir.join(SERVICE_ACCOUNT_VOLUME).join("namespace")).expect("ns"), "demo");
         assert_eq!(binds[3], format!("{}:/etc/resolv.conf", state.path().join("pods/u1/etc/resolv.conf").display()));
+    }
+
+    #[test]
+    fn fs_group_owns_the_volumes_and_what_is_created_in_them() {
+        use k8s_openapi::api::core::v1::{HostPathVolumeSource, PodSecurityContext};
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: giving files to another group takes root, as the kubelet has");
+            return;
+        }
+        let state = tempfile::tempdir().expect("tempdir");
+        let host = state.path().join("host");
+        let volume = |name: &str| Volume { name: name.into(), ..Default::default() };
+        let pod = Pod {
+            metadata: ObjectMeta { uid: Some("u2".into()), ..Default::default() },
+            spec: Some(PodSpec {
+                security_context: Some(PodSecurityContext { fs_group: Some(2000), ..Default::default() }),
+                volumes: Some(vec![
+                    Volume { empty_dir: Some(EmptyDirVolumeSource::default()), ..volume("scratch") },
+                    Volume {
+                        host_path: Some(HostPathVolumeSource {
+                            path: host.to_string_lossy().into_owned(),
+                            type_: Some("DirectoryOrCreate".into()),
+                        }),
+                        ..volume("host")
+                    },
+                ]),
+                automount_service_account_token: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        prepare(&pod, &PodSources::default(), &ServiceAccountFiles::default(), state.path()).expect("prepare");
+        let scratch = std::fs::metadata(state.path().join("pods/u2/volumes/scratch")).expect("scratch");
+        assert_eq!((scratch.gid(), scratch.mode() & 0o7777), (2000, 0o2777), "emptyDir: the group's, setgid");
+        // The node creates a hostPath as root, 0755, and leaves fsGroup out of it.
+        let host = std::fs::metadata(&host).expect("host");
+        assert_eq!((host.uid(), host.gid(), host.mode() & 0o7777), (0, 0, 0o755), "hostPath");
     }
 
     #[test]
