@@ -8,6 +8,7 @@ pub mod container;
 pub mod env;
 pub mod held;
 pub mod named;
+pub mod naming;
 pub mod portforward;
 pub mod relay;
 pub mod sidecar;

@@ -80,10 +80,6 @@ fn host_resolver() -> Option<SocketAddr> {
         .map(|ip| SocketAddr::new(ip, 53))
 }
 
-fn search_path(namespace: &str) -> Vec<String> {
-    vec![format!("{namespace}.svc.cluster.local"), "svc.cluster.local".into(), "cluster.local".into()]
-}
-
 pub async fn start(
     docker: &Docker,
     ctx: &Context<'_>,
@@ -94,12 +90,17 @@ pub async fn start(
     volumes: &[VolumeMount],
 ) -> anyhow::Result<Sidecar> {
     let config = serde_json::to_string(&config(ctx, relay, plan, routes, volumes))?;
+    // The developer's container joins this network namespace and gets the
+    // sidecar's hostname, /etc/hosts and /etc/resolv.conf with it.
+    let pod = ctx.swap.and_then(|s| s.deployment.spec.as_ref()).and_then(|d| d.template.spec.as_ref());
+    let naming = super::naming::naming(pod, &ctx.agent_pod, &ctx.cluster.namespace);
     let mut host = HostConfig {
         cap_add: Some(vec!["NET_ADMIN".into()]),
         devices: Some(vec![device("/dev/net/tun")]),
         dns: Some(vec!["127.0.0.1".into()]),
-        dns_search: Some(search_path(&ctx.cluster.namespace)),
-        dns_options: Some(vec!["ndots:5".into()]),
+        dns_search: Some(naming.search),
+        dns_options: Some(naming.options),
+        extra_hosts: Some(naming.extra_hosts),
         binds: Some(vec![format!("{}:{}", dir.display(), names::SESSION_DIR)]),
         port_bindings: Some(
             ctx.spec
@@ -130,6 +131,8 @@ pub async fn start(
     };
     let body = ContainerCreateBody {
         image: Some(ctx.images.sidecar.clone()),
+        hostname: Some(naming.hostname),
+        domainname: naming.domainname,
         cmd: Some(vec!["run".into(), "--config".into(), config]),
         labels: Some(labels(ctx.id)),
         exposed_ports: Some(ctx.spec.publish.iter().map(|p| format!("{}/tcp", p.second)).collect()),

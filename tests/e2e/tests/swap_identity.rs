@@ -95,6 +95,12 @@ spec:
         fsGroup: 2000
         supplementalGroups: [4000]
         seccompProfile: {{type: RuntimeDefault}}
+      hostname: api-0
+      subdomain: workers
+      hostAliases: [{{ip: 10.1.2.3, hostnames: [db.internal, cache.internal]}}]
+      dnsConfig:
+        searches: [corp.example]
+        options: [{{name: ndots, value: "2"}}, {{name: edns0}}]
       initContainers:
       - name: init
         image: {busybox}
@@ -256,6 +262,10 @@ fn the_agent_runs_as_the_container_it_replaces() -> anyhow::Result<()> {
     eprintln!("{ROOT}: the agent's securityContext: {sc}");
     assert_eq!(sc["runAsUser"], 0, "a root container's agent runs as root: {sc}");
     assert_ne!(sc["runAsNonRoot"], true, "{sc}");
+    // Named as the pod: its hostname, and the cluster's search path.
+    assert_eq!(local(&s.dev, "hostname"), s.pod, "the local container's hostname is the agent pod's name");
+    let search = format!("search {NS}.svc.cluster.local svc.cluster.local cluster.local");
+    assert!(local(&s.dev, "cat /etc/resolv.conf").contains(&search), "{search}");
     end(&sb, s, ROOT, &original);
 
     // Non-root with fsGroup: the agent keeps the uid, groups and limits.
@@ -277,6 +287,12 @@ fn the_agent_runs_as_the_container_it_replaces() -> anyhow::Result<()> {
     // fsGroup and supplementalGroups are the pod's, which the swap keeps.
     let psc = &pod["spec"]["securityContext"];
     assert_eq!((&psc["fsGroup"], &psc["supplementalGroups"]), (&Value::from(2000), &serde_json::json!([4000])));
+    // The pod's hostname, hostAliases and dnsConfig, as the kubelet writes them.
+    assert_eq!(local(&s.dev, "hostname"), "api-0");
+    assert_eq!(local(&s.dev, "getent hosts cache.internal"), "10.1.2.3        cache.internal");
+    let resolv = local(&s.dev, "cat /etc/resolv.conf");
+    let search = format!("search {NS}.svc.cluster.local svc.cluster.local cluster.local corp.example");
+    assert!(resolv.contains(&search) && resolv.contains("options ndots:2 edns0"), "{resolv}");
     write_rename_delete(&s.dev, "/data");
     assert_eq!(
         pod_view(&sb, &s.pod, "/data"),
