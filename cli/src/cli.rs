@@ -95,7 +95,7 @@ pub struct RunArgs {
     pub force: bool,
     /// Cluster traffic to the container's REMOTE port goes to LOCAL in your container.
     #[arg(long = "port", value_name = "REMOTE:LOCAL")]
-    pub ports: Vec<PortPair>,
+    pub ports: Vec<PortMapping>,
     /// Set an env var in your container (overrides the remote env).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -107,7 +107,7 @@ pub struct RunArgs {
     pub volumes: Vec<String>,
     /// Publish a port of your container on the host: HOST:CONTAINER.
     #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER")]
-    pub publish: Vec<PortPair>,
+    pub publish: Vec<Publish>,
     /// Keep stdin open.
     #[arg(short, long)]
     pub interactive: bool,
@@ -149,21 +149,48 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-/// `A:B` port pairs of `--port` and `-p`.
+/// `--port REMOTE:LOCAL`: cluster traffic to the swapped container's port
+/// `remote` reaches port `local` in the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PortPair {
-    pub first: u16,
-    pub second: u16,
+pub struct PortMapping {
+    pub remote: u16,
+    pub local: u16,
 }
 
-impl std::str::FromStr for PortPair {
+/// `-p HOST:CONTAINER`: the session's port `container` published on the host's `host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Publish {
+    pub host: u16,
+    pub container: u16,
+}
+
+/// `A:B`, two ports from 1 to 65535.
+fn port_pair(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?} is not PORT:PORT (two numbers from 1 to 65535)");
+    let (a, b) = s.split_once(':').ok_or_else(bad)?;
+    let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(bad);
+    Ok((port(a)?, port(b)?))
+}
+
+impl std::str::FromStr for PortMapping {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not PORT:PORT (two numbers from 1 to 65535)");
-        let (a, b) = s.split_once(':').ok_or_else(bad)?;
-        let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(bad);
-        Ok(PortPair { first: port(a)?, second: port(b)? })
+        port_pair(s).map(|(remote, local)| PortMapping { remote, local })
+    }
+}
+
+impl std::str::FromStr for Publish {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        port_pair(s).map(|(host, container)| Publish { host, container })
+    }
+}
+
+impl std::fmt::Display for Publish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.container)
     }
 }
 
@@ -197,10 +224,10 @@ pub struct ConnectArgs {
     pub force: bool,
     /// Cluster traffic to the swapped container's REMOTE port goes to LOCAL in the session.
     #[arg(long = "port", value_name = "REMOTE:LOCAL", requires = "swap")]
-    pub ports: Vec<PortPair>,
+    pub ports: Vec<PortMapping>,
     /// Publish a port of the session's network namespace on the host: HOST:CONTAINER.
     #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER")]
-    pub publish: Vec<PortPair>,
+    pub publish: Vec<Publish>,
     /// How WireGuard reaches the agent (as for `tpd run`).
     #[arg(long, value_enum, default_value_t = Transport::Portforward)]
     pub transport: Transport,
@@ -296,7 +323,18 @@ fn parse_bytes(s: &str) -> Result<i64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::{PortMapping, Publish, parse_bytes};
+
+    #[test]
+    fn port_pairs_name_their_sides() {
+        assert_eq!("8080:9000".parse(), Ok(PortMapping { remote: 8080, local: 9000 }));
+        assert_eq!("18080:80".parse(), Ok(Publish { host: 18080, container: 80 }));
+        assert_eq!(Publish { host: 18080, container: 80 }.to_string(), "18080:80");
+        for bad in ["8080", "0:80", "80:", "a:b", "70000:80"] {
+            let err = bad.parse::<PortMapping>().unwrap_err();
+            assert!(err.contains("is not PORT:PORT"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn sizes_read_as_docker_reads_them() {

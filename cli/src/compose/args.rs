@@ -50,7 +50,7 @@ pub struct Choice {
     pub session: Option<String>,
     /// For `up`'s own session: cluster traffic to the swapped container's REMOTE port goes to LOCAL.
     #[arg(long = "port", value_name = "REMOTE:LOCAL", requires = "swap", conflicts_with = "session")]
-    pub ports: Vec<crate::cli::PortPair>,
+    pub ports: Vec<crate::cli::PortMapping>,
 }
 
 impl Choice {

@@ -33,7 +33,7 @@ pub async fn start(
         holder: super::holder(),
         now: k8s_openapi::jiff::Timestamp::now(),
         lease_seconds: lease::LEASE_SECONDS,
-        extra_ports: spec.ports.iter().map(|p| p.first).collect(),
+        extra_ports: spec.ports.iter().map(|p| p.remote).collect(),
     };
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let swap = match &spec.swap {

@@ -21,7 +21,7 @@ use super::named::{MountRecord, Record, SwapRecord};
 use super::spec::Spec;
 use crate::checks;
 use crate::cleanup::Cleanup;
-use crate::cli::GlobalArgs;
+use crate::cli::{GlobalArgs, Publish};
 use crate::cluster::Cluster;
 use crate::config::Images;
 use crate::guardian::Guardian;
@@ -52,7 +52,7 @@ pub async fn establish(
 ) -> anyhow::Result<Held> {
     let docker = crate::docker::connect().await?;
     checks::image_present(&docker, &images.sidecar, "build tpd's images with `cargo xtask images`").await?;
-    checks::ports_free(spec.publish.iter().map(|p| p.first))?;
+    checks::ports_free(spec.publish.iter().map(|p| p.host))?;
     if let Some(target) = &spec.swap {
         // Unknown Deployment or ambiguous container: fail before the guardian exists.
         apply::check_target(cluster, target).await?;
@@ -130,7 +130,7 @@ async fn start(
     }
     let swaps = match (&spec.swap, &swap) {
         (Some(target), Some(swap)) => {
-            let local = |remote: u16| spec.ports.iter().find(|p| p.first == remote).map_or(remote, |p| p.second);
+            let local = |remote: u16| spec.ports.iter().find(|p| p.remote == remote).map_or(remote, |p| p.local);
             vec![SwapRecord {
                 deployment: target.to_string(),
                 env: env.into_iter().collect(),
@@ -148,7 +148,7 @@ async fn start(
         sidecar,
         network: network.to_owned(),
         pid: std::process::id(),
-        published: spec.publish.iter().map(|p| format!("{}:{}", p.first, p.second)).collect(),
+        published: spec.publish.iter().map(Publish::to_string).collect(),
         swaps,
     })
 }

@@ -60,7 +60,7 @@ fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[Cidr], volume
         }
     };
     config.routes = routes.iter().chain(&ctx.spec.also_proxy).copied().collect();
-    config.ports = ctx.spec.ports.iter().map(|p| PortMap { remote: p.first, local: p.second }).collect();
+    config.ports = ctx.spec.ports.iter().map(|p| PortMap { remote: p.remote, local: p.local }).collect();
     config.dns.upstream = host_resolver();
     config.volumes = (!volumes.is_empty())
         .then(|| Volumes { retry_for: ctx.spec.volume_timeout.map_or(VOLUME_RETRY_FOR, Duration::from_secs) });
@@ -108,8 +108,8 @@ pub async fn start(
                 .iter()
                 .map(|p| {
                     (
-                        format!("{}/tcp", p.second),
-                        Some(vec![PortBinding { host_ip: None, host_port: Some(p.first.to_string()) }]),
+                        format!("{}/tcp", p.container),
+                        Some(vec![PortBinding { host_ip: None, host_port: Some(p.host.to_string()) }]),
                     )
                 })
                 .collect(),
@@ -135,7 +135,7 @@ pub async fn start(
         domainname: naming.domainname,
         cmd: Some(vec!["run".into(), "--config".into(), config]),
         labels: Some(labels(ctx.id)),
-        exposed_ports: Some(ctx.spec.publish.iter().map(|p| format!("{}/tcp", p.second)).collect()),
+        exposed_ports: Some(ctx.spec.publish.iter().map(|p| format!("{}/tcp", p.container)).collect()),
         host_config: Some(host),
         ..Default::default()
     };

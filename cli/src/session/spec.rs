@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use tpd_wire::sidecar::Cidr;
 
-use crate::cli::{ConnectArgs, PortPair, RunArgs, Transport};
+use crate::cli::{ConnectArgs, PortMapping, Publish, RunArgs, Transport};
 use crate::error::Hint;
 use crate::swap::plan::Target;
 
@@ -18,9 +18,9 @@ pub struct Spec {
     pub swap: Option<Target>,
     pub force: bool,
     /// `--port REMOTE:LOCAL`.
-    pub ports: Vec<PortPair>,
+    pub ports: Vec<PortMapping>,
     /// `-p HOST:CONTAINER`.
-    pub publish: Vec<PortPair>,
+    pub publish: Vec<Publish>,
     pub also_proxy: Vec<Cidr>,
     pub transport: Transport,
     pub no_mounts: bool,
