@@ -1,7 +1,6 @@
 //! Fixtures for the volume bridge: the agent's file service and the
-//! sidecar's FUSE client, run as they are (compiled from their own sources,
-//! since both live in binary crates) either in this process over loopback
-//! or inside containers, plus the CLI's mount plan.
+//! sidecar's FUSE client (`tpd-volumes`), run as they ship either in this
+//! process over loopback or inside containers, plus the CLI's mount plan.
 //!
 //! In containers, the test binary itself is the program: it is bind-mounted
 //! into `tpd-test/debian` and started with [`ROLE_ENV`] naming the part to
@@ -20,17 +19,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tpd_volumes::fuse;
+use tpd_volumes::server as agent_files;
 use tpd_wire::files::VolumeMount;
-
-#[path = "../../../cluster-agent/src/files/mod.rs"]
-#[allow(dead_code)]
-pub mod agent_files;
-
-// Its own unit tests load the agent's file service too; in this crate's
-// test build that is a second copy of `agent_files`, which is harmless.
-#[path = "../../../sidecar-image/src/fuse/mod.rs"]
-#[allow(dead_code, clippy::duplicate_mod)]
-pub mod fuse;
 
 #[path = "../../../cli/src/mounts.rs"]
 pub mod mounts;
