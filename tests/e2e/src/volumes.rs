@@ -7,9 +7,9 @@
 //! play (see [`run_role`]). The agent container is as restricted as in a
 //! pod; the sidecar container has SYS_ADMIN and /dev/fuse and its volume
 //! directory bind-mounted rshared; the developer's container gets exactly the
-//! mounts `cli/src/mounts.rs` plans. There a private Docker network stands
-//! in for the tunnel; [`TunnelMount`] runs the real images with the
-//! WireGuard tunnel between them.
+//! mounts the CLI plans (`tpd::mounts::plan`). There a private Docker
+//! network stands in for the tunnel; [`TunnelMount`] runs the real images
+//! with the WireGuard tunnel between them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,12 +19,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tpd::mounts;
 use tpd_volumes::fuse;
 use tpd_volumes::server as agent_files;
 use tpd_wire::files::VolumeMount;
-
-#[path = "../../../cli/src/mounts.rs"]
-pub mod mounts;
 
 /// Env var naming the part the test binary plays inside a container.
 pub const ROLE_ENV: &str = "TPD_VOLUMES_ROLE";
