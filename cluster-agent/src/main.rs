@@ -2,12 +2,11 @@
 //! non-root user with no capabilities. It owns the WireGuard endpoint, the
 //! userspace TCP/IP stack that turns tunnelled packets into ordinary sockets
 //! in the pod's network, and the control (version, health, env) and file
-//! services inside the tunnel.
+//! services inside the tunnel (the file service is `tpd_volumes::server`).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod control;
 mod dns;
-mod files;
 mod inbound;
 mod services;
 mod stack;
@@ -20,6 +19,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tpd_volumes::server as files;
 use tpd_wire::names::{self, agent_env};
 use tpd_wire::tunnel::Endpoint;
 use tpd_wire::udp::TunnelUdp;

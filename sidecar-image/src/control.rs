@@ -34,7 +34,7 @@ pub struct Control {
     /// agent to come back.
     pub volumes: Option<(tokio_util::sync::CancellationToken, Duration)>,
     /// The mounted volumes, held for the session's life.
-    pub mounted: std::sync::Mutex<Option<crate::fuse::MountHandle>>,
+    pub mounted: std::sync::Mutex<Option<tpd_volumes::fuse::MountHandle>>,
 }
 
 impl Control {
@@ -90,12 +90,12 @@ impl Control {
             match msg {
                 Message::Info { version, env } if !*announced => {
                     if let Some((shutdown, retry_for)) = &self.volumes {
-                        let cfg = crate::fuse::MountConfig {
+                        let cfg = tpd_volumes::fuse::MountConfig {
                             retry_for: *retry_for,
                             agents: Some(crate::transport::agents()),
-                            ..crate::fuse::MountConfig::in_tunnel()
+                            ..tpd_volumes::fuse::MountConfig::in_tunnel()
                         };
-                        let mounts = crate::fuse::mount_all(cfg, shutdown.clone()).await?;
+                        let mounts = tpd_volumes::fuse::mount_all(cfg, shutdown.clone()).await?;
                         tracing::info!(count = mounts.paths().len(), "volumes mounted");
                         *self.mounted.lock().unwrap_or_else(|p| p.into_inner()) = Some(mounts);
                     }

@@ -1,14 +1,13 @@
 //! `tpd-sidecar`: the only privileged piece of tpd, and it runs locally.
 //! It owns the TUN device in the session's network namespace, the boringtun
 //! session to the agent, the DNS server the developer's container uses, and
-//! the FUSE mounts of the remote volumes.
+//! the FUSE mounts of the remote volumes (`tpd_volumes::fuse`).
 
 // Property tests unwrap inside proptest!, which clippy does not see as a test.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod control;
 mod dns;
-mod fuse;
 mod selfcheck;
 mod transport;
 mod tun;
@@ -65,7 +64,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     let args = match Args::parse().command {
         Command::Run(args) => args.config,
         Command::Selfcheck => return Ok(selfcheck::run()),
-        Command::ReleaseVolumes { root } => return Ok(fuse::release(&root)),
+        Command::ReleaseVolumes { root } => return Ok(tpd_volumes::fuse::release(&root)),
     };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -322,5 +322,4 @@ fn name_of(d: &Deployment) -> String {
 }
 
 #[cfg(test)]
-#[path = "plan_tests.rs"]
 mod tests;

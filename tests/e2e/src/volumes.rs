@@ -1,16 +1,15 @@
 //! Fixtures for the volume bridge: the agent's file service and the
-//! sidecar's FUSE client, run as they are (compiled from their own sources,
-//! since both live in binary crates) either in this process over loopback
-//! or inside containers, plus the CLI's mount plan.
+//! sidecar's FUSE client (`tpd-volumes`), run as they ship either in this
+//! process over loopback or inside containers, plus the CLI's mount plan.
 //!
 //! In containers, the test binary itself is the program: it is bind-mounted
 //! into `tpd-test/debian` and started with [`ROLE_ENV`] naming the part to
 //! play (see [`run_role`]). The agent container is as restricted as in a
 //! pod; the sidecar container has SYS_ADMIN and /dev/fuse and its volume
 //! directory bind-mounted rshared; the developer's container gets exactly the
-//! mounts `cli/src/mounts.rs` plans. There a private Docker network stands
-//! in for the tunnel; [`TunnelMount`] runs the real images with the
-//! WireGuard tunnel between them.
+//! mounts the CLI plans (`tpd::mounts::plan`). There a private Docker
+//! network stands in for the tunnel; [`TunnelMount`] runs the real images
+//! with the WireGuard tunnel between them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,20 +19,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tpd::mounts;
+use tpd_volumes::fuse;
+use tpd_volumes::server as agent_files;
 use tpd_wire::files::VolumeMount;
-
-#[path = "../../../cluster-agent/src/files/mod.rs"]
-#[allow(dead_code)]
-pub mod agent_files;
-
-// Its own unit tests load the agent's file service too; in this crate's
-// test build that is a second copy of `agent_files`, which is harmless.
-#[path = "../../../sidecar-image/src/fuse/mod.rs"]
-#[allow(dead_code, clippy::duplicate_mod)]
-pub mod fuse;
-
-#[path = "../../../cli/src/mounts.rs"]
-pub mod mounts;
 
 /// Env var naming the part the test binary plays inside a container.
 pub const ROLE_ENV: &str = "TPD_VOLUMES_ROLE";

@@ -148,7 +148,7 @@ fn start(pod: &Pod) -> Session {
     let shared = PathBuf::from(docker(&["volume", "inspect", "-f", "{{.Mountpoint}}", &vol]).expect("inspect"));
     guard.mount_dirs.push(shared.clone());
     let root = "/tpd/remote".to_owned();
-    let plan = volumes::mounts::plan(shared.to_str().expect("utf8"), &pod.volumes, &root);
+    let plan = tpd::mounts::plan(shared.to_str().expect("utf8"), &pod.volumes, &root);
 
     let sidecar_args = {
         let mut a: Vec<String> = labels().iter().map(|s| s.to_string()).collect();
@@ -333,7 +333,7 @@ fn volumes_through_the_tunnel() {
         ["config", "secret", "data"].iter().map(|h| pod.host(h)).zip(pod.volumes.iter().cloned()).collect();
     let mut tunnel = volumes::TunnelMount::start(&served, &agent_image, &sidecar_image)
         .expect("agent and sidecar (run `cargo xtask images`)");
-    let plan = volumes::mounts::plan(&tunnel.shared.to_string_lossy(), &pod.volumes, "/tpd/remote");
+    let plan = tpd::mounts::plan(&tunnel.shared.to_string_lossy(), &pod.volumes, "/tpd/remote");
 
     let app = unique("tapp");
     let mut d: Vec<String> = ["run", "-d", "--name", &app].iter().map(|s| s.to_string()).collect();

@@ -1,8 +1,5 @@
 //! The FUSE client against the agent's real file service over loopback TCP,
 //! with real FUSE mounts (these tests need root and /dev/fuse).
-//!
-//! The agent is a binary crate, so its file service is compiled into this
-//! test as it is, from its own source.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -17,10 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tpd_wire::files::{self, Request, VolumeMount};
 
 use super::{MountConfig, MountHandle, mount_all};
-
-#[path = "../../../cluster-agent/src/files/mod.rs"]
-#[allow(dead_code)]
-mod agent_files;
+use crate::server as agent_files;
 
 /// A pod-side tree (what the agent serves) and the local mounts of it.
 /// Fields drop in order: unmount before the directories go.

@@ -110,7 +110,6 @@ impl MountHandle {
 
     /// Unmounts every volume off the async runtime (the e2e tests' mount
     /// fixture awaits it; the sidecar relies on Drop).
-    #[allow(dead_code)]
     pub async fn unmount(self) {
         let sessions = std::mem::take(&mut *lock(&self.sessions));
         let _ = tokio::task::spawn_blocking(move || unmount_sessions(sessions)).await;
