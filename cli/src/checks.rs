@@ -22,6 +22,11 @@ pub async fn image_present(docker: &Docker, image: &str, fix: &str) -> anyhow::R
     }
 }
 
+/// What to do about a missing tpd image: a user of a release loads or
+/// pulls it (or names another); a source checkout builds it.
+pub const TPD_IMAGE_FIX: &str = "load or pull IMAGE (`docker load -i FILE`, `docker pull IMAGE`), or name another with \
+     --sidecar-image/--agent-image; in a source checkout of tpd, `cargo xtask images` builds it";
+
 /// Every host port to publish can be bound now.
 pub fn ports_free(ports: impl IntoIterator<Item = u16>) -> anyhow::Result<()> {
     for port in ports {
@@ -51,7 +56,7 @@ pub async fn namespace_exists(cluster: &Cluster) -> anyhow::Result<()> {
         .into()),
         Err(e) => Err(Hint::new(
             format!("cannot reach the cluster of context {:?} at {}: {e}", cluster.context, cluster.server),
-            "check it with `kubectl cluster-info`; for the sandbox cluster run `tpd-sandbox up`",
+            "check it with `kubectl cluster-info` (with tpd's source checkout, `tpd-sandbox up` starts a test cluster)",
         )
         .into()),
     }

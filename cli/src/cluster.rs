@@ -90,7 +90,7 @@ fn read_kubeconfig(explicit: Option<&PathBuf>) -> Result<Kubeconfig, Hint> {
     result.map_err(|e| {
         Hint::new(
             format!("no usable kubeconfig: {e}"),
-            "pass --kubeconfig FILE or set KUBECONFIG; for a local sandbox cluster run `tpd-sandbox up`",
+            "pass --kubeconfig FILE or set KUBECONFIG (with tpd's source checkout, `tpd-sandbox up` starts a test cluster)",
         )
     })
 }

@@ -141,7 +141,10 @@ fn judge_image(name: &'static str, image: &str, flag: &str, probe: ImageProbe) -
         ImageProbe::Missing => Check::fail(
             name,
             format!("{image} is not in the local Docker engine"),
-            format!("build it with `cargo xtask images` in the tpd repo, or name another image with {flag}"),
+            format!(
+                "load or pull it (`docker load -i FILE`, `docker pull {image}`), or name another image with {flag}; \
+                 in a source checkout of tpd, `cargo xtask images` builds it"
+            ),
         ),
         ImageProbe::Error(e) => {
             Check::fail(name, format!("cannot inspect {image}: {e}"), "check that Docker is healthy")

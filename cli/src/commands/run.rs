@@ -27,7 +27,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     // Everything that can be checked without changing anything, first.
     let docker = crate::docker::connect().await?;
     checks::image_present(&docker, &args.image, "build it (`docker build -t IMAGE .`) or pull it first").await?;
-    checks::image_present(&docker, &images.sidecar, "build tpd's images with `cargo xtask images`").await?;
+    checks::image_present(&docker, &images.sidecar, checks::TPD_IMAGE_FIX).await?;
     checks::ports_free(args.publish.iter().map(|p| p.host))?;
     // The env files and -e flags are read again once the remote env is known.
     session::env::merge(Default::default(), &args.env, &args.env_file)?;

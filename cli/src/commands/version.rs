@@ -43,7 +43,7 @@ pub async fn run(args: &GlobalArgs) -> anyhow::Result<ExitCode> {
 async fn image_version(docker: &Docker, image: &str) -> String {
     match run_version(docker, image).await {
         Ok(out) => out.split_whitespace().last().unwrap_or("?").to_string(),
-        Err(e) if docker::is_not_found(&e) => "not present locally (build it with `cargo xtask images`)".into(),
+        Err(e) if docker::is_not_found(&e) => "not present locally (`tpd doctor` says how to get it)".into(),
         Err(e) => format!("unknown ({e})"),
     }
 }

@@ -51,7 +51,7 @@ pub async fn establish(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Held> {
     let docker = crate::docker::connect().await?;
-    checks::image_present(&docker, &images.sidecar, "build tpd's images with `cargo xtask images`").await?;
+    checks::image_present(&docker, &images.sidecar, checks::TPD_IMAGE_FIX).await?;
     checks::ports_free(spec.publish.iter().map(|p| p.host))?;
     if let Some(target) = &spec.swap {
         // Unknown Deployment or ambiguous container: fail before the guardian exists.

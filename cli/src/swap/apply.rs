@@ -205,7 +205,7 @@ pub async fn wait_for_agent(pods: &Api<Pod>, session: &str, image: &str, timeout
             {
                 return Err(Hint::new(
                     format!("the cluster cannot pull the agent image {image}"),
-                    "push it where the cluster can pull it and pass --agent-image (for the sandbox: `cargo xtask images`)",
+                    "push it to a registry the cluster pulls from and pass --agent-image (the sandbox cluster uses the local images: `cargo xtask images`)",
                 )
                 .into());
             }
