@@ -33,6 +33,8 @@ pub struct Control {
     /// when the token fires, and their requests wait this long for a lost
     /// agent to come back.
     pub volumes: Option<(tokio_util::sync::CancellationToken, Duration)>,
+    /// The transport's news: the carrier, a replaced agent.
+    pub link: crate::transport::Link,
     /// The mounted volumes, held for the session's life.
     pub mounted: std::sync::Mutex<Option<tpd_volumes::fuse::MountHandle>>,
 }
@@ -52,7 +54,7 @@ impl Control {
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                () = crate::transport::agent_replaced() => {
+                () = self.link.agent_replaced() => {
                     tracing::info!("the agent was replaced; reconnecting the control connection");
                 }
             }
@@ -71,7 +73,7 @@ impl Control {
         wio::read_preamble(&mut rd, &mut buf, Kind::Control).await?;
         let (tx, rx) = mpsc::channel(16);
         let writer = tokio::spawn(wio::write_messages(wr, rx));
-        let udp_receive_buffer = crate::transport::udp_receive_buffer().map(|b| b as u64);
+        let udp_receive_buffer = self.link.udp_receive_buffer().map(|b| b as u64);
         tx.send(Message::Hello { version: tpd_wire::VERSION.into(), udp_receive_buffer }).await?;
         let pinger = tokio::spawn(ping(tx));
         let result = self.read_loop(&mut rd, &mut buf, announced).await;
@@ -92,7 +94,7 @@ impl Control {
                     if let Some((shutdown, retry_for)) = &self.volumes {
                         let cfg = tpd_volumes::fuse::MountConfig {
                             retry_for: *retry_for,
-                            agents: Some(crate::transport::agents()),
+                            agents: Some(self.link.agents()),
                             ..tpd_volumes::fuse::MountConfig::in_tunnel()
                         };
                         let mounts = tpd_volumes::fuse::mount_all(cfg, shutdown.clone()).await?;
@@ -119,7 +121,7 @@ impl Control {
             agent_version: agent_version.into(),
             tunnel_ip: names::SIDECAR_TUNNEL_IP,
             agent_tunnel_ip: AGENT_TUNNEL_IP,
-            transport: crate::transport::chosen(),
+            transport: self.link.chosen(),
             env: env.clone(),
         };
         let status_file = write_status(&self.session_dir, &status)?;

@@ -115,12 +115,15 @@ async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> 
     let listen = config.dns.listen;
     let dns_sock = UdpSocket::bind(listen).await.with_context(|| format!("DNS listening on {listen}"))?;
     let hello_at = config.hello_at();
+    let link = transport::Link::new();
     let control = Arc::new(Control {
         session_dir: config.session_dir.clone(),
         ports: config.port_map(),
         volumes: config.volumes.as_ref().map(|v| (shutdown.clone(), v.retry_for)),
+        link: link.clone(),
         mounted: Default::default(),
     });
+    let decided = link.clone();
 
     let tasks = [
         tokio::spawn(dns::serve(dns_sock, config.dns)),
@@ -129,14 +132,14 @@ async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> 
         tokio::spawn(control.run()),
         tokio::spawn(async move {
             if mtu != names::STREAM_TUNNEL_MTU
-                && transport::decided().await == Carrier::Stream
+                && decided.decided().await == Carrier::Stream
                 && let Err(e) = grow.set_mtu(names::STREAM_TUNNEL_MTU)
             {
                 tracing::warn!("keeping the tunnel MTU at {}: {e}", names::TUNNEL_MTU);
             }
         }),
     ];
-    let result = transport::run(config.transport, hello_at, config.udp_fallback, wg).await;
+    let result = transport::run(config.transport, hello_at, config.udp_fallback, wg, link).await;
     tasks.iter().for_each(|t| t.abort());
     result
 }

@@ -7,11 +7,11 @@
 //! With a UDP fallback window, UDP is tried for the first handshake only:
 //! if nothing comes back over UDP within the window, WireGuard moves onto
 //! the hello stream (the agent reads frames on every stream) for the rest of
-//! the session. [`chosen`] says which one carries the session.
+//! the session. [`Link::chosen`] says which one carries the session.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -35,53 +35,76 @@ const HEALTHY: Duration = Duration::from_secs(5);
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
-/// Set once, by whichever of UDP's first answer and the fallback window's end comes first.
-static CHOSEN: LazyLock<watch::Sender<Option<Carrier>>> = LazyLock::new(|| watch::Sender::new(None));
-
-/// Bumped each time the hello brings an agent key other than the last one:
-/// the agent pod was replaced (or its container restarted), and every
-/// connection inside the tunnel to the old agent is gone with it.
-static AGENTS: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::new(0));
-
-/// Returns when the agent is replaced after this call: connections inside
-/// the tunnel (control, files) reconnect then instead of waiting for TCP to
-/// give up on an agent that no longer exists.
-pub async fn agent_replaced() {
-    // The sender is a static: it never closes.
-    let _ = agents().changed().await;
+/// What the transport tells the rest of the sidecar: which carrier was
+/// chosen, when the agent was replaced, and the UDP socket's receive
+/// buffer. One per session, shared by cloning.
+#[derive(Debug, Clone)]
+pub struct Link {
+    shared: Arc<Shared>,
 }
 
-/// A receiver that sees each replacement of the agent from now on.
-pub fn agents() -> watch::Receiver<u64> {
-    AGENTS.subscribe()
+#[derive(Debug)]
+struct Shared {
+    /// Set once, by whichever of UDP's first answer and the fallback window's end comes first.
+    carrier: watch::Sender<Option<Carrier>>,
+    /// Bumped each time the hello brings an agent key other than the last
+    /// one: the agent pod was replaced (or its container restarted), and
+    /// every connection inside the tunnel to the old agent is gone with it.
+    agents: watch::Sender<u64>,
+    /// The tunnel UDP socket's receive buffer, once bound.
+    udp_receive_buffer: OnceLock<usize>,
 }
 
-/// The transport carrying the session; `None` while a UDP fallback window is open.
-pub fn chosen() -> Option<Carrier> {
-    *CHOSEN.borrow()
-}
+impl Link {
+    pub fn new() -> Self {
+        let shared = Shared {
+            carrier: watch::Sender::new(None),
+            agents: watch::Sender::new(0),
+            udp_receive_buffer: OnceLock::new(),
+        };
+        Link { shared: Arc::new(shared) }
+    }
 
-/// Waits until the transport is decided.
-pub async fn decided() -> Carrier {
-    let mut rx = CHOSEN.subscribe();
-    let chosen = rx.wait_for(Option::is_some).await.map(|c| *c);
-    // The sender is a static: it never closes.
-    chosen.ok().flatten().unwrap_or(Carrier::Stream)
-}
+    /// Returns when the agent is replaced after this call: connections
+    /// inside the tunnel (control, files) reconnect then instead of waiting
+    /// for TCP to give up on an agent that no longer exists.
+    pub async fn agent_replaced(&self) {
+        // `self` holds the sender: it cannot close while this waits.
+        let _ = self.agents().changed().await;
+    }
 
-/// The tunnel UDP socket's receive buffer, once bound (see [`udp_receive_buffer`]).
-static UDP_RECEIVE_BUFFER: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    /// A receiver that sees each replacement of the agent from now on.
+    pub fn agents(&self) -> watch::Receiver<u64> {
+        self.shared.agents.subscribe()
+    }
 
-/// The receive buffer of the tunnel's UDP socket, if the session may run
-/// over UDP; the control hello tells the agent, which sizes what each
-/// connection keeps in flight by it.
-pub fn udp_receive_buffer() -> Option<usize> {
-    UDP_RECEIVE_BUFFER.get().copied()
-}
+    /// The carrier of the session; `None` while a UDP fallback window is open.
+    pub fn chosen(&self) -> Option<Carrier> {
+        *self.shared.carrier.borrow()
+    }
 
-/// Decides the transport unless it already is; true if this call decided it.
-fn choose(which: Carrier) -> bool {
-    CHOSEN.send_if_modified(|c| c.is_none() && c.replace(which).is_none())
+    /// Waits until the carrier is decided.
+    pub async fn decided(&self) -> Carrier {
+        let mut rx = self.shared.carrier.subscribe();
+        let chosen = rx.wait_for(Option::is_some).await.map(|c| *c);
+        chosen.ok().flatten().unwrap_or(Carrier::Stream)
+    }
+
+    /// The receive buffer of the tunnel's UDP socket, if the session may run
+    /// over UDP; the control hello tells the agent, which sizes what each
+    /// connection keeps in flight by it.
+    pub fn udp_receive_buffer(&self) -> Option<usize> {
+        self.shared.udp_receive_buffer.get().copied()
+    }
+
+    /// Decides the carrier unless it already is; true if this call decided it.
+    fn choose(&self, which: Carrier) -> bool {
+        self.shared.carrier.send_if_modified(|c| c.is_none() && c.replace(which).is_none())
+    }
+
+    fn agent_changed(&self) {
+        self.shared.agents.send_modify(|n| *n += 1);
+    }
 }
 
 /// The UDP path: the socket, the agent's address, and whether anything came back yet.
@@ -100,30 +123,31 @@ pub async fn run(
     hello_at: Endpoint,
     fallback: Option<Duration>,
     wg: Arc<Wg>,
+    link: Link,
 ) -> anyhow::Result<()> {
     let udp = match &transport {
         Transport::Udp(addr) => {
             let any: SocketAddr =
                 if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
             let sock = TunnelUdp::bind(any).await?;
-            let _ = UDP_RECEIVE_BUFFER.set(sock.receive_buffer());
+            let _ = link.shared.udp_receive_buffer.set(sock.receive_buffer());
             let (heard_tx, heard) = watch::channel(false);
             let sender = sock.sender();
-            tokio::spawn(read_udp(sock, sender.clone(), *addr, heard_tx, wg.clone()));
+            tokio::spawn(read_udp(sock, sender.clone(), *addr, heard_tx, wg.clone(), link.clone()));
             if fallback.is_none() {
-                choose(Carrier::Udp);
+                link.choose(Carrier::Udp);
             }
             Some(Udp { sender, addr: *addr, heard })
         }
         Transport::Stream(_) => {
-            choose(Carrier::Stream);
+            link.choose(Carrier::Stream);
             None
         }
     };
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        match session(&hello_at, udp.clone(), fallback, &wg).await {
+        match session(&hello_at, udp.clone(), fallback, &wg, &link).await {
             Ok(()) => tracing::warn!("transport stream closed; redialling"),
             Err(e) if is_fatal(&e) => return Err(e.into()),
             Err(e) => tracing::warn!("transport stream: {e}; redialling"),
@@ -161,7 +185,7 @@ async fn dial(at: &Endpoint) -> io::Result<Box<dyn Stream>> {
 }
 
 /// One life of the stream: hello, then frames (or, for UDP, just held open).
-async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg: &Wg) -> io::Result<()> {
+async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg: &Wg, link: &Link) -> io::Result<()> {
     let stream = dial(at).await?;
     let (mut rd, mut wr) = tokio::io::split(stream);
     wr.write_all(&Hello { role: Role::Sidecar, public_key: wg.public_key() }.encode()).await?;
@@ -172,24 +196,24 @@ async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg
     }
     if wg.set_peer(hello.public_key) {
         tracing::info!("new WireGuard session with the agent");
-        AGENTS.send_modify(|n| *n += 1);
+        link.agent_changed();
     }
     tracing::info!("transport stream up");
     let mut fell_back = false;
-    if let Some(Udp { sender, addr, mut heard }) = udp.filter(|_| chosen() != Some(Carrier::Stream)) {
+    if let Some(Udp { sender, addr, mut heard }) = udp.filter(|_| link.chosen() != Some(Carrier::Stream)) {
         wg.set_route(Route::Udp(sender, addr));
         wg.handshake();
-        if let (Some(window), None) = (fallback, chosen()) {
+        if let (Some(window), None) = (fallback, link.chosen()) {
             let answered = tokio::time::timeout(window, heard.wait_for(|h| *h)).await.is_ok_and(|r| r.is_ok());
             // UDP's first answer and the end of the window race for the decision.
-            if !answered && choose(Carrier::Stream) {
+            if !answered && link.choose(Carrier::Stream) {
                 fell_back = true;
                 tracing::warn!(
                     "no answer over UDP from {addr} within {window:?}; WireGuard goes over the stream instead"
                 );
             }
         }
-        if chosen() == Some(Carrier::Udp) {
+        if link.chosen() == Some(Carrier::Udp) {
             tracing::info!("WireGuard goes over UDP to {addr}");
             // Nothing more comes on the stream; its end means the agent went away.
             let mut rest = [0u8; 64];
@@ -214,13 +238,20 @@ async fn session(at: &Endpoint, udp: Option<Udp>, fallback: Option<Duration>, wg
 
 /// Datagrams from the agent. The first one from its address decides for UDP
 /// (unless the fallback window already closed); after a fallback they are dropped.
-async fn read_udp(sock: Arc<TunnelUdp>, sender: UdpSender, agent: SocketAddr, heard: watch::Sender<bool>, wg: Arc<Wg>) {
+async fn read_udp(
+    sock: Arc<TunnelUdp>,
+    sender: UdpSender,
+    agent: SocketAddr,
+    heard: watch::Sender<bool>,
+    wg: Arc<Wg>,
+    link: Link,
+) {
     sock.read_each(|datagram, from| {
         if from == agent && !*heard.borrow() {
-            choose(Carrier::Udp);
+            link.choose(Carrier::Udp);
             heard.send_replace(true);
         }
-        if chosen() != Some(Carrier::Stream) {
+        if link.chosen() != Some(Carrier::Stream) {
             wg.receive(Some(from.ip()), datagram, &Route::Udp(sender.clone(), from));
         }
     })
@@ -247,7 +278,6 @@ mod tests {
         wio::read_frames(&mut rd, buf, |d| agent.receive(None, d, &route)).await
     }
 
-    // The only test that runs `run`: the transport choice is once per process.
     #[tokio::test]
     async fn udp_that_never_answers_falls_back_to_the_hello_stream() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -261,7 +291,9 @@ mod tests {
         let sidecar = Arc::new(Wg::new(Some(25), |_| {}));
         tokio::spawn(sidecar.clone().run_timers());
         let transport = Transport::Udp(silent.local_addr().unwrap());
-        tokio::spawn(run(transport, Endpoint::Tcp(stream_at), Some(Duration::from_millis(300)), sidecar.clone()));
+        let link = Link::new();
+        let fallback = Some(Duration::from_millis(300));
+        tokio::spawn(run(transport, Endpoint::Tcp(stream_at), fallback, sidecar.clone(), link.clone()));
 
         let arrived = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
@@ -274,7 +306,7 @@ mod tests {
         .await
         .expect("a packet crosses the tunnel after the fallback");
         assert_eq!(arrived, tpd_wire::ip::tunnel_test_packet());
-        assert_eq!(chosen(), Some(Carrier::Stream));
+        assert_eq!(link.chosen(), Some(Carrier::Stream));
         // The first handshake went to the UDP address before the fallback.
         let mut first = [0u8; 256];
         assert_eq!(silent.try_recv(&mut first).ok(), Some(148), "a handshake initiation over UDP");
