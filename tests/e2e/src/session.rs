@@ -295,3 +295,29 @@ pub fn restored(sb: &Sandbox, ns: &str, name: &str, original: &Value, id: &str) 
     }
     Ok(())
 }
+
+/// `sh -c SCRIPT` in a local container: (succeeded, stdout, stderr), trimmed.
+pub fn docker_exec(container: &str, script: &str) -> (bool, String, String) {
+    let out = Command::new("docker").args(["exec", container, "sh", "-c", script]).output().expect("docker exec runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
+}
+
+/// A shell command in the developer's container that must succeed.
+pub fn local(container: &str, script: &str) -> String {
+    let (ok, out, err) = docker_exec(container, script);
+    assert!(ok, "`{script}` failed in the developer's container: {err}");
+    out
+}
+
+/// A shell command in the `watcher` container of `pod` (the test
+/// Deployments' neighbour of the swapped container) that must succeed.
+pub fn in_pod(sb: &Sandbox, pod: &str, script: &str) -> String {
+    sb.kubectl_ok(&["exec", pod, "-c", "watcher", "--", "sh", "-c", script])
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .trim()
+        .to_owned()
+}

@@ -21,7 +21,7 @@
 // A failed unwrap is a failed test, with its message and line.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -29,7 +29,9 @@ use serde_json::Value;
 
 use tpd_e2e::images;
 use tpd_e2e::sandbox::Sandbox;
-use tpd_e2e::session::{self, Cleanup, swap_record, tpd_spawn, user_owned, wait_deployment};
+use tpd_e2e::session::{
+    self, Cleanup, docker_exec, in_pod, local, swap_record, tpd_spawn, user_owned, wait_deployment,
+};
 use tpd_wire::names;
 
 const NS: &str = "default";
@@ -125,30 +127,6 @@ spec:
         echo = images::ECHO,
         debian = images::DEBIAN,
     )
-}
-
-fn docker_exec(container: &str, script: &str) -> (bool, String, String) {
-    let out = Command::new("docker").args(["exec", container, "sh", "-c", script]).output().expect("docker exec runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-    )
-}
-
-/// A shell command in the developer's container that must succeed.
-fn local(container: &str, script: &str) -> String {
-    let (ok, out, err) = docker_exec(container, script);
-    assert!(ok, "`{script}` failed in the developer's container: {err}");
-    out
-}
-
-/// A shell command in the pod's `watcher` container that must succeed.
-fn in_pod(sb: &Sandbox, pod: &str, script: &str) -> String {
-    sb.kubectl_ok(&["exec", pod, "-c", "watcher", "--", "sh", "-c", script])
-        .unwrap_or_else(|e| panic!("{e:#}"))
-        .trim()
-        .to_owned()
 }
 
 /// A swap of `deployment` running `sleep` in a local container named `dev`.
