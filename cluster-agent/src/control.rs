@@ -3,7 +3,7 @@
 //! agent's `Inbound` notices to the sidecar over the newest control connection.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -14,11 +14,13 @@ use tpd_wire::names::agent_env;
 use tpd_wire::preamble::{self, Kind};
 
 use crate::services::BoxConn;
+use crate::stack::SendWindow;
 
-#[derive(Default)]
 pub struct Control {
     /// Sender of the newest control connection, for `Inbound` notices.
     notify: Mutex<Option<mpsc::Sender<Message>>>,
+    /// Fitted to the UDP receive buffer the sidecar's hello reports.
+    window: Arc<SendWindow>,
 }
 
 /// The environment to inject: the agent's own minus tpd's variables.
@@ -27,6 +29,10 @@ pub fn injectable_env() -> BTreeMap<String, String> {
 }
 
 impl Control {
+    pub fn new(window: Arc<SendWindow>) -> Self {
+        Control { notify: Mutex::default(), window }
+    }
+
     /// Sends `msg` to the sidecar; false when no control connection is up.
     pub fn notify(&self, msg: Message) -> bool {
         let tx = self.notify.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -50,8 +56,8 @@ impl Control {
         while let Some(msg) = wio::read_message(&mut rd, &mut buf).await? {
             let reply = match msg {
                 Message::Hello { version, udp_receive_buffer } => {
-                    let udp_window = udp_receive_buffer
-                        .map(|b| crate::stack::fit_udp_window(usize::try_from(b).unwrap_or(usize::MAX)));
+                    let udp_window =
+                        udp_receive_buffer.map(|b| self.window.fit_udp(usize::try_from(b).unwrap_or(usize::MAX)));
                     tracing::info!(sidecar_version = %version, ?udp_receive_buffer, ?udp_window, "sidecar connected to control");
                     Message::Info { version: tpd_wire::VERSION.into(), env: injectable_env() }
                 }

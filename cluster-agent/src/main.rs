@@ -27,7 +27,7 @@ use tpd_wire::udp::TunnelUdp;
 use crate::control::Control;
 use crate::inbound::Inbound;
 use crate::services::Services;
-use crate::stack::{Ingress, Stack};
+use crate::stack::{Ingress, SendWindow, Stack};
 
 #[derive(Debug, Parser)]
 #[command(name = "tpd-agent", version = tpd_wire::VERSION, about)]
@@ -66,16 +66,17 @@ async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (ingress, queues) = Ingress::new();
     let wg = Arc::new(Endpoint::new(None, move |packet| ingress.deliver(packet)));
 
-    let control = Arc::new(Control::default());
+    let window = Arc::new(SendWindow::default());
+    let control = Arc::new(Control::new(window.clone()));
     let inbound = Arc::new(Inbound::new(control.clone()));
     inbound.clone().listen(&args.ports).await?;
     let mounts = Arc::new(files::MountTable::from_env().context("reading the volume mounts to serve")?);
     let services = local_services(control, inbound, mounts);
-    Stack::start(wg.clone(), services, queues);
+    Stack::start(wg.clone(), services, queues, window.clone());
 
     let tasks = [
-        tokio::spawn(transport::serve_streams(streams, wg.clone())),
-        tokio::spawn(transport::serve_udp(udp, wg.clone())),
+        tokio::spawn(transport::serve_streams(streams, wg.clone(), window.clone())),
+        tokio::spawn(transport::serve_udp(udp, wg.clone(), window)),
         tokio::spawn(wg.run_timers()),
     ];
     tokio::spawn(async move {

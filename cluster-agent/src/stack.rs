@@ -25,7 +25,7 @@ use tpd_wire::names::{AGENT_DNS_PORT, AGENT_TUNNEL_IP, STREAM_TUNNEL_MTU};
 use tpd_wire::tunnel::Endpoint as Wg;
 
 use crate::services::Services;
-pub use tcp::{TcpConn, fit_udp_window, set_transport_lossy};
+pub use tcp::{SendWindow, TcpConn};
 pub use udp::UdpFlow;
 
 /// Bound on connecting to a cluster destination; past it the app gets "no route to host".
@@ -86,7 +86,7 @@ pub struct Stack {
 
 impl Stack {
     /// Starts the stack; packets from WireGuard arrive through the [`Ingress`] of `queues`.
-    pub fn start(wg: Arc<Wg>, services: Services, queues: IngressQueues) -> Arc<Self> {
+    pub fn start(wg: Arc<Wg>, services: Services, queues: IngressQueues, window: Arc<SendWindow>) -> Arc<Self> {
         let IngressQueues { gate, tcp: (tcp_tx, tcp_rx) } = queues;
         let dns_servers = crate::dns::system_nameservers();
         let stack = Arc::new_cyclic(|me: &std::sync::Weak<Stack>| {
@@ -95,6 +95,7 @@ impl Stack {
             let tcp = tcp::Tcp::start(
                 AGENT_TUNNEL_IP,
                 usize::from(STREAM_TUNNEL_MTU),
+                window,
                 (tcp_tx, tcp_rx),
                 Box::new(move |packets| out.send_ips(packets.iter().map(Vec::as_slice))),
                 Box::new(move |conn, src, dst| {

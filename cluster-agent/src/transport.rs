@@ -20,10 +20,12 @@ use tpd_wire::io as wio;
 use tpd_wire::tunnel::{Endpoint, Route};
 use tpd_wire::udp::TunnelUdp;
 
+use crate::stack::SendWindow;
+
 /// Queue of datagrams waiting for one stream's writer.
 const STREAM_QUEUE: usize = 4096;
 
-pub async fn serve_streams(listener: TcpListener, wg: Arc<Endpoint>) {
+pub async fn serve_streams(listener: TcpListener, wg: Arc<Endpoint>, window: Arc<SendWindow>) {
     loop {
         match listener.accept().await {
             Ok((sock, addr)) => {
@@ -32,9 +34,9 @@ pub async fn serve_streams(listener: TcpListener, wg: Arc<Endpoint>) {
                     tracing::debug!(%addr, "refused a transport stream from outside the pod");
                     continue;
                 }
-                let wg = wg.clone();
+                let (wg, window) = (wg.clone(), window.clone());
                 tokio::spawn(async move {
-                    match serve_stream(sock, &wg).await {
+                    match serve_stream(sock, &wg, &window).await {
                         Ok(()) => tracing::info!(%addr, "transport stream closed"),
                         Err(e) => tracing::warn!(%addr, "transport stream closed: {e:#}"),
                     }
@@ -58,7 +60,7 @@ fn admitted(local: IpAddr, peer: IpAddr) -> bool {
     local.to_canonical().is_loopback() && peer.to_canonical().is_loopback()
 }
 
-async fn serve_stream(sock: TcpStream, wg: &Endpoint) -> anyhow::Result<()> {
+async fn serve_stream(sock: TcpStream, wg: &Endpoint, window: &SendWindow) -> anyhow::Result<()> {
     sock.set_nodelay(true)?;
     let (mut rd, mut wr) = sock.into_split();
     wr.write_all(&Hello { role: Role::Agent, public_key: wg.public_key() }.encode()).await?;
@@ -76,7 +78,7 @@ async fn serve_stream(sock: TcpStream, wg: &Endpoint) -> anyhow::Result<()> {
     let route = Route::Stream(tx);
     wg.set_route(route.clone());
     let read = wio::read_frames(&mut rd, buf, |d| {
-        crate::stack::set_transport_lossy(false);
+        window.set_lossy(false);
         wg.receive(None, d, &route);
     })
     .await;
@@ -84,10 +86,10 @@ async fn serve_stream(sock: TcpStream, wg: &Endpoint) -> anyhow::Result<()> {
     Ok(read?)
 }
 
-pub async fn serve_udp(udp: Arc<TunnelUdp>, wg: Arc<Endpoint>) {
+pub async fn serve_udp(udp: Arc<TunnelUdp>, wg: Arc<Endpoint>, window: Arc<SendWindow>) {
     let sender = udp.sender();
     udp.read_each(|datagram, from| {
-        crate::stack::set_transport_lossy(true);
+        window.set_lossy(true);
         wg.receive(Some(from.ip()), datagram, &Route::Udp(sender.clone(), from));
     })
     .await;
@@ -121,7 +123,7 @@ mod tests {
         let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let wg = Arc::new(Endpoint::new(None, |_| {}));
-        let server = tokio::spawn(serve_streams(listener, wg.clone()));
+        let server = tokio::spawn(serve_streams(listener, wg.clone(), Arc::default()));
         let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let mut hello = [0u8; tpd_wire::hello::LEN];
         conn.read_exact(&mut hello).await.unwrap();

@@ -38,20 +38,58 @@ const TX_BUFFER_STREAM: usize = 1024 * 1024;
 /// forces its buffer to `TUNNEL_UDP_RECEIVE_BUFFER` (8 MiB), which holds
 /// this window for a dozen connections at once. Where it cannot (rootless
 /// Docker), its control hello reports a smaller buffer and
-/// [`fit_udp_window`] shrinks the window to match.
+/// [`SendWindow::fit_udp`] shrinks the window to match.
 const TX_BUFFER_UDP_MAX: usize = 512 * 1024;
 /// The least a connection over UDP keeps in flight, whatever the buffer.
 const TX_BUFFER_UDP_MIN: usize = 64 * 1024;
-/// What a connection over UDP keeps in flight, set by [`fit_udp_window`].
-static TX_BUFFER_UDP: AtomicUsize = AtomicUsize::new(TX_BUFFER_UDP_MAX);
 
-/// Sizes what each connection opened from now on keeps in flight over UDP
-/// to the sidecar's receive buffer (bytes as its kernel reports them);
-/// returns the window.
-pub fn fit_udp_window(receive_buffer: usize) -> usize {
-    let window = udp_window_for(receive_buffer);
-    TX_BUFFER_UDP.store(window, Ordering::Relaxed);
-    window
+/// What each connection opened from now on keeps in flight towards the
+/// sidecar, by the transport that carries the tunnel now. One per agent,
+/// shared by the transports (which carried the peer's last packet), the
+/// control service (the sidecar's UDP receive buffer) and the stack (which
+/// sizes a connection as its SYN arrives).
+#[derive(Debug)]
+pub struct SendWindow {
+    /// Whether the transport that last carried the peer's packets is lossy
+    /// (UDP): connections then use Reno and the UDP window.
+    lossy: AtomicBool,
+    /// What a connection over UDP keeps in flight, set by [`SendWindow::fit_udp`].
+    udp: AtomicUsize,
+}
+
+impl Default for SendWindow {
+    fn default() -> Self {
+        SendWindow { lossy: AtomicBool::new(false), udp: AtomicUsize::new(TX_BUFFER_UDP_MAX) }
+    }
+}
+
+impl SendWindow {
+    /// Records which kind of transport carries the tunnel now.
+    pub fn set_lossy(&self, lossy: bool) {
+        // Read first: this runs for every packet, and a store would bounce
+        // the cache line between the transports' threads.
+        if self.lossy.load(Ordering::Relaxed) != lossy {
+            self.lossy.store(lossy, Ordering::Relaxed);
+        }
+    }
+
+    /// Sizes what each connection opened from now on keeps in flight over
+    /// UDP to the sidecar's receive buffer (bytes as its kernel reports
+    /// them); returns the window.
+    pub fn fit_udp(&self, receive_buffer: usize) -> usize {
+        let window = udp_window_for(receive_buffer);
+        self.udp.store(window, Ordering::Relaxed);
+        window
+    }
+
+    /// The send buffer and congestion control of a connection opening now.
+    fn for_new_connection(&self) -> (usize, CongestionControl) {
+        if self.lossy.load(Ordering::Relaxed) {
+            (self.udp.load(Ordering::Relaxed), CongestionControl::Reno)
+        } else {
+            (TX_BUFFER_STREAM, CongestionControl::None)
+        }
+    }
 }
 
 /// A quarter of the reported buffer: half of it is the kernel's
@@ -61,18 +99,6 @@ pub fn fit_udp_window(receive_buffer: usize) -> usize {
 /// where 512 KiB took 13 s).
 fn udp_window_for(receive_buffer: usize) -> usize {
     (receive_buffer / 4).clamp(TX_BUFFER_UDP_MIN, TX_BUFFER_UDP_MAX)
-}
-
-/// Whether the transport that last carried the peer's packets is lossy
-/// (UDP); connections take their send buffer and congestion control from
-/// it when they open.
-static LOSSY_TRANSPORT: AtomicBool = AtomicBool::new(false);
-
-/// Records which kind of transport carries the tunnel now.
-pub fn set_transport_lossy(lossy: bool) {
-    if LOSSY_TRANSPORT.load(Ordering::Relaxed) != lossy {
-        LOSSY_TRANSPORT.store(lossy, Ordering::Relaxed);
-    }
 }
 
 /// A connection with nothing received for this long (keep-alives are
@@ -175,6 +201,7 @@ struct Engine {
     queues: Queues,
     by_flow: HashMap<Flow, SocketHandle>,
     entries: HashMap<SocketHandle, Entry>,
+    window: Arc<SendWindow>,
 }
 
 struct Shared {
@@ -199,6 +226,7 @@ impl Tcp {
     pub fn start(
         local: std::net::Ipv4Addr,
         mtu: usize,
+        window: Arc<SendWindow>,
         (input, rx): (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>),
         send: Output,
         accept: Accept,
@@ -218,6 +246,7 @@ impl Tcp {
             queues,
             by_flow: HashMap::new(),
             entries: HashMap::new(),
+            window,
         };
         let shared = Arc::new(Shared { engine: Mutex::new(engine), poke: Notify::new() });
         tokio::spawn(run(shared, rx, send, accept));
@@ -326,11 +355,10 @@ impl Engine {
             return;
         }
         if p.is_tcp_open() && !self.keeps_socket(p.flow) {
-            let lossy = LOSSY_TRANSPORT.load(Ordering::Relaxed);
-            let tx = if lossy { TX_BUFFER_UDP.load(Ordering::Relaxed) } else { TX_BUFFER_STREAM };
+            let (tx, congestion) = self.window.for_new_connection();
             let mut socket = Socket::new(SocketBuffer::new(vec![0u8; RX_BUFFER]), SocketBuffer::new(vec![0u8; tx]));
             socket.set_nagle_enabled(false);
-            socket.set_congestion_control(if lossy { CongestionControl::Reno } else { CongestionControl::None });
+            socket.set_congestion_control(congestion);
             socket.set_timeout(Some(TIMEOUT));
             socket.set_keep_alive(Some(KEEP_ALIVE));
             let dst = p.flow.dst;
@@ -522,6 +550,20 @@ mod tests {
         assert_eq!(udp_window_for(2 * 4096), TX_BUFFER_UDP_MIN);
     }
 
+    /// A connection is sized by the transport that carried the last packet
+    /// when its SYN arrives, with the window the sidecar's hello fitted.
+    #[test]
+    fn new_connections_follow_the_transport_now_in_use() {
+        let window = SendWindow::default();
+        assert_eq!(window.for_new_connection(), (TX_BUFFER_STREAM, CongestionControl::None));
+        window.set_lossy(true);
+        assert_eq!(window.for_new_connection(), (TX_BUFFER_UDP_MAX, CongestionControl::Reno));
+        assert_eq!(window.fit_udp(2 * 212_992), 104 * 1024);
+        assert_eq!(window.for_new_connection(), (104 * 1024, CongestionControl::Reno));
+        window.set_lossy(false);
+        assert_eq!(window.for_new_connection(), (TX_BUFFER_STREAM, CongestionControl::None));
+    }
+
     /// The sidecar's side: a smoltcp client whose packets cross a lossy link.
     struct Peer {
         iface: Interface,
@@ -558,6 +600,7 @@ mod tests {
         let tcp = Tcp::start(
             AGENT,
             1420,
+            Arc::default(),
             mpsc::channel(4096),
             Box::new(move |packets| packets.iter().for_each(|p| drop(out_tx.send(p.clone())))),
             Box::new(move |conn, src, dst| {
