@@ -13,8 +13,7 @@ use bollard::query_parameters::{
     InspectNetworkOptions, ListContainersOptions, ListNetworksOptions, RemoveContainerOptions,
 };
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::Api;
 use tpd_wire::names;
 use tracing::info;
 
@@ -107,34 +106,8 @@ impl Cleanup {
     }
 
     async fn delete_objects(&self) -> anyhow::Result<()> {
-        delete_cluster_objects(&self.client, &self.namespace, &self.session).await
+        apply::delete_cluster_objects(&self.client, &self.namespace, &self.session).await
     }
-}
-
-/// Deletes what `session` created in the cluster besides the swap: the
-/// outbound-only agent pod and the UDP transport's NodePort Service, found
-/// by their session label. The session's own cleanup runs it, and so does
-/// every restore of its swap from elsewhere (`tpd restore`, the repair of
-/// an expired lease, a takeover).
-pub async fn delete_cluster_objects(client: &kube::Client, namespace: &str, session: &str) -> anyhow::Result<()> {
-    let selector = ListParams::default().labels(&format!("{}={session}", names::LABEL_SESSION));
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
-    // Pods of the swapped Deployment carry the label too; its ReplicaSet
-    // owns them, so only delete pods nobody owns (the outbound-only agent).
-    for pod in pods.list(&selector).await?.items {
-        if pod.metadata.owner_references.as_ref().is_none_or(Vec::is_empty) {
-            let name = pod.metadata.name.unwrap_or_default();
-            pods.delete(&name, &DeleteParams::default()).await?;
-            info!("deleted pod/{name}");
-        }
-    }
-    for svc in services.list(&selector).await?.items {
-        let name = svc.metadata.name.unwrap_or_default();
-        services.delete(&name, &DeleteParams::default()).await?;
-        info!("deleted service/{name}");
-    }
-    Ok(())
 }
 
 /// Removes the session's containers, then its volume directory and any

@@ -193,7 +193,7 @@ async fn hold(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitCode
     }
     let established = async {
         let spec = read_spec().await?;
-        let cluster = super::cluster(global).await?;
+        let cluster = crate::session::cluster(global).await?;
         let images = Images::resolve(global, &config::load()?);
         establish(global, &cluster, &images, &name, &spec, &shutdown).await
     }

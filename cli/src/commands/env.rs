@@ -20,7 +20,7 @@ use crate::session::env::render;
 use crate::swap::{apply, plan, record::Record};
 
 pub async fn run(global: &GlobalArgs, args: &EnvArgs) -> anyhow::Result<ExitCode> {
-    let cluster = super::cluster(global).await?;
+    let cluster = crate::session::cluster(global).await?;
     let ns = &cluster.namespace;
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
     let d = apply::get(&deployments, ns, &args.target.name).await?;

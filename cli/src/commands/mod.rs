@@ -11,8 +11,7 @@ mod version;
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command, GlobalArgs};
-use crate::cluster::Cluster;
+use crate::cli::{Cli, Command};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -27,13 +26,4 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => restore::run(&cli.global, &args).await,
         Command::Guardian(args) => crate::guardian::run(&cli.global, &args).await,
     }
-}
-
-/// The cluster a command talks to: connected, its namespace checked, and
-/// swaps whose session vanished (a laptop closed mid-session) repaired first.
-pub(crate) async fn cluster(global: &GlobalArgs) -> anyhow::Result<Cluster> {
-    let cluster = crate::cluster::connect(global).await?;
-    crate::checks::namespace_exists(&cluster).await?;
-    crate::swap::apply::repair_abandoned(&cluster.client, Some(&cluster.namespace)).await?;
-    Ok(cluster)
 }

@@ -12,7 +12,7 @@ use crate::swap::apply::{self, Restored};
 use crate::swap::record::Record;
 
 pub async fn run(global: &GlobalArgs, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
-    let cluster = super::cluster(global).await?;
+    let cluster = crate::session::cluster(global).await?;
     let targets: Vec<(String, String)> = match &args.target {
         Some(t) => vec![(cluster.namespace.clone(), t.name.clone())],
         None => {

@@ -31,7 +31,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     checks::ports_free(args.publish.iter().map(|p| p.host))?;
     // The env files and -e flags are read again once the remote env is known.
     session::env::merge(Default::default(), &args.env, &args.env_file)?;
-    let cluster = super::cluster(global).await?;
+    let cluster = crate::session::cluster(global).await?;
 
     if let Some(target) = &args.swap {
         // Unknown Deployment or ambiguous container: fail before the guardian exists.

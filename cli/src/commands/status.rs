@@ -37,7 +37,7 @@ struct LocalSession {
 }
 
 pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let cluster = super::cluster(global).await?;
+    let cluster = crate::session::cluster(global).await?;
     let api: Api<Deployment> = if args.all_namespaces {
         Api::all(cluster.client.clone())
     } else {

@@ -154,7 +154,7 @@ async fn up_in_own_session(
             .collect(),
     };
     loaded.generate(&provisional)?;
-    let cluster = crate::commands::cluster(global).await?;
+    let cluster = crate::session::cluster(global).await?;
     let images = Images::resolve(global, &config::load()?);
     let shutdown = CancellationToken::new();
     let starting = Arc::new(AtomicBool::new(true));

@@ -26,13 +26,22 @@ use tokio_util::sync::CancellationToken;
 use tpd_wire::names;
 use tpd_wire::sidecar::{Carrier, Status};
 
-use crate::cli::RunArgs;
+use crate::cli::{GlobalArgs, RunArgs};
 use crate::cluster::Cluster;
 use crate::config::Images;
 use crate::output::progress;
 use crate::swap::plan::{self, Params, Swap};
 use spec::Spec;
 use transport::Plan;
+
+/// The cluster a command talks to: connected, its namespace checked, and
+/// swaps whose session vanished (a laptop closed mid-session) repaired first.
+pub async fn cluster(global: &GlobalArgs) -> anyhow::Result<Cluster> {
+    let cluster = crate::cluster::connect(global).await?;
+    crate::checks::namespace_exists(&cluster).await?;
+    crate::swap::apply::repair_abandoned(&cluster.client, Some(&cluster.namespace)).await?;
+    Ok(cluster)
+}
 
 /// What the session machinery works from.
 #[derive(Debug)]

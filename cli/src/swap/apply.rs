@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use tpd_wire::names;
 
 use super::lease::{self, Claim};
@@ -138,9 +138,7 @@ async fn restore_record(api: &Api<Deployment>, current: &Deployment, record: &Re
         .await
         .with_context(|| format!("cannot restore deployment/{name}"))?;
     let namespace = current.metadata.namespace.clone().unwrap_or_default();
-    if let Err(e) =
-        crate::cleanup::delete_cluster_objects(&api.clone().into_client(), &namespace, &record.session).await
-    {
+    if let Err(e) = delete_cluster_objects(&api.clone().into_client(), &namespace, &record.session).await {
         eprintln!(
             "tpd: restored deployment/{name}, but could not delete the other objects of its session {}: {e:#}",
             record.session
@@ -251,6 +249,32 @@ fn rolled_out(d: &Deployment) -> bool {
         && status.updated_replicas.unwrap_or(0) == want
         && status.available_replicas.unwrap_or(0) == want
         && status.replicas.unwrap_or(0) == want
+}
+
+/// Deletes what `session` created in the cluster besides the swap: the
+/// outbound-only agent pod and the UDP transport's NodePort Service, found
+/// by their session label. The session's own cleanup runs it, and so does
+/// every restore of its swap from elsewhere (`tpd restore`, the repair of
+/// an expired lease, a takeover).
+pub async fn delete_cluster_objects(client: &kube::Client, namespace: &str, session: &str) -> anyhow::Result<()> {
+    let selector = ListParams::default().labels(&format!("{}={session}", names::LABEL_SESSION));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    // Pods of the swapped Deployment carry the label too; its ReplicaSet
+    // owns them, so only delete pods nobody owns (the outbound-only agent).
+    for pod in pods.list(&selector).await?.items {
+        if pod.metadata.owner_references.as_ref().is_none_or(Vec::is_empty) {
+            let name = pod.metadata.name.unwrap_or_default();
+            pods.delete(&name, &DeleteParams::default()).await?;
+            tracing::info!("deleted pod/{name}");
+        }
+    }
+    for svc in services.list(&selector).await?.items {
+        let name = svc.metadata.name.unwrap_or_default();
+        services.delete(&name, &DeleteParams::default()).await?;
+        tracing::info!("deleted service/{name}");
+    }
+    Ok(())
 }
 
 pub fn is_ready(pod: &Pod) -> bool {

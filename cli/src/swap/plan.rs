@@ -131,7 +131,7 @@ pub fn plan(original: &Deployment, container: Option<&str>, p: &Params) -> Resul
         strategy: spec.and_then(|s| s.strategy.clone()),
         pod_labels: spec.and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.labels.clone()),
     };
-    let record = Record::new(p, original_fields);
+    let record = Record::new(&p.session, &p.holder, p.now, p.lease_seconds, original_fields);
 
     let mut swapped = original.clone();
     let spec = swapped.spec.get_or_insert_with(Default::default);

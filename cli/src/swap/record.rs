@@ -13,8 +13,6 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 use tpd_wire::names;
 
-use super::plan::Params;
-
 /// Bumped when the record's shape changes incompatibly.
 pub const RECORD_VERSION: u32 = 1;
 
@@ -53,14 +51,15 @@ pub enum Error {
 }
 
 impl Record {
-    pub fn new(p: &Params, original: Original) -> Self {
+    /// A fresh record of `session`, held by `holder` from `now`.
+    pub fn new(session: &str, holder: &str, now: Timestamp, lease_seconds: i64, original: Original) -> Self {
         Record {
             version: RECORD_VERSION,
-            session: p.session.clone(),
-            holder: p.holder.clone(),
-            since: Time(p.now),
-            renew_time: Time(p.now),
-            lease_seconds: p.lease_seconds,
+            session: session.to_owned(),
+            holder: holder.to_owned(),
+            since: Time(now),
+            renew_time: Time(now),
+            lease_seconds,
             original,
         }
     }

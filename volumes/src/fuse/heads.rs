@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::fs::ATTR_TTL;
+use super::attr::ATTR_TTL;
 
 /// Most content kept at once: a program holding many small files open must
 /// not grow the sidecar without bound; past it, reads go to the agent.

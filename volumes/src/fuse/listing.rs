@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tpd_wire::files::{Attr, DirEntry};
 
-use super::fs::ATTR_TTL;
+use super::attr::ATTR_TTL;
 
 /// Lookups in one directory, within the attribute lifetime, after which it
 /// is listed instead.

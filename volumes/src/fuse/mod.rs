@@ -15,6 +15,7 @@
 //! [`release`] (`tpd-sidecar release-volumes`), which the CLI's cleanup runs
 //! in a helper container.
 
+mod attr;
 mod client;
 mod fs;
 mod heads;
@@ -33,9 +34,9 @@ use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use tokio_util::sync::CancellationToken;
 use tpd_wire::{files, names};
 
-pub use client::FileClient;
 #[cfg(test)]
-use fs::ATTR_TTL;
+use attr::ATTR_TTL;
+pub use client::FileClient;
 use fs::VolumeFs;
 use heads::Heads;
 
