@@ -51,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    map_large_buffers();
 
     let shutdown = CancellationToken::new();
     run(args, shutdown.clone()).await?;
@@ -58,6 +59,23 @@ async fn main() -> anyhow::Result<()> {
     shutdown.cancel();
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// Every tunnelled connection allocates its socket buffers (1.5 MiB) and
+/// frees them when it closes. glibc raises its mmap threshold to the size of
+/// the first large block freed, after which these buffers come from the
+/// heap: `calloc` then zeroes, so touches, every page, and freed space stays
+/// resident in the arenas (at 100 new connections/s the agent held 135-176
+/// MiB). A fixed threshold keeps them mmapped: a page is touched only when
+/// data passes through it and goes back to the kernel when the connection
+/// closes (the same load: 20 MiB).
+fn map_large_buffers() {
+    const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
+    // SAFETY: mallopt only sets an allocator parameter; it takes the
+    // allocator's own lock and touches no memory of ours.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) } != 1 {
+        tracing::debug!("mallopt(M_MMAP_THRESHOLD) was refused; large buffers may stay resident");
+    }
 }
 
 async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
