@@ -7,6 +7,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{ChildStdin, Command, ExitCode, Stdio};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, BufReader as AsyncBufReader};
@@ -18,6 +19,9 @@ use crate::cluster::Cluster;
 
 const READY: &str = "ready";
 const DONE: &str = "done";
+/// The guardian is ready once connected to the cluster, which the command
+/// has just done itself: this only bounds a stalled API server.
+const READY_WITHIN: Duration = Duration::from_secs(30);
 
 /// `tpd run`'s end of the pipe.
 #[derive(Debug)]
@@ -28,7 +32,7 @@ pub struct Guardian {
 impl Guardian {
     /// Starts the guardian for `session` and waits until it is connected to
     /// the cluster, so it can act the moment `tpd run` dies.
-    pub fn spawn(
+    pub async fn spawn(
         global: &GlobalArgs,
         cluster: &Cluster,
         session: &str,
@@ -51,12 +55,26 @@ impl Guardian {
         }
         let mut child = cmd.spawn().context("cannot start tpd's guardian process")?;
         let stdin = child.stdin.take().context("the guardian has no stdin")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("the guardian has no stdout")?).read_line(&mut line)?;
-        if line.trim() != READY {
-            anyhow::bail!("tpd's guardian process did not start (see {})", crate::logging::cache_dir().display());
+        let stdout = child.stdout.take().context("the guardian has no stdout")?;
+        // The pipe is read on a blocking thread: this runs inside the runtime.
+        let said = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        });
+        match tokio::time::timeout(READY_WITHIN, said).await {
+            Ok(Ok(Ok(line))) if line.trim() == READY => Ok(Guardian { stdin }),
+            outcome => {
+                // Killing it ends the read, if it still waits.
+                let _ = child.kill();
+                let _ = child.wait();
+                let why = if outcome.is_err() {
+                    format!("did not start within {READY_WITHIN:?}")
+                } else {
+                    "did not start".into()
+                };
+                anyhow::bail!("tpd's guardian process {why} (its log is in {})", crate::logging::cache_dir().display())
+            }
         }
-        Ok(Guardian { stdin })
     }
 
     /// `tpd run` cleaned up itself: the guardian exits without doing anything.

@@ -41,7 +41,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     let log = crate::logging::to_file(&id)?;
     info!(session = %id, log = %log.display(), "session starting");
     let deployment = args.swap.as_ref().map(|t| t.name.clone());
-    let guardian = Guardian::spawn(global, &cluster, &id, deployment.as_deref())?;
+    let guardian = Guardian::spawn(global, &cluster, &id, deployment.as_deref()).await?;
     let cleanup = Cleanup::new(&cluster, &id, deployment);
 
     let shutdown = CancellationToken::new();

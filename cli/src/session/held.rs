@@ -60,7 +60,7 @@ pub async fn establish(
     let id = super::new_id();
     info!(session = %id, name, "connect session starting");
     let deployment = spec.swap.as_ref().map(|t| t.name.clone());
-    let guardian = Guardian::spawn(global, cluster, &id, deployment.as_deref())?;
+    let guardian = Guardian::spawn(global, cluster, &id, deployment.as_deref()).await?;
     let cleanup = Cleanup::new(cluster, &id, deployment);
     let tasks = shutdown.child_token();
     let network = format!("tpd-{id}");
