@@ -18,7 +18,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio::task::JoinSet;
 use tpd_volumes::server as files;
 use tpd_wire::names::{self, agent_env};
 use tpd_wire::tunnel::Endpoint;
@@ -53,12 +53,19 @@ async fn main() -> anyhow::Result<()> {
         .init();
     map_large_buffers();
 
-    let shutdown = CancellationToken::new();
-    run(args, shutdown.clone()).await?;
-    tpd_wire::io::shutdown_signal().await;
-    shutdown.cancel();
-    tracing::info!("shutting down");
-    Ok(())
+    let mut tasks = run(args).await?;
+    tokio::select! {
+        () = tpd_wire::io::shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+        // They run for the agent's life: one ending means the agent can no
+        // longer serve, and exiting lets the kubelet restart it.
+        Some(ended) = tasks.join_next() => match ended {
+            Ok(task) => anyhow::bail!("{task} stopped; exiting"),
+            Err(e) => anyhow::bail!("a task of the agent failed ({e}); exiting"),
+        },
+    }
 }
 
 /// Every tunnelled connection allocates its socket buffers (1.5 MiB) and
@@ -78,7 +85,9 @@ fn map_large_buffers() {
     }
 }
 
-async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Starts the agent's services; returns the tasks that serve the tunnel,
+/// each ending with its name (dropping the set stops them).
+async fn run(args: Args) -> anyhow::Result<JoinSet<&'static str>> {
     let streams = TcpListener::bind(args.listen).await.with_context(|| format!("listening on TCP {}", args.listen))?;
     let udp = TunnelUdp::bind(args.listen).await.with_context(|| format!("listening on UDP {}", args.listen))?;
     let (ingress, queues) = Ingress::new();
@@ -92,17 +101,23 @@ async fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let services = local_services(control, inbound, mounts);
     Stack::start(wg.clone(), services, queues, window.clone());
 
-    let tasks = [
-        tokio::spawn(transport::serve_streams(streams, wg.clone(), window.clone())),
-        tokio::spawn(transport::serve_udp(udp, wg.clone(), window)),
-        tokio::spawn(wg.run_timers()),
-    ];
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        tasks.iter().for_each(|t| t.abort());
+    let mut tasks = JoinSet::new();
+    let (streams_wg, streams_window) = (wg.clone(), window.clone());
+    tasks.spawn(async move {
+        transport::serve_streams(streams, streams_wg, streams_window).await;
+        "the transport's stream listener"
+    });
+    let udp_wg = wg.clone();
+    tasks.spawn(async move {
+        transport::serve_udp(udp, udp_wg, window).await;
+        "the transport's UDP socket"
+    });
+    tasks.spawn(async move {
+        wg.run_timers().await;
+        "the WireGuard timers"
     });
     tracing::info!(version = tpd_wire::VERSION, listen = %args.listen, ports = ?args.ports, "agent ready");
-    Ok(())
+    Ok(tasks)
 }
 
 /// The services on the agent's tunnel address, by port.
