@@ -197,10 +197,7 @@ pub async fn wait_for_agent(pods: &Api<Pod>, session: &str, image: &str, timeout
             if is_ready(&pod) {
                 return Ok(pod);
             }
-            if state.contains("ErrImagePull")
-                || state.contains("ImagePullBackOff")
-                || state.contains("InvalidImageName")
-            {
+            if cannot_pull(&pod) {
                 return Err(Hint::new(
                     format!("the cluster cannot pull the agent image {image}"),
                     "push it to a registry the cluster pulls from and pass --agent-image (the sandbox cluster uses the local images: `cargo xtask images`)",
@@ -293,22 +290,26 @@ pub fn is_ready(pod: &Pod) -> bool {
 fn agent_gave_up(pod: &Pod) -> bool {
     let status = pod.status.as_ref();
     let ended = matches!(status.and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"));
-    let crashing = status.and_then(|s| s.container_statuses.as_ref()).into_iter().flatten().any(|c| {
-        c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()) == Some("CrashLoopBackOff")
-    });
-    ended || crashing
+    ended || waiting_reasons(pod).any(|r| r == "CrashLoopBackOff")
+}
+
+/// Whether the kubelet cannot pull the pod's image: waiting will not help.
+fn cannot_pull(pod: &Pod) -> bool {
+    waiting_reasons(pod).any(|r| matches!(r, "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName"))
+}
+
+/// Why the pod's containers wait, as the kubelet says it (`ErrImagePull`,
+/// `CrashLoopBackOff`, ...).
+fn waiting_reasons(pod: &Pod) -> impl Iterator<Item = &str> {
+    let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+    statuses.into_iter().flatten().filter_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.as_deref())
 }
 
 fn pod_state(pod: &Pod) -> String {
     let name = pod.metadata.name.as_deref().unwrap_or("?");
     let status = pod.status.as_ref();
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
-    let waiting = status
-        .and_then(|s| s.container_statuses.as_ref())
-        .into_iter()
-        .flatten()
-        .find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone());
-    match (waiting, is_ready(pod)) {
+    match (waiting_reasons(pod).next(), is_ready(pod)) {
         (_, true) => format!("agent pod {name}: Running, ready"),
         (Some(reason), _) => format!("agent pod {name}: {phase} ({reason})"),
         (None, _) => format!("agent pod {name}: {phase}"),
@@ -370,5 +371,7 @@ mod tests {
         assert!(agent_gave_up(&waiting("CrashLoopBackOff")));
         assert!(!agent_gave_up(&waiting("ContainerCreating")));
         assert!(!agent_gave_up(&pod(serde_json::json!({"phase": "Pending"}))));
+        assert!(cannot_pull(&waiting("ImagePullBackOff")) && cannot_pull(&waiting("ErrImagePull")));
+        assert!(!cannot_pull(&waiting("ContainerCreating")) && !cannot_pull(&waiting("CrashLoopBackOff")));
     }
 }
