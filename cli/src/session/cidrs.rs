@@ -6,6 +6,7 @@
 
 use std::net::Ipv4Addr;
 
+use crate::error::Hint;
 use anyhow::Context;
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::networking::v1::ServiceCIDR;
@@ -61,12 +62,18 @@ async fn service_ranges(client: &kube::Client) -> anyhow::Result<Vec<String>> {
     };
     match services.create(&PostParams { dry_run: true, ..Default::default() }, &probe).await {
         Err(kube::Error::Api(status)) if status.code == 422 => {
-            range_in_message(&status.message).map(|r| vec![r]).context("the cluster did not name its service range")
+            Ok(vec![range_in_message(&status.message).ok_or_else(|| range_unknown("the cluster did not name it"))?])
         }
-        other => {
-            anyhow::bail!("cannot find the cluster's service range (probe answered {:?})", other.map(|_| "created"))
-        }
+        Ok(_) => Err(range_unknown("a dry-run Service with an unusable ClusterIP was accepted").into()),
+        Err(e) => Err(range_unknown(&crate::cluster::describe(&e)).into()),
     }
+}
+
+fn range_unknown(why: &str) -> Hint {
+    Hint::new(
+        format!("cannot find the cluster's service range: {why}"),
+        "name it yourself: --also-proxy CIDR (the API server's --service-cluster-ip-range)",
+    )
 }
 
 /// The CIDR after "The range of valid IPs is" in an Invalid message.

@@ -157,11 +157,19 @@ pub struct Started {
 /// NodePort Service for UDP) and the sidecar, and waits until the sidecar
 /// reports the tunnel up.
 pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::Result<Started> {
-    let (routes, plan) = tokio::try_join!(
-        cidrs::discover(&ctx.cluster.client),
-        transport::prepare(ctx.cluster, ctx.spec.transport, ctx.id, &ctx.agent_pod),
-    )?;
-    let shown: Vec<String> = routes.iter().map(ToString::to_string).collect();
+    let discovered = async {
+        match cidrs::discover(&ctx.cluster.client).await {
+            // The user named ranges: go on with those.
+            Err(e) if !ctx.spec.also_proxy.is_empty() => {
+                eprintln!("warning: {}; routing only --also-proxy", crate::error::one_line(&e));
+                Ok(Vec::new())
+            }
+            found => found,
+        }
+    };
+    let (routes, plan) =
+        tokio::try_join!(discovered, transport::prepare(ctx.cluster, ctx.spec.transport, ctx.id, &ctx.agent_pod),)?;
+    let shown: Vec<String> = routes.iter().chain(&ctx.spec.also_proxy).map(ToString::to_string).collect();
     progress(&format!("cluster ranges routed through the tunnel: {}", shown.join(", ")));
     let dir = session_dir(ctx.id)?;
     let relay = relay::start(&dir, ctx.cluster, ctx.id, &ctx.agent_pod, shutdown.clone())?;

@@ -21,6 +21,7 @@ use tpd_wire::sidecar::{Carrier, Cidr, Config, Endpoint, Event, PortMap, Status,
 use super::Context;
 use super::relay::Relay;
 use super::transport::Plan;
+use crate::error::Hint;
 use crate::mounts::{self, VolumeMounts};
 
 /// A started sidecar.
@@ -180,21 +181,30 @@ pub async fn ready(docker: &Docker, sidecar: &Sidecar, dir: &Path, timeout: Dura
         let state = docker.inspect_container(&sidecar.id, None::<InspectContainerOptions>).await?.state;
         if state.and_then(|s| s.running) == Some(false) {
             let logs = last_logs(docker, &sidecar.id).await;
-            match logs.lines().find_map(Event::from_line) {
-                Some(Event::Error { message }) => anyhow::bail!("the sidecar failed: {message}"),
-                _ => anyhow::bail!("the sidecar exited before the session was ready:\n{logs}"),
-            }
+            let message = match logs.lines().find_map(Event::from_line) {
+                Some(Event::Error { message }) => format!("the sidecar failed: {message}"),
+                _ => {
+                    // Its last words go to the log; the terminal gets one line.
+                    tracing::info!("the sidecar's last log lines:\n{logs}");
+                    "the sidecar exited before the session was ready".to_owned()
+                }
+            };
+            return Err(Hint::new(message, SIDECAR_HELP).into());
         }
         if started.elapsed() > timeout {
-            anyhow::bail!(
-                "the sidecar was not ready after {} s:\n{}",
-                timeout.as_secs(),
-                last_logs(docker, &sidecar.id).await
-            );
+            tracing::info!("the sidecar's last log lines:\n{}", last_logs(docker, &sidecar.id).await);
+            return Err(Hint::new(
+                format!("the sidecar was not ready after {} s", timeout.as_secs()),
+                format!("a slow machine or image pull may need more: --ready-timeout SECONDS; {SIDECAR_HELP}"),
+            )
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// What to do when the sidecar does not start.
+const SIDECAR_HELP: &str = "`tpd doctor` checks what the sidecar needs (TUN, FUSE, NET_ADMIN); --verbose shows its log";
 
 /// Waits until the sidecar stops (killed, OOM, a Docker restart) and says
 /// what happened, for the session to end on it: without the sidecar the
