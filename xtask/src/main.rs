@@ -38,7 +38,8 @@ enum Task {
     TestImages,
     /// Install missing host tools, build all images, run the whole test suite.
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Extra arguments for `cargo test`, and after `--` for the tests
+        /// (e.g. `-p tpd-e2e --test swap -- --nocapture`).
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -97,7 +98,22 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     images::build(root, tpd_wire::VERSION)?;
     test_images(root)?;
     run(cargo(root).args(["build", "--workspace", "--bins"]))?;
-    run(cargo(root).args(["test", "--workspace", "--no-fail-fast"]).args(args))
+    let (cargo_args, test_args) = split_test_args(args);
+    run(cargo(root)
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(cargo_args)
+        .args(["--", "--include-ignored"])
+        .args(test_args))
+}
+
+/// `cargo test`'s own arguments and the test binaries' (after `--`). The
+/// tests that need Docker, root or FUSE are `#[ignore]`d so that a plain
+/// `cargo test --workspace` runs anywhere in seconds; this task runs them too.
+fn split_test_args(args: &[String]) -> (&[String], &[String]) {
+    match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[]),
+    }
 }
 
 /// A `cargo` command rooted at the workspace.

@@ -158,6 +158,7 @@ fn text(out: &Output) -> String {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn generated_overrides_of_both_examples_pass_compose_config() -> Result<()> {
     let session = Session::start(serde_json::json!([api_swap(&[8080])]))?;
     let cases = [
@@ -205,6 +206,7 @@ fn generated_overrides_of_both_examples_pass_compose_config() -> Result<()> {
 
 /// depends_on, env_file, named volumes and profiles survive the override.
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn compose_features_keep_working_under_the_override() -> Result<()> {
     let session = Session::start(serde_json::json!([]))?;
     let project = tempfile::Builder::new().prefix("tpd-compose-features-").tempdir()?;
@@ -240,6 +242,7 @@ fn compose_features_keep_working_under_the_override() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn bad_input_is_refused_with_a_fix_and_starts_nothing() -> Result<()> {
     let two_swaps =
         serde_json::json!([api_swap(&[8080]), { "deployment": "deployment/admin", "env": {}, "local_ports": [8080] }]);
@@ -332,6 +335,7 @@ fn bad_input_is_refused_with_a_fix_and_starts_nothing() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn up_runs_web_api_db_in_the_session_and_takes_it_down_on_ctrl_c() -> Result<()> {
     let session = Session::start(serde_json::json!([api_swap(&[8080])]))?;
     let dir = examples().join("web-api-db");
@@ -461,6 +465,7 @@ fn remove_session_objects(id: &str) {
 /// reaches the cluster's `quotes` and the local `db`), and the worker runs
 /// on a session `tpd compose` starts and ends itself.
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn examples_run_on_the_sandbox_through_the_tunnel() -> Result<()> {
     use tpd_e2e::sandbox::Sandbox;
     use tpd_e2e::session::{self as s, swap_record, user_owned, wait_deployment};

@@ -163,6 +163,7 @@ fn mode(path: &Path) -> u32 {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn connect_and_quit_on_the_sandbox() {
     images::ensure().unwrap();
     session::require_tpd_images().unwrap();

@@ -30,6 +30,7 @@ fn version_from(image: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn both_images_report_the_workspace_version() {
     for repo in [SIDECAR_IMAGE_REPO, AGENT_IMAGE_REPO] {
         let printed = version_from(&tag(repo));
@@ -38,6 +39,7 @@ fn both_images_report_the_workspace_version() {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn agent_image_runs_as_a_non_root_uid() {
     let user = inspect(&tag(AGENT_IMAGE_REPO), "{{.Config.User}}");
     let uid = user.split(':').next().unwrap_or_default();
@@ -45,6 +47,7 @@ fn agent_image_runs_as_a_non_root_uid() {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn images_are_scratch_images_under_15_mb() {
     for repo in [SIDECAR_IMAGE_REPO, AGENT_IMAGE_REPO] {
         let image = tag(repo);

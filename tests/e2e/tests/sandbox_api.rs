@@ -407,6 +407,7 @@ fn kubectl_session(sb: &Sandbox) -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 async fn sandbox_api_with_kube_rs_and_kubectl() -> Result<()> {
     tokio::task::spawn_blocking(images::ensure).await??;
     let sb = tokio::task::spawn_blocking(Sandbox::up).await??;

@@ -149,6 +149,7 @@ spec: {type: ExternalName, externalName: hello.snode.svc.cluster.local}
 "#;
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn pods_services_dns_and_teardown() {
     images::ensure().expect("test images build");
     let sb = Sandbox::up().expect("a sandbox instance");

@@ -64,6 +64,7 @@ fn restored(sb: &Sandbox, original: &Value, timeout: Duration) -> Duration {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn swap_lifecycle_on_the_sandbox() {
     images::ensure().unwrap();
     session::require_tpd_images().unwrap();

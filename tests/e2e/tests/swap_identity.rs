@@ -203,6 +203,7 @@ fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn the_agent_runs_as_the_container_it_replaces() -> anyhow::Result<()> {
     images::ensure()?;
     session::require_tpd_images()?;

@@ -122,6 +122,7 @@ fn docker_out(args: &[&str]) -> String {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn transports_and_how_the_developers_container_ends_a_session() {
     images::ensure().unwrap();
     session::require_tpd_images().unwrap();
@@ -363,6 +364,7 @@ fn agent_pod_ip(sb: &Sandbox, session: &str, log: &tempfile::NamedTempFile) -> S
 /// learns nothing, not even the agent's key; tpd's session then starts
 /// and serves inbound traffic.
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn a_pod_cannot_take_a_swapped_pods_session() {
     images::ensure().unwrap();
     session::require_tpd_images().unwrap();

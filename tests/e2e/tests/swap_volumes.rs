@@ -161,6 +161,7 @@ fn docker_ids(args: &[&str], session: &str) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     images::ensure()?;
     session::require_tpd_images()?;

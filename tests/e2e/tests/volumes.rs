@@ -197,6 +197,7 @@ fn sh(c: &str, script: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn volumes_reach_the_developers_container() {
     let pod = pod_volumes();
     let s = start(&pod);
@@ -255,6 +256,7 @@ fn files_ttl() -> std::time::Duration {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn traversal_on_the_wire_is_refused() {
     let pod = pod_volumes();
     let s = start(&pod);
@@ -291,6 +293,7 @@ fn traversal_on_the_wire_is_refused() {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn no_mount_is_left_after_the_sidecar_stops_or_is_killed() {
     let pod = pod_volumes();
     let mut s = start(&pod);
@@ -321,6 +324,7 @@ fn no_mount_is_left_after_the_sidecar_stops_or_is_killed() {
 /// CLI's planned mounts; 256 MiB each way with matching sha256. Needs
 /// `cargo xtask images` (`TPD_AGENT_IMAGE`/`TPD_SIDECAR_IMAGE` choose others).
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn volumes_through_the_tunnel() {
     let pod = pod_volumes();
     tpd_e2e::images::ensure().expect("test images");

@@ -210,6 +210,7 @@ fn is_mounted(p: &Path) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and /dev/fuse; `cargo xtask test` runs it"]
 async fn posix_operations_through_fuse() {
     let m = mount_fixture().await;
     let (rw, ro, pod) = (m.rw(), m.ro(), m.pod_rw());
@@ -273,6 +274,7 @@ async fn posix_operations_through_fuse() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and /dev/fuse; `cargo xtask test` runs it"]
 async fn large_files_and_concurrent_readers() {
     let m = mount_fixture().await;
     let (rw, pod) = (m.rw(), m.pod_rw());
@@ -314,6 +316,7 @@ fn the_device_of_a_mount_point_is_read_from_mountinfo() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and /dev/fuse; `cargo xtask test` runs it"]
 async fn unmounts_on_shutdown_and_drop() {
     let mut m = mount_fixture().await;
     let (rw, ro) = (m.rw(), m.ro());
@@ -334,6 +337,7 @@ async fn unmounts_on_shutdown_and_drop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and /dev/fuse; `cargo xtask test` runs it"]
 async fn lookups_from_listings_stay_correct() {
     let m = mount_fixture().await;
     let (rw, pod) = (m.rw(), m.pod_rw());
@@ -365,6 +369,7 @@ async fn lookups_from_listings_stay_correct() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and /dev/fuse; `cargo xtask test` runs it"]
 async fn a_small_file_costs_one_round_trip() {
     let m = mount_fixture().await;
     let (rw, pod, requests) = (m.rw(), m.pod_rw(), m.requests.clone());
@@ -390,6 +395,7 @@ async fn a_small_file_costs_one_round_trip() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and /dev/fuse; `cargo xtask test` runs it"]
 async fn content_sent_with_an_open_is_never_staler_than_a_local_write() {
     let m = mount_fixture().await;
     let (rw, pod) = (m.rw(), m.pod_rw());
@@ -448,6 +454,7 @@ fn close(f: std::fs::File) -> std::io::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and /dev/fuse; `cargo xtask test` runs it"]
 async fn a_failed_deferred_write_is_reported_by_close_and_fsync() {
     let m = mount_fixture().await;
     let (rw, pod) = (m.rw(), m.pod_rw());
@@ -479,6 +486,7 @@ async fn a_failed_deferred_write_is_reported_by_close_and_fsync() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and /dev/fuse; `cargo xtask test` runs it"]
 async fn deferred_writes_land_in_order_and_are_seen_by_every_later_request() {
     let m = mount_fixture().await;
     let (rw, pod) = (m.rw(), m.pod_rw());
@@ -522,6 +530,7 @@ async fn deferred_writes_land_in_order_and_are_seen_by_every_later_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and /dev/fuse; `cargo xtask test` runs it"]
 async fn open_files_and_new_requests_survive_a_replaced_agent() {
     let m = mount_fixture().await;
     let (rw, pod) = (m.rw(), m.pod_rw());
