@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
+use tpd_tunnel::io as wio;
 use tpd_wire::control::Message;
-use tpd_wire::io as wio;
 use tpd_wire::names::agent_env;
 use tpd_wire::preamble::{self, Kind};
 

@@ -55,7 +55,7 @@ async fn answer(query: &[u8], servers: &[SocketAddr]) -> Option<Vec<u8>> {
         return None;
     };
     for server in servers {
-        match tpd_wire::io::dns_exchange(query, *server, QUERY_TIMEOUT).await {
+        match tpd_tunnel::io::dns_exchange(query, *server, QUERY_TIMEOUT).await {
             Ok(reply) => return Some(reply),
             Err(e) => tracing::debug!(%server, "DNS forward failed: {e}"),
         }

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tpd_tunnel::io as wio;
 use tpd_wire::control::Message;
-use tpd_wire::io as wio;
 
 use crate::control::Control;
 use crate::services::BoxConn;

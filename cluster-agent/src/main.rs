@@ -19,10 +19,10 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tpd_tunnel::Endpoint;
+use tpd_tunnel::udp::TunnelUdp;
 use tpd_volumes::server as files;
 use tpd_wire::names::{self, agent_env};
-use tpd_wire::tunnel::Endpoint;
-use tpd_wire::udp::TunnelUdp;
 
 use crate::control::Control;
 use crate::inbound::Inbound;
@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut tasks = run(args).await?;
     tokio::select! {
-        () = tpd_wire::io::shutdown_signal() => {
+        () = tpd_tunnel::io::shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())
         }

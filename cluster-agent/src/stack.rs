@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
+use tpd_tunnel::Endpoint as Wg;
 use tpd_wire::ip::fragments::{self, Reassembly};
 use tpd_wire::ip::{self, Flow, Packet};
 use tpd_wire::names::{AGENT_DNS_PORT, AGENT_TUNNEL_IP, STREAM_TUNNEL_MTU};
-use tpd_wire::tunnel::Endpoint as Wg;
 
 use crate::services::Services;
 pub use tcp::{SendWindow, TcpConn};

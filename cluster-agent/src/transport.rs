@@ -15,10 +15,10 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tpd_tunnel::io as wio;
+use tpd_tunnel::udp::TunnelUdp;
+use tpd_tunnel::{Endpoint, Route};
 use tpd_wire::hello::{Hello, Role};
-use tpd_wire::io as wio;
-use tpd_wire::tunnel::{Endpoint, Route};
-use tpd_wire::udp::TunnelUdp;
 
 use crate::stack::SendWindow;
 

@@ -47,7 +47,7 @@ async fn answer(query: &[u8], routing: &Dns) -> Option<Vec<u8>> {
     let Some(server) = server_for(routing, &q.name) else {
         return dns::empty_response(query, dns::RCODE_REFUSED).ok();
     };
-    match tpd_wire::io::dns_exchange(query, server, QUERY_TIMEOUT).await {
+    match tpd_tunnel::io::dns_exchange(query, server, QUERY_TIMEOUT).await {
         Ok(reply) => Some(reply),
         Err(e) => {
             tracing::debug!(%server, "DNS forward failed: {e}");

@@ -19,9 +19,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
+use tpd_tunnel::Endpoint as Wg;
 use tpd_wire::names;
 use tpd_wire::sidecar::{Carrier, Config, Event, Transport};
-use tpd_wire::tunnel::Endpoint as Wg;
 
 use crate::control::Control;
 use crate::tun::Tun;
@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     let mut session = tokio::spawn(run(args, shutdown.clone()));
     let result = tokio::select! {
         r = &mut session => r.unwrap_or_else(|e| Err(anyhow::anyhow!("the session task failed: {e}"))),
-        () = tpd_wire::io::shutdown_signal() => {
+        () = tpd_tunnel::io::shutdown_signal() => {
             session.abort();
             let _ = session.await;
             Ok(())

@@ -18,11 +18,11 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, watch};
+use tpd_tunnel::io as wio;
+use tpd_tunnel::udp::{TunnelUdp, UdpSender};
+use tpd_tunnel::{Endpoint as Wg, Route};
 use tpd_wire::hello::{Hello, Role};
-use tpd_wire::io as wio;
 use tpd_wire::preamble;
-use tpd_wire::tunnel::{Endpoint as Wg, Route};
-use tpd_wire::udp::{TunnelUdp, UdpSender};
 
 use tpd_wire::sidecar::{Carrier, Endpoint, Transport};
 

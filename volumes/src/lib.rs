@@ -17,5 +17,6 @@
 //! developer's container is the CLI's `mounts` plan; docs/volumes.md
 //! describes the whole bridge.
 
+mod frames;
 pub mod fuse;
 pub mod server;

@@ -17,9 +17,9 @@
 //! (both ends are Linux).
 //!
 //! The codec is pure: [`encode`] appends a frame to a buffer and [`decode`]
-//! takes one off, returning `Ok(None)` until a whole frame is there. With the
-//! `io` feature, [`write_batch`] writes frames to a stream, a read's or a
-//! write's data without copying it into the frame buffer first.
+//! takes one off, returning `Ok(None)` until a whole frame is there;
+//! [`encode_head`] leaves a read's or a write's data out of the frame, for
+//! `tpd-volumes`' writer, which sends it from where it is.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -371,62 +371,6 @@ pub fn encode_head<'m, M: Message>(id: u64, msg: &'m M, out: &mut BytesMut) -> O
     let len = out.len() - start - 4 + payload.map_or(0, Bytes::len);
     out[start..start + 4].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
     payload
-}
-
-/// Payloads smaller than this are copied into the frame buffer: one write
-/// for many small frames costs less than a write each.
-#[cfg(feature = "io")]
-const COPY_MAX: usize = 64 * 1024;
-
-/// Appends the frame of `msg` under `id` to `out`; a large payload is not
-/// copied but written to `wr` right behind what `out` holds, in one
-/// vectored write that empties `out`.
-#[cfg(feature = "io")]
-async fn put_frame<M, W>(wr: &mut W, out: &mut BytesMut, id: u64, msg: &M) -> std::io::Result<()>
-where
-    M: Message,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    match encode_head(id, msg, out) {
-        Some(payload) if payload.len() >= COPY_MAX => {
-            crate::io::write_all_vectored(wr, &[out, payload]).await?;
-            out.clear();
-            Ok(())
-        }
-        Some(payload) => {
-            out.put_slice(payload);
-            Ok(())
-        }
-        None => Ok(()),
-    }
-}
-
-/// Writes the frame of `first`, then of whatever `more` has ready while the
-/// batch is under [`MAX_FRAME`], in as few writes as the frames allow: small
-/// frames are copied into `out` and leave together, a large payload leaves
-/// from where it is; `out` is empty again afterwards. Both ends' writers use
-/// it: a burst of answers or requests leaves in one system call.
-#[cfg(feature = "io")]
-pub async fn write_batch<M, W>(
-    wr: &mut W,
-    out: &mut BytesMut,
-    first: (u64, M),
-    mut more: impl FnMut() -> Option<(u64, M)>,
-) -> std::io::Result<()>
-where
-    M: Message,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    let mut next = Some(first);
-    while let Some((id, msg)) = next.take() {
-        put_frame(wr, out, id, &msg).await?;
-        if out.len() < MAX_FRAME {
-            next = more();
-        }
-    }
-    tokio::io::AsyncWriteExt::write_all(wr, out).await?;
-    out.clear();
-    Ok(())
 }
 
 /// Takes one frame off the front of `buf`: `Ok(None)` while it is incomplete.
@@ -1125,38 +1069,5 @@ mod tests {
         assert!(!mounts[1].read_only);
         assert_eq!(mounts[1].sub_path.as_deref(), Some("x"));
         assert_eq!(parse_mounts(&mounts_env_value(&mounts)).expect("valid"), mounts);
-    }
-}
-
-#[cfg(all(test, feature = "io"))]
-mod stream_tests {
-    use super::*;
-    use tokio::io::AsyncReadExt;
-
-    #[tokio::test]
-    async fn frames_with_large_payloads_arrive_whole_and_in_order() {
-        let sent: Vec<Response> = [0usize, 10, COPY_MAX - 1, COPY_MAX, MAX_IO as usize]
-            .iter()
-            .flat_map(|&n| [Response::Data(Bytes::from(vec![n as u8; n])), Response::Written(n as u32)])
-            .collect();
-        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
-        let to_send = sent.clone();
-        let writer = tokio::spawn(async move {
-            let mut out = BytesMut::new();
-            let mut frames = to_send.into_iter().enumerate().map(|(id, r)| (id as u64, r));
-            let first = frames.next().expect("something to send");
-            write_batch(&mut a, &mut out, first, || frames.next()).await
-        });
-        let mut buf = BytesMut::new();
-        let mut got = Vec::new();
-        while got.len() < sent.len() {
-            match decode::<Response>(&mut buf).expect("well-formed") {
-                Some((id, r)) => got.push((id, r)),
-                None => assert_ne!(b.read_buf(&mut buf).await.expect("read"), 0, "stream ended early"),
-            }
-        }
-        writer.await.expect("writer").expect("written");
-        let want: Vec<(u64, Response)> = sent.into_iter().enumerate().map(|(i, r)| (i as u64, r)).collect();
-        assert_eq!(got, want);
     }
 }

@@ -16,16 +16,10 @@ pub mod files;
 pub mod frame;
 pub mod hello;
 pub mod inbound;
-#[cfg(feature = "io")]
-pub mod io;
 pub mod ip;
 pub mod names;
 pub mod preamble;
 pub mod sidecar;
-#[cfg(feature = "io")]
-pub mod tunnel;
-#[cfg(feature = "io")]
-pub mod udp;
 
 /// The version of tpd that built this crate; every binary reports it and the
 /// images are tagged with it.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr};
 use tokio::sync::mpsc;
-use tpd_wire::tunnel::Endpoint as Wg;
+use tpd_tunnel::Endpoint as Wg;
 
 /// Datagrams waiting for one flow's handler.
 pub const FLOW_QUEUE: usize = 256;

@@ -113,7 +113,7 @@ async fn write_requests<W: AsyncWrite + Unpin>(
         let Some(call) = call else { break };
         let Some(first) = register(&pending, &mut next_id, call) else { continue };
         let more = || std::iter::from_fn(|| rx.try_recv().ok()).find_map(|c| register(&pending, &mut next_id, c));
-        if let Err(e) = files::write_batch(&mut wr, &mut out, first, more).await {
+        if let Err(e) = crate::frames::write_batch(&mut wr, &mut out, first, more).await {
             tracing::info!(error = %e, "file connection write failed");
             break;
         }

@@ -237,7 +237,7 @@ async fn write_responses<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
-        files::write_batch(&mut wr, &mut out, first, || rx.try_recv().ok()).await?;
+        crate::frames::write_batch(&mut wr, &mut out, first, || rx.try_recv().ok()).await?;
     }
     wr.shutdown().await
 }

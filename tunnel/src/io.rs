@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::{control, frame, hello, inbound, preamble};
+use tpd_wire::{control, frame, hello, inbound, preamble};
 
 /// Sends one DNS query to `server` over UDP and returns the answer carrying
 /// the same id, or a timeout after `timeout`.
@@ -177,7 +177,7 @@ const COPY_MAX: usize = 16 * 1024;
 
 /// Writes all of `parts`, in order, with as few (vectored) writes as the
 /// stream takes.
-pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(wr: &mut W, parts: &[&[u8]]) -> io::Result<()> {
+pub async fn write_all_vectored<W: AsyncWrite + Unpin>(wr: &mut W, parts: &[&[u8]]) -> io::Result<()> {
     let mut slices: Vec<io::IoSlice<'_>> =
         parts.iter().filter(|p| !p.is_empty()).map(|p| io::IoSlice::new(p)).collect();
     let mut rest = &mut slices[..];

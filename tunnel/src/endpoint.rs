@@ -258,13 +258,13 @@ mod tests {
         let (a, b, mut arx, mut brx, got) = pair();
         let broute = lock(&b.route).clone();
         let aroute = lock(&a.route).clone();
-        a.send_ip(&crate::ip::tunnel_test_packet());
+        a.send_ip(&tpd_wire::ip::tunnel_test_packet());
         for _ in 0..4 {
             // The route a datagram "arrived over" is the receiver's way back.
             pump(&mut arx, &b, &broute);
             pump(&mut brx, &a, &aroute);
         }
-        assert_eq!(lock(&got).as_slice(), &[crate::ip::tunnel_test_packet()]);
+        assert_eq!(lock(&got).as_slice(), &[tpd_wire::ip::tunnel_test_packet()]);
     }
 
     #[tokio::test]
@@ -274,7 +274,7 @@ mod tests {
         stranger.set_peer(b.public_key());
         let (stx, mut srx) = mpsc::channel(8);
         stranger.set_route(Route::Stream(stx.clone()));
-        stranger.send_ip(&crate::ip::tunnel_test_packet());
+        stranger.send_ip(&tpd_wire::ip::tunnel_test_packet());
         let route = Route::Stream(stx);
         assert!(pump(&mut srx, &b, &route) > 0);
         assert!(brx.try_recv().is_err(), "no answer to a stranger");
