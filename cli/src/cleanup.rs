@@ -139,7 +139,10 @@ async fn remove_networks(docker: &bollard::Docker, session: &str) -> anyhow::Res
         let attached =
             docker.inspect_network(&name, None::<InspectNetworkOptions>).await?.containers.unwrap_or_default();
         for (id, c) in attached {
-            eprintln!("tpd: detaching container {} from the session's network {name}", c.name.unwrap_or(id.clone()));
+            progress(&format!(
+                "detaching container {} from the session's network {name}",
+                c.name.unwrap_or(id.clone())
+            ));
             let _ =
                 docker.disconnect_network(&name, NetworkDisconnectRequest { container: id, force: Some(true) }).await;
         }
@@ -194,11 +197,11 @@ async fn step(what: &str, deadline: Duration, fut: impl Future<Output = anyhow::
     match tokio::time::timeout(deadline, fut).await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
-            eprintln!("tpd: cleanup could not {what}: {e:#}");
+            crate::output::warning(&format!("cleanup could not {what}: {e:#}"));
             false
         }
         Err(_) => {
-            eprintln!("tpd: cleanup could not {what} within {} s", deadline.as_secs());
+            crate::output::warning(&format!("cleanup could not {what} within {} s", deadline.as_secs()));
             false
         }
     }

@@ -1,20 +1,19 @@
 //! `tpd connect`: long-lived, named sessions that outlive the command. It
 //! starts a detached `tpd connect --hold` process (its own process group,
-//! stderr into `~/.cache/tpd/connect/<name>.log`), shows the `tpd: ...`
-//! progress lines it logs, and returns once it reports the session ready on
-//! its stdout pipe (or the error, after it cleaned up). The held session
+//! stderr into `~/.cache/tpd/connect/<name>.log`), shows the progress and
+//! warnings it reports as typed events in `<name>.events`
+//! (`session::named::Line`), and returns once it reports the session ready
+//! there (or the error, after it cleaned up). The held session
 //! itself is `crate::session::held`'s; it ends on SIGTERM with the same
 //! `Cleanup` as every other exit path; if it was killed, its guardian
 //! cleans up the cluster and `tpd quit` the rest.
 
-use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -24,18 +23,12 @@ use crate::cli::{ConnectArgs, GlobalArgs};
 use crate::cluster::Cluster;
 use crate::config::{self, Images};
 use crate::error::Hint;
-use crate::output::{OutputFormat, progress};
+use crate::output::{self, OutputFormat, progress};
 use crate::session::held::establish;
-use crate::session::named::{self as record, Record, Tail, checked_name, default_name, log_path, repair};
+use crate::session::named::{
+    self as record, Follow, Outcome, Record, checked_name, default_name, events_path, log_path, repair,
+};
 use crate::session::spec::Spec;
-
-/// What the background process reports on its stdout pipe, one JSON line.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "lowercase")]
-enum Event {
-    Ready { record: Record },
-    Error { message: String, help: Option<String> },
-}
 
 pub async fn run(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitCode> {
     if args.hold {
@@ -79,8 +72,8 @@ pub async fn run(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts `tpd connect --hold` detached, relays its progress from the log,
-/// and waits for its `ready` or `error`.
+/// Starts `tpd connect --hold` detached, relays its progress from its
+/// events file, and waits for its `ready` or `error`.
 async fn spawn_holder(
     global: &GlobalArgs,
     cluster: &Cluster,
@@ -96,7 +89,15 @@ async fn spawn_holder(
         .mode(0o600)
         .open(&log)
         .with_context(|| format!("cannot open {}", log.display()))?;
-    let mut tail = Tail::new(&log, file.metadata()?.len());
+    let events = events_path(name);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&events)
+        .with_context(|| format!("cannot create {}", events.display()))?;
+    let mut follow = Follow::from_end(&events);
     let exe = std::env::current_exe().context("cannot find the tpd executable to start the session's process")?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.args(["connect", "--hold", "--name", name, "--context", &cluster.context, "--namespace", &cluster.namespace]);
@@ -104,9 +105,9 @@ async fn spawn_holder(
     if let Some(kubeconfig) = &global.kubeconfig {
         cmd.arg("--kubeconfig").arg(kubeconfig);
     }
-    // The log file gets tracing's debug file layer; stderr (the same file)
-    // carries the `tpd: ...` progress lines and errors only.
-    cmd.env("RUST_LOG", "off").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(file);
+    // The log file gets tracing's debug file layer and stderr; progress,
+    // warnings and the outcome go to the events file.
+    cmd.env("RUST_LOG", "off").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(file);
     // Its own session and process group: the terminal's Ctrl-C and hang-up
     // do not reach it, and it outlives this command.
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
@@ -120,31 +121,26 @@ async fn spawn_holder(
     stdin.write_all(&serde_json::to_vec(spec)?).await.context("cannot hand the session to its background process")?;
     drop(stdin);
     progress(&format!("starting session {name:?} in the background (process {pid}, log {})", log.display()));
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("no stdout pipe")?).lines();
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let event = loop {
+    let outcome = loop {
         tokio::select! {
-            line = lines.next_line() => match line {
-                Ok(Some(l)) => match serde_json::from_str::<Event>(&l) {
-                    Ok(e) => break Some(e),
-                    Err(_) => info!("holder said: {l}"),
-                },
-                _ => break None,
+            _ = tick.tick() => if let Some(o) = follow.echo() {
+                break Ok(o);
             },
-            _ = tick.tick() => tail.echo(),
+            status = child.wait() => break follow.echo().ok_or(status),
             _ = interrupt.recv() => {
                 eprintln!("tpd: interrupted; the session's process removes what it started");
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
             }
         }
     };
-    tail.echo();
-    match event {
-        Some(Event::Ready { record }) => Ok(record),
-        Some(Event::Error { message, help }) => {
+    match outcome {
+        Ok(Outcome::Ready { record }) => Ok(record),
+        Ok(Outcome::Error { message, help }) => {
+            // It cleans up before it exits: show that too.
             let _ = child.wait().await;
-            tail.echo();
+            follow.echo();
             eprintln!("tpd: the session's log is {}", log.display());
             Err(Hint::new(
                 message,
@@ -152,18 +148,14 @@ async fn spawn_holder(
             )
             .into())
         }
-        None => {
-            let status = child.wait().await;
-            tail.echo();
-            Err(Hint::new(
-                format!(
-                    "the session's background process ended before the session was ready ({})",
-                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
-                ),
-                format!("see its log, {}", log.display()),
-            )
-            .into())
-        }
+        Err(status) => Err(Hint::new(
+            format!(
+                "the session's background process ended before the session was ready ({})",
+                status.map_or_else(|e| e.to_string(), |s| s.to_string())
+            ),
+            format!("see its log, {}", log.display()),
+        )
+        .into()),
     }
 }
 
@@ -180,6 +172,8 @@ async fn read_spec() -> anyhow::Result<Spec> {
 async fn hold(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitCode> {
     let name = checked_name(args.name.as_deref().context("--hold needs --name")?)?;
     let _ = crate::logging::to_file(&format!("connect/{name}"));
+    let events = std::fs::OpenOptions::new().append(true).create(true).open(events_path(&name));
+    output::notes_to(events.with_context(|| format!("cannot open {}", events_path(&name).display()))?);
     progress(&format!("session {name:?}: process {} starting", std::process::id()));
     let shutdown = CancellationToken::new();
     for kind in [SignalKind::terminate(), SignalKind::interrupt(), SignalKind::hangup()] {
@@ -204,7 +198,7 @@ async fn hold(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitCode
             let help = e.chain().find_map(|c| c.downcast_ref::<Hint>()).map(|h| h.help.clone());
             let message = crate::error::one_line(&e);
             eprintln!("error: {message}");
-            report(&Event::Error { message, help });
+            output::event(&Outcome::Error { message, help });
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -212,14 +206,10 @@ async fn hold(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitCode
         eprintln!("error: {e:#}");
         let message = format!("{e:#}");
         held.end().await;
-        report(&Event::Error { message, help: None });
+        output::event(&Outcome::Error { message, help: None });
         return Ok(ExitCode::FAILURE);
     }
-    report(&Event::Ready { record: held.record.clone() });
-    // Nobody reads stdout any more; later writes must not fail.
-    if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
-        let _ = nix::unistd::dup2_stdout(null);
-    }
+    output::event(&Outcome::Ready { record: held.record.clone() });
     info!(sidecar = %held.record.sidecar, network = %held.record.network, "session {name:?} is ready");
     // The tasks' token is a child of `shutdown`: a signal or a lost lease.
     held.lost().cancelled().await;
@@ -231,12 +221,6 @@ async fn hold(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitCode
         false => progress(&format!("cleanup of session {name:?} finished with errors (see above)")),
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-}
-
-fn report(event: &Event) {
-    let line = serde_json::to_string(event).unwrap_or_default();
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// How a running session is shown: the sidecar's name on stdout (for
@@ -274,17 +258,4 @@ fn public(r: &Record) -> serde_json::Value {
         }
     }
     v
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn events_round_trip() {
-        let e = Event::Error { message: "boom".into(), help: Some("fix".into()) };
-        let line = serde_json::to_string(&e).unwrap();
-        assert!(line.starts_with("{\"event\":\"error\""), "{line}");
-        assert!(matches!(serde_json::from_str::<Event>(&line).unwrap(), Event::Error { .. }));
-    }
 }

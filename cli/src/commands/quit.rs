@@ -1,5 +1,5 @@
 //! `tpd quit`: ends named sessions. It signals the process that holds the
-//! session and follows its log until it has cleaned up; a session whose
+//! session and follows its events until it has cleaned up; a session whose
 //! process died is repaired with the same `Cleanup` here.
 
 use std::process::ExitCode;
@@ -12,7 +12,7 @@ use kube::Api;
 use crate::cli::{GlobalArgs, QuitArgs};
 use crate::error::Hint;
 use crate::output::progress;
-use crate::session::named::{self as record, Record, Tail, cluster_of, log_path, repair, resolve_name};
+use crate::session::named::{self as record, Follow, Record, cluster_of, events_path, log_path, repair, resolve_name};
 use crate::swap::plan::Target;
 
 pub async fn run(global: &GlobalArgs, args: &QuitArgs) -> anyhow::Result<ExitCode> {
@@ -53,14 +53,14 @@ async fn quit_one(global: &GlobalArgs, name: &str) -> anyhow::Result<()> {
     };
     if record::alive(r.pid) {
         let log = log_path(name);
-        let mut tail = Tail::new(&log, std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0));
+        let mut follow = Follow::from_end(&events_path(name));
         progress(&format!("ending session {name:?} (process {})", r.pid));
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.pid as i32), nix::sys::signal::Signal::SIGTERM)
             .with_context(|| format!("cannot signal the session's process {}", r.pid))?;
         let started = Instant::now();
         while record::alive(r.pid) {
             if started.elapsed() > QUIT_DEADLINE {
-                tail.echo();
+                follow.echo();
                 return Err(Hint::new(
                     format!("session {name:?} did not end within {} s", QUIT_DEADLINE.as_secs()),
                     format!(
@@ -71,10 +71,10 @@ async fn quit_one(global: &GlobalArgs, name: &str) -> anyhow::Result<()> {
                 )
                 .into());
             }
-            tail.echo();
+            follow.echo();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tail.echo();
+        follow.echo();
     }
     if record::read(name)?.is_some() {
         progress(&format!("the process that held session {name:?} ({}) is gone; cleaning up what it left", r.pid));

@@ -161,7 +161,7 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
         match cidrs::discover(&ctx.cluster.client).await {
             // The user named ranges: go on with those.
             Err(e) if !ctx.spec.also_proxy.is_empty() => {
-                eprintln!("warning: {}; routing only --also-proxy", crate::error::one_line(&e));
+                crate::output::warning(&format!("{}; routing only --also-proxy", crate::error::one_line(&e)));
                 Ok(Vec::new())
             }
             found => found,

@@ -26,6 +26,7 @@ use crate::cleanup::Cleanup;
 use crate::cli::GlobalArgs;
 use crate::cluster::Cluster;
 use crate::error::Hint;
+use crate::output::Note;
 use crate::swap::plan::Target;
 
 /// A running connect session.
@@ -225,39 +226,65 @@ pub fn log_path(name: &str) -> PathBuf {
     dir().join(format!("{name}.log"))
 }
 
-/// Follows a log file from an offset and echoes its `tpd: ` lines (progress
-/// and cleanup reports) to stderr.
-pub struct Tail {
+/// The events file of session `name`: what its background process
+/// reports, one JSON [`Line`] each, for `tpd connect` and `tpd quit`.
+pub fn events_path(name: &str) -> PathBuf {
+    dir().join(format!("{name}.events"))
+}
+
+/// How a session's background process ends its start.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Outcome {
+    Ready { record: Record },
+    Error { message: String, help: Option<String> },
+}
+
+/// A line of an events file.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Line {
+    Note(Note),
+    Outcome(Outcome),
+}
+
+/// Follows an events file from an offset: prints its notes as they come
+/// and hands over the outcome.
+pub struct Follow {
     path: PathBuf,
     offset: u64,
     partial: String,
 }
 
-impl Tail {
-    pub fn new(path: &Path, offset: u64) -> Self {
-        Tail { path: path.to_owned(), offset, partial: String::new() }
+impl Follow {
+    /// From the file's current end: what a process writes from now on.
+    pub fn from_end(path: &Path) -> Self {
+        let offset = std::fs::metadata(path).map_or(0, |m| m.len());
+        Follow { path: path.to_owned(), offset, partial: String::new() }
     }
 
-    pub fn echo(&mut self) {
+    /// Prints the notes written since the last call; returns the outcome,
+    /// if one was written.
+    pub fn echo(&mut self) -> Option<Outcome> {
         let Ok(mut file) = std::fs::File::open(&self.path) else {
-            return;
+            return None;
         };
-        if file.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
-            return;
-        }
         let mut buf = Vec::new();
-        let Ok(n) = file.read_to_end(&mut buf) else {
-            return;
-        };
-        self.offset += n as u64;
+        if file.seek(std::io::SeekFrom::Start(self.offset)).is_err() || file.read_to_end(&mut buf).is_err() {
+            return None;
+        }
+        self.offset += buf.len() as u64;
         self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let mut outcome = None;
         while let Some(end) = self.partial.find('\n') {
             let line: String = self.partial.drain(..=end).collect();
-            let line = line.trim_end();
-            if line.starts_with("tpd: ") || line.starts_with("warning: ") {
-                eprintln!("{line}");
+            match serde_json::from_str::<Line>(&line) {
+                Ok(Line::Note(note)) => eprintln!("{note}"),
+                Ok(Line::Outcome(o)) => outcome = Some(o),
+                Err(e) => tracing::debug!("not an event: {e}: {line}"),
             }
         }
+        outcome
     }
 }
 
@@ -333,6 +360,17 @@ impl std::fmt::Display for SessionSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the background process writes and `tpd connect`/`tpd quit` read.
+    #[test]
+    fn events_round_trip() {
+        let e = Outcome::Error { message: "boom".into(), help: Some("fix".into()) };
+        let line = serde_json::to_string(&e).unwrap();
+        assert!(line.starts_with("{\"event\":\"error\""), "{line}");
+        assert!(matches!(serde_json::from_str::<Line>(&line).unwrap(), Line::Outcome(Outcome::Error { .. })));
+        let note = serde_json::to_string(&Note::Progress { message: "swapping".into() }).unwrap();
+        assert!(matches!(serde_json::from_str::<Line>(&note).unwrap(), Line::Note(_)));
+    }
 
     #[test]
     fn default_names_are_file_and_command_safe() {

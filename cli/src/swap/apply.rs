@@ -79,7 +79,7 @@ pub async fn swap(
         }
     }
     if let Some(warning) = super::gitops::warning(&current) {
-        eprintln!("warning: {warning}");
+        crate::output::warning(&warning);
     }
     let swap = plan::plan(&current, target.container.as_deref(), params)?;
     let patch = plan::patch_between(&current, &swap.deployment, Guard::ResourceVersion);
