@@ -14,7 +14,7 @@
 //! ```
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -64,6 +64,25 @@ fn machine_lock() -> Result<File> {
     Ok(lock)
 }
 
+/// Removes the instances earlier test processes left: one killed before its
+/// teardown, or one kept with the keep variable. While this process holds
+/// the machine's lock no other test owns one, and any would keep the
+/// sandbox's subnet from the next.
+fn remove_stale(bin: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache_dir().join("tpd-sandbox")) else {
+        return;
+    };
+    let names = entries.flatten().filter_map(|e| e.file_name().into_string().ok());
+    for name in names.filter(|n| n.starts_with("tpd-e2e-")) {
+        eprintln!("removing sandbox {name}, which an earlier test process left");
+        match Command::new(bin).args(["down", "--name", &name]).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!("tpd-sandbox down {name} failed: {}", String::from_utf8_lossy(&out.stderr)),
+            Err(e) => eprintln!("tpd-sandbox down {name} failed: {e}"),
+        }
+    }
+}
+
 impl Sandbox {
     /// Starts a fresh instance named `tpd-e2e-<pid>-<n>`.
     pub fn up() -> Result<Self> {
@@ -75,6 +94,7 @@ impl Sandbox {
     pub fn up_with(bin: PathBuf) -> Result<Self> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let lock = machine_lock()?;
+        remove_stale(&bin);
         let name = format!("tpd-e2e-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let dir = tempfile::tempdir().context("creating the kubeconfig directory")?;
         let kubeconfig = dir.path().join("kubeconfig");
