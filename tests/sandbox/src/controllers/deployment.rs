@@ -355,6 +355,16 @@ fn status_actions(d: &Value, owned: &[Value], new: Option<&Value>, just_created:
             now,
         );
     }
+    // A ReplicaSet that cannot create its pods (Pod Security refuses them)
+    // says so on the Deployment too, as kube-controller-manager copies it.
+    let failure = new.into_iter().chain(owned).find_map(|rs| super::objects::condition(rs, "ReplicaFailure"));
+    match failure {
+        Some(f) => {
+            let text = |k: &str| f[k].as_str().unwrap_or_default().to_owned();
+            set_condition(&mut conds, "ReplicaFailure", &text("status"), &text("reason"), &text("message"), now);
+        }
+        None => conds.retain(|c| c["type"] != "ReplicaFailure"),
+    }
     status["conditions"] = json!(conds);
     if status == old { Vec::new() } else { vec![Action::Status(status)] }
 }
