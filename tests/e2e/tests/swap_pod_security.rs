@@ -96,9 +96,31 @@ fn refusals(sb: &Sandbox) -> anyhow::Result<()> {
     assert!(!out.status.success(), "a privileged root pod must be refused");
     assert_eq!(stderr.trim(), format!("Error from server (Forbidden): {}", refused_privileged("rooted")));
 
-    // A Deployment is stored (only a warn label would speak of it); its
-    // ReplicaSet's pods are refused and the Deployment says why.
-    sb.kubectl_ok(&["create", "deployment", "rooted", "-n", NS, "--image", images::BUSYBOX])?;
+    // A Deployment is stored, with a warning only where a warn label asks
+    // for one, as kube-apiserver; its ReplicaSet's pods are refused and the
+    // Deployment says why.
+    sb.kubectl_ok(&["label", "namespace", NS, "pod-security.kubernetes.io/warn=baseline"])?;
+    let out = sb.kubectl().args(["create", "deployment", "rooted", "-n", NS, "--image", images::BUSYBOX]).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "baseline has nothing to say of a plain busybox");
+    let out = sb
+        .kubectl()
+        .args(["create", "deployment", "hosted", "-n", NS, "--image", images::BUSYBOX])
+        .args(["--dry-run=client", "-o", "json"])
+        .output()?;
+    let mut hosted: Value = serde_json::from_slice(&out.stdout)?;
+    hosted["spec"]["template"]["spec"]["hostNetwork"] = Value::from(true);
+    let file = std::env::temp_dir().join(format!("tpd-e2e-hosted-{}.json", std::process::id()));
+    std::fs::write(&file, hosted.to_string())?;
+    let out = sb.kubectl().args(["create", "-f", &file.to_string_lossy()]).output()?;
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        r#"Warning: would violate PodSecurity "baseline:latest": host namespaces (hostNetwork)"#
+    );
+    sb.kubectl_ok(&["delete", "deployment", "hosted", "-n", NS])?;
+    sb.kubectl_ok(&["label", "namespace", NS, "pod-security.kubernetes.io/warn-"])?;
     let (d, waited) = wait_deployment(sb, NS, "rooted", Duration::from_secs(30), |d| {
         d["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "ReplicaFailure")
     })?;
