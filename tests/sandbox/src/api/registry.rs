@@ -80,8 +80,14 @@ impl Registry {
         Ok((stored, warnings))
     }
 
-    /// Pod Security admission of `obj` in its namespace, by the namespace's labels.
+    /// Pod Security admission of `obj` in its namespace, by the namespace's
+    /// labels; of a Namespace, by its own labels and pods.
     fn pod_security(&self, res: &Resource, obj: &Value, old: Option<&Value>) -> ApiResult<Vec<String>> {
+        if res.kind == "Namespace" {
+            let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+            let (pods, _) = self.list(super::resources::by_kind("Pod"), Some(name));
+            return admission::pod_security::admit_namespace(obj, old, &pods);
+        }
         let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default();
         let labels = self.store.get("namespaces", "", ns).map(|n| n["metadata"]["labels"].clone()).unwrap_or_default();
         admission::pod_security::admit(res.kind, obj, old, &labels)

@@ -3,28 +3,33 @@
 //! (`privileged`, `baseline`, `restricted`; `-version` `latest` or `v1.N`)
 //! rejects pods that violate it, with kube-apiserver's message, so a
 //! ReplicaSet's pods are refused too; the `warn` level answers pods and pod
-//! templates (Deployments, ReplicaSets) with a `Warning`.
+//! templates (Deployments, ReplicaSets) with a `Warning`; the labels
+//! themselves are checked when a Namespace is written (`namespace`).
 //!
 //! The checks are those of the Pod Security Standards' latest version for
 //! Linux pods, in the order kube-apiserver runs them, which is the order of
 //! the reasons in its message. What the sandbox leaves out: checks of older
 //! versions (a `-version` label is read and shown, not applied), AppArmor,
-//! Windows host processes, probe and lifecycle hosts, exemptions, the
-//! `audit` level, and the warnings about existing pods when a namespace's
-//! labels change.
+//! Windows host processes, probe and lifecycle hosts, exemptions and the
+//! `audit` level.
 
 mod checks;
+mod namespace;
 
 use std::fmt;
 
 use serde_json::Value;
 
-use super::super::status::ApiError;
+use crate::api::status::ApiError;
 
 const ENFORCE: &str = "pod-security.kubernetes.io/enforce";
 const ENFORCE_VERSION: &str = "pod-security.kubernetes.io/enforce-version";
 const WARN: &str = "pod-security.kubernetes.io/warn";
 const WARN_VERSION: &str = "pod-security.kubernetes.io/warn-version";
+const AUDIT: &str = "pod-security.kubernetes.io/audit";
+const AUDIT_VERSION: &str = "pod-security.kubernetes.io/audit-version";
+
+pub use namespace::admit_namespace;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -65,24 +70,27 @@ pub struct Policy {
 /// `privileged`.
 pub fn policy(labels: &Value) -> Policy {
     let label = |key: &str| labels.get(key).and_then(Value::as_str);
-    let level = |key: &str, invalid: Level| match label(key) {
-        None | Some("privileged") => Level::Privileged,
-        Some("baseline") => Level::Baseline,
-        Some("restricted") => Level::Restricted,
-        Some(_) => invalid,
-    };
-    let version = |key: &str| match label(key) {
-        Some(v)
-            if v.strip_prefix("v1.").is_some_and(|n| n == "0" || (!n.starts_with('0') && n.parse::<u32>().is_ok())) =>
-        {
-            v.to_owned()
-        }
-        _ => "latest".to_owned(),
-    };
+    let level = |key: &str, invalid: Level| label(key).map_or(Level::Privileged, |v| parse_level(v).unwrap_or(invalid));
+    let version = |key: &str| label(key).filter(|v| valid_version(v)).unwrap_or("latest").to_owned();
     Policy {
         enforce: LevelVersion { level: level(ENFORCE, Level::Restricted), version: version(ENFORCE_VERSION) },
         warn: LevelVersion { level: level(WARN, Level::Privileged), version: version(WARN_VERSION) },
     }
+}
+
+fn parse_level(v: &str) -> Option<Level> {
+    match v {
+        "privileged" => Some(Level::Privileged),
+        "baseline" => Some(Level::Baseline),
+        "restricted" => Some(Level::Restricted),
+        _ => None,
+    }
+}
+
+/// `latest` or `v1.N` (no leading zero).
+fn valid_version(v: &str) -> bool {
+    v == "latest"
+        || v.strip_prefix("v1.").is_some_and(|n| n == "0" || (!n.starts_with('0') && n.parse::<u32>().is_ok()))
 }
 
 /// One failed check: kube-apiserver's reason and its detail.
@@ -96,6 +104,12 @@ pub struct Violation {
 pub fn describe(violations: &[Violation]) -> String {
     let parts: Vec<String> = violations.iter().map(|v| format!("{} ({})", v.reason, v.detail)).collect();
     parts.join(", ")
+}
+
+/// The reasons alone, as the warnings about existing pods list them.
+fn describe_reasons(violations: &[Violation]) -> String {
+    let reasons: Vec<&str> = violations.iter().map(|v| v.reason).collect();
+    reasons.join(", ")
 }
 
 /// The checks of `level` that the pod (its metadata and spec) fails.

@@ -205,3 +205,44 @@ fn pods_are_refused_and_templates_warned_about() {
     assert_eq!(admit("Pod", &pod, None, &warned).expect("admitted").len(), 1);
     assert!(admit("ConfigMap", &json!({}), None, &restricted).expect("not a pod").is_empty());
 }
+
+#[test]
+fn namespace_labels_are_checked_and_a_stricter_level_names_the_pods_it_would_refuse() {
+    let ns = |labels: Value| json!({"metadata": {"name": "shop", "labels": labels}});
+    let err = admit_namespace(&ns(json!({ENFORCE: "strict", WARN_VERSION: "1.30"})), None, &[]).expect_err("422");
+    assert_eq!(err.code.as_u16(), 422);
+    assert_eq!(
+        err.message,
+        r#"Namespace "shop" is invalid: [metadata.labels[pod-security.kubernetes.io/enforce]: Invalid value: "strict": must be one of privileged, baseline, restricted, metadata.labels[pod-security.kubernetes.io/warn-version]: Invalid value: "1.30": must be "latest" or "v1.x"]"#
+    );
+    assert!(admit_namespace(&ns(json!({ENFORCE: "restricted"})), None, &[]).expect("created").is_empty());
+
+    let pod = |name: &str, spec: Value| json!({"metadata": {"name": name}, "spec": spec});
+    let root = json!({"containers": [{"name": "c", "image": "i"}]});
+    let pods = [
+        pod("web-b", root.clone()),
+        pod("web-a", root.clone()),
+        pod("host", json!({"hostNetwork": true, "containers": [{"name": "c"}]})),
+        pod("ok", restricted_pod()),
+    ];
+    let before = ns(json!({"team": "shop"}));
+    let warnings = admit_namespace(&ns(json!({ENFORCE: "restricted"})), Some(&before), &pods).expect("labelled");
+    assert_eq!(
+        warnings,
+        [
+            r#"existing pods in namespace "shop" violate the new PodSecurity enforce level "restricted:latest""#,
+            "host: host namespaces, allowPrivilegeEscalation != false, unrestricted capabilities, runAsNonRoot != true, seccompProfile",
+            "web-a (and 1 other pod): allowPrivilegeEscalation != false, unrestricted capabilities, runAsNonRoot != true, seccompProfile",
+        ]
+    );
+    // Relaxing, keeping or dropping the level says nothing; baseline names only the host pod.
+    let restricted = ns(json!({ENFORCE: "restricted"}));
+    for relaxed in [json!({ENFORCE: "baseline"}), json!({ENFORCE: "restricted"}), json!({})] {
+        assert!(admit_namespace(&ns(relaxed), Some(&restricted), &pods).expect("allowed").is_empty());
+    }
+    let baseline = admit_namespace(&ns(json!({ENFORCE: "baseline"})), Some(&before), &pods).expect("labelled");
+    assert_eq!(baseline[1], "host: host namespaces");
+    // Labels that were already wrong do not block other changes.
+    let wrong = ns(json!({ENFORCE: "strict"}));
+    assert!(admit_namespace(&wrong, Some(&wrong), &[]).is_ok());
+}
