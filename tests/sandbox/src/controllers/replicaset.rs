@@ -225,4 +225,34 @@ mod tests {
         record_failure(&mut next, None, "t3");
         assert!(next.get("conditions").is_none(), "{next}");
     }
+
+    /// Through the registry, as in the server: Pod Security refuses every
+    /// pod, so none exists, the ReplicaSet says why and an event counts
+    /// the attempts.
+    #[test]
+    fn pods_refused_by_pod_security_leave_a_condition_and_an_event() {
+        let reg = Registry::new(std::sync::Arc::new(crate::store::Store::new()));
+        let ns = json!({"metadata": {"name": "shop", "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
+        reg.create(by_kind("Namespace"), "", ns, FieldValidation::Strict).expect("namespace");
+        let rs = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "r"},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "a"}},
+                "template": {"metadata": {"labels": {"app": "a"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+        reg.create(by_kind("ReplicaSet"), "shop", rs, FieldValidation::Strict)
+            .expect("stored: templates are not enforced");
+        reconcile(&reg);
+        reconcile(&reg);
+        assert!(reg.list(by_kind("Pod"), Some("shop")).0.is_empty(), "no pod was created");
+        let rs = reg.get(by_kind("ReplicaSet"), "shop", "r").expect("rs");
+        let cond = &rs["status"]["conditions"][0];
+        assert_eq!((&cond["type"], &cond["reason"]), (&json!("ReplicaFailure"), &json!("FailedCreate")));
+        let message = cond["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("pods \"r-")
+                && message.contains(" is forbidden: violates PodSecurity \"restricted:latest\": "),
+            "{message}"
+        );
+        let event = reg.get(by_kind("Event"), "shop", "r.failedcreate").expect("event");
+        assert_eq!((event["count"].as_i64(), &event["type"]), (Some(2), &json!("Warning")), "one refusal per sync");
+        assert!(event["message"].as_str().unwrap_or_default().starts_with("Error creating: pods \"r-"), "{event}");
+    }
 }
