@@ -501,6 +501,29 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_set_that_cannot_create_pods_says_so_on_the_deployment() {
+        let d = deployment(1, "e:1", rolling());
+        let mut rs = settle(&created(&plan(&d, &[], "t")), 0);
+        let refused = json!({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+            "message": "pods \"x\" is forbidden: ...", "lastTransitionTime": "t0"});
+        rs["status"]["conditions"] = json!([refused]);
+        let status_of = |d: &Value, rs: &Value| {
+            plan(d, std::slice::from_ref(rs), "t1")
+                .into_iter()
+                .find_map(|a| if let Action::Status(s) = a { Some(s) } else { None })
+        };
+        let status = status_of(&d, &rs).expect("status");
+        let failure = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "ReplicaFailure").unwrap();
+        assert_eq!((&failure["reason"], &failure["message"]), (&refused["reason"], &refused["message"]));
+        // Once the ReplicaSet creates its pods again, the condition goes.
+        let mut d = d;
+        d["status"] = status;
+        rs["status"] = json!({"replicas": 1, "readyReplicas": 1, "availableReplicas": 1});
+        let status = status_of(&d, &rs).expect("status");
+        assert!(!status["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "ReplicaFailure"), "{status}");
+    }
+
+    #[test]
     fn scaled_values() {
         assert_eq!(scaled_value(&json!("25%"), 3, true), 1);
         assert_eq!(scaled_value(&json!("25%"), 3, false), 0);
