@@ -5,7 +5,8 @@
 //! - a root, privileged `kubectl run` in the namespace is refused with
 //!   kube-apiserver's message, and a Deployment of such pods is stored but
 //!   its ReplicaSet's pods are refused (`FailedCreate`), so Pod Security
-//!   is really in force;
+//!   is really in force; a warn label and the labels themselves are
+//!   answered as kube-apiserver answers them;
 //! - `deployment/psa-app`, which complies with `restricted`, is swapped:
 //!   the agent stands in with the app's identity and no more privilege, so
 //!   its pod is admitted; a client in the cluster reaches the developer's
@@ -138,6 +139,30 @@ fn refusals(sb: &Sandbox) -> anyhow::Result<()> {
     assert!(!events.trim().is_empty(), "a FailedCreate event");
     assert_eq!(pods_of(sb, "app=rooted"), "", "no pod of the refused template exists");
     sb.kubectl_ok(&["delete", "deployment", "rooted", "-n", NS])?;
+
+    // Labels that are no level are refused; a stricter level names the
+    // running pods it would refuse, which keep running.
+    let out = sb
+        .kubectl()
+        .args(["label", "namespace", NS, "pod-security.kubernetes.io/enforce=strict", "--overwrite"])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(r#"Namespace "psa" is invalid: metadata.labels[pod-security.kubernetes.io/enforce]: Invalid value: "strict": must be one of privileged, baseline, restricted"#),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sb.kubectl_ok(&["create", "namespace", "later"])?;
+    sb.kubectl_ok(&["run", "old", "-n", "later", "--image", images::BUSYBOX, "--", "sleep", "600"])?;
+    let out =
+        sb.kubectl().args(["label", "namespace", "later", "pod-security.kubernetes.io/enforce=restricted"]).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "Warning: existing pods in namespace \"later\" violate the new PodSecurity enforce level \"restricted:latest\"\n\
+         Warning: old: allowPrivilegeEscalation != false, unrestricted capabilities, runAsNonRoot != true, seccompProfile"
+    );
+    sb.kubectl_ok(&["delete", "namespace", "later"])?;
     Ok(())
 }
 
