@@ -12,7 +12,7 @@ use super::resources::{RESOURCES, Resource};
 use super::status::{ApiError, ApiResult};
 use crate::store::{Store, StoreError, rv_of};
 
-/// A written object and the warnings (unknown fields) to send with it.
+/// A written object and the warnings (unknown fields, Pod Security) to send with it.
 pub type Written = (Value, Vec<String>);
 
 pub struct Registry {
@@ -59,12 +59,13 @@ impl Registry {
     }
 
     pub fn create(&self, res: &Resource, ns: &str, body: Value, mode: FieldValidation) -> ApiResult<Written> {
-        let warnings = admission::check_typed(res, &body, mode)?;
+        let mut warnings = admission::check_typed(res, &body, mode)?;
         if res.namespaced && self.store.get("namespaces", "", ns).is_none() {
             return Err(ApiError::not_found("", "namespaces", ns));
         }
         let _guard = self.lock_allocation(res);
         let obj = admission::prepare_create(res, ns, body, &self.store)?;
+        warnings.extend(self.pod_security(res, &obj, None)?);
         let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_owned();
         let stored =
             self.store.create(&res.key(), ns_of(res, ns), &name, obj).map_err(|e| store_error(res, &name, e))?;
@@ -77,6 +78,19 @@ impl Registry {
             let _ = self.delete(res, ns, &name, false);
         }
         Ok((stored, warnings))
+    }
+
+    /// Pod Security admission of `obj` in its namespace, by the namespace's
+    /// labels; of a Namespace, by its own labels and pods.
+    fn pod_security(&self, res: &Resource, obj: &Value, old: Option<&Value>) -> ApiResult<Vec<String>> {
+        if res.kind == "Namespace" {
+            let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+            let (pods, _) = self.list(super::resources::by_kind("Pod"), Some(name));
+            return admission::pod_security::admit_namespace(obj, old, &pods);
+        }
+        let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default();
+        let labels = self.store.get("namespaces", "", ns).map(|n| n["metadata"]["labels"].clone()).unwrap_or_default();
+        admission::pod_security::admit(res.kind, obj, old, &labels)
     }
 
     /// Whether `obj` has owners and none of them exists any more (by uid).
@@ -106,7 +120,7 @@ impl Registry {
         status_only: bool,
         mode: FieldValidation,
     ) -> ApiResult<Written> {
-        let warnings = admission::check_typed(res, &body, mode)?;
+        let mut warnings = admission::check_typed(res, &body, mode)?;
         let _guard = self.lock_allocation(res);
         let old = self.get(res, ns, name)?;
         let expected = rv_of(&body).filter(|rv| !rv.is_empty()).map(str::to_owned);
@@ -116,6 +130,9 @@ impl Registry {
             return Err(ApiError::conflict(res.group, res.plural, name));
         }
         let mut new = admission::prepare_update(res, &old, body, status_only, &self.store)?;
+        if !status_only {
+            warnings.extend(self.pod_security(res, &new, Some(&old))?);
+        }
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
         if new == old {
             return Ok((old, warnings));

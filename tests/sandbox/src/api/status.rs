@@ -117,6 +117,16 @@ impl ApiError {
         e
     }
 
+    /// 403 of an admission plugin: `pods "x" is forbidden: violates PodSecurity ...`.
+    pub fn forbidden(group: &str, plural: &str, name: &str, why: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("{} \"{name}\" is forbidden: {why}", qualified(group, plural)),
+        )
+        .about(group, plural, name)
+    }
+
     /// 422 for a JSON patch whose operations do not apply (a failed `test`
     /// op, a missing path), as kube-apiserver answers it.
     pub fn patch_not_applicable(message: impl Into<String>) -> Self {

@@ -355,6 +355,16 @@ fn status_actions(d: &Value, owned: &[Value], new: Option<&Value>, just_created:
             now,
         );
     }
+    // A ReplicaSet that cannot create its pods (Pod Security refuses them)
+    // says so on the Deployment too, as kube-controller-manager copies it.
+    let failure = new.into_iter().chain(owned).find_map(|rs| super::objects::condition(rs, "ReplicaFailure"));
+    match failure {
+        Some(f) => {
+            let text = |k: &str| f[k].as_str().unwrap_or_default().to_owned();
+            set_condition(&mut conds, "ReplicaFailure", &text("status"), &text("reason"), &text("message"), now);
+        }
+        None => conds.retain(|c| c["type"] != "ReplicaFailure"),
+    }
     status["conditions"] = json!(conds);
     if status == old { Vec::new() } else { vec![Action::Status(status)] }
 }
@@ -488,6 +498,29 @@ mod tests {
         let progressing = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Progressing").unwrap();
         assert_eq!(progressing["reason"], "NewReplicaSetAvailable");
         assert_eq!(status["observedGeneration"], 1);
+    }
+
+    #[test]
+    fn a_replica_set_that_cannot_create_pods_says_so_on_the_deployment() {
+        let d = deployment(1, "e:1", rolling());
+        let mut rs = settle(&created(&plan(&d, &[], "t")), 0);
+        let refused = json!({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+            "message": "pods \"x\" is forbidden: ...", "lastTransitionTime": "t0"});
+        rs["status"]["conditions"] = json!([refused]);
+        let status_of = |d: &Value, rs: &Value| {
+            plan(d, std::slice::from_ref(rs), "t1")
+                .into_iter()
+                .find_map(|a| if let Action::Status(s) = a { Some(s) } else { None })
+        };
+        let status = status_of(&d, &rs).expect("status");
+        let failure = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "ReplicaFailure").unwrap();
+        assert_eq!((&failure["reason"], &failure["message"]), (&refused["reason"], &refused["message"]));
+        // Once the ReplicaSet creates its pods again, the condition goes.
+        let mut d = d;
+        d["status"] = status;
+        rs["status"] = json!({"replicas": 1, "readyReplicas": 1, "availableReplicas": 1});
+        let status = status_of(&d, &rs).expect("status");
+        assert!(!status["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "ReplicaFailure"), "{status}");
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Cluster DNS: answers for `cluster.local` from a snapshot of the services,
 //! everything else is forwarded to the host's resolver. The answering is a
-//! pure function of the query and the snapshot.
+//! pure function of the query and the snapshot, and so is fitting the answer
+//! to what the client can take over UDP ([`encode`]), as CoreDNS does.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, CNAME, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
@@ -39,12 +40,29 @@ pub enum Reply {
     Forward,
 }
 
+/// What a client takes over UDP without EDNS (RFC 1035 4.2.1).
+const UDP_CLASSIC: u16 = 512;
+
+/// The largest reply `query`'s client takes over UDP: 512 bytes, or the
+/// size its EDNS OPT record advertises, never less than 512 (RFC 6891 6.2.5).
+/// Over TCP a reply may be as large as its 2-byte length prefix says.
+pub fn udp_limit(query: &Message) -> u16 {
+    query.edns.as_ref().map_or(UDP_CLASSIC, Edns::max_payload).max(UDP_CLASSIC)
+}
+
 /// Answers `query` from `zone`.
 pub fn answer(query: &Message, zone: &Zone) -> Reply {
     let mut resp = Message::response(query.metadata.id, query.metadata.op_code);
     resp.metadata.recursion_desired = query.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
     resp.queries = query.queries.clone();
+    if let Some(asked) = &query.edns {
+        // An EDNS query gets an OPT record back (RFC 6891 7), with the
+        // size CoreDNS puts there: the client's own.
+        let mut edns = Edns::new();
+        edns.set_max_payload(asked.max_payload());
+        resp.edns = Some(edns);
+    }
     let (Some(q), true) = (
         query.queries.first(),
         query.metadata.op_code == OpCode::Query && query.metadata.message_type == MessageType::Query,
@@ -129,6 +147,34 @@ fn srv(q: &Query, resp: &mut Message, zone: &Zone, ns: &str, svc: &str, port: &s
     if let Some(ip) = rec.cluster_ip {
         resp.additionals.push(Record::from_rdata(target, TTL, RData::A(A(ip))));
     }
+}
+
+/// `reply`'s bytes in at most `limit` bytes, as CoreDNS's `Scrub` cuts an
+/// answer (miekg/dns `Msg.Truncate`): whole records are kept in order,
+/// answers, then authorities, then additionals, while they fit beside the
+/// OPT record, and TC is set when any had to go, so the client retries over
+/// TCP. None when even the header and question do not fit.
+pub fn encode(reply: &Message, limit: u16) -> Option<Vec<u8>> {
+    let whole = reply.to_vec().ok()?;
+    if whole.len() <= usize::from(limit) {
+        return Some(whole);
+    }
+    let mut cut = reply.clone();
+    cut.metadata.truncation = true;
+    let sections =
+        [std::mem::take(&mut cut.answers), std::mem::take(&mut cut.authorities), std::mem::take(&mut cut.additionals)];
+    let fits = |m: &Message| m.to_vec().ok().filter(|b| b.len() <= usize::from(limit));
+    let mut best = fits(&cut)?;
+    'sections: for (n, records) in sections.into_iter().enumerate() {
+        for record in records {
+            [&mut cut.answers, &mut cut.authorities, &mut cut.additionals][n].push(record);
+            match fits(&cut) {
+                Some(bytes) => best = bytes,
+                None => break 'sections,
+            }
+        }
+    }
+    Some(best)
 }
 
 /// The nameservers in a resolv.conf, for forwarding.
@@ -223,6 +269,70 @@ mod tests {
         assert_eq!(answer(&ask("example.org.", RecordType::A), &z), Reply::Forward);
     }
 
+    /// A headless service of `n` ready pods, asked for by a client that
+    /// advertises `edns` bytes (None: no OPT record).
+    fn headless(n: u8, edns: Option<u16>) -> (Message, Message) {
+        let mut z = Zone::default();
+        let endpoints = (1..=n).map(|i| Ipv4Addr::new(10, 100, 1, i)).collect();
+        z.services.insert(("demo".into(), "big".into()), ServiceRecord { endpoints, ..Default::default() });
+        let mut q = ask("big.demo.svc.cluster.local.", RecordType::A);
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            q.edns = Some(e);
+        }
+        let reply = answered(answer(&q, &z));
+        (q, reply)
+    }
+
+    #[test]
+    fn large_udp_answers_are_truncated_to_what_the_client_takes() {
+        // 40 A records: 684 bytes, more than a client without EDNS takes.
+        let (q, reply) = headless(40, None);
+        assert_eq!(reply.answers.len(), 40);
+        assert_eq!(udp_limit(&q), 512);
+        let bytes = encode(&reply, udp_limit(&q)).expect("fits");
+        let got = Message::from_vec(&bytes).expect("decodes");
+        assert!(bytes.len() <= 512, "{} bytes", bytes.len());
+        assert!(got.metadata.truncation, "TC set");
+        assert_eq!(got.answers.len(), 29, "the records that fit, in order");
+        assert_eq!(got.answers[..], reply.answers[..29]);
+        assert_eq!((got.metadata.id, &got.queries), (7, &q.queries));
+
+        // Over TCP (64 KiB) the same answer goes whole.
+        let got = Message::from_vec(&encode(&reply, u16::MAX).expect("fits")).expect("decodes");
+        assert_eq!((got.metadata.truncation, got.answers.len()), (false, 40));
+
+        // What fits goes as it is: no TC.
+        let (q, small) = headless(3, None);
+        let got = Message::from_vec(&encode(&small, udp_limit(&q)).expect("fits")).expect("decodes");
+        assert_eq!((got.metadata.truncation, got.answers.len()), (false, 3));
+    }
+
+    #[test]
+    fn edns_raises_the_udp_limit_and_is_answered_with_an_opt_record() {
+        let (q, reply) = headless(40, Some(4096));
+        assert_eq!(udp_limit(&q), 4096);
+        let got = Message::from_vec(&encode(&reply, udp_limit(&q)).expect("fits")).expect("decodes");
+        assert_eq!((got.metadata.truncation, got.answers.len()), (false, 40));
+        assert_eq!(got.edns.as_ref().map(Edns::max_payload), Some(4096), "the OPT record comes back");
+
+        // An advertised size under 512 counts as 512 (RFC 6891 6.2.5); the
+        // OPT record is kept in a truncated answer and counted in its size.
+        let (q, reply) = headless(40, Some(100));
+        assert_eq!(udp_limit(&q), 512);
+        let bytes = encode(&reply, udp_limit(&q)).expect("fits");
+        let got = Message::from_vec(&bytes).expect("decodes");
+        assert!(bytes.len() <= 512 && got.metadata.truncation, "{} bytes", bytes.len());
+        assert_eq!(got.answers.len(), 28, "one record less than without the OPT record");
+        assert!(got.edns.is_some());
+
+        // 1232 bytes, the usual EDNS size, hold 40 addresses but not 80.
+        let (q, reply) = headless(80, Some(1232));
+        let got = Message::from_vec(&encode(&reply, udp_limit(&q)).expect("fits")).expect("decodes");
+        assert!(got.metadata.truncation && got.answers.len() < 80, "{}", got.answers.len());
+    }
+
     #[test]
     fn resolv_conf_nameservers() {
         assert_eq!(upstreams("# x\nnameserver 192.0.2.1\nsearch a\nnameserver ::1\n").len(), 2);
@@ -232,8 +342,10 @@ mod tests {
         /// Whatever bytes arrive, decoding either fails or yields a reply.
         #[test]
         fn never_panics_on_wire_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            if let Ok(m) = Message::from_vec(&bytes) {
-                let _ = answer(&m, &zone());
+            if let Ok(m) = Message::from_vec(&bytes)
+                && let Reply::Answer(reply) = answer(&m, &zone())
+            {
+                let _ = encode(&reply, udp_limit(&m));
             }
         }
     }

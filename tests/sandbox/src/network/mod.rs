@@ -10,6 +10,7 @@
 //! bridge when the network is removed.
 
 mod dns;
+mod dns_serve;
 mod proxy;
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,12 +20,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use hickory_proto::op::Message;
 use k8s_openapi::api::core::v1::{Endpoints, Service, ServicePort};
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -51,8 +50,9 @@ pub async fn start(client: kube::Client, bridge: String, shutdown: CancellationT
     let udp = UdpSocket::bind(dns_addr).await.with_context(|| format!("binding cluster DNS on udp {dns_addr}"))?;
     let tcp = TcpListener::bind(dns_addr).await.with_context(|| format!("binding cluster DNS on tcp {dns_addr}"))?;
     let upstream = dns::upstreams(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()).into_iter().next();
-    tokio::spawn(serve_dns_udp(udp, cluster.clone(), upstream, shutdown.clone()));
-    tokio::spawn(serve_dns_tcp(tcp, cluster.clone(), upstream, shutdown.clone()));
+    let server = dns_serve::Server { cluster: cluster.clone(), upstream };
+    tokio::spawn(server.clone().serve_udp(udp, shutdown.clone()));
+    tokio::spawn(server.serve_tcp(tcp, shutdown.clone()));
     tokio::spawn(reconcile_loop(cluster, bridge, changed, shutdown));
     Ok(())
 }
@@ -287,119 +287,6 @@ async fn remove_unused_addresses(bridge: &str, in_use: &[Ipv4Addr]) {
                 .output()
                 .await;
         }
-    }
-}
-
-/// The DNS view of the cluster right now.
-fn zone(cluster: &Cluster) -> dns::Zone {
-    let mut z = dns::Zone::default();
-    for svc in cluster.services.state() {
-        let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let spec = svc.spec.clone().unwrap_or_default();
-        let key = ObjectRef::<Endpoints>::new(&name).within(&ns);
-        let endpoints = cluster
-            .endpoints
-            .get(&key)
-            .map(|e| {
-                e.subsets
-                    .iter()
-                    .flatten()
-                    .flat_map(|s| s.addresses.iter().flatten())
-                    .filter_map(|a| a.ip.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let record = dns::ServiceRecord {
-            cluster_ip: spec.cluster_ip.as_deref().and_then(|ip| ip.parse().ok()),
-            endpoints,
-            external_name: spec.external_name.clone().filter(|_| spec.type_.as_deref() == Some("ExternalName")),
-            ports: spec
-                .ports
-                .iter()
-                .flatten()
-                .filter_map(|p| {
-                    Some((
-                        p.name.clone()?,
-                        p.protocol.clone().unwrap_or_else(|| "TCP".into()).to_lowercase(),
-                        u16::try_from(p.port).ok()?,
-                    ))
-                })
-                .collect(),
-        };
-        z.services.insert((ns, name), record);
-    }
-    z
-}
-
-/// The reply bytes for one query, answered or forwarded.
-async fn respond(query: &[u8], cluster: &Cluster, upstream: Option<IpAddr>) -> Option<Vec<u8>> {
-    let msg = Message::from_vec(query).ok()?;
-    match dns::answer(&msg, &zone(cluster)) {
-        dns::Reply::Answer(m) => m.to_vec().ok(),
-        dns::Reply::Forward => forward(query, upstream?).await,
-    }
-}
-
-async fn forward(query: &[u8], upstream: IpAddr) -> Option<Vec<u8>> {
-    let bind: SocketAddr = if upstream.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().ok()?;
-    let sock = UdpSocket::bind(bind).await.ok()?;
-    sock.connect((upstream, 53)).await.ok()?;
-    sock.send(query).await.ok()?;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(3), sock.recv(&mut buf)).await.ok()?.ok()?;
-    buf.truncate(n);
-    Some(buf)
-}
-
-async fn serve_dns_udp(sock: UdpSocket, cluster: Cluster, upstream: Option<IpAddr>, shutdown: CancellationToken) {
-    let sock = Arc::new(sock);
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let r = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = sock.recv_from(&mut buf) => r,
-        };
-        let Ok((n, from)) = r else { continue };
-        let query = buf[..n].to_vec();
-        let (sock, cluster) = (sock.clone(), cluster.clone());
-        tokio::spawn(async move {
-            if let Some(reply) = respond(&query, &cluster, upstream).await {
-                let _ = sock.send_to(&reply, from).await;
-            }
-        });
-    }
-}
-
-async fn serve_dns_tcp(listener: TcpListener, cluster: Cluster, upstream: Option<IpAddr>, shutdown: CancellationToken) {
-    loop {
-        let r = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let Ok((mut conn, _)) = r else { continue };
-        let cluster = cluster.clone();
-        tokio::spawn(async move {
-            // Length-prefixed messages (RFC 1035 4.2.2), several per connection.
-            loop {
-                let Ok(len) = conn.read_u16().await else {
-                    return;
-                };
-                let mut query = vec![0u8; usize::from(len)];
-                if conn.read_exact(&mut query).await.is_err() {
-                    return;
-                }
-                let Some(reply) = respond(&query, &cluster, upstream).await else {
-                    return;
-                };
-                let Ok(len) = u16::try_from(reply.len()) else {
-                    return;
-                };
-                if conn.write_u16(len).await.is_err() || conn.write_all(&reply).await.is_err() {
-                    return;
-                }
-            }
-        });
     }
 }
 

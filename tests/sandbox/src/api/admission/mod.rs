@@ -1,10 +1,12 @@
 //! What happens to an object between the request body and the store:
 //! type checking against k8s-openapi, metadata the server owns, defaults,
 //! validation (422), address allocation, and the rules of updates
-//! (immutable fields, status kept apart from spec, generation).
+//! (immutable fields, status kept apart from spec, generation). Pod
+//! Security (`pod_security`) judges what is left before it is stored.
 
 mod allocate;
 pub mod defaults;
+pub mod pod_security;
 pub mod validate;
 
 use std::collections::HashSet;
