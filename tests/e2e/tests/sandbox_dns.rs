@@ -93,6 +93,7 @@ fn ready_addresses(sb: &Sandbox) -> BTreeSet<String> {
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn a_headless_service_of_40_pods_is_truncated_over_udp_and_whole_over_tcp() -> anyhow::Result<()> {
     images::ensure()?;
     let sb = Sandbox::up()?;

@@ -175,6 +175,7 @@ fn curl_from_cluster(sb: &Sandbox, pod: &str, url: &str) -> anyhow::Result<Strin
 }
 
 #[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn a_restricted_deployment_is_swapped_and_restored() -> anyhow::Result<()> {
     images::ensure()?;
     session::require_tpd_images()?;
