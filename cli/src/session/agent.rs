@@ -36,12 +36,14 @@ pub async fn start(
         extra_ports: spec.ports.iter().map(|p| p.remote).collect(),
     };
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let mut swapped = None;
     let swap = match &spec.swap {
         Some(target) => {
             let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
             progress(&format!("swapping {target} in namespace {} for tpd's agent", cluster.namespace));
             let swap = apply::swap(&api, &cluster.namespace, target, &params, spec.force).await?;
-            tokio::spawn(renew_lease(api, target.name.clone(), swap.record.clone(), shutdown.clone()));
+            tokio::spawn(renew_lease(api.clone(), target.name.clone(), swap.record.clone(), shutdown.clone()));
+            swapped = Some((api, target.name.clone()));
             Some(swap)
         }
         None => {
@@ -55,7 +57,7 @@ pub async fn start(
     };
     let timeout = Duration::from_secs(spec.ready_timeout);
     let agent = tokio::select! {
-        pod = apply::wait_for_agent(&pods, id, &images.agent, timeout) => pod?,
+        pod = apply::wait_for_agent(&pods, swapped.as_ref().map(|(api, name)| (api, name.as_str())), id, &images.agent, timeout) => pod?,
         () = shutdown.cancelled() => anyhow::bail!("interrupted before the agent was ready"),
     };
     let agent_name = agent.metadata.name.clone().unwrap_or_default();

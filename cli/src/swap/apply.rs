@@ -181,13 +181,35 @@ pub enum RenewError {
 
 /// Waits until the session's agent pod is Running and Ready, printing each
 /// change of state; fails early on states that will not fix themselves.
-pub async fn wait_for_agent(pods: &Api<Pod>, session: &str, image: &str, timeout: Duration) -> anyhow::Result<Pod> {
+/// `swapped` is the Deployment whose pod it is, if any: a pod its
+/// ReplicaSet cannot create (Pod Security, a quota) is said at once.
+pub async fn wait_for_agent(
+    pods: &Api<Pod>,
+    swapped: Option<(&Api<Deployment>, &str)>,
+    session: &str,
+    image: &str,
+    timeout: Duration,
+) -> anyhow::Result<Pod> {
     let selector = ListParams::default().labels(&format!("{}={session}", names::LABEL_SESSION));
     let started = Instant::now();
     let mut last = String::new();
     loop {
         let list = pods.list(&selector).await.context("cannot list the agent's pod")?;
         let pod = list.items.into_iter().find(|p| p.metadata.deletion_timestamp.is_none());
+        if pod.is_none()
+            && let Some((api, name)) = swapped
+            && let Some(why) = api.get_opt(name).await.ok().flatten().as_ref().and_then(replica_failure)
+        {
+            return Err(Hint::new(
+                format!("the cluster refuses to create the agent pod: {why}"),
+                format!(
+                    "the agent runs with the identity of the container it replaces; see `kubectl -n {} describe replicaset -l {}={session}`",
+                    pods.namespace().unwrap_or("default"),
+                    names::LABEL_SESSION
+                ),
+            )
+            .into());
+        }
         let state = pod.as_ref().map(pod_state).unwrap_or_else(|| "waiting for the agent pod to be created".into());
         if state != last {
             progress(&format!("{state} ({:.1} s)", started.elapsed().as_secs_f64()));
@@ -293,6 +315,14 @@ fn agent_gave_up(pod: &Pod) -> bool {
     ended || waiting_reasons(pod).any(|r| r == "CrashLoopBackOff")
 }
 
+/// Why a Deployment's ReplicaSet cannot create pods, as its `ReplicaFailure`
+/// condition says (the API server's refusal, e.g. Pod Security's).
+fn replica_failure(d: &Deployment) -> Option<String> {
+    let conditions = d.status.as_ref()?.conditions.as_ref()?;
+    let failed = conditions.iter().find(|c| c.type_ == "ReplicaFailure" && c.status == "True")?;
+    Some(failed.message.clone().unwrap_or_else(|| failed.reason.clone().unwrap_or_default()))
+}
+
 /// Whether the kubelet cannot pull the pod's image: waiting will not help.
 fn cannot_pull(pod: &Pod) -> bool {
     waiting_reasons(pod).any(|r| matches!(r, "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName"))
@@ -373,5 +403,25 @@ mod tests {
         assert!(!agent_gave_up(&pod(serde_json::json!({"phase": "Pending"}))));
         assert!(cannot_pull(&waiting("ImagePullBackOff")) && cannot_pull(&waiting("ErrImagePull")));
         assert!(!cannot_pull(&waiting("ContainerCreating")) && !cannot_pull(&waiting("CrashLoopBackOff")));
+    }
+
+    #[test]
+    fn a_replicaset_that_cannot_create_pods_is_read_from_the_deployment() {
+        let deployment = |conditions: serde_json::Value| -> Deployment {
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": "api"}, "status": {"conditions": conditions}}),
+            )
+            .unwrap()
+        };
+        let refused = r#"pods "api-1" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true"#;
+        let failing = deployment(serde_json::json!([
+            {"type": "Available", "status": "True"},
+            {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": refused},
+        ]));
+        assert_eq!(replica_failure(&failing).as_deref(), Some(refused));
+        let recovered =
+            deployment(serde_json::json!([{"type": "ReplicaFailure", "status": "False", "message": refused}]));
+        assert_eq!(replica_failure(&recovered), None);
+        assert_eq!(replica_failure(&deployment(serde_json::json!([]))), None);
     }
 }

@@ -246,3 +246,40 @@ fn a_restricted_deployment_is_swapped_and_restored() -> anyhow::Result<()> {
     drop(cleanup);
     Ok(())
 }
+
+/// A namespace labelled `restricted` after its root Deployment started: the
+/// agent, which runs as that root container did, is refused too. tpd says
+/// so as soon as the Deployment's `ReplicaFailure` condition does, instead
+/// of waiting out `--ready-timeout`, exits non-zero and restores the
+/// Deployment as it was.
+#[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
+fn a_swap_the_namespace_refuses_is_said_at_once_and_undone() -> anyhow::Result<()> {
+    images::ensure()?;
+    session::require_tpd_images()?;
+    session::binary()?;
+    let sb = Sandbox::up()?;
+    let mut cleanup = Cleanup::default();
+    sb.kubectl_ok(&["create", "namespace", "late"])?;
+    sb.kubectl_ok(&["create", "deployment", "rooted", "-n", "late", "--image", images::BUSYBOX, "--", "sleep", "3600"])?;
+    sb.kubectl_ok(&["rollout", "status", "deployment/rooted", "-n", "late", "--timeout", "90s"])?;
+    sb.kubectl_ok(&["label", "namespace", "late", "pod-security.kubernetes.io/enforce=restricted"])?;
+    let original = user_owned(session::deployment_json(&sb, "late", "rooted")?);
+
+    let args = ["run", "-n", "late", "--image", images::DEBIAN, "--swap", "deployment/rooted", "--", "sleep", "60"];
+    let mut child = tpd_spawn(&sb, &args)?;
+    let (d, _) = wait_deployment(&sb, "late", "rooted", Duration::from_secs(60), |d| swap_record(d).is_some())?;
+    let id = swap_record(&d).and_then(|r| r["session"].as_str().map(str::to_owned)).context("the record's session")?;
+    cleanup.sessions.push(id.clone());
+    let started = Instant::now();
+    // Well inside the default --ready-timeout of 120 s.
+    let status = session::wait_exit(&mut child, Duration::from_secs(90))?;
+    let said = session::stderr_of(&mut child);
+    eprintln!("tpd ended {:?} after the swap:\n{said}", started.elapsed());
+    assert!(!status.success(), "tpd must fail: {said}");
+    assert!(said.contains("the cluster refuses to create the agent pod"), "{said}");
+    assert!(said.contains(r#"violates PodSecurity "restricted:latest""#), "{said}");
+    session::restored(&sb, "late", "rooted", &original, &id).map_err(|e| e.context(format!("tpd said:\n{said}")))?;
+    drop(cleanup);
+    Ok(())
+}
