@@ -244,18 +244,15 @@ pub async fn wait_for_agent(
     }
 }
 
-/// Waits for a Deployment's rollout to finish (all replicas updated and available).
+/// Waits for a Deployment's rollout to finish (all replicas updated and
+/// available), watching it rather than polling.
 pub async fn wait_for_rollout(api: &Api<Deployment>, name: &str, timeout: Duration) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        let d = api.get(name).await.with_context(|| format!("cannot read deployment/{name}"))?;
-        if rolled_out(&d) {
-            return Ok(());
-        }
-        if started.elapsed() > timeout {
-            anyhow::bail!("deployment/{name} did not finish rolling out within {} s", timeout.as_secs());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let done =
+        kube::runtime::wait::await_condition(api.clone(), name, |d: Option<&Deployment>| d.is_some_and(rolled_out));
+    match tokio::time::timeout(timeout, done).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("cannot watch deployment/{name}"))),
+        Err(_) => anyhow::bail!("deployment/{name} did not finish rolling out within {} s", timeout.as_secs()),
     }
 }
 
