@@ -103,9 +103,10 @@ pub struct RunArgs {
     #[arg(long = "port", value_name = "REMOTE:LOCAL")]
     pub ports: Vec<PortMapping>,
     /// Also reach this port of the pod's loopback on 127.0.0.1 in your
-    /// container (N for TCP, N/udp). Repeatable. Without it, the ports the
-    /// pod's other containers declare, and those tpd finds listening in the
-    /// pod, are reachable already; this is for one that is neither.
+    /// container (N for TCP, N/udp), held from the start. Repeatable. The
+    /// ports the pod's other containers declare, and those tpd finds
+    /// listening in the pod, are reachable without it; it is for a helper
+    /// that declares none and starts listening after your app starts.
     #[arg(long = "pod-port", value_name = "N[/udp]")]
     pub pod_ports: Vec<PodPort>,
     /// Set an env var in your container (overrides the remote env).
