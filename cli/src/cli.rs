@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use tpd_wire::neighbours::PodPort;
 use tpd_wire::sidecar::Cidr;
 
 use crate::output::OutputFormat;
@@ -81,7 +82,12 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  tpd run --image myapp:dev --swap deployment/hello --port 8080:9000 -- python3 -m http.server 9000"
+    after_help = "Example:\n  tpd run --image myapp:dev --swap deployment/hello --port 8080:9000 -- python3 -m http.server 9000\n\n\
+    The pod's other containers are on localhost, as in the pod: the ports they declare, and any\n\
+    port tpd finds listening on the pod's 127.0.0.1, ::1, 0.0.0.0 or :: (checked every 2 s), reach\n\
+    127.0.0.1:PORT in your container through the tunnel (add one by hand with --pod-port). The\n\
+    swapped container's own ports stay yours. A pod port your container already listens on stays\n\
+    yours too, and tpd prints a warning naming it."
 )]
 pub struct RunArgs {
     /// The local image to run (it must exist in the local Docker engine).
@@ -96,6 +102,13 @@ pub struct RunArgs {
     /// Cluster traffic to the container's REMOTE port goes to LOCAL in your container.
     #[arg(long = "port", value_name = "REMOTE:LOCAL")]
     pub ports: Vec<PortMapping>,
+    /// Also reach this port of the pod's loopback on 127.0.0.1 in your
+    /// container (N for TCP, N/udp), held from the start. Repeatable. The
+    /// ports the pod's other containers declare, and those tpd finds
+    /// listening in the pod, are reachable without it; it is for a helper
+    /// that declares none and starts listening after your app starts.
+    #[arg(long = "pod-port", value_name = "N[/udp]")]
+    pub pod_ports: Vec<PodPort>,
     /// Set an env var in your container (overrides the remote env).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -225,6 +238,10 @@ pub struct ConnectArgs {
     /// Cluster traffic to the swapped container's REMOTE port goes to LOCAL in the session.
     #[arg(long = "port", value_name = "REMOTE:LOCAL", requires = "swap")]
     pub ports: Vec<PortMapping>,
+    /// Also reach this port of the pod's loopback on 127.0.0.1 in the
+    /// session (N for TCP, N/udp). Repeatable; see `tpd run --help`.
+    #[arg(long = "pod-port", value_name = "N[/udp]")]
+    pub pod_ports: Vec<PodPort>,
     /// Publish a port of the session's network namespace on the host: HOST:CONTAINER.
     #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER")]
     pub publish: Vec<Publish>,

@@ -1,6 +1,7 @@
 //! The control service: answers the sidecar's hello with the agent's version
 //! and environment (for env injection), pings with pongs, and carries the
-//! agent's `Inbound` notices to the sidecar over the newest control connection.
+//! agent's `Inbound` notices and the pod's neighbour ports (`PodPorts`) to
+//! the sidecar over the newest control connection.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,7 @@ use tokio::sync::mpsc;
 use tpd_tunnel::io as wio;
 use tpd_wire::control::Message;
 use tpd_wire::names::agent_env;
+use tpd_wire::neighbours::PodPort;
 use tpd_wire::preamble::{self, Kind};
 
 use crate::services::BoxConn;
@@ -21,6 +23,8 @@ pub struct Control {
     notify: Mutex<Option<mpsc::Sender<Message>>>,
     /// Fitted to the UDP receive buffer the sidecar's hello reports.
     window: Arc<SendWindow>,
+    /// The neighbour ports last found, sent to each sidecar before `Info`.
+    pod_ports: Mutex<Vec<PodPort>>,
 }
 
 /// The environment to inject: the agent's own minus tpd's variables.
@@ -30,13 +34,23 @@ pub fn injectable_env() -> BTreeMap<String, String> {
 
 impl Control {
     pub fn new(window: Arc<SendWindow>) -> Self {
-        Control { notify: Mutex::default(), window }
+        Control { notify: Mutex::default(), window, pod_ports: Mutex::default() }
     }
 
     /// Sends `msg` to the sidecar; false when no control connection is up.
     pub fn notify(&self, msg: Message) -> bool {
         let tx = self.notify.lock().unwrap_or_else(|p| p.into_inner()).clone();
         tx.is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+
+    /// Records the pod's neighbour ports and tells the connected sidecar.
+    pub fn set_pod_ports(&self, ports: Vec<PodPort>) {
+        *self.pod_ports.lock().unwrap_or_else(|p| p.into_inner()) = ports.clone();
+        self.notify(Message::PodPorts { ports });
+    }
+
+    fn pod_ports(&self) -> Message {
+        Message::PodPorts { ports: self.pod_ports.lock().unwrap_or_else(|p| p.into_inner()).clone() }
     }
 
     pub async fn serve(&self, conn: BoxConn) {
@@ -59,6 +73,11 @@ impl Control {
                     let udp_window =
                         udp_receive_buffer.map(|b| self.window.fit_udp(usize::try_from(b).unwrap_or(usize::MAX)));
                     tracing::info!(sidecar_version = %version, ?udp_receive_buffer, ?udp_window, "sidecar connected to control");
+                    // Before `Info`: the sidecar listens on these before it
+                    // reports ready and the developer's container starts.
+                    if tx.send(self.pod_ports()).await.is_err() {
+                        break;
+                    }
                     Message::Info { version: tpd_wire::VERSION.into(), env: injectable_env() }
                 }
                 Message::Ping { seq } => Message::Pong { seq },

@@ -8,6 +8,7 @@
 mod control;
 mod dns;
 mod inbound;
+mod neighbours;
 mod services;
 mod stack;
 mod transport;
@@ -98,8 +99,10 @@ async fn run(args: Args) -> anyhow::Result<JoinSet<&'static str>> {
     let inbound = Arc::new(Inbound::new(control.clone()));
     inbound.clone().listen(&args.ports).await?;
     let mounts = Arc::new(files::MountTable::from_env().context("reading the volume mounts to serve")?);
+    let own = neighbours::Own::new(&args.ports);
+    tokio::spawn(neighbours::watch(own.clone(), control.clone()));
     let services = local_services(control, inbound, mounts);
-    Stack::start(wg.clone(), services, queues, window.clone());
+    Stack::start(wg.clone(), services, own, queues, window.clone());
 
     let mut tasks = JoinSet::new();
     let (streams_wg, streams_window) = (wg.clone(), window.clone());

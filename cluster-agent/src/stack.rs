@@ -5,7 +5,9 @@
 //! route" (ICMP) reach the developer's app exactly as a kernel would report
 //! them. Fragmented datagrams are reassembled at the gate. Accepted flows
 //! are then spliced to those sockets, or served locally when addressed to
-//! the agent's tunnel IP. TCP runs on smoltcp
+//! the agent's tunnel IP. Flows to `POD_LOOPBACK_TUNNEL_IP` go to the same
+//! port on the pod's loopback (the pod's other containers), except the
+//! agent's own ports. TCP runs on smoltcp
 //! ([`tcp`]); UDP is parsed and answered directly ([`udp`]).
 
 mod tcp;
@@ -22,8 +24,9 @@ use tokio::sync::mpsc;
 use tpd_tunnel::Endpoint as Wg;
 use tpd_wire::ip::fragments::{self, Reassembly};
 use tpd_wire::ip::{self, Flow, Packet};
-use tpd_wire::names::{AGENT_DNS_PORT, AGENT_TUNNEL_IP, STREAM_TUNNEL_MTU};
+use tpd_wire::names::{AGENT_DNS_PORT, AGENT_TUNNEL_IP, POD_LOOPBACK_TUNNEL_IP, STREAM_TUNNEL_MTU};
 
+use crate::neighbours::{self, Own};
 use crate::services::Services;
 pub use tcp::{SendWindow, TcpConn};
 pub use udp::UdpFlow;
@@ -82,11 +85,19 @@ pub struct Stack {
     dials: Mutex<HashMap<Flow, Dial>>,
     udp_flows: Mutex<HashMap<Flow, mpsc::Sender<Vec<u8>>>>,
     tcp: tcp::Tcp,
+    /// Ports of the pod's loopback that are the agent's, not a neighbour's.
+    own: Own,
 }
 
 impl Stack {
     /// Starts the stack; packets from WireGuard arrive through the [`Ingress`] of `queues`.
-    pub fn start(wg: Arc<Wg>, services: Services, queues: IngressQueues, window: Arc<SendWindow>) -> Arc<Self> {
+    pub fn start(
+        wg: Arc<Wg>,
+        services: Services,
+        own: Own,
+        queues: IngressQueues,
+        window: Arc<SendWindow>,
+    ) -> Arc<Self> {
         let IngressQueues { gate, tcp: (tcp_tx, tcp_rx) } = queues;
         let dns_servers = crate::dns::system_nameservers();
         let stack = Arc::new_cyclic(|me: &std::sync::Weak<Stack>| {
@@ -104,7 +115,7 @@ impl Stack {
                     }
                 }),
             );
-            Stack { wg, services, dns_servers, dials: Mutex::default(), udp_flows: Mutex::default(), tcp }
+            Stack { wg, services, dns_servers, dials: Mutex::default(), udp_flows: Mutex::default(), tcp, own }
         });
         tokio::spawn(stack.clone().gate(gate));
         stack
@@ -153,6 +164,10 @@ impl Stack {
             }
             return;
         }
+        if *dst.ip() == POD_LOOPBACK_TUNNEL_IP && self.own.holds(dst.port()) {
+            // The swapped container's ports are the developer's; the transport is the agent's.
+            return self.wg.send_ip(&ip::tcp_reset_for(&p));
+        }
         match self.dials().get(&p.flow) {
             Some(Dial::Pending) => return, // a retransmitted SYN while we dial
             Some(Dial::Connected(_)) => return self.pass(packet),
@@ -164,7 +179,14 @@ impl Stack {
     }
 
     async fn dial(&self, p: Packet, packet: Vec<u8>) {
-        match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(p.flow.dst)).await {
+        let dst = p.flow.dst;
+        let connect = async {
+            match *dst.ip() == POD_LOOPBACK_TUNNEL_IP {
+                true => neighbours::dial_loopback(dst.port()).await,
+                false => TcpStream::connect(dst).await,
+            }
+        };
+        match tokio::time::timeout(DIAL_TIMEOUT, connect).await {
             Ok(Ok(sock)) => {
                 let _ = sock.set_nodelay(true);
                 self.dials().insert(p.flow, Dial::Connected(Some(sock)));
@@ -214,6 +236,9 @@ impl Stack {
         let Some(payload) = udp::payload(packet) else {
             return;
         };
+        if *flow.dst.ip() == POD_LOOPBACK_TUNNEL_IP && self.own.holds(flow.dst.port()) {
+            return;
+        }
         let mut flows = self.udp_flows();
         if let Some(tx) = flows.get(&flow) {
             match tx.try_send(payload.to_vec()) {
@@ -246,10 +271,15 @@ impl Stack {
 }
 
 /// Relays one tunnelled UDP flow through an ordinary socket until it
-/// idles out (nothing in either direction for [`UDP_IDLE_TIMEOUT`]).
+/// idles out (nothing in either direction for [`UDP_IDLE_TIMEOUT`]). A
+/// flow to the pod's loopback address goes to 127.0.0.1 in the pod.
 async fn relay_udp(mut flow: UdpFlow) -> io::Result<()> {
     let sock = UdpSocket::bind("0.0.0.0:0").await?;
-    sock.connect(flow.dst()).await?;
+    let dst = flow.dst();
+    match *dst.ip() == POD_LOOPBACK_TUNNEL_IP {
+        true => sock.connect((std::net::Ipv4Addr::LOCALHOST, dst.port())).await?,
+        false => sock.connect(dst).await?,
+    }
     let mut down = vec![0u8; 65_536];
     let idle = tokio::time::sleep(UDP_IDLE_TIMEOUT);
     tokio::pin!(idle);

@@ -1,7 +1,8 @@
 //! The sidecar's control connection to the agent, inside the tunnel: it
 //! fetches the agent's version and environment, announces readiness once
-//! (status file + one JSON line on stdout), pings for health and opens the
-//! dial-back connection for every inbound client the agent reports.
+//! (status file + one JSON line on stdout), pings for health, opens the
+//! dial-back connection for every inbound client the agent reports and
+//! keeps the pod's neighbour ports it reports listening on 127.0.0.1.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -37,6 +38,8 @@ pub struct Control {
     pub link: crate::transport::Link,
     /// The mounted volumes, held for the session's life.
     pub mounted: std::sync::Mutex<Option<tpd_volumes::fuse::MountHandle>>,
+    /// The pod's neighbour ports on 127.0.0.1, which the agent's `PodPorts` update.
+    pub neighbours: Arc<crate::neighbours::Neighbours>,
 }
 
 impl Control {
@@ -108,6 +111,8 @@ impl Control {
                     let this = self.clone();
                     tokio::spawn(async move { this.inbound(id, port).await });
                 }
+                // The agent sends it before `Info`, so these listen before ready.
+                Message::PodPorts { ports } => self.neighbours.apply(&ports),
                 _ => {}
             }
         }

@@ -8,6 +8,7 @@
 
 mod control;
 mod dns;
+mod neighbours;
 mod selfcheck;
 mod transport;
 mod tun;
@@ -116,12 +117,17 @@ async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> 
     let dns_sock = UdpSocket::bind(listen).await.with_context(|| format!("DNS listening on {listen}"))?;
     let hello_at = config.hello_at();
     let link = transport::Link::new();
+    // The declared pod ports listen from the start, before the developer's
+    // container does; the local ports of `--port` are the developer's.
+    let neighbours = neighbours::Neighbours::new(config.pod_ports.clone(), config.ports.iter().map(|p| p.local));
+    neighbours.apply(&[]);
     let control = Arc::new(Control {
         session_dir: config.session_dir.clone(),
         ports: config.port_map(),
         volumes: config.volumes.as_ref().map(|v| (shutdown.clone(), v.retry_for)),
         link: link.clone(),
         mounted: Default::default(),
+        neighbours,
     });
     let decided = link.clone();
 

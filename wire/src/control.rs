@@ -2,13 +2,16 @@
 //! control port: a [`crate::preamble`] of kind `Control`, then JSON messages,
 //! each behind a big-endian u32 length. The agent answers the sidecar's
 //! `Hello` with `Info` (version and the env for injection), answers `Ping`
-//! with `Pong` (health), and pushes `Inbound` when a cluster client connects
-//! to one of its ports.
+//! with `Pong` (health), pushes `Inbound` when a cluster client connects
+//! to one of its ports, and `PodPorts` with the ports the pod's other
+//! containers listen on (before `Info`, then whenever they change).
 
 use std::collections::BTreeMap;
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
+
+use crate::neighbours::PodPort;
 
 /// Largest message accepted; an env of a few thousand variables fits easily.
 pub const MAX_MESSAGE: usize = 4 << 20;
@@ -45,6 +48,12 @@ pub enum Message {
     Inbound {
         id: u64,
         port: u16,
+    },
+    /// Agent -> sidecar: every port listening on the pod's loopback or
+    /// wildcard address, less the agent's own: the whole set each time, so
+    /// a port missing from it has closed.
+    PodPorts {
+        ports: Vec<PodPort>,
     },
 }
 
@@ -99,6 +108,9 @@ mod tests {
             any::<u64>().prop_map(|seq| Message::Ping { seq }),
             any::<u64>().prop_map(|seq| Message::Pong { seq }),
             (any::<u64>(), any::<u16>()).prop_map(|(id, port)| Message::Inbound { id, port }),
+            proptest::collection::vec((1u16.., any::<bool>()), 0..5).prop_map(|ports| Message::PodPorts {
+                ports: ports.into_iter().map(|(p, udp)| if udp { PodPort::udp(p) } else { PodPort::tcp(p) }).collect()
+            }),
         ]
     }
 
@@ -132,6 +144,14 @@ mod tests {
         buf.put_slice(json);
         let hello = Message::Hello { version: "0.1.0".into(), udp_receive_buffer: None };
         assert_eq!(decode(&mut buf).unwrap(), Some(hello));
+    }
+
+    /// What the agent sends, as a person reads it in a capture.
+    #[test]
+    fn pod_ports_read_as_written() {
+        let msg = Message::PodPorts { ports: vec![PodPort::tcp(6379), PodPort::udp(5353)] };
+        let json = serde_json::to_string(&msg).unwrap();
+        assert_eq!(json, r#"{"type":"pod_ports","ports":["6379","5353/udp"]}"#);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod hello;
 pub mod inbound;
 pub mod ip;
 pub mod names;
+pub mod neighbours;
 pub mod preamble;
 pub mod sidecar;
 

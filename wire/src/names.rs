@@ -12,8 +12,15 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const AGENT_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The sidecar's address inside the tunnel (its TUN device).
 pub const SIDECAR_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-/// Prefix length of the tunnel network.
-pub const TUNNEL_PREFIX_LEN: u8 = 30;
+/// Stands for the pod's loopback inside the tunnel: a flow the sidecar sends
+/// to `POD_LOOPBACK_TUNNEL_IP:<port>` the agent dials as `127.0.0.1:<port>`
+/// in the pod, which is how the developer's container reaches the pod's
+/// other containers on localhost (see `neighbours`).
+pub const POD_LOOPBACK_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+/// Prefix length of the tunnel network: a /29, so that all three addresses
+/// above are hosts of the sidecar's TUN network (in a /30, .3 would be its
+/// broadcast address, which TCP cannot connect to).
+pub const TUNNEL_PREFIX_LEN: u8 = 29;
 
 /// Port on the agent's pod where WireGuard arrives: TCP for the framed stream
 /// transport (what a port-forward carries), UDP for plain datagrams.

@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::names;
+use crate::neighbours::Declared;
 
 /// How the sidecar runs a session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +47,11 @@ pub struct Config {
     /// Set to FUSE-mount the agent's volumes before announcing ready.
     #[serde(default)]
     pub volumes: Option<Volumes>,
+    /// Ports of the pod's loopback carried to 127.0.0.1 from the start:
+    /// those the pod's other containers declare and `--pod-port`'s. The
+    /// agent reports the ports it finds listening on top of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_ports: Vec<Declared>,
 }
 
 impl Config {
@@ -60,6 +66,7 @@ impl Config {
             dns: Dns::default(),
             session_dir: session_dir(),
             volumes: None,
+            pod_ports: Vec::new(),
         }
     }
 
@@ -297,6 +304,9 @@ pub enum Event {
     Ready { protocol_version: u16, agent_version: String, status_file: PathBuf },
     /// The sidecar stopped on a fatal error.
     Error { message: String },
+    /// Something the developer should know that does not stop the session
+    /// (a pod port the developer's side already holds); the CLI prints it.
+    Warning { message: String },
 }
 
 impl Event {
@@ -384,7 +394,9 @@ mod tests {
         config.routes = vec!["10.96.0.0/12".parse().unwrap()];
         config.ports = vec!["8080:3000".parse().unwrap()];
         config.volumes = Some(Volumes { retry_for: Duration::from_secs(30) });
+        config.pod_ports = vec![Declared { port: "53/udp".parse().unwrap(), owner: "container dns".into() }];
         let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["pod_ports"][0], serde_json::json!({"port": "53/udp", "owner": "container dns"}));
         assert_eq!(json["transport"], "udp:10.0.0.1:7700");
         assert_eq!(json["udp_fallback"], 1.5);
         assert_eq!(json["routes"][0], "10.96.0.0/12");
@@ -412,6 +424,10 @@ mod tests {
         assert_eq!(
             Event::from_line(r#"{"event":"error","message":"no TUN"}"#),
             Some(Event::Error { message: "no TUN".into() })
+        );
+        assert_eq!(
+            Event::from_line(r#"{"event":"warning","message":"port 6379 is taken"}"#),
+            Some(Event::Warning { message: "port 6379 is taken".into() })
         );
         assert_eq!(Event::from_line("2026-12-07T01:45:22Z INFO tunnel up"), None);
     }

@@ -51,6 +51,9 @@ pub struct Choice {
     /// For `up`'s own session: cluster traffic to the swapped container's REMOTE port goes to LOCAL.
     #[arg(long = "port", value_name = "REMOTE:LOCAL", requires = "swap", conflicts_with = "session")]
     pub ports: Vec<crate::cli::PortMapping>,
+    /// For `up`'s own session: also reach this port of the pod's loopback on 127.0.0.1 (N or N/udp).
+    #[arg(long = "pod-port", value_name = "N[/udp]", conflicts_with = "session")]
+    pub pod_ports: Vec<tpd_wire::neighbours::PodPort>,
 }
 
 impl Choice {

@@ -181,6 +181,7 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
         s = sidecar::ready(&docker, &sidecar, &dir, Duration::from_secs(30)) => s.map_err(|e| not_ready(e, &plan))?,
         () = shutdown.cancelled() => anyhow::bail!("interrupted before the sidecar was ready"),
     };
+    tokio::spawn(sidecar::warnings(docker.clone(), sidecar.id.clone()));
     let used = status.transport.unwrap_or(match plan {
         Plan::PortForward => Carrier::Stream,
         Plan::Udp { .. } => Carrier::Udp,

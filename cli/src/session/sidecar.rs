@@ -16,6 +16,7 @@ use bollard::query_parameters::{CreateContainerOptions, InspectContainerOptions,
 use futures::StreamExt;
 use tpd_wire::files::VolumeMount;
 use tpd_wire::names;
+use tpd_wire::neighbours::Declared;
 use tpd_wire::sidecar::{Carrier, Cidr, Config, Endpoint, Event, PortMap, Status, Transport, Volumes};
 
 use super::Context;
@@ -62,10 +63,21 @@ fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[Cidr], volume
     };
     config.routes = routes.iter().chain(&ctx.spec.also_proxy).copied().collect();
     config.ports = ctx.spec.ports.iter().map(|p| PortMap { remote: p.remote, local: p.local }).collect();
+    config.pod_ports = pod_ports(ctx);
     config.dns.upstream = host_resolver();
     config.volumes = (!volumes.is_empty())
         .then(|| Volumes { retry_for: ctx.spec.volume_timeout.map_or(VOLUME_RETRY_FOR, Duration::from_secs) });
     config
+}
+
+/// The pod's ports the sidecar carries to 127.0.0.1 from the start: those
+/// the pod's other containers declare, less the local ports of `--port`
+/// (the developer's), and `--pod-port`'s.
+fn pod_ports(ctx: &Context<'_>) -> Vec<Declared> {
+    let developers = |d: &&Declared| !ctx.spec.ports.iter().any(|p| p.local == d.port.port);
+    let declared = ctx.swap.iter().flat_map(|s| s.neighbours.iter()).filter(developers).cloned();
+    let by_hand = ctx.spec.pod_ports.iter().map(|&port| Declared { port, owner: "--pod-port".into() });
+    declared.chain(by_hand).collect()
 }
 
 /// How long a volume request waits for a lost agent by default (`--volume-timeout`).
@@ -181,9 +193,14 @@ pub async fn ready(docker: &Docker, sidecar: &Sidecar, dir: &Path, timeout: Dura
         let state = docker.inspect_container(&sidecar.id, None::<InspectContainerOptions>).await?.state;
         if state.and_then(|s| s.running) == Some(false) {
             let logs = last_logs(docker, &sidecar.id).await;
-            let message = match logs.lines().find_map(Event::from_line) {
-                Some(Event::Error { message }) => format!("the sidecar failed: {message}"),
-                _ => {
+            // Warnings may come first: the error line is the one that counts.
+            let error = logs.lines().filter_map(Event::from_line).find_map(|e| match e {
+                Event::Error { message } => Some(message),
+                _ => None,
+            });
+            let message = match error {
+                Some(message) => format!("the sidecar failed: {message}"),
+                None => {
                     // Its last words go to the log; the terminal gets one line.
                     tracing::info!("the sidecar's last log lines:\n{logs}");
                     "the sidecar exited before the session was ready".to_owned()
@@ -205,6 +222,20 @@ pub async fn ready(docker: &Docker, sidecar: &Sidecar, dir: &Path, timeout: Dura
 
 /// What to do when the sidecar does not start.
 const SIDECAR_HELP: &str = "`tpd doctor` checks what the sidecar needs (TUN, FUSE, NET_ADMIN); --verbose shows its log";
+
+/// Prints the sidecar's warnings (a pod port the developer's side already
+/// holds) as they come, from its start until it is gone.
+pub async fn warnings(docker: Docker, id: String) {
+    let options = LogsOptions { follow: true, stdout: true, ..Default::default() };
+    let mut logs = docker.logs(&id, Some(options));
+    while let Some(Ok(chunk)) = logs.next().await {
+        for event in chunk.to_string().lines().filter_map(Event::from_line) {
+            if let Event::Warning { message } = event {
+                crate::output::warning(&message);
+            }
+        }
+    }
+}
 
 /// Waits until the sidecar stops (killed, OOM, a Docker restart) and says
 /// what happened, for the session to end on it: without the sidecar the

@@ -4,6 +4,7 @@
 //! background process as JSON.
 
 use serde::{Deserialize, Serialize};
+use tpd_wire::neighbours::PodPort;
 use tpd_wire::sidecar::Cidr;
 
 use crate::cli::{ConnectArgs, PortMapping, Publish, RunArgs, Transport};
@@ -19,6 +20,9 @@ pub struct Spec {
     pub force: bool,
     /// `--port REMOTE:LOCAL`.
     pub ports: Vec<PortMapping>,
+    /// `--pod-port N[/udp]`.
+    #[serde(default)]
+    pub pod_ports: Vec<PodPort>,
     /// `-p HOST:CONTAINER`.
     pub publish: Vec<Publish>,
     pub also_proxy: Vec<Cidr>,
@@ -49,6 +53,7 @@ impl Spec {
         Ok(Spec {
             force: args.force,
             ports: args.ports.clone(),
+            pod_ports: args.pod_ports.clone(),
             publish: args.publish.clone(),
             also_proxy: args.also_proxy.clone(),
             transport: args.transport,
@@ -64,6 +69,7 @@ impl Spec {
             swap: args.swap.clone(),
             force: args.force,
             ports: args.ports.clone(),
+            pod_ports: args.pod_ports.clone(),
             publish: args.publish.clone(),
             also_proxy: args.also_proxy.clone(),
             transport: args.transport,
@@ -85,6 +91,7 @@ mod tests {
             swap: Some("deployment/api:app".parse().unwrap()),
             force: true,
             ports: vec!["8080:9000".parse().unwrap()],
+            pod_ports: vec!["6379".parse().unwrap(), "8125/udp".parse().unwrap()],
             publish: vec!["18080:9000".parse().unwrap()],
             also_proxy: vec!["10.0.0.0/8".parse().unwrap()],
             transport: Transport::Auto,

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{Container, EnvVar, PodSecurityContext, PodSpec,
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tpd_wire::files::VolumeMount;
 use tpd_wire::names::{self, agent_env};
+use tpd_wire::neighbours::{Declared, PodPort, Protocol};
 
 use super::identity::agent_security_context;
 use super::record::{Original, Record};
@@ -95,6 +96,9 @@ pub struct Swap {
     pub ports: Vec<u16>,
     /// The volume mounts the agent serves, in the order given to it.
     pub mounts: Vec<VolumeMount>,
+    /// The ports the pod's other containers declare, which the developer's
+    /// container reaches on 127.0.0.1 (less the swapped container's own).
+    pub neighbours: Vec<Declared>,
 }
 
 /// Picks the container to swap: the one asked for, else the only one, else
@@ -125,6 +129,7 @@ pub fn plan(original: &Deployment, container: Option<&str>, p: &Params) -> Resul
 
     let ports = agent_ports(orig, &p.extra_ports)?;
     let mounts = served_mounts(template, orig);
+    let neighbours = template.map(|t| neighbour_ports(t, index, &ports)).unwrap_or_default();
     let original_fields = Original {
         container: orig.clone(),
         replicas: spec.and_then(|s| s.replicas),
@@ -150,7 +155,7 @@ pub fn plan(original: &Deployment, container: Option<&str>, p: &Params) -> Resul
         .annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(names::ANNOTATION_SWAP.into(), record.to_annotation());
-    Ok(Swap { deployment: swapped, record, ports, mounts })
+    Ok(Swap { deployment: swapped, record, ports, mounts, neighbours })
 }
 
 /// The Deployment with the record's original fields put back and the record
@@ -276,6 +281,33 @@ fn agent_ports(c: &Container, extra: &[u16]) -> Result<Vec<u16>> {
         Some(&port) => Err(Error::PortClash { container: c.name.clone(), port }),
         None => Ok(ports),
     }
+}
+
+/// The TCP and UDP ports the pod's other containers declare (and its
+/// sidecar-style init containers, `restartPolicy: Always`, which run beside
+/// the app), each with the container that declares it; not the ports the
+/// swapped container (index `swapped`) has, which stay the developer's.
+fn neighbour_ports(pod: &PodSpec, swapped: usize, own: &[u16]) -> Vec<Declared> {
+    let others = pod.containers.iter().enumerate().filter(|&(i, _)| i != swapped).map(|(_, c)| c);
+    let sidecars = pod.init_containers.iter().flatten().filter(|c| c.restart_policy.as_deref() == Some("Always"));
+    let mut declared: Vec<Declared> = Vec::new();
+    for c in others.chain(sidecars) {
+        for p in c.ports.iter().flatten() {
+            let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                _ => continue, // SCTP: not carried by the tunnel
+            };
+            let Some(port) = u16::try_from(p.container_port).ok().filter(|n| *n != 0 && !own.contains(n)) else {
+                continue;
+            };
+            let port = PodPort { port, protocol };
+            if !declared.iter().any(|d| d.port == port) {
+                declared.push(Declared { port, owner: format!("container {}", c.name) });
+            }
+        }
+    }
+    declared
 }
 
 /// Where Kubernetes mounts a pod's service-account token and CA.

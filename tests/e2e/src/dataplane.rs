@@ -281,7 +281,7 @@ impl Lab {
                 match Event::from_line(line) {
                     Some(Event::Ready { .. }) => return Ok(serde_json::from_str(line)?),
                     Some(Event::Error { message }) => bail!("the sidecar failed: {message}"),
-                    None => {}
+                    Some(Event::Warning { .. }) | None => {}
                 }
             }
             let running = docker(&["inspect", "-f", "{{.State.Running}}", &self.sidecar])?;

@@ -336,3 +336,23 @@ fn the_outbound_agent_pod_runs_as_the_agents_own_non_root_user() {
     assert_eq!((sc.run_as_non_root, sc.run_as_user, sc.run_as_group), (Some(true), Some(65532), Some(65532)));
     assert_eq!(sc.capabilities.unwrap().add, None);
 }
+
+/// The ports the pod's other containers declare reach the developer's
+/// container, with who declares them; the swapped container's own ports
+/// (here also declared by envoy and statsd) and SCTP do not, nor an
+/// ordinary init container's, which has exited by the time the app runs.
+#[test]
+fn the_pods_other_containers_ports_are_its_neighbours() {
+    let d = fixture("neighbours");
+    let p = Params { extra_ports: vec![15000], ..params() };
+    let swap = plan(&d, Some("shop"), &p).unwrap();
+    let got: Vec<String> = swap.neighbours.iter().map(|n| format!("{} {}", n.port, n.owner)).collect();
+    assert_eq!(got, ["6379 container cache", "6379/udp container cache", "8125/udp container statsd"]);
+    // Swapping the cache instead: the app's ports and envoy's are neighbours.
+    let swap = plan(&d, Some("cache"), &params()).unwrap();
+    let got: Vec<String> = swap.neighbours.iter().map(|n| format!("{} {}", n.port, n.owner)).collect();
+    assert_eq!(
+        got,
+        ["8080 container shop", "9090 container shop", "8125/udp container statsd", "15000 container envoy"]
+    );
+}
