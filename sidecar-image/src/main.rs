@@ -19,6 +19,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::UdpSocket;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tpd_tunnel::Endpoint as Wg;
 use tpd_wire::names;
@@ -131,22 +132,43 @@ async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> 
     });
     let decided = link.clone();
 
-    let tasks = [
-        tokio::spawn(dns::serve(dns_sock, config.dns)),
-        tokio::spawn(tun_to_wg(tun, wg.clone())),
-        tokio::spawn(wg.clone().run_timers()),
-        tokio::spawn(control.run()),
-        tokio::spawn(async move {
-            if mtu != names::STREAM_TUNNEL_MTU
-                && decided.decided().await == Carrier::Stream
-                && let Err(e) = grow.set_mtu(names::STREAM_TUNNEL_MTU)
-            {
-                tracing::warn!("keeping the tunnel MTU at {}: {e}", names::TUNNEL_MTU);
-            }
-        }),
-    ];
-    let result = transport::run(config.transport, hello_at, config.udp_fallback, wg, link).await;
-    tasks.iter().for_each(|t| t.abort());
+    // These run for the session's life: one ending is fatal, said by name.
+    let mut tasks = JoinSet::new();
+    tasks.spawn(async move {
+        dns::serve(dns_sock, config.dns).await;
+        "the DNS server"
+    });
+    let to_wg = wg.clone();
+    tasks.spawn(async move {
+        tun_to_wg(tun, to_wg).await;
+        "the tunnel device's reader"
+    });
+    let timers = wg.clone();
+    tasks.spawn(async move {
+        timers.run_timers().await;
+        "the WireGuard timers"
+    });
+    tasks.spawn(async move {
+        control.run().await;
+        "the control connection"
+    });
+    // Its one job done, it ends: not one of the above.
+    let mtu_task = tokio::spawn(async move {
+        if mtu != names::STREAM_TUNNEL_MTU
+            && decided.decided().await == Carrier::Stream
+            && let Err(e) = grow.set_mtu(names::STREAM_TUNNEL_MTU)
+        {
+            tracing::warn!("keeping the tunnel MTU at {}: {e}", names::TUNNEL_MTU);
+        }
+    });
+    let result = tokio::select! {
+        result = transport::run(config.transport, hello_at, config.udp_fallback, wg, link) => result,
+        Some(ended) = tasks.join_next() => match ended {
+            Ok(task) => Err(anyhow::anyhow!("{task} stopped")),
+            Err(e) => Err(anyhow::anyhow!("a task of the sidecar failed ({e})")),
+        },
+    };
+    mtu_task.abort();
     result
 }
 
