@@ -261,7 +261,18 @@ fn a_swap_the_namespace_refuses_is_said_at_once_and_undone() -> anyhow::Result<(
     let sb = Sandbox::up()?;
     let mut cleanup = Cleanup::default();
     sb.kubectl_ok(&["create", "namespace", "late"])?;
-    sb.kubectl_ok(&["create", "deployment", "rooted", "-n", "late", "--image", images::BUSYBOX, "--", "sleep", "3600"])?;
+    sb.kubectl_ok(&[
+        "create",
+        "deployment",
+        "rooted",
+        "-n",
+        "late",
+        "--image",
+        images::BUSYBOX,
+        "--",
+        "sleep",
+        "3600",
+    ])?;
     sb.kubectl_ok(&["rollout", "status", "deployment/rooted", "-n", "late", "--timeout", "90s"])?;
     sb.kubectl_ok(&["label", "namespace", "late", "pod-security.kubernetes.io/enforce=restricted"])?;
     let original = user_owned(session::deployment_json(&sb, "late", "rooted")?);
