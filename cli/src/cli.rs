@@ -96,19 +96,8 @@ pub struct RunArgs {
     /// Swap this Deployment's container for tpd's agent: deployment/NAME[:CONTAINER].
     #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
     pub swap: Option<Target>,
-    /// Take over a swap whose lease expired without waiting for automatic repair.
-    #[arg(long, requires = "swap")]
-    pub force: bool,
-    /// Cluster traffic to the container's REMOTE port goes to LOCAL in your container.
-    #[arg(long = "port", value_name = "REMOTE:LOCAL")]
-    pub ports: Vec<PortMapping>,
-    /// Also reach this port of the pod's loopback on 127.0.0.1 in your
-    /// container (N for TCP, N/udp), held from the start. Repeatable. The
-    /// ports the pod's other containers declare, and those tpd finds
-    /// listening in the pod, are reachable without it; it is for a helper
-    /// that declares none and starts listening after your app starts.
-    #[arg(long = "pod-port", value_name = "N[/udp]")]
-    pub pod_ports: Vec<PodPort>,
+    #[command(flatten)]
+    pub session: SessionArgs,
     /// Set an env var in your container (overrides the remote env).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -118,9 +107,6 @@ pub struct RunArgs {
     /// Bind mount into your container, as in `docker run -v`.
     #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]")]
     pub volumes: Vec<String>,
-    /// Publish a port of your container on the host: HOST:CONTAINER.
-    #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER")]
-    pub publish: Vec<Publish>,
     /// Keep stdin open.
     #[arg(short, long)]
     pub interactive: bool,
@@ -133,6 +119,43 @@ pub struct RunArgs {
     /// Memory limit of your container, as in `docker run -m` (e.g. 512m, 2g).
     #[arg(short = 'm', long, value_name = "BYTES", value_parser = parse_bytes)]
     pub memory: Option<i64>,
+    /// Where all remote volumes also appear in your container.
+    #[arg(long, value_name = "PATH")]
+    pub mount_root: Option<String>,
+    /// How long a file operation on the remote volumes waits for the agent
+    /// to come back (its pod replaced, the connection lost) before it fails
+    /// with EIO [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub volume_timeout: Option<u64>,
+    /// The command and its arguments (default: the image's).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// What `tpd run` and `tpd connect` share: how the session reaches the
+/// cluster and what it carries. It crosses to `tpd connect`'s background
+/// process inside the session's `Spec`.
+#[derive(Debug, Clone, Default, PartialEq, Args, serde::Serialize, serde::Deserialize)]
+pub struct SessionArgs {
+    /// Take over a swap whose lease expired without waiting for automatic repair.
+    #[arg(long, requires = "swap")]
+    pub force: bool,
+    /// Cluster traffic to the swapped container's REMOTE port goes to LOCAL
+    /// in the session (your container, for `tpd run`).
+    #[arg(long = "port", value_name = "REMOTE:LOCAL", requires = "swap")]
+    pub ports: Vec<PortMapping>,
+    /// Also reach this port of the pod's loopback on 127.0.0.1 in the
+    /// session (N for TCP, N/udp), held from the start. Repeatable. The
+    /// ports the pod's other containers declare, and those tpd finds
+    /// listening in the pod, are reachable without it; it is for a helper
+    /// that declares none and starts listening after your app starts.
+    #[arg(long = "pod-port", value_name = "N[/udp]")]
+    #[serde(default)]
+    pub pod_ports: Vec<PodPort>,
+    /// Publish a port of the session (your container, for `tpd run`) on the
+    /// host: HOST:CONTAINER.
+    #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER")]
+    pub publish: Vec<Publish>,
     /// How WireGuard reaches the agent. The key exchange always goes over a
     /// port-forward; `udp` needs the cluster's nodes reachable over UDP from
     /// this machine, and `auto` falls back to the port-forward when the
@@ -143,23 +166,12 @@ pub struct RunArgs {
     /// Also route this IPv4 CIDR (e.g. 10.0.0.0/8) through the cluster. Repeatable.
     #[arg(long, value_name = "CIDR")]
     pub also_proxy: Vec<Cidr>,
-    /// Where all remote volumes also appear in your container.
-    #[arg(long, value_name = "PATH")]
-    pub mount_root: Option<String>,
-    /// Do not mount the remote volumes.
+    /// Do not mount the swapped Deployment's volumes.
     #[arg(long)]
     pub no_mounts: bool,
-    /// How long a file operation on the remote volumes waits for the agent
-    /// to come back (its pod replaced, the connection lost) before it fails
-    /// with EIO [default: 30].
-    #[arg(long, value_name = "SECONDS")]
-    pub volume_timeout: Option<u64>,
     /// How long to wait for the agent pod to become ready.
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub ready_timeout: u64,
-    /// The command and its arguments (default: the image's).
-    #[arg(last = true, value_name = "CMD")]
-    pub command: Vec<String>,
 }
 
 /// `--port REMOTE:LOCAL`: cluster traffic to the swapped container's port
@@ -232,31 +244,8 @@ pub struct ConnectArgs {
     /// Swap this Deployment's container for tpd's agent: deployment/NAME[:CONTAINER].
     #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
     pub swap: Vec<Target>,
-    /// Take over a swap whose lease expired without waiting for automatic repair.
-    #[arg(long, requires = "swap")]
-    pub force: bool,
-    /// Cluster traffic to the swapped container's REMOTE port goes to LOCAL in the session.
-    #[arg(long = "port", value_name = "REMOTE:LOCAL", requires = "swap")]
-    pub ports: Vec<PortMapping>,
-    /// Also reach this port of the pod's loopback on 127.0.0.1 in the
-    /// session (N for TCP, N/udp). Repeatable; see `tpd run --help`.
-    #[arg(long = "pod-port", value_name = "N[/udp]")]
-    pub pod_ports: Vec<PodPort>,
-    /// Publish a port of the session's network namespace on the host: HOST:CONTAINER.
-    #[arg(short = 'p', long = "publish", value_name = "HOST:CONTAINER")]
-    pub publish: Vec<Publish>,
-    /// How WireGuard reaches the agent (as for `tpd run`).
-    #[arg(long, value_enum, default_value_t = Transport::Portforward)]
-    pub transport: Transport,
-    /// Also route this IPv4 CIDR (e.g. 10.0.0.0/8) through the cluster. Repeatable.
-    #[arg(long, value_name = "CIDR")]
-    pub also_proxy: Vec<Cidr>,
-    /// Do not mount the swapped Deployment's volumes.
-    #[arg(long)]
-    pub no_mounts: bool,
-    /// How long to wait for the agent pod to become ready.
-    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
-    pub ready_timeout: u64,
+    #[command(flatten)]
+    pub session: SessionArgs,
     /// Hold the session in this process (what the background process runs).
     #[arg(long, hide = true)]
     pub hold: bool,

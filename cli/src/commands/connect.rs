@@ -61,7 +61,7 @@ pub async fn run(global: &GlobalArgs, args: ConnectArgs) -> anyhow::Result<ExitC
     let images = Images::resolve(global, &config::load()?);
     let docker = crate::docker::connect().await?;
     checks::image_present(&docker, &images.sidecar, checks::TPD_IMAGE_FIX).await?;
-    checks::ports_free(spec.publish.iter().map(|p| p.host))?;
+    checks::ports_free(spec.session.publish.iter().map(|p| p.host))?;
     crate::checks::namespace_exists(&cluster).await?;
     let record = spawn_holder(global, &cluster, &images, &name, &spec).await?;
     show(

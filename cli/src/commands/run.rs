@@ -28,7 +28,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     let docker = crate::docker::connect().await?;
     checks::image_present(&docker, &args.image, "build it (`docker build -t IMAGE .`) or pull it first").await?;
     checks::image_present(&docker, &images.sidecar, checks::TPD_IMAGE_FIX).await?;
-    checks::ports_free(args.publish.iter().map(|p| p.host))?;
+    checks::ports_free(args.session.publish.iter().map(|p| p.host))?;
     // The env files and -e flags are read again once the remote env is known.
     session::env::merge(Default::default(), &args.env, &args.env_file)?;
     let cluster = crate::session::cluster(global).await?;

@@ -132,8 +132,8 @@ async fn up_in_own_session(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Hint::new(e.to_string(), "write --swap deployment/NAME"))?;
     let mut spec = Spec::new(&targets)?;
-    spec.ports = choice.ports.clone();
-    spec.pod_ports = choice.pod_ports.clone();
+    spec.session.ports = choice.ports.clone();
+    spec.session.pod_ports = choice.pod_ports.clone();
     // The choice is checked against a provisional session before anything starts.
     let provisional = Record {
         name: project.to_owned(),

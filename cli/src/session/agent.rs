@@ -33,7 +33,7 @@ pub async fn start(
         holder: super::holder(),
         now: k8s_openapi::jiff::Timestamp::now(),
         lease_seconds: lease::LEASE_SECONDS,
-        extra_ports: spec.ports.iter().map(|p| p.remote).collect(),
+        extra_ports: spec.session.ports.iter().map(|p| p.remote).collect(),
     };
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let mut swapped = None;
@@ -41,7 +41,7 @@ pub async fn start(
         Some(target) => {
             let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
             progress(&format!("swapping {target} in namespace {} for tpd's agent", cluster.namespace));
-            let swap = apply::swap(&api, &cluster.namespace, target, &params, spec.force).await?;
+            let swap = apply::swap(&api, &cluster.namespace, target, &params, spec.session.force).await?;
             tokio::spawn(renew_lease(api.clone(), target.name.clone(), swap.record.clone(), shutdown.clone()));
             swapped = Some((api, target.name.clone()));
             Some(swap)
@@ -55,7 +55,7 @@ pub async fn start(
             None
         }
     };
-    let timeout = Duration::from_secs(spec.ready_timeout);
+    let timeout = Duration::from_secs(spec.session.ready_timeout);
     let agent = tokio::select! {
         pod = apply::wait_for_agent(&pods, swapped.as_ref().map(|(api, name)| (api, name.as_str())), id, &images.agent, timeout) => pod?,
         () = shutdown.cancelled() => anyhow::bail!("interrupted before the agent was ready"),

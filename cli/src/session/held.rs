@@ -52,7 +52,7 @@ pub async fn establish(
 ) -> anyhow::Result<Held> {
     let docker = crate::docker::connect().await?;
     checks::image_present(&docker, &images.sidecar, checks::TPD_IMAGE_FIX).await?;
-    checks::ports_free(spec.publish.iter().map(|p| p.host))?;
+    checks::ports_free(spec.session.publish.iter().map(|p| p.host))?;
     if let Some(target) = &spec.swap {
         // Unknown Deployment or ambiguous container: fail before the guardian exists.
         apply::check_target(cluster, target).await?;
@@ -130,7 +130,8 @@ async fn start(
     }
     let swaps = match (&spec.swap, &swap) {
         (Some(target), Some(swap)) => {
-            let local = |remote: u16| spec.ports.iter().find(|p| p.remote == remote).map_or(remote, |p| p.local);
+            let local =
+                |remote: u16| spec.session.ports.iter().find(|p| p.remote == remote).map_or(remote, |p| p.local);
             vec![SwapRecord {
                 deployment: target.to_string(),
                 env: env.into_iter().collect(),
@@ -148,7 +149,7 @@ async fn start(
         sidecar,
         network: network.to_owned(),
         pid: std::process::id(),
-        published: spec.publish.iter().map(Publish::to_string).collect(),
+        published: spec.session.publish.iter().map(Publish::to_string).collect(),
         swaps,
     })
 }

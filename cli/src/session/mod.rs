@@ -160,21 +160,24 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
     let discovered = async {
         match cidrs::discover(&ctx.cluster.client).await {
             // The user named ranges: go on with those.
-            Err(e) if !ctx.spec.also_proxy.is_empty() => {
+            Err(e) if !ctx.spec.session.also_proxy.is_empty() => {
                 crate::output::warning(&format!("{}; routing only --also-proxy", crate::error::one_line(&e)));
                 Ok(Vec::new())
             }
             found => found,
         }
     };
-    let (routes, plan) =
-        tokio::try_join!(discovered, transport::prepare(ctx.cluster, ctx.spec.transport, ctx.id, &ctx.agent_pod),)?;
-    let shown: Vec<String> = routes.iter().chain(&ctx.spec.also_proxy).map(ToString::to_string).collect();
+    let (routes, plan) = tokio::try_join!(
+        discovered,
+        transport::prepare(ctx.cluster, ctx.spec.session.transport, ctx.id, &ctx.agent_pod),
+    )?;
+    let shown: Vec<String> = routes.iter().chain(&ctx.spec.session.also_proxy).map(ToString::to_string).collect();
     progress(&format!("cluster ranges routed through the tunnel: {}", shown.join(", ")));
     let dir = session_dir(ctx.id)?;
     let relay = relay::start(&dir, ctx.cluster, ctx.id, &ctx.agent_pod, shutdown.clone())?;
     let docker = crate::docker::connect().await?;
-    let volumes = (!ctx.spec.no_mounts).then(|| ctx.swap.map(|s| s.mounts.clone())).flatten().unwrap_or_default();
+    let volumes =
+        (!ctx.spec.session.no_mounts).then(|| ctx.swap.map(|s| s.mounts.clone())).flatten().unwrap_or_default();
     progress("starting the sidecar");
     let sidecar = sidecar::start(&docker, ctx, &dir, &relay, &plan, &routes, &volumes).await?;
     let mut status = tokio::select! {

@@ -61,8 +61,8 @@ fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[Cidr], volume
             Config { hello: Some(stream), udp_fallback: *fallback, ..Config::new(Transport::Udp(*at)) }
         }
     };
-    config.routes = routes.iter().chain(&ctx.spec.also_proxy).copied().collect();
-    config.ports = ctx.spec.ports.iter().map(|p| PortMap { remote: p.remote, local: p.local }).collect();
+    config.routes = routes.iter().chain(&ctx.spec.session.also_proxy).copied().collect();
+    config.ports = ctx.spec.session.ports.iter().map(|p| PortMap { remote: p.remote, local: p.local }).collect();
     config.pod_ports = pod_ports(ctx);
     config.dns.upstream = host_resolver();
     config.volumes = (!volumes.is_empty())
@@ -74,9 +74,9 @@ fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[Cidr], volume
 /// the pod's other containers declare, less the local ports of `--port`
 /// (the developer's), and `--pod-port`'s.
 fn pod_ports(ctx: &Context<'_>) -> Vec<Declared> {
-    let developers = |d: &&Declared| !ctx.spec.ports.iter().any(|p| p.local == d.port.port);
+    let developers = |d: &&Declared| !ctx.spec.session.ports.iter().any(|p| p.local == d.port.port);
     let declared = ctx.swap.iter().flat_map(|s| s.neighbours.iter()).filter(developers).cloned();
-    let by_hand = ctx.spec.pod_ports.iter().map(|&port| Declared { port, owner: "--pod-port".into() });
+    let by_hand = ctx.spec.session.pod_ports.iter().map(|&port| Declared { port, owner: "--pod-port".into() });
     declared.chain(by_hand).collect()
 }
 
@@ -117,6 +117,7 @@ pub async fn start(
         binds: Some(vec![format!("{}:{}", dir.display(), names::SESSION_DIR)]),
         port_bindings: Some(
             ctx.spec
+                .session
                 .publish
                 .iter()
                 .map(|p| {
@@ -148,7 +149,7 @@ pub async fn start(
         domainname: naming.domainname,
         cmd: Some(vec!["run".into(), "--config".into(), config]),
         labels: Some(labels(ctx.id)),
-        exposed_ports: Some(ctx.spec.publish.iter().map(|p| format!("{}/tcp", p.container)).collect()),
+        exposed_ports: Some(ctx.spec.session.publish.iter().map(|p| format!("{}/tcp", p.container)).collect()),
         host_config: Some(host),
         ..Default::default()
     };

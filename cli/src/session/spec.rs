@@ -4,10 +4,8 @@
 //! background process as JSON.
 
 use serde::{Deserialize, Serialize};
-use tpd_wire::neighbours::PodPort;
-use tpd_wire::sidecar::Cidr;
 
-use crate::cli::{ConnectArgs, PortMapping, Publish, RunArgs, Transport};
+use crate::cli::{ConnectArgs, RunArgs, SessionArgs};
 use crate::error::Hint;
 use crate::swap::plan::Target;
 
@@ -17,23 +15,12 @@ use crate::swap::plan::Target;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Spec {
     pub swap: Option<Target>,
-    pub force: bool,
-    /// `--port REMOTE:LOCAL`.
-    pub ports: Vec<PortMapping>,
-    /// `--pod-port N[/udp]`.
-    #[serde(default)]
-    pub pod_ports: Vec<PodPort>,
-    /// `-p HOST:CONTAINER`.
-    pub publish: Vec<Publish>,
-    pub also_proxy: Vec<Cidr>,
-    pub transport: Transport,
-    pub no_mounts: bool,
+    #[serde(flatten)]
+    pub session: SessionArgs,
     /// Where the volumes also appear in the developer's container.
     pub mount_root: Option<String>,
     /// Seconds a volume request waits for a lost agent.
     pub volume_timeout: Option<u64>,
-    /// Seconds to wait for the agent pod.
-    pub ready_timeout: u64,
 }
 
 impl Spec {
@@ -45,38 +32,22 @@ impl Spec {
                 "start one session per Deployment (`tpd connect --name NAME --swap ...` for each)",
             ));
         }
-        Ok(Spec { swap: swaps.first().cloned(), ready_timeout: 120, ..Default::default() })
+        let session = SessionArgs { ready_timeout: 120, ..SessionArgs::default() };
+        Ok(Spec { swap: swaps.first().cloned(), session, ..Default::default() })
     }
 
     /// `tpd connect`'s session.
     pub fn from_connect(args: &ConnectArgs) -> Result<Self, Hint> {
-        Ok(Spec {
-            force: args.force,
-            ports: args.ports.clone(),
-            pod_ports: args.pod_ports.clone(),
-            publish: args.publish.clone(),
-            also_proxy: args.also_proxy.clone(),
-            transport: args.transport,
-            no_mounts: args.no_mounts,
-            ready_timeout: args.ready_timeout,
-            ..Spec::new(&args.swap)?
-        })
+        Ok(Spec { session: args.session.clone(), ..Spec::new(&args.swap)? })
     }
 
     /// `tpd run`'s session.
     pub fn from_run(args: &RunArgs) -> Self {
         Spec {
             swap: args.swap.clone(),
-            force: args.force,
-            ports: args.ports.clone(),
-            pod_ports: args.pod_ports.clone(),
-            publish: args.publish.clone(),
-            also_proxy: args.also_proxy.clone(),
-            transport: args.transport,
-            no_mounts: args.no_mounts,
+            session: args.session.clone(),
             mount_root: args.mount_root.clone(),
             volume_timeout: args.volume_timeout,
-            ready_timeout: args.ready_timeout,
         }
     }
 }
@@ -84,21 +55,24 @@ impl Spec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::Transport;
 
     #[test]
     fn a_spec_crosses_to_the_holder_unchanged() {
         let spec = Spec {
             swap: Some("deployment/api:app".parse().unwrap()),
-            force: true,
-            ports: vec!["8080:9000".parse().unwrap()],
-            pod_ports: vec!["6379".parse().unwrap(), "8125/udp".parse().unwrap()],
-            publish: vec!["18080:9000".parse().unwrap()],
-            also_proxy: vec!["10.0.0.0/8".parse().unwrap()],
-            transport: Transport::Auto,
-            no_mounts: true,
+            session: SessionArgs {
+                force: true,
+                ports: vec!["8080:9000".parse().unwrap()],
+                pod_ports: vec!["6379".parse().unwrap(), "8125/udp".parse().unwrap()],
+                publish: vec!["18080:9000".parse().unwrap()],
+                also_proxy: vec!["10.0.0.0/8".parse().unwrap()],
+                transport: Transport::Auto,
+                no_mounts: true,
+                ready_timeout: 7,
+            },
             mount_root: Some("/remote".into()),
             volume_timeout: Some(5),
-            ready_timeout: 7,
         };
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<Spec>(&json).unwrap(), spec);
@@ -111,5 +85,28 @@ mod tests {
         assert_eq!(Spec::new(&[t("deployment/a")]).unwrap().swap, Some(t("deployment/a")));
         let err = Spec::new(&[t("deployment/a"), t("deployment/b")]).unwrap_err();
         assert!(err.message.contains("deployment/a and deployment/b"), "{}", err.message);
+    }
+
+    /// The shared flags parse the same under both commands, and --port
+    /// without a swap is refused by both (it used to be ignored by `run`).
+    #[test]
+    fn run_and_connect_share_the_session_flags() {
+        use clap::Parser as _;
+        let flags = ["--swap", "deployment/api", "--port", "8080:9000", "--pod-port", "6379", "-p", "18080:9000"];
+        let parse = |cmd: &[&str]| crate::cli::Cli::try_parse_from(["tpd"].iter().chain(cmd).chain(&flags));
+        let run = match parse(&["run", "--image", "app"]).unwrap().command {
+            crate::cli::Command::Run(args) => Spec::from_run(&args),
+            other => panic!("{other:?}"),
+        };
+        let connect = match parse(&["connect"]).unwrap().command {
+            crate::cli::Command::Connect(args) => Spec::from_connect(&args).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(run.session, connect.session);
+        assert_eq!(run.session.ready_timeout, 120);
+        for cmd in [&["run", "--image", "app", "--port", "1:2"][..], &["connect", "--port", "1:2"]] {
+            let err = crate::cli::Cli::try_parse_from(["tpd"].iter().chain(cmd)).unwrap_err();
+            assert!(err.to_string().contains("--swap"), "{cmd:?}: {err}");
+        }
     }
 }
