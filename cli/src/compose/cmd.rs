@@ -13,11 +13,11 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use super::args::{Choice, ComposeAction, ComposeArgs};
 use super::generate::{self, Generated, Mount, Request, Swapped};
 use super::project::Project;
 use super::tool::{self, Tool};
 use crate::cli::GlobalArgs;
+use crate::cli::{Choice, ComposeAction, ComposeArgs};
 use crate::config::{self, Images};
 use crate::error::Hint;
 use crate::output::progress;

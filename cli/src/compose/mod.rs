@@ -2,7 +2,6 @@
 //! the compose tool it drives, and the `tpd compose` command, on top of
 //! `crate::session` (the named session's record, the held session).
 
-pub mod args;
 pub mod cmd;
 pub mod generate;
 pub mod project;
