@@ -16,7 +16,7 @@ use tpd_wire::neighbours::PodPort;
 use tpd_wire::preamble::{self, Kind};
 
 use crate::services::BoxConn;
-use crate::stack::SendWindow;
+use crate::window::SendWindow;
 
 pub struct Control {
     /// Sender of the newest control connection, for `Inbound` notices.

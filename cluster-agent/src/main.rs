@@ -6,12 +6,12 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod control;
-mod dns;
 mod inbound;
 mod neighbours;
 mod services;
 mod stack;
 mod transport;
+mod window;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +28,8 @@ use tpd_wire::names::{self, agent_env};
 use crate::control::Control;
 use crate::inbound::Inbound;
 use crate::services::Services;
-use crate::stack::{Ingress, SendWindow, Stack};
+use crate::stack::{Ingress, Stack};
+use crate::window::SendWindow;
 
 #[derive(Debug, Parser)]
 #[command(name = "tpd-agent", version = tpd_wire::VERSION, about)]

@@ -10,6 +10,7 @@
 //! agent's own ports. TCP runs on smoltcp
 //! ([`tcp`]); UDP is parsed and answered directly ([`udp`]).
 
+mod dns;
 mod tcp;
 mod udp;
 
@@ -28,7 +29,8 @@ use tpd_wire::names::{AGENT_DNS_PORT, AGENT_TUNNEL_IP, POD_LOOPBACK_TUNNEL_IP, S
 
 use crate::neighbours::{self, Own};
 use crate::services::Services;
-pub use tcp::{SendWindow, TcpConn};
+use crate::window::SendWindow;
+pub use tcp::TcpConn;
 pub use udp::UdpFlow;
 
 /// Bound on connecting to a cluster destination; past it the app gets "no route to host".
@@ -99,7 +101,7 @@ impl Stack {
         window: Arc<SendWindow>,
     ) -> Arc<Self> {
         let IngressQueues { gate, tcp: (tcp_tx, tcp_rx) } = queues;
-        let dns_servers = crate::dns::system_nameservers();
+        let dns_servers = dns::system_nameservers();
         let stack = Arc::new_cyclic(|me: &std::sync::Weak<Stack>| {
             let out = wg.clone();
             let me = me.clone();
@@ -258,7 +260,7 @@ impl Stack {
         let this = self.clone();
         tokio::spawn(async move {
             if flow.dst == SocketAddrV4::new(AGENT_TUNNEL_IP, AGENT_DNS_PORT) {
-                crate::dns::serve(udp, &this.dns_servers, UDP_IDLE_TIMEOUT).await;
+                dns::serve(udp, &this.dns_servers, UDP_IDLE_TIMEOUT).await;
             } else if let Err(e) = relay_udp(udp).await {
                 tracing::debug!(dst = %flow.dst, "udp flow ended: {e}");
             }

@@ -20,7 +20,7 @@ use tpd_tunnel::udp::TunnelUdp;
 use tpd_tunnel::{Endpoint, Route};
 use tpd_wire::hello::{Hello, Role};
 
-use crate::stack::SendWindow;
+use crate::window::SendWindow;
 
 /// Queue of datagrams waiting for one stream's writer.
 const STREAM_QUEUE: usize = 4096;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tpd_wire::dns;
 
-use crate::stack::UdpFlow;
+use super::udp::UdpFlow;
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
