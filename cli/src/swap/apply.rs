@@ -45,8 +45,14 @@ pub async fn check_target(cluster: &Cluster, target: &Target) -> anyhow::Result<
     Ok(())
 }
 
+/// How many times a swap is planned again when the Deployment's spec
+/// changed between reading and patching it (a `kubectl scale`, a rollout
+/// someone started) before tpd gives up and says so.
+const SWAP_ATTEMPTS: u32 = 3;
+
 /// Swaps `target` for the agent: refuses a live holder, restores an
-/// abandoned swap first, warns about GitOps controllers, then patches.
+/// abandoned swap first, warns about GitOps controllers, then patches. A
+/// spec changed meanwhile means reading and planning again.
 pub async fn swap(
     api: &Api<Deployment>,
     namespace: &str,
@@ -54,9 +60,34 @@ pub async fn swap(
     params: &Params,
     force: bool,
 ) -> anyhow::Result<Swap> {
-    let mut current = get(api, namespace, &target.name).await?;
+    for attempt in 1..=SWAP_ATTEMPTS {
+        let current = claim(api, namespace, target, force).await?;
+        let swap = plan::plan(&current, target.container.as_deref(), params)?;
+        let patch = plan::patch_between(&current, &swap.deployment, Guard::Generation);
+        match api.patch(&target.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
+            Ok(_) => {
+                if let Some(warning) = super::gitops::warning(&current) {
+                    crate::output::warning(&warning);
+                }
+                return Ok(swap);
+            }
+            Err(e) if conflict(&e) => tracing::debug!(attempt, "{target} changed while tpd was swapping it: {e}"),
+            Err(e) => return Err(anyhow::Error::from(e).context(format!("cannot swap {target}"))),
+        }
+    }
+    Err(Hint::new(
+        format!("{target} changed {SWAP_ATTEMPTS} times while tpd was swapping it"),
+        "wait for whatever is changing it (a rollout, an operator) to finish, then run the command again",
+    )
+    .into())
+}
+
+/// Reads `target` and makes sure tpd may swap it: free, or abandoned (then
+/// restored first), or held by someone else (an error naming them).
+async fn claim(api: &Api<Deployment>, namespace: &str, target: &Target, force: bool) -> anyhow::Result<Deployment> {
+    let current = get(api, namespace, &target.name).await?;
     match lease::claim(Record::read(&current)?.as_ref(), force, Timestamp::now()) {
-        Claim::Free => {}
+        Claim::Free => Ok(current),
         Claim::Held { holder, since, expired } => {
             let help = if expired {
                 format!(
@@ -67,7 +98,7 @@ pub async fn swap(
                     "wait for that session to end, or ask {holder} to stop it (`tpd restore {target}` ends it by force)"
                 )
             };
-            return Err(Hint::new(format!("{target} is swapped by {holder} since {since}"), help).into());
+            Err(Hint::new(format!("{target} is swapped by {holder} since {since}"), help).into())
         }
         Claim::Abandoned(record) => {
             progress(&format!(
@@ -75,24 +106,9 @@ pub async fn swap(
                 record.holder
             ));
             restore_record(api, &current, &record).await?;
-            current = get(api, namespace, &target.name).await?;
+            get(api, namespace, &target.name).await
         }
     }
-    if let Some(warning) = super::gitops::warning(&current) {
-        crate::output::warning(&warning);
-    }
-    let swap = plan::plan(&current, target.container.as_deref(), params)?;
-    let patch = plan::patch_between(&current, &swap.deployment, Guard::ResourceVersion);
-    api.patch(&target.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await.map_err(|e| {
-        match conflict(&e) {
-            true => anyhow::Error::from(Hint::new(
-                format!("{target} changed while tpd was swapping it"),
-                "run the command again",
-            )),
-            false => anyhow::Error::from(e).context(format!("cannot swap {target}")),
-        }
-    })?;
-    Ok(swap)
 }
 
 /// How a restore went.

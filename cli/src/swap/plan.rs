@@ -193,17 +193,21 @@ pub fn patch_between(from: &Deployment, to: &Deployment, guard: Guard) -> json_p
     let from_json = serde_json::to_value(from).unwrap_or_default();
     let to_json = serde_json::to_value(to).unwrap_or_default();
     let test = match guard {
-        Guard::ResourceVersion => ("/metadata/resourceVersion".to_owned(), from.metadata.resource_version.clone()),
+        Guard::Generation => ("/metadata/generation".to_owned(), from.metadata.generation.map(serde_json::Value::from)),
         Guard::Record => (
             annotation_pointer(),
-            from.metadata.annotations.as_ref().and_then(|a| a.get(names::ANNOTATION_SWAP).cloned()),
+            from.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(names::ANNOTATION_SWAP).cloned())
+                .map(serde_json::Value::String),
         ),
     };
     let mut ops = Vec::new();
     if let (path, Some(value)) = test {
         ops.push(json_patch::PatchOperation::Test(json_patch::TestOperation {
             path: path.parse().unwrap_or_default(),
-            value: serde_json::Value::String(value),
+            value,
         }));
     }
     ops.extend(json_patch::diff(&from_json, &to_json).0);
@@ -213,8 +217,11 @@ pub fn patch_between(from: &Deployment, to: &Deployment, guard: Guard) -> json_p
 /// What a patch checks before it applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guard {
-    /// Nobody changed the Deployment since we read it (for the swap).
-    ResourceVersion,
+    /// Nobody changed the Deployment's spec since we read it (for the
+    /// swap). Not its resourceVersion: the controllers write status and the
+    /// revision annotation at any time, most of all just after a restore,
+    /// and those writes do not touch what the swap records.
+    Generation,
     /// The swap record is still the one we read (for restore and renewal).
     Record,
 }

@@ -1,5 +1,6 @@
 //! What real clusters and laptops do to a session, through the real `tpd`
-//! binary against the sandbox: the agent pod is deleted mid-session (its
+//! binary against the sandbox: other controllers keep writing the
+//! Deployment while it is swapped, the agent pod is deleted mid-session (its
 //! ReplicaSet starts another), the sidecar container is killed, the
 //! developer's container runs out of memory. Each step asserts what a user
 //! would check and prints its figures (the table in RELIABILITY.md).
@@ -8,7 +9,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, Patch, PatchParams};
 
 use tpd_e2e::home::Home;
 use tpd_e2e::images;
@@ -24,20 +30,60 @@ const LOCAL_APP: &str = "mkdir -p /w && echo local-app > /w/index.html && cd /w 
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn a_session_survives_what_clusters_and_laptops_do_to_it() {
-    images::ensure().unwrap();
-    session::require_tpd_images().unwrap();
+    session::prerequisites().unwrap();
     let sb = Sandbox::up().unwrap();
     session::deploy_echo(&sb, "hello").unwrap();
     session::deploy_echo(&sb, "world").unwrap();
     sb.kubectl_ok(&["run", "client", "--image", images::DEBIAN, "--restart=Never", "--", "sleep", "1800"]).unwrap();
     let original = user_owned(session::deployment_json(&sb, NS, "hello").unwrap());
 
+    controllers_keep_writing(&sb, &original);
     agent_pod_replaced(&sb, &original);
     api_server_stalls(&sb, &original);
     laptop_sleeps(&sb, &original);
     laptop_sleeps_while_the_swap_is_repaired(&sb, &original);
     sidecar_killed(&sb, &original);
     out_of_memory(&sb);
+}
+
+/// Controllers keep writing the Deployment while tpd swaps it (the
+/// deployment controller writes status and its revision annotation right
+/// after a rollout; operators add annotations): the swap is made at once,
+/// and what they wrote is kept.
+fn controllers_keep_writing(sb: &Sandbox, original: &serde_json::Value) {
+    const KEY: &str = "example.com/heartbeat";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api: Api<Deployment> = Api::namespaced(rt.block_on(sb.client()).unwrap(), NS);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Bounded: at most 3000 writes and 120 s.
+    let writer = rt.spawn({
+        let (api, stop) = (api.clone(), stop.clone());
+        async move {
+            let started = Instant::now();
+            let mut written = 0u32;
+            while written < 3000 && !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                let beat = serde_json::json!({"metadata": {"annotations": {KEY: written.to_string()}}});
+                api.patch("hello", &PatchParams::default(), &Patch::Merge(&beat)).await.unwrap();
+                written += 1;
+            }
+            written
+        }
+    });
+    let mut cleanup = Cleanup::default();
+    let (child, id) = swap_hello(sb, &mut cleanup, &["sleep", "600"]);
+    cleanup.children.push(child);
+    stop.store(true, Ordering::Relaxed);
+    let written = rt.block_on(writer).unwrap();
+    assert!(written > 0, "the other controller wrote nothing while tpd swapped");
+    let d = session::deployment_json(sb, NS, "hello").unwrap();
+    assert!(swap_record(&d).is_some(), "swapped while another controller wrote {written} times");
+    let last = (written - 1).to_string();
+    assert_eq!(d["metadata"]["annotations"][KEY], last.as_str(), "the other controller's last write is kept");
+    eprintln!("another controller wrote deployment/hello {written} times during the swap: swapped at once");
+
+    sb.kubectl_ok(&["annotate", "deployment/hello", &format!("{KEY}-")]).unwrap();
+    session::interrupt(cleanup.children.pop().unwrap()).unwrap();
+    session::restored(sb, NS, "hello", original, &id).unwrap();
 }
 
 /// `kubectl delete pod` of the agent: the session follows the new pod;

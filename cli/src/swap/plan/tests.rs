@@ -168,7 +168,7 @@ fn patches_carry_exactly_the_planned_change() {
     let original = fixture("shop");
     let swap = plan(&original, None, &params()).unwrap();
     let mut doc = serde_json::to_value(&original).unwrap();
-    let to_swap = patch_between(&original, &swap.deployment, Guard::ResourceVersion);
+    let to_swap = patch_between(&original, &swap.deployment, Guard::Generation);
     json_patch::patch(&mut doc, &to_swap).unwrap();
     assert_eq!(doc, serde_json::to_value(&swap.deployment).unwrap());
 
@@ -182,6 +182,28 @@ fn patches_carry_exactly_the_planned_change() {
     let mut taken = serde_json::to_value(&swap.deployment).unwrap();
     taken["metadata"]["annotations"][names::ANNOTATION_SWAP] = "{\"session\":\"other\"}".into();
     assert!(json_patch::patch(&mut taken, &back).is_err());
+}
+
+#[test]
+fn the_swap_patch_outlasts_status_writes_but_not_a_spec_change() {
+    let mut original = fixture("shop");
+    original.metadata.generation = Some(4);
+    original.metadata.resource_version = Some("100".into());
+    let swap = plan(&original, None, &params()).unwrap();
+    let to_swap = patch_between(&original, &swap.deployment, Guard::Generation);
+
+    // What the deployment controller writes during and after a rollout.
+    let mut written = serde_json::to_value(&original).unwrap();
+    written["metadata"]["resourceVersion"] = "101".into();
+    written["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = "9".into();
+    written["status"] = serde_json::json!({"observedGeneration": 4, "replicas": 2});
+    json_patch::patch(&mut written, &to_swap).expect("status writes do not stop the swap");
+    assert_eq!(written["status"]["replicas"], 2, "the patch leaves status alone");
+
+    // Someone else changed the spec: the swap must not overwrite it.
+    let mut edited = serde_json::to_value(&original).unwrap();
+    edited["metadata"]["generation"] = 5.into();
+    assert!(json_patch::patch(&mut edited, &to_swap).is_err());
 }
 
 #[test]
