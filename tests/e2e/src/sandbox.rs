@@ -14,6 +14,7 @@
 //! ```
 
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -127,6 +128,32 @@ impl Sandbox {
             bail!("kubectl {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl apply -f -` of `manifest` (YAML or JSON); returns what
+    /// kubectl printed.
+    pub fn apply(&self, manifest: &str) -> Result<String> {
+        let mut child = self
+            .kubectl()
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        child.stdin.take().context("kubectl's stdin")?.write_all(manifest.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("kubectl apply failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits, as `kubectl rollout status` does, until every replica of
+    /// `deployment` in `ns` runs its latest template.
+    pub fn rolled_out(&self, ns: &str, deployment: &str) -> Result<()> {
+        let target = format!("deployment/{deployment}");
+        self.kubectl_ok(&["rollout", "status", &target, "-n", ns, "--timeout", "90s"]).map(drop)
     }
 
     /// A kube-rs client from the instance's kubeconfig.

@@ -42,6 +42,15 @@ pub fn require_tpd_images() -> Result<()> {
     Ok(())
 }
 
+/// What every session test needs before it takes the machine's sandbox:
+/// the test images, tpd's images and the `tpd` binary (built here, out of
+/// the test's timings).
+pub fn prerequisites() -> Result<()> {
+    images::ensure()?;
+    require_tpd_images()?;
+    binary().map(drop)
+}
+
 /// A `tpd` command aimed at the sandbox (its kubeconfig, namespace default),
 /// in the sandbox's fresh home.
 pub fn tpd(sb: &Sandbox) -> Result<Command> {
@@ -119,6 +128,16 @@ pub fn wait_deployment(
         }
         crate::interrupt::pause(Duration::from_millis(50))?;
     }
+}
+
+/// Waits until deployment `name` carries a swap record; returns the
+/// Deployment and the id of the session that swapped it.
+pub fn wait_swapped(sb: &Sandbox, ns: &str, name: &str, timeout: Duration) -> Result<(Value, String)> {
+    let (d, _) = wait_deployment(sb, ns, name, timeout, |d| swap_record(d).is_some())?;
+    let id = swap_record(&d)
+        .and_then(|r| r["session"].as_str().map(str::to_owned))
+        .context("the swap record names its session")?;
+    Ok((d, id))
 }
 
 /// Local containers of a tpd session (any state).
@@ -277,6 +296,15 @@ pub fn interrupt(mut child: Child) -> Result<String> {
         bail!("tpd did not end by itself after Ctrl-C ({status}):\n{said}");
     }
     Ok(said)
+}
+
+/// Waits until `child` exits and returns its output; kills it and fails
+/// with what it said after `timeout`.
+pub fn output_within(mut child: Child, timeout: Duration) -> Result<Output> {
+    if let Err(e) = wait_exit(&mut child, timeout) {
+        bail!("{e:#}:\n{}", stderr_of(&mut child));
+    }
+    child.wait_with_output().context("reading tpd's output")
 }
 
 /// Waits until deployment `name` is as `original` again (swap restored) and

@@ -469,13 +469,12 @@ fn remove_session_objects(id: &str) {
 fn examples_run_on_the_sandbox_through_the_tunnel() -> Result<()> {
     use tpd_e2e::sandbox::Sandbox;
     use tpd_e2e::session::{self as s, swap_record, user_owned, wait_deployment};
-    images::ensure()?;
-    s::require_tpd_images()?;
+    s::prerequisites()?;
     let sb = Sandbox::up()?;
     let sessions = RealSessions { home: Home::new()? };
     sb.kubectl_ok(&["apply", "-f", &examples().join("k8s").to_string_lossy()])?;
     for d in ["quotes", "api"] {
-        sb.kubectl_ok(&["rollout", "status", &format!("deployment/{d}"), "--timeout", "60s"])?;
+        sb.rolled_out("default", d)?;
     }
     let original = user_owned(s::deployment_json(&sb, "default", "api")?);
 

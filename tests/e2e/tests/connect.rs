@@ -165,8 +165,7 @@ fn mode(path: &Path) -> u32 {
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn connect_and_quit_on_the_sandbox() {
-    images::ensure().unwrap();
-    session::require_tpd_images().unwrap();
+    session::prerequisites().unwrap();
     let sb = Sandbox::up().unwrap();
     let s = Sessions { home: Home::new().unwrap() };
     for name in ["hello", "world"] {
@@ -174,7 +173,7 @@ fn connect_and_quit_on_the_sandbox() {
         sb.kubectl_ok(&["expose", "deployment", name, "--port", "80", "--target-port", "8080"]).unwrap();
     }
     for name in ["hello", "world"] {
-        sb.kubectl_ok(&["rollout", "status", &format!("deployment/{name}"), "--timeout", "60s"]).unwrap();
+        sb.rolled_out("default", name).unwrap();
     }
     let original = user_owned(session::deployment_json(&sb, NS, "hello").unwrap());
 

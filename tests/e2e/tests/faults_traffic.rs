@@ -31,8 +31,7 @@ const DOWNLOAD: &str =
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn a_sessions_traffic_survives_dropped_port_forwards_and_load() {
-    images::ensure().unwrap();
-    session::require_tpd_images().unwrap();
+    session::prerequisites().unwrap();
     let sb = Sandbox::up().unwrap();
     session::deploy_echo(&sb, "hello").unwrap();
     session::deploy_echo(&sb, "world").unwrap();

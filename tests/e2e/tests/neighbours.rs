@@ -25,11 +25,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-
 use tpd_e2e::images;
 use tpd_e2e::sandbox::Sandbox;
-use tpd_e2e::session::{self, Cleanup, docker_exec, in_pod, swap_record, tpd_spawn, user_owned, wait_deployment};
+use tpd_e2e::session::{self, Cleanup, docker_exec, in_pod, tpd_spawn, user_owned};
 
 const NS: &str = "default";
 const NAME: &str = "nb";
@@ -150,16 +148,11 @@ fn sidecar_stdout(session: &str) -> String {
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn the_pods_other_containers_are_on_localhost() -> anyhow::Result<()> {
-    images::ensure()?;
-    session::require_tpd_images()?;
-    session::binary()?;
+    session::prerequisites()?;
     let sb = Sandbox::up()?;
     let mut cleanup = Cleanup::default();
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("nb.yaml");
-    std::fs::write(&file, manifest())?;
-    sb.kubectl_ok(&["apply", "-f", &file.to_string_lossy()])?;
-    sb.kubectl_ok(&["rollout", "status", &format!("deployment/{NAME}"), "--timeout", "90s"])?;
+    sb.apply(&manifest())?;
+    sb.rolled_out(NS, NAME)?;
     let original = user_owned(session::deployment_json(&sb, NS, NAME)?);
 
     let dev = format!("tpd-e2e-{NAME}-{}", std::process::id());
@@ -167,8 +160,7 @@ fn the_pods_other_containers_are_on_localhost() -> anyhow::Result<()> {
     let started = Instant::now();
     let args = ["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &target, "--pod-port", "7002"];
     let mut child = tpd_spawn(&sb, &[&args[..], &["--", "python3", "-c", LOCAL_APP]].concat())?;
-    let (d, _) = wait_deployment(&sb, NS, NAME, Duration::from_secs(60), |d| swap_record(d).is_some())?;
-    let id = swap_record(&d).and_then(|r| r["session"].as_str().map(str::to_owned)).context("the record's session")?;
+    let (_, id) = session::wait_swapped(&sb, NS, NAME, Duration::from_secs(60))?;
     cleanup.sessions.push(id.clone());
     while !docker_exec(&dev, "true").0 {
         if started.elapsed() > Duration::from_secs(120) || child.try_wait()?.is_some() {

@@ -97,10 +97,7 @@ fn ready_addresses(sb: &Sandbox) -> BTreeSet<String> {
 fn a_headless_service_of_40_pods_is_truncated_over_udp_and_whole_over_tcp() -> anyhow::Result<()> {
     images::ensure()?;
     let sb = Sandbox::up()?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("big.yaml");
-    std::fs::write(&file, manifests())?;
-    sb.kubectl_ok(&["apply", "-f", &file.to_string_lossy()])?;
+    sb.apply(&manifests())?;
 
     let started = Instant::now();
     let addresses = loop {

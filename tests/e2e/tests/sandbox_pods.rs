@@ -11,7 +11,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tpd_e2e::images;
@@ -20,20 +20,6 @@ use tpd_e2e::sandbox::Sandbox;
 /// Runs kubectl, asserting success; returns stdout.
 fn ok(sb: &Sandbox, args: &[&str]) -> String {
     sb.kubectl_ok(args).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-fn apply(sb: &Sandbox, manifest: &str) {
-    let mut child = sb
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    child.stdin.take().expect("stdin").write_all(manifest.as_bytes()).expect("manifest written");
-    let out = child.wait_with_output().expect("kubectl finishes");
-    assert!(out.status.success(), "kubectl apply failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Polls kubectl (a `get -o jsonpath` usually) until `pred` holds.
@@ -162,7 +148,7 @@ fn pods_services_dns_and_teardown() {
         |s| s == "True",
     );
 
-    apply(&sb, APP);
+    sb.apply(APP).unwrap();
     ok(&sb, &["-n", "snode", "rollout", "status", "deployment/hello", "--timeout=90s"]);
 
     env_volumes_and_init(&sb);

@@ -66,13 +66,12 @@ fn restored(sb: &Sandbox, original: &Value, timeout: Duration) -> Duration {
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn swap_lifecycle_on_the_sandbox() {
-    images::ensure().unwrap();
-    session::require_tpd_images().unwrap();
+    session::prerequisites().unwrap();
     let sb = Sandbox::up().unwrap();
     let mut cleanup = Cleanup::default();
     sb.kubectl_ok(&["create", "deployment", "hello", "--image", images::ECHO, "--port", "8080"]).unwrap();
     sb.kubectl_ok(&["expose", "deployment", "hello", "--port", "80", "--target-port", "8080"]).unwrap();
-    sb.kubectl_ok(&["rollout", "status", "deployment/hello", "--timeout", "60s"]).unwrap();
+    sb.rolled_out("default", "hello").unwrap();
     let original = user_owned(session::deployment_json(&sb, NS, "hello").unwrap());
 
     // Bad input: a clear message, non-zero exit, nothing changed.
@@ -178,7 +177,7 @@ fn swap_lifecycle_on_the_sandbox() {
     // its short and full names; after Ctrl-C the echo answers again.
     sb.kubectl_ok(&["create", "deployment", "world", "--image", images::ECHO, "--port", "8080"]).unwrap();
     sb.kubectl_ok(&["expose", "deployment", "world", "--port", "80", "--target-port", "8080"]).unwrap();
-    sb.kubectl_ok(&["rollout", "status", "deployment/world", "--timeout", "60s"]).unwrap();
+    sb.rolled_out("default", "world").unwrap();
     let dev = format!("tpd-e2e-walk-{}", std::process::id());
     let serve = "mkdir -p /srv && echo served-locally > /srv/index.html && exec busybox httpd -f -p 9000 -h /srv";
     let started = Instant::now();
@@ -228,7 +227,7 @@ fn swap_lifecycle_on_the_sandbox() {
     );
     std::process::Command::new("kill").args(["-INT", &walk_pid.to_string()]).status().unwrap();
     restored(&sb, &original, Duration::from_secs(15));
-    sb.kubectl_ok(&["rollout", "status", "deployment/hello", "--timeout", "60s"]).unwrap();
+    sb.rolled_out("default", "hello").unwrap();
     let (_, answer) =
         session::run_pod(&sb, "client2", images::DEBIAN, &["curl", "-s", "-m", "10", "http://hello"]).unwrap();
     assert!(answer.starts_with("hello from hello-"), "the echo answers again: {answer:?}");

@@ -205,19 +205,15 @@ fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn the_agent_runs_as_the_container_it_replaces() -> anyhow::Result<()> {
-    images::ensure()?;
-    session::require_tpd_images()?;
-    session::binary()?;
+    session::prerequisites()?;
     let host = tempfile::tempdir()?;
     // The node creates it (DirectoryOrCreate): root-owned, 0755.
     let host_dir = host.path().join("hostpath");
     let sb = Sandbox::up()?;
     let mut cleanup = Cleanup::default();
-    let file = host.path().join("ident.yaml");
-    std::fs::write(&file, manifests(&host_dir.to_string_lossy()))?;
-    sb.kubectl_ok(&["apply", "-f", &file.to_string_lossy()])?;
+    sb.apply(&manifests(&host_dir.to_string_lossy()))?;
     for d in [ROOT, USER] {
-        sb.kubectl_ok(&["rollout", "status", &format!("deployment/{d}"), "--timeout", "90s"])?;
+        sb.rolled_out(NS, d)?;
     }
 
     // Root: an emptyDir the init container filled, and a hostPath.

@@ -18,12 +18,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use serde_json::Value;
 
 use tpd_e2e::images;
 use tpd_e2e::sandbox::Sandbox;
-use tpd_e2e::session::{self, Cleanup, docker_exec, swap_record, tpd_spawn, user_owned, wait_deployment};
+use tpd_e2e::session::{self, Cleanup, docker_exec, tpd_spawn, user_owned, wait_deployment};
 use tpd_wire::names;
 
 const NS: &str = "psa";
@@ -177,16 +176,11 @@ fn curl_from_cluster(sb: &Sandbox, pod: &str, url: &str) -> anyhow::Result<Strin
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn a_restricted_deployment_is_swapped_and_restored() -> anyhow::Result<()> {
-    images::ensure()?;
-    session::require_tpd_images()?;
-    session::binary()?;
+    session::prerequisites()?;
     let sb = Sandbox::up()?;
     let mut cleanup = Cleanup::default();
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("psa.yaml");
-    std::fs::write(&file, manifests())?;
-    sb.kubectl_ok(&["apply", "-f", &file.to_string_lossy()])?;
-    sb.kubectl_ok(&["rollout", "status", &format!("deployment/{APP}"), "-n", NS, "--timeout", "90s"])?;
+    sb.apply(&manifests())?;
+    sb.rolled_out(NS, APP)?;
     refusals(&sb)?;
 
     let original = user_owned(session::deployment_json(&sb, NS, APP)?);
@@ -198,8 +192,7 @@ fn a_restricted_deployment_is_swapped_and_restored() -> anyhow::Result<()> {
         &sb,
         &["run", "-n", NS, "--image", images::DEBIAN, "--name", &dev, "--swap", &target, "--", "sh", "-c", serve],
     )?;
-    let (d, _) = wait_deployment(&sb, NS, APP, Duration::from_secs(60), |d| swap_record(d).is_some())?;
-    let id = swap_record(&d).and_then(|r| r["session"].as_str().map(str::to_owned)).context("the record's session")?;
+    let (_, id) = session::wait_swapped(&sb, NS, APP, Duration::from_secs(60))?;
     cleanup.sessions.push(id.clone());
     // tpd starts the developer's container only once the agent answers.
     while !docker_exec(&dev, "true").0 {
@@ -241,7 +234,7 @@ fn a_restricted_deployment_is_swapped_and_restored() -> anyhow::Result<()> {
 
     let said = session::interrupt(child)?;
     session::restored(&sb, NS, APP, &original, &id).map_err(|e| e.context(format!("tpd said:\n{said}")))?;
-    sb.kubectl_ok(&["rollout", "status", &format!("deployment/{APP}"), "-n", NS, "--timeout", "90s"])?;
+    sb.rolled_out(NS, APP)?;
     assert!(!pods_of(&sb, &format!("app={APP}")).is_empty(), "the app's own pods run again");
     drop(cleanup);
     Ok(())
@@ -255,9 +248,7 @@ fn a_restricted_deployment_is_swapped_and_restored() -> anyhow::Result<()> {
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn a_swap_the_namespace_refuses_is_said_at_once_and_undone() -> anyhow::Result<()> {
-    images::ensure()?;
-    session::require_tpd_images()?;
-    session::binary()?;
+    session::prerequisites()?;
     let sb = Sandbox::up()?;
     let mut cleanup = Cleanup::default();
     sb.kubectl_ok(&["create", "namespace", "late"])?;
@@ -273,14 +264,13 @@ fn a_swap_the_namespace_refuses_is_said_at_once_and_undone() -> anyhow::Result<(
         "sleep",
         "3600",
     ])?;
-    sb.kubectl_ok(&["rollout", "status", "deployment/rooted", "-n", "late", "--timeout", "90s"])?;
+    sb.rolled_out("late", "rooted")?;
     sb.kubectl_ok(&["label", "namespace", "late", "pod-security.kubernetes.io/enforce=restricted"])?;
     let original = user_owned(session::deployment_json(&sb, "late", "rooted")?);
 
     let args = ["run", "-n", "late", "--image", images::DEBIAN, "--swap", "deployment/rooted", "--", "sleep", "60"];
     let mut child = tpd_spawn(&sb, &args)?;
-    let (d, _) = wait_deployment(&sb, "late", "rooted", Duration::from_secs(60), |d| swap_record(d).is_some())?;
-    let id = swap_record(&d).and_then(|r| r["session"].as_str().map(str::to_owned)).context("the record's session")?;
+    let (_, id) = session::wait_swapped(&sb, "late", "rooted", Duration::from_secs(60))?;
     cleanup.sessions.push(id.clone());
     let started = Instant::now();
     // Well inside the default --ready-timeout of 120 s.

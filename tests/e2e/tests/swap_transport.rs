@@ -124,8 +124,7 @@ fn docker_out(args: &[&str]) -> String {
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn transports_and_how_the_developers_container_ends_a_session() {
-    images::ensure().unwrap();
-    session::require_tpd_images().unwrap();
+    session::prerequisites().unwrap();
     let sb = Sandbox::up().unwrap();
     let mut cleanup = Cleanup::default();
     session::deploy_echo(&sb, "hello").unwrap();
@@ -184,7 +183,7 @@ fn transports_and_how_the_developers_container_ends_a_session() {
     assert_eq!(code.code(), Some(130), "tpd after Ctrl-C; it said:\n{}", log(&udp_log));
     assert!(log(&udp_log).contains("transport: udp"), "tpd says which transport it uses:\n{}", log(&udp_log));
     all_gone(&sb, &original, &id, Duration::from_secs(15));
-    sb.kubectl_ok(&["rollout", "status", "deployment/hello", "--timeout", "60s"]).unwrap();
+    sb.rolled_out("default", "hello").unwrap();
 
     // Every other exit path deletes the NodePort Service too: the guardian
     // after `kill -9` of tpd (within 10 s) ...
@@ -192,7 +191,7 @@ fn transports_and_how_the_developers_container_ends_a_session() {
     let (pid, id) = udp_session(&sb, &mut cleanup, &kill9_log);
     Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
     all_gone(&sb, &original, &id, Duration::from_secs(10));
-    sb.kubectl_ok(&["rollout", "status", "deployment/hello", "--timeout", "60s"]).unwrap();
+    sb.rolled_out("default", "hello").unwrap();
     // ... `tpd restore` by hand (at once; the session then ends by itself) ...
     let restore_log = tempfile::NamedTempFile::new().unwrap();
     let (pid, id) = udp_session(&sb, &mut cleanup, &restore_log);
@@ -205,7 +204,7 @@ fn transports_and_how_the_developers_container_ends_a_session() {
     );
     session::wait_exit(child(&mut cleanup, pid), Duration::from_secs(30)).unwrap();
     all_gone(&sb, &original, &id, Duration::from_secs(15));
-    sb.kubectl_ok(&["rollout", "status", "deployment/hello", "--timeout", "60s"]).unwrap();
+    sb.rolled_out("default", "hello").unwrap();
     // ... and the repair of a lease that expired (tpd and its guardian both
     // gone, as when a laptop vanishes), which the next tpd command runs.
     let vanish_log = tempfile::NamedTempFile::new().unwrap();
@@ -230,7 +229,7 @@ fn transports_and_how_the_developers_container_ends_a_session() {
     );
     let (d, _) = wait_deployment(&sb, NS, "hello", Duration::from_secs(5), |d| swap_record(d).is_none()).unwrap();
     assert_eq!(user_owned(d), original);
-    sb.kubectl_ok(&["rollout", "status", "deployment/hello", "--timeout", "60s"]).unwrap();
+    sb.rolled_out("default", "hello").unwrap();
 
     // --transport auto picks udp here; tpd exits with the command's exit
     // code, which is 7 only if the cluster answered through the tunnel.
@@ -260,7 +259,7 @@ fn transports_and_how_the_developers_container_ends_a_session() {
     assert_eq!(user_owned(d), original);
     let leftover = sb.kubectl_ok(&["get", "services", "-l", "app.kubernetes.io/managed-by=tpd", "-o", "name"]).unwrap();
     assert_eq!(leftover.trim(), "", "no tpd Service is left after the session");
-    sb.kubectl_ok(&["rollout", "status", "deployment/hello", "--timeout", "60s"]).unwrap();
+    sb.rolled_out("default", "hello").unwrap();
 
     // The developer's container is killed mid-session: the session ends,
     // says why, exits with the container's code and restores.
@@ -366,8 +365,7 @@ fn agent_pod_ip(sb: &Sandbox, session: &str, log: &tempfile::NamedTempFile) -> S
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn a_pod_cannot_take_a_swapped_pods_session() {
-    images::ensure().unwrap();
-    session::require_tpd_images().unwrap();
+    session::prerequisites().unwrap();
     let sb = Sandbox::up().unwrap();
     let mut cleanup = Cleanup::default();
     session::deploy_echo(&sb, "hello").unwrap();

@@ -163,17 +163,11 @@ fn docker_ids(args: &[&str], session: &str) -> Vec<String> {
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
-    images::ensure()?;
-    session::require_tpd_images()?;
-    // Build tpd before taking the machine's sandbox, and out of the timings.
-    session::binary()?;
+    session::prerequisites()?;
     let sb = Sandbox::up()?;
     let mut cleanup = Cleanup::default();
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("vols.yaml");
-    std::fs::write(&file, manifests())?;
-    sb.kubectl_ok(&["apply", "-f", &file.to_string_lossy()])?;
-    sb.kubectl_ok(&["rollout", "status", &format!("deployment/{DEPLOYMENT}"), "--timeout", "90s"])?;
+    sb.apply(&manifests())?;
+    sb.rolled_out(NS, DEPLOYMENT)?;
     let original = user_owned(session::deployment_json(&sb, NS, DEPLOYMENT)?);
 
     let dev = format!("tpd-e2e-vols-{}", std::process::id());
@@ -184,10 +178,7 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
         &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &swap, "--", "sh", "-c", &script()],
     )?;
     cleanup.children.push(child);
-    let (d, _) = wait_deployment(&sb, NS, DEPLOYMENT, Duration::from_secs(60), |d| swap_record(d).is_some())?;
-    let session_id = swap_record(&d)
-        .and_then(|r| r["session"].as_str().map(str::to_owned))
-        .context("the swap record names its session")?;
+    let (_, session_id) = session::wait_swapped(&sb, NS, DEPLOYMENT, Duration::from_secs(60))?;
     cleanup.sessions.push(session_id.clone());
     while !docker_exec(&dev, "true").0 {
         assert!(started.elapsed() < Duration::from_secs(90), "the developer's container never started");
@@ -243,7 +234,7 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     // The command ends; tpd passes its exit code on and cleans up.
     local(&dev, &format!("touch {DONE}"));
     let child = cleanup.children.pop().context("the tpd process")?;
-    let out = wait_with_deadline(child, Duration::from_secs(90));
+    let out = session::output_within(child, Duration::from_secs(90))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(
@@ -313,10 +304,7 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     let child =
         tpd_spawn(&sb, &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &swap, "--", "sleep", "600"])?;
     cleanup.children.push(child);
-    let (d, _) = wait_deployment(&sb, NS, DEPLOYMENT, Duration::from_secs(60), |d| swap_record(d).is_some())?;
-    let session_id = swap_record(&d)
-        .and_then(|r| r["session"].as_str().map(str::to_owned))
-        .context("the swap record names its session")?;
+    let (_, session_id) = session::wait_swapped(&sb, NS, DEPLOYMENT, Duration::from_secs(60))?;
     cleanup.sessions.push(session_id.clone());
     let started = Instant::now();
     while !docker_exec(&dev, "cat /work/from-init").0 {
@@ -379,21 +367,4 @@ fn parse_env(stdout: &str) -> BTreeMap<String, String> {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
-}
-
-/// Waits for tpd to exit; kills it (and fails) after `deadline`.
-fn wait_with_deadline(mut child: std::process::Child, deadline: Duration) -> std::process::Output {
-    let started = Instant::now();
-    while child.try_wait().expect("tpd's status").is_none() {
-        if started.elapsed() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("tpd's output");
-            panic!(
-                "tpd did not exit within {deadline:?} after the command ended:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.wait_with_output().expect("tpd's output")
 }

@@ -65,8 +65,7 @@ fn quoted(word: &str) -> String {
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn an_interactive_shell_ends_the_session_when_it_exits() {
-    images::ensure().unwrap();
-    session::require_tpd_images().unwrap();
+    session::prerequisites().unwrap();
     let sb = Sandbox::up().unwrap();
     session::deploy_echo(&sb, "hello").unwrap();
 
