@@ -21,6 +21,9 @@ pub const LABEL_INSTANCE: &str = "dev.tpd.sandbox";
 pub const NETWORK_SUBNET: &str = "10.96.0.0/12";
 /// The bridge's own address, kept out of the service and pod ranges.
 pub const NETWORK_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 111, 255, 254);
+/// The API server's secure port on [`NETWORK_GATEWAY`]: the `kubernetes`
+/// Service's endpoint, as kube-apiserver's 6443.
+pub const API_SECURE_PORT: u16 = 6443;
 /// ClusterIPs are allocated from here (the ServiceCIDR object reports it).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// Pod addresses: the node's `spec.podCIDR` and the network's `--ip-range`.

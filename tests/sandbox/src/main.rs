@@ -135,28 +135,44 @@ async fn serve(inst: Instance) -> Result<()> {
 
     let listener = api::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.context("binding the API port")?;
     let port = listener.local_addr()?.port();
+    let ca = api::tls::ClusterCa::new(&[
+        layout::KUBERNETES_SERVICE_IP.into(),
+        layout::NETWORK_GATEWAY.into(),
+        std::net::Ipv4Addr::LOCALHOST.into(),
+    ])?;
     let registry = Arc::new(api::registry::Registry::new(Arc::new(store::Store::new())));
-    controllers::bootstrap::run(&registry, port);
+    controllers::bootstrap::run(&registry, layout::API_SECURE_PORT);
     let app = Arc::new(api::App {
         registry: registry.clone(),
         node: OnceLock::new(),
         address: format!("127.0.0.1:{port}"),
         cut_streams: tokio::sync::watch::Sender::new(0),
+        tokens: Arc::default(),
     });
     cut_streams_on_sigusr1(app.cut_streams.clone())?;
     let server = tokio::spawn(api::serve(listener, app.clone(), shutdown.clone()));
-    let controllers = controllers::spawn(registry, shutdown.clone());
+    let controllers = controllers::spawn(registry, ca.ca_pem.clone(), shutdown.clone());
     tracing::info!(port, "API server listening");
 
     // `up` returns once the port file exists: only write it when pods can
     // run, so a broken node is an error at `up`, not a hang in the first rollout.
     let client = kube_client(port)?;
+    let mut secure_server = None;
     let node_cfg = kubelet::NodeConfig { instance: inst.name.clone(), state_dir: inst.dir.clone() };
     let started = match kubelet::start(node_cfg, client, shutdown.clone()).await {
         Ok(node) => {
             let _ = app.node.set(node);
             tracing::info!("sandbox node started");
-            inst.write_ready(port)
+            match serve_secure_port(&ca, app.clone(), shutdown.clone()).await {
+                Ok(handle) => {
+                    secure_server = Some(handle);
+                    inst.write_ready(port)
+                }
+                Err(e) => {
+                    shutdown.cancel();
+                    Err(e)
+                }
+            }
         }
         Err(e) => {
             tracing::error!("the sandbox node did not start, pods cannot run: {e:#}");
@@ -170,9 +186,25 @@ async fn serve(inst: Instance) -> Result<()> {
     }
     // Open watches would hold a graceful shutdown for their whole timeout: cap it.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    if let Some(secure) = secure_server {
+        let _ = tokio::time::timeout(Duration::from_secs(2), secure).await;
+    }
     let _ = controllers.await;
     inst.clear_ready();
     started
+}
+
+/// Serves the secure port (the `kubernetes` Service's endpoint) on the node
+/// network's gateway, which exists once the node has made the network.
+async fn serve_secure_port(
+    ca: &api::tls::ClusterCa,
+    app: Arc<api::App>,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let secure = SocketAddr::from((layout::NETWORK_GATEWAY, layout::API_SECURE_PORT));
+    let tcp = api::bind(secure).await.with_context(|| format!("binding the API server's secure port {secure}"))?;
+    tracing::info!(%secure, "secure port listening");
+    Ok(tokio::spawn(api::serve_secure(ca.listener(tcp), app, shutdown)))
 }
 
 /// The kube-rs client the node uses to talk to this server.

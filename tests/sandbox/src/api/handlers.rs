@@ -213,6 +213,29 @@ pub fn scale(
     Ok(json_response(StatusCode::OK, &scale_of(&updated)))
 }
 
+/// TokenRequest (`POST serviceaccounts/NAME/token`, as a kubelet asks for
+/// a pod's token): a new token for the service account, which the secure
+/// port accepts from then on.
+fn token_request(app: &App, t: &Target, body: &[u8]) -> ApiResult<Response> {
+    let (ns, account) = (namespace(t)?, name(t));
+    app.registry.get(t.res, ns, account)?;
+    let req = parse_body(body)?;
+    let seconds = req.pointer("/spec/expirationSeconds").and_then(Value::as_i64).unwrap_or(3600);
+    let expires = k8s_openapi::jiff::Timestamp::now()
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(seconds))
+        .map_err(|e| ApiError::bad_request(format!("spec.expirationSeconds: {e}")))?;
+    let token = app.tokens.issue(ns, account);
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({
+            "kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"name": account, "namespace": ns, "creationTimestamp": null},
+            "spec": req.get("spec").cloned().unwrap_or_else(|| json!({})),
+            "status": {"token": token, "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()},
+        }),
+    ))
+}
+
 /// Dispatches a request on a resource path by verb and subresource.
 pub async fn object(
     app: &App,
@@ -240,6 +263,7 @@ pub async fn object(
         (&Method::POST, false, _) => create(app, &t, &q, &body),
         (&Method::DELETE, false, _) => delete_collection(app, &t, &q, &body),
         (_, true, Some("scale")) => scale(app, &t, &method, &q, &headers, &body),
+        (&Method::POST, true, Some("token")) => token_request(app, &t, &body),
         (&Method::GET, true, None | Some("status")) => get(app, &t, &headers),
         (&Method::PUT, true, None | Some("status")) => update(app, &t, &q, &body),
         (&Method::PATCH, true, None | Some("status")) => patch(app, &t, &q, &headers, &body),

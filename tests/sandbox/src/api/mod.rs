@@ -14,6 +14,7 @@ pub mod selectors;
 pub mod status;
 mod stream;
 mod table;
+pub mod tls;
 mod watch;
 
 use std::net::SocketAddr;
@@ -44,6 +45,8 @@ pub struct App {
     /// real API server or load balancer drops a long-lived connection; each
     /// stream watches it from its start.
     pub cut_streams: tokio::sync::watch::Sender<u64>,
+    /// The service-account tokens issued, which the secure port accepts.
+    pub tokens: Arc<tls::Tokens>,
 }
 
 impl std::fmt::Debug for App {
@@ -141,4 +144,16 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationT
         let _ = tcp.set_nodelay(true);
     });
     axum::serve(listener, router(app)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+/// Serves the secure port (pods' in-cluster clients) until `shutdown`
+/// fires: the same API, for the tokens the server issued only.
+pub async fn serve_secure(
+    listener: tls::TlsListener,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let authenticated =
+        router(app.clone()).layer(axum::middleware::from_fn_with_state(app.tokens.clone(), tls::authenticate));
+    axum::serve(listener, authenticated).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }

@@ -85,7 +85,17 @@ pub static RESOURCES: &[Resource] = &[
     res!("", "configmaps", "configmap", "ConfigMap", true, &["cm"], &[], &[], core::ConfigMap),
     res!("", "secrets", "secret", "Secret", true, &[], &[], &[], core::Secret),
     res!("", "nodes", "node", "Node", false, &["no"], &[], &["status"], core::Node),
-    res!("", "serviceaccounts", "serviceaccount", "ServiceAccount", true, &["sa"], &[], &[], core::ServiceAccount),
+    res!(
+        "",
+        "serviceaccounts",
+        "serviceaccount",
+        "ServiceAccount",
+        true,
+        &["sa"],
+        &[],
+        &["token"],
+        core::ServiceAccount
+    ),
     res!("", "events", "event", "Event", true, &["ev"], &[], &[], core::Event),
     res!(
         "apps",

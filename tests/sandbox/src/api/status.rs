@@ -127,6 +127,12 @@ impl ApiError {
         .about(group, plural, name)
     }
 
+    /// 401 on the secure port without a token the server knows, as
+    /// kube-apiserver answers it.
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
+    }
+
     /// 422 for a JSON patch whose operations do not apply (a failed `test`
     /// op, a missing path), as kube-apiserver answers it.
     pub fn patch_not_applicable(message: impl Into<String>) -> Self {

@@ -1,7 +1,8 @@
 //! The objects every cluster starts with: the system namespaces, the
 //! `kubernetes` Service and its Endpoints, and the ServiceCIDR that tells
 //! clients the service range; plus the `default` ServiceAccount of every
-//! namespace (the serviceaccount controller's job).
+//! namespace (the serviceaccount controller's job) and its
+//! `kube-root-ca.crt` ConfigMap (the root-ca-cert-publisher's).
 
 use serde_json::{Value, json};
 
@@ -24,8 +25,8 @@ fn ensure(reg: &Registry, kind: &str, ns: &str, obj: Value) {
     }
 }
 
-/// Creates what is missing. `api_port` is the API server's port (the
-/// `kubernetes` Service's target).
+/// Creates what is missing. `api_port` is the API server's secure port
+/// (the `kubernetes` Service's target).
 pub fn run(reg: &Registry, api_port: u16) {
     for ns in NAMESPACES {
         ensure(reg, "Namespace", "", json!({"metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}}}));
@@ -71,6 +72,19 @@ fn mark_service_cidr_ready(reg: &Registry) {
     let now = super::objects::now_rfc3339();
     cidr["status"] = json!({"conditions": [{"type": "Ready", "status": "True", "reason": "", "message": "", "lastTransitionTime": now}]});
     let _ = reg.update(res, "", "kubernetes", cidr, true, FieldValidation::Ignore);
+}
+
+/// Every namespace gets the cluster CA as `kube-root-ca.crt`, which the
+/// node puts in each pod's service-account volume as `ca.crt`.
+pub fn root_ca_config_maps(reg: &Registry, ca_pem: &str) {
+    for ns in reg.list(by_kind("Namespace"), None).0 {
+        ensure(
+            reg,
+            "ConfigMap",
+            name(&ns),
+            json!({"metadata": {"name": "kube-root-ca.crt"}, "data": {"ca.crt": ca_pem}}),
+        );
+    }
 }
 
 /// Every namespace gets a `default` ServiceAccount.

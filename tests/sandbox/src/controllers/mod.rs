@@ -20,17 +20,18 @@ use crate::api::registry::Registry;
 const RESYNC: Duration = Duration::from_secs(1);
 
 /// The resources whose changes can make a controller act.
-const WATCHED: &[&str] = &["namespaces", "pods", "services", "deployments.apps", "replicasets.apps"];
+const WATCHED: &[&str] = &["namespaces", "configmaps", "pods", "services", "deployments.apps", "replicasets.apps"];
 
-fn reconcile_all(reg: &Registry) {
+fn reconcile_all(reg: &Registry, ca_pem: &str) {
     bootstrap::default_service_accounts(reg);
+    bootstrap::root_ca_config_maps(reg, ca_pem);
     deployment::reconcile(reg);
     replicaset::reconcile(reg);
     endpoints::reconcile(reg);
 }
 
 /// Spawns the controller loop; it stops with `shutdown`.
-pub fn spawn(reg: Arc<Registry>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+pub fn spawn(reg: Arc<Registry>, ca_pem: String, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut events = match reg.store.subscribe(None) {
             Ok(sub) => sub.live,
@@ -52,7 +53,7 @@ pub fn spawn(reg: Arc<Registry>, shutdown: CancellationToken) -> tokio::task::Jo
             }
             // Everything queued meanwhile is covered by this pass.
             while let Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) = events.try_recv() {}
-            reconcile_all(&reg);
+            reconcile_all(&reg, &ca_pem);
         }
     })
 }

@@ -18,6 +18,7 @@ pub const ROOTS: &[(&str, &str, &str)] = &[
     ("v1", "ServiceAccount", "api.core.v1.ServiceAccount"),
     ("v1", "Endpoints", "api.core.v1.Endpoints"),
     ("authorization.k8s.io/v1", "SelfSubjectAccessReview", "api.authorization.v1.SelfSubjectAccessReview"),
+    ("authentication.k8s.io/v1", "TokenRequest", "api.authentication.v1.TokenRequest"),
 ];
 
 #[rustfmt::skip]
@@ -32,6 +33,10 @@ pub const MESSAGES: &[(&str, &[F])] = &[
     ("api.apps.v1.ReplicaSetSpec", &[F(1, "replicas", T::Int, false), F(4, "minReadySeconds", T::Int, false), F(2, "selector", T::Msg("apimachinery.pkg.apis.meta.v1.LabelSelector"), false), F(3, "template", T::Msg("api.core.v1.PodTemplateSpec"), false)]),
     ("api.apps.v1.ReplicaSetStatus", &[F(1, "replicas", T::Int, false), F(2, "fullyLabeledReplicas", T::Int, false), F(4, "readyReplicas", T::Int, false), F(5, "availableReplicas", T::Int, false), F(7, "terminatingReplicas", T::Int, false), F(3, "observedGeneration", T::Int, false), F(6, "conditions", T::Msg("api.apps.v1.ReplicaSetCondition"), true)]),
     ("api.apps.v1.RollingUpdateDeployment", &[F(1, "maxUnavailable", T::IntOrString, false), F(2, "maxSurge", T::IntOrString, false)]),
+    ("api.authentication.v1.BoundObjectReference", &[F(1, "kind", T::Str, false), F(2, "apiVersion", T::Str, false), F(3, "name", T::Str, false), F(4, "uid", T::Str, false)]),
+    ("api.authentication.v1.TokenRequest", &[F(1, "metadata", T::Msg("apimachinery.pkg.apis.meta.v1.ObjectMeta"), false), F(2, "spec", T::Msg("api.authentication.v1.TokenRequestSpec"), false), F(3, "status", T::Msg("api.authentication.v1.TokenRequestStatus"), false)]),
+    ("api.authentication.v1.TokenRequestSpec", &[F(1, "audiences", T::Str, true), F(4, "expirationSeconds", T::Int, false), F(3, "boundObjectRef", T::Msg("api.authentication.v1.BoundObjectReference"), false)]),
+    ("api.authentication.v1.TokenRequestStatus", &[F(1, "token", T::Str, false), F(2, "expirationTimestamp", T::Time, false)]),
     ("api.authorization.v1.FieldSelectorAttributes", &[F(1, "rawSelector", T::Str, false), F(2, "requirements", T::Msg("apimachinery.pkg.apis.meta.v1.FieldSelectorRequirement"), true)]),
     ("api.authorization.v1.LabelSelectorAttributes", &[F(1, "rawSelector", T::Str, false), F(2, "requirements", T::Msg("apimachinery.pkg.apis.meta.v1.LabelSelectorRequirement"), true)]),
     ("api.authorization.v1.NonResourceAttributes", &[F(1, "path", T::Str, false), F(2, "verb", T::Str, false)]),
