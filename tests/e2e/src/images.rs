@@ -5,7 +5,8 @@
 //! - `tpd-test/busybox`: FROM scratch + static busybox (sh, wget, nslookup, nc…).
 //! - `tpd-test/echo`: busybox + `tpd-echo` as the default command.
 //! - `tpd-test/debian`: Debian minbase from the host's apt sources via
-//!   mmdebstrap, with python3 (full stdlib), curl, iproute2 and busybox.
+//!   mmdebstrap, with python3 (full stdlib) and its Kubernetes client, curl,
+//!   iproute2 and busybox.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -37,8 +38,9 @@ fn tpd_image(var: &str, repo: &str) -> String {
 const SOURCE_LABEL: &str = "tpd.test.source";
 const HOST_BUSYBOX: &str = "/bin/busybox";
 // python3 rather than python3-minimal: tests and the demo serve files with
-// `python3 -m http.server`, which the minimal package lacks.
-const DEBIAN_PACKAGES: &str = "python3,curl,iproute2,busybox-static";
+// `python3 -m http.server`, which the minimal package lacks. The official
+// Kubernetes client is the in-cluster client of in_cluster_client.rs.
+const DEBIAN_PACKAGES: &str = "python3,python3-kubernetes,curl,iproute2,busybox-static";
 
 /// Builds whichever test images are missing or stale. Safe to call from
 /// many tests at once: builds are serialised by a lock file.
