@@ -116,6 +116,10 @@ pub fn create(app: &App, t: &Target, q: &Query, body: &[u8]) -> ApiResult<Respon
         return Ok(json_response(StatusCode::CREATED, &review));
     }
     let ns = namespace(t)?;
+    // `dryRun=All`: admitted (or refused) as a create is, and not stored.
+    if q.get("dryRun").is_some_and(|d| d == "All") {
+        return Ok(written(StatusCode::CREATED, app.registry.admit_create(t.res, ns, obj, field_validation(q))?));
+    }
     Ok(written(StatusCode::CREATED, app.registry.create(t.res, ns, obj, field_validation(q))?))
 }
 

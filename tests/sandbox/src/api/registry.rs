@@ -59,13 +59,8 @@ impl Registry {
     }
 
     pub fn create(&self, res: &Resource, ns: &str, body: Value, mode: FieldValidation) -> ApiResult<Written> {
-        let mut warnings = admission::check_typed(res, &body, mode)?;
-        if res.namespaced && self.store.get("namespaces", "", ns).is_none() {
-            return Err(ApiError::not_found("", "namespaces", ns));
-        }
         let _guard = self.lock_allocation(res);
-        let obj = admission::prepare_create(res, ns, body, &self.store)?;
-        warnings.extend(self.pod_security(res, &obj, None)?);
+        let (obj, warnings) = self.admit_create(res, ns, body, mode)?;
         let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_owned();
         let stored =
             self.store.create(&res.key(), ns_of(res, ns), &name, obj).map_err(|e| store_error(res, &name, e))?;
@@ -78,6 +73,19 @@ impl Registry {
             let _ = self.delete(res, ns, &name, false);
         }
         Ok((stored, warnings))
+    }
+
+    /// What `create` would store, and its warnings: every check of a create
+    /// (typed fields, the namespace, defaults, Pod Security) with nothing
+    /// stored, which is also a `dryRun=All` create.
+    pub fn admit_create(&self, res: &Resource, ns: &str, body: Value, mode: FieldValidation) -> ApiResult<Written> {
+        let mut warnings = admission::check_typed(res, &body, mode)?;
+        if res.namespaced && self.store.get("namespaces", "", ns).is_none() {
+            return Err(ApiError::not_found("", "namespaces", ns));
+        }
+        let obj = admission::prepare_create(res, ns, body, &self.store)?;
+        warnings.extend(self.pod_security(res, &obj, None)?);
+        Ok((obj, warnings))
     }
 
     /// Pod Security admission of `obj` in its namespace, by the namespace's
@@ -265,5 +273,25 @@ mod tests {
         assert_ne!(again["metadata"]["uid"], owner["metadata"]["uid"]);
         config_map(&r, "stale", Some(&owner)).expect("create");
         assert!(r.get(by_kind("ConfigMap"), "default", "stale").is_err(), "owned by the deleted uid");
+    }
+
+    #[test]
+    fn a_dry_run_create_is_admitted_or_refused_and_never_stored() {
+        let r = registry();
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "locked",
+            "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
+        r.create(by_kind("Namespace"), "", ns, FieldValidation::Strict).expect("namespace");
+        let pod = |ns: &str| {
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe", "namespace": ns},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+        };
+
+        let (admitted, _) = r.admit_create(by_kind("Pod"), "default", pod("default"), FieldValidation::Strict).unwrap();
+        assert_eq!(admitted["metadata"]["name"], "probe");
+        assert!(r.get(by_kind("Pod"), "default", "probe").is_err(), "a dry run stores nothing");
+
+        let refused = r.admit_create(by_kind("Pod"), "locked", pod("locked"), FieldValidation::Strict).unwrap_err();
+        assert_eq!(refused.code, axum::http::StatusCode::FORBIDDEN);
+        assert!(refused.message.contains("violates PodSecurity \"restricted:latest\""), "{}", refused.message);
     }
 }
