@@ -8,7 +8,7 @@ use anyhow::Context;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use tpd_wire::names;
 
 use super::lease::{self, Claim};
@@ -63,6 +63,9 @@ pub async fn swap(
     for attempt in 1..=SWAP_ATTEMPTS {
         let current = claim(api, namespace, target, force).await?;
         let swap = plan::plan(&current, target.container.as_deref(), params)?;
+        if attempt == 1 {
+            admit_agent_pod(api, namespace, target, &swap.deployment).await?;
+        }
         let patch = plan::patch_between(&current, &swap.deployment, Guard::Generation);
         match api.patch(&target.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
             Ok(_) => {
@@ -80,6 +83,41 @@ pub async fn swap(
         "wait for whatever is changing it (a rollout, an operator) to finish, then run the command again",
     )
     .into())
+}
+
+/// Asks the API server whether it would admit the agent's pod (a dry-run
+/// create of the planned template) before the Deployment changes: the swap
+/// replaces the running pods first, so a namespace whose Pod Security
+/// refuses the agent would otherwise be found out with the app already
+/// stopped. Any other answer (no right to create pods, say) leaves the
+/// decision to the ReplicaSet, which [`wait_for_agent`] watches.
+async fn admit_agent_pod(
+    api: &Api<Deployment>,
+    namespace: &str,
+    target: &Target,
+    planned: &Deployment,
+) -> anyhow::Result<()> {
+    let template = planned.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
+    let mut metadata = template.metadata.unwrap_or_default();
+    metadata.generate_name = Some(format!("{}-tpd-admission-", target.name));
+    metadata.namespace = Some(namespace.to_owned());
+    let pod = Pod { metadata, spec: template.spec, ..Pod::default() };
+    let pods: Api<Pod> = Api::namespaced(api.clone().into_client(), namespace);
+    match pods.create(&PostParams { dry_run: true, ..PostParams::default() }, &pod).await {
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("violates PodSecurity") => Err(Hint::new(
+            format!("namespace {namespace:?} refuses the agent pod: {}", s.message),
+            format!(
+                "nothing was changed. The agent runs as the container it replaces, so the namespace's Pod Security \
+                 would refuse a new pod of {target} as well; make the Deployment comply, or swap it in another namespace"
+            ),
+        )
+        .into()),
+        Err(e) => {
+            tracing::debug!("the dry run of the agent pod did not answer the question, going on: {e}");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Reads `target` and makes sure tpd may swap it: free, or abandoned (then
