@@ -5,10 +5,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tpd_wire::names;
 
 use super::lease::{self, Claim};
@@ -237,6 +239,9 @@ pub enum RenewError {
 /// change of state; fails early on states that will not fix themselves.
 /// `swapped` is the Deployment whose pod it is, if any: a pod its
 /// ReplicaSet cannot create (Pod Security, a quota) is said at once.
+///
+/// The pods are watched; the Deployment's `ReplicaFailure` is not a pod
+/// event, so it is read again each second while there is no pod.
 pub async fn wait_for_agent(
     pods: &Api<Pod>,
     swapped: Option<(&Api<Deployment>, &str)>,
@@ -244,12 +249,24 @@ pub async fn wait_for_agent(
     image: &str,
     timeout: Duration,
 ) -> anyhow::Result<Pod> {
-    let selector = ListParams::default().labels(&format!("{}={session}", names::LABEL_SESSION));
+    let selector = format!("{}={session}", names::LABEL_SESSION);
+    let (reader, writer) = reflector::store();
+    let watch = reflector(writer, watcher(pods.clone(), watcher::Config::default().labels(&selector)));
+    let mut events = std::pin::pin!(watch.default_backoff());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let started = Instant::now();
     let mut last = String::new();
     loop {
-        let list = pods.list(&selector).await.context("cannot list the agent's pod")?;
-        let pod = list.items.into_iter().find(|p| p.metadata.deletion_timestamp.is_none());
+        tokio::select! {
+            event = events.next() => match event {
+                // The watch retries with backoff; the timeout below bounds it.
+                Some(Err(e)) => tracing::debug!("watching the agent's pod: {e}"),
+                Some(Ok(_)) => {}
+                None => anyhow::bail!("the watch of the agent's pod ended"),
+            },
+            _ = tick.tick() => {}
+        }
+        let pod = reader.state().into_iter().find(|p| p.metadata.deletion_timestamp.is_none());
         if pod.is_none()
             && let Some((api, name)) = swapped
             && let Some(why) = api.get_opt(name).await.ok().flatten().as_ref().and_then(replica_failure)
@@ -264,38 +281,42 @@ pub async fn wait_for_agent(
             )
             .into());
         }
-        let state = pod.as_ref().map(pod_state).unwrap_or_else(|| "waiting for the agent pod to be created".into());
+        let state = pod.as_deref().map(pod_state).unwrap_or_else(|| "waiting for the agent pod to be created".into());
         if state != last {
             progress(&format!("{state} ({:.1} s)", started.elapsed().as_secs_f64()));
             last.clone_from(&state);
         }
         if let Some(pod) = pod {
+            agent_is_coming(&pod, &state, pods.namespace().unwrap_or("default"), image)?;
             if is_ready(&pod) {
-                return Ok(pod);
-            }
-            if cannot_pull(&pod) {
-                return Err(Hint::new(
-                    format!("the cluster cannot pull the agent image {image}"),
-                    "push it to a registry the cluster pulls from and pass --agent-image (the sandbox cluster uses the local images: `cargo xtask images`)",
-                )
-                .into());
-            }
-            // A failed agent does not come back by waiting: say so now.
-            if agent_gave_up(&pod) {
-                let name = pod.metadata.name.as_deref().unwrap_or("?");
-                let namespace = pods.namespace().unwrap_or("default");
-                return Err(Hint::new(
-                    format!("the agent pod failed ({state})"),
-                    format!("its log says why: kubectl logs -n {namespace} pod/{name}"),
-                )
-                .into());
+                return Ok(Pod::clone(&pod));
             }
         }
         if started.elapsed() > timeout {
             anyhow::bail!("the agent pod was not ready after {} s (last state: {last})", timeout.as_secs());
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Fails on the states of the agent's pod that waiting does not fix: an
+/// image the cluster cannot pull, an agent that exited or keeps crashing.
+fn agent_is_coming(pod: &Pod, state: &str, namespace: &str, image: &str) -> anyhow::Result<()> {
+    if cannot_pull(pod) {
+        return Err(Hint::new(
+            format!("the cluster cannot pull the agent image {image}"),
+            "push it to a registry the cluster pulls from and pass --agent-image (the sandbox cluster uses the local images: `cargo xtask images`)",
+        )
+        .into());
+    }
+    if agent_gave_up(pod) {
+        let name = pod.metadata.name.as_deref().unwrap_or("?");
+        return Err(Hint::new(
+            format!("the agent pod failed ({state})"),
+            format!("its log says why: kubectl logs -n {namespace} pod/{name}"),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Waits for a Deployment's rollout to finish (all replicas updated and
