@@ -18,9 +18,20 @@ use tpd_wire::{control, frame, hello, inbound, preamble};
 /// Sends one DNS query to `server` over UDP and returns the answer carrying
 /// the same id, or a timeout after `timeout`.
 pub async fn dns_exchange(query: &[u8], server: std::net::SocketAddr, timeout: Duration) -> io::Result<Vec<u8>> {
+    let sock = dns_socket(server).await?;
+    dns_exchange_on(&sock, query, timeout).await
+}
+
+/// A UDP socket on a fresh port, connected to `server`.
+pub async fn dns_socket(server: std::net::SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     let bind = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
     let sock = tokio::net::UdpSocket::bind(bind).await?;
     sock.connect(server).await?;
+    Ok(sock)
+}
+
+/// [`dns_exchange`] on a socket already connected to the server.
+pub async fn dns_exchange_on(sock: &tokio::net::UdpSocket, query: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
     sock.send(query).await?;
     let mut buf = vec![0u8; 4096];
     loop {

@@ -44,7 +44,8 @@ const MAX_UDP_SIZE: u16 = 4096;
 
 /// Serves DNS on `udp` and `tcp` until one of them fails.
 pub async fn serve(udp: UdpSocket, tcp: TcpListener, routing: Dns) {
-    let mut server = Server::new(Resolver::new(routing, Network));
+    let forward = Network::new(SocketAddr::from((AGENT_TUNNEL_IP, AGENT_DNS_PORT)));
+    let mut server = Server::new(Resolver::new(routing, forward));
     server.register_socket(udp);
     server.register_listener(tcp, TCP_IDLE, TCP_RESPONSE_QUEUE);
     if let Err(e) = server.block_until_done().await {
