@@ -2,7 +2,8 @@
 //! non-root user with no capabilities. It owns the WireGuard endpoint, the
 //! userspace TCP/IP stack that turns tunnelled packets into ordinary sockets
 //! in the pod's network, and the control (version, health, env) and file
-//! services inside the tunnel (the file service is `tpd_volumes::server`).
+//! services inside the tunnel (the file service is `tpd_volumes::server`),
+//! and DNS on the tunnel address over UDP and TCP.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod control;
@@ -102,8 +103,9 @@ async fn run(args: Args) -> anyhow::Result<JoinSet<&'static str>> {
     let mounts = Arc::new(files::MountTable::from_env().context("reading the volume mounts to serve")?);
     let own = neighbours::Own::new(&args.ports);
     tokio::spawn(neighbours::watch(own.clone(), control.clone()));
-    let services = local_services(control, inbound, mounts);
-    Stack::start(wg.clone(), services, own, queues, window.clone());
+    let nameservers = stack::dns::system_nameservers();
+    let services = local_services(control, inbound, mounts, nameservers.clone());
+    Stack::start(wg.clone(), services, own, queues, window.clone(), nameservers);
 
     let mut tasks = JoinSet::new();
     let (streams_wg, streams_window) = (wg.clone(), window.clone());
@@ -125,7 +127,12 @@ async fn run(args: Args) -> anyhow::Result<JoinSet<&'static str>> {
 }
 
 /// The services on the agent's tunnel address, by port.
-fn local_services(control: Arc<Control>, inbound: Arc<Inbound>, mounts: Arc<files::MountTable>) -> Services {
+fn local_services(
+    control: Arc<Control>,
+    inbound: Arc<Inbound>,
+    mounts: Arc<files::MountTable>,
+    nameservers: Arc<[SocketAddr]>,
+) -> Services {
     let mut services = Services::default();
     services.insert(names::AGENT_CONTROL_PORT, move |c| {
         let control = control.clone();
@@ -135,6 +142,8 @@ fn local_services(control: Arc<Control>, inbound: Arc<Inbound>, mounts: Arc<file
         let inbound = inbound.clone();
         async move { inbound.relay(c).await }
     });
+    // DNS over TCP, for answers too large for UDP (UDP is the stack's own).
+    services.insert(names::AGENT_DNS_PORT, move |c| stack::dns::serve_tcp(c, nameservers.clone()));
     services.insert(names::AGENT_FILES_PORT, move |c| {
         let mounts = mounts.clone();
         async move {

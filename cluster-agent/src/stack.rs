@@ -10,7 +10,7 @@
 //! agent's own ports. TCP runs on smoltcp
 //! ([`tcp`]); UDP is parsed and answered directly ([`udp`]).
 
-mod dns;
+pub mod dns;
 mod tcp;
 mod udp;
 
@@ -83,7 +83,7 @@ impl Ingress {
 pub struct Stack {
     wg: Arc<Wg>,
     services: Services,
-    dns_servers: Vec<SocketAddr>,
+    dns_servers: Arc<[SocketAddr]>,
     dials: Mutex<HashMap<Flow, Dial>>,
     udp_flows: Mutex<HashMap<Flow, mpsc::Sender<Vec<u8>>>>,
     tcp: tcp::Tcp,
@@ -93,15 +93,17 @@ pub struct Stack {
 
 impl Stack {
     /// Starts the stack; packets from WireGuard arrive through the [`Ingress`] of `queues`.
+    /// UDP to the agent's DNS port is answered with `dns_servers`; TCP to
+    /// it, like every port of the agent's own, is one of `services`.
     pub fn start(
         wg: Arc<Wg>,
         services: Services,
         own: Own,
         queues: IngressQueues,
         window: Arc<SendWindow>,
+        dns_servers: Arc<[SocketAddr]>,
     ) -> Arc<Self> {
         let IngressQueues { gate, tcp: (tcp_tx, tcp_rx) } = queues;
-        let dns_servers = dns::system_nameservers();
         let stack = Arc::new_cyclic(|me: &std::sync::Weak<Stack>| {
             let out = wg.clone();
             let me = me.clone();
@@ -260,7 +262,7 @@ impl Stack {
         let this = self.clone();
         tokio::spawn(async move {
             if flow.dst == SocketAddrV4::new(AGENT_TUNNEL_IP, AGENT_DNS_PORT) {
-                dns::serve(udp, &this.dns_servers, UDP_IDLE_TIMEOUT).await;
+                dns::serve(udp, this.dns_servers.clone(), UDP_IDLE_TIMEOUT).await;
             } else if let Err(e) = relay_udp(udp).await {
                 tracing::debug!(dst = %flow.dst, "udp flow ended: {e}");
             }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tpd_tunnel::Endpoint as Wg;
@@ -115,7 +115,8 @@ async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> 
     let wg = Arc::new(Wg::new(Some(25), move |packet| sink.write(packet)));
 
     let listen = config.dns.listen;
-    let dns_sock = UdpSocket::bind(listen).await.with_context(|| format!("DNS listening on {listen}"))?;
+    let dns_udp = UdpSocket::bind(listen).await.with_context(|| format!("DNS listening on UDP {listen}"))?;
+    let dns_tcp = TcpListener::bind(listen).await.with_context(|| format!("DNS listening on TCP {listen}"))?;
     let hello_at = config.hello_at();
     let link = transport::Link::new();
     // The declared pod ports listen from the start, before the developer's
@@ -135,7 +136,7 @@ async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> 
     // These run for the session's life: one ending is fatal, said by name.
     let mut tasks = JoinSet::new();
     tasks.spawn(async move {
-        dns::serve(dns_sock, config.dns).await;
+        dns::serve(dns_udp, dns_tcp, config.dns).await;
         "the DNS server"
     });
     let to_wg = wg.clone();

@@ -2,7 +2,8 @@
 //! byte stream: reading a hello, preamble, control message or inbound header,
 //! and the batching reader and writer of WireGuard frames. The caller owns
 //! the sockets; these take `AsyncRead`/`AsyncWrite`. The exceptions are
-//! [`dns_exchange`], the one-shot UDP query both binaries forward DNS with,
+//! [`dns_exchange`] and [`dns_exchange_tcp`], the one-shot queries both
+//! binaries forward DNS with (over TCP when a UDP answer came truncated),
 //! and [`shutdown_signal`], how both learn to stop.
 
 use std::io;
@@ -17,9 +18,20 @@ use tpd_wire::{control, frame, hello, inbound, preamble};
 /// Sends one DNS query to `server` over UDP and returns the answer carrying
 /// the same id, or a timeout after `timeout`.
 pub async fn dns_exchange(query: &[u8], server: std::net::SocketAddr, timeout: Duration) -> io::Result<Vec<u8>> {
+    let sock = dns_socket(server).await?;
+    dns_exchange_on(&sock, query, timeout).await
+}
+
+/// A UDP socket on a fresh port, connected to `server`.
+pub async fn dns_socket(server: std::net::SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     let bind = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
     let sock = tokio::net::UdpSocket::bind(bind).await?;
     sock.connect(server).await?;
+    Ok(sock)
+}
+
+/// [`dns_exchange`] on a socket already connected to the server.
+pub async fn dns_exchange_on(sock: &tokio::net::UdpSocket, query: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
     sock.send(query).await?;
     let mut buf = vec![0u8; 4096];
     loop {
@@ -33,6 +45,49 @@ pub async fn dns_exchange(query: &[u8], server: std::net::SocketAddr, timeout: D
             return Ok(buf);
         }
     }
+}
+
+/// Sends one DNS query to `server` over TCP (RFC 1035 4.2.2: each message
+/// behind its 16-bit length) and returns the answer carrying the same id,
+/// or a timeout after `timeout` for the whole exchange.
+pub async fn dns_exchange_tcp(query: &[u8], server: std::net::SocketAddr, timeout: Duration) -> io::Result<Vec<u8>> {
+    let exchange = async {
+        let mut sock = tokio::net::TcpStream::connect(server).await?;
+        sock.set_nodelay(true)?;
+        write_dns_tcp(&mut sock, query).await?;
+        loop {
+            let answer = read_dns_tcp(&mut sock).await?.ok_or(io::ErrorKind::UnexpectedEof)?;
+            if answer.len() >= 2 && query.len() >= 2 && answer[..2] == query[..2] {
+                return Ok(answer);
+            }
+        }
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+/// Reads one length-prefixed DNS message from a TCP stream; `None` when the
+/// stream ends before a message begins.
+pub async fn read_dns_tcp<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match rd.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    rd.read_exact(&mut msg).await?;
+    Ok(Some(msg))
+}
+
+/// Writes one DNS message to a TCP stream behind its length, in one write.
+pub async fn write_dns_tcp<W: AsyncWrite + Unpin>(wr: &mut W, msg: &[u8]) -> io::Result<()> {
+    let len =
+        u16::try_from(msg.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "DNS message over 64 KiB"))?;
+    let mut framed = Vec::with_capacity(2 + msg.len());
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(msg);
+    wr.write_all(&framed).await?;
+    wr.flush().await
 }
 
 /// How long a peer may take to send the first bytes of a stream.
@@ -208,6 +263,25 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A TCP DNS server that first answers with another id (a late answer
+    /// to some earlier query), then echoes the query as its answer.
+    #[tokio::test]
+    async fn a_tcp_exchange_returns_the_answer_with_the_query_id() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let query = read_dns_tcp(&mut sock).await.unwrap().unwrap();
+            write_dns_tcp(&mut sock, &[0xff, 0xff, 0x81, 0x80]).await.unwrap();
+            write_dns_tcp(&mut sock, &query).await.unwrap();
+            assert!(read_dns_tcp(&mut sock).await.unwrap().is_none(), "the client closes after its answer");
+        });
+        let query = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        let answer = dns_exchange_tcp(&query, server, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(answer, query);
+        served.await.unwrap();
+    }
 
     #[tokio::test]
     async fn frames_cross_a_stream_in_order() {

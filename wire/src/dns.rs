@@ -1,13 +1,14 @@
-//! The little of DNS that tpd's forwarders need: the question of a query (to
-//! route it to the cluster or to the host's resolver) and an empty answer
-//! (for a query nobody answered in time, so AAAA lookups of cluster names end
-//! at once instead of timing out). Queries are otherwise forwarded as they
-//! are, so every record type (SRV, the CNAME of an ExternalName) passes through.
+//! The little of DNS that the agent's forwarder needs, which keeps it free
+//! of a DNS library: the question of a query and an empty answer (for a
+//! query nobody answered in time, so AAAA lookups of cluster names end at
+//! once instead of timing out). Queries are otherwise forwarded as they
+//! are, so every record type (SRV, the CNAME of an ExternalName) passes
+//! through. [`is_under`] is the sidecar's routing rule (the sidecar reads
+//! messages with hickory).
 
 const HEADER_LEN: usize = 12;
 pub const TYPE_AAAA: u16 = 28;
 pub const RCODE_SERVFAIL: u8 = 2;
-pub const RCODE_REFUSED: u8 = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Question {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, CNAME, SRV};
+use hickory_proto::rr::rdata::{A, CNAME, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use crate::layout;
@@ -94,7 +94,21 @@ pub fn answer(query: &Message, zone: &Zone) -> Reply {
         ["svc"] | ["pod"] => {}
         _ => resp.metadata.response_code = ResponseCode::NXDomain,
     }
+    if resp.answers.is_empty() {
+        resp.authorities.push(soa());
+    }
     Reply::Answer(resp)
+}
+
+/// The zone's SOA, which CoreDNS puts in the authority section of every
+/// negative answer (NXDOMAIN, or no record of the type asked), with the
+/// records' TTL as its minimum: how long resolvers may cache the absence
+/// (RFC 2308).
+fn soa() -> Record {
+    let zone = format!("{}.", layout::CLUSTER_DOMAIN);
+    let name = |n: &str| Name::from_ascii(format!("{n}.{zone}")).unwrap_or_else(|_| Name::root());
+    let soa = SOA::new(name("ns.dns"), name("hostmaster"), 1, 7200, 1800, 86400, TTL);
+    Record::from_rdata(Name::from_ascii(&zone).unwrap_or_else(|_| Name::root()), TTL, RData::SOA(soa))
 }
 
 fn service(q: &Query, resp: &mut Message, zone: &Zone, ns: &str, svc: &str) {
@@ -262,6 +276,10 @@ mod tests {
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
         let m = answered(answer(&ask("nope.demo.svc.cluster.local.", RecordType::A), &z));
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        // Negative answers carry the zone's SOA, which says how long to cache them.
+        assert!(matches!(&m.authorities[..], [r] if matches!(&r.data, RData::SOA(soa) if soa.minimum == TTL)));
+        let m = answered(answer(&ask("HELLO.demo.svc.cluster.local.", RecordType::AAAA), &z));
+        assert_eq!(m.authorities.len(), 1, "NODATA too");
 
         let m = answered(answer(&ask("10-100-0-9.demo.pod.cluster.local.", RecordType::A), &z));
         assert_eq!(m.answers[0].data, RData::A(A(Ipv4Addr::new(10, 100, 0, 9))));
