@@ -6,6 +6,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod dataplane;
+pub mod dns;
 pub mod home;
 pub mod images;
 pub mod interrupt;

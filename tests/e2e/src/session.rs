@@ -140,6 +140,37 @@ pub fn wait_swapped(sb: &Sandbox, ns: &str, name: &str, timeout: Duration) -> Re
     Ok((d, id))
 }
 
+/// Starts `tpd ARGS`, a `tpd run --name DEV --swap deployment/NAME` in
+/// namespace `ns`, and waits until the swap is made (its session then goes
+/// into `cleanup`) and the local container `dev` runs. Fails with what tpd
+/// said when it ends first or takes more than two minutes.
+pub fn start_swapped(
+    sb: &Sandbox,
+    cleanup: &mut Cleanup,
+    args: &[&str],
+    (ns, name, dev): (&str, &str, &str),
+) -> Result<(Child, String)> {
+    let started = Instant::now();
+    let mut child = tpd_spawn(sb, args)?;
+    let (_, id) = match wait_swapped(sb, ns, name, Duration::from_secs(60)) {
+        Ok(swapped) => swapped,
+        Err(e) => {
+            let _ = child.kill();
+            bail!("{e:#}\ntpd said:\n{}", stderr_of(&mut child));
+        }
+    };
+    cleanup.sessions.push(id.clone());
+    while !docker_exec(dev, "true").0 {
+        if started.elapsed() > Duration::from_secs(120) || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            bail!("the local container never started\ntpd said:\n{}\n{}", stderr_of(&mut child), session_logs(sb, &id));
+        }
+        crate::interrupt::pause(Duration::from_millis(100))?;
+    }
+    eprintln!("swapped, local container running {:?} after `tpd run`", started.elapsed());
+    Ok((child, id))
+}
+
 /// Local containers of a tpd session (any state).
 pub fn session_containers(session: &str) -> Result<Vec<String>> {
     let filter = format!("label={}={session}", tpd_wire::names::LABEL_SESSION);

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tpd_e2e::images;
 use tpd_e2e::sandbox::Sandbox;
-use tpd_e2e::session::{self, Cleanup, docker_exec, in_pod, tpd_spawn, user_owned};
+use tpd_e2e::session::{self, Cleanup, docker_exec, in_pod, user_owned};
 
 const NS: &str = "default";
 const NAME: &str = "nb";
@@ -157,22 +157,11 @@ fn the_pods_other_containers_are_on_localhost() -> anyhow::Result<()> {
 
     let dev = format!("tpd-e2e-{NAME}-{}", std::process::id());
     let target = format!("deployment/{NAME}");
-    let started = Instant::now();
     let args = ["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &target, "--pod-port", "7002"];
-    let mut child = tpd_spawn(&sb, &[&args[..], &["--", "python3", "-c", LOCAL_APP]].concat())?;
-    let (_, id) = session::wait_swapped(&sb, NS, NAME, Duration::from_secs(60))?;
-    cleanup.sessions.push(id.clone());
-    while !docker_exec(&dev, "true").0 {
-        if started.elapsed() > Duration::from_secs(120) || child.try_wait()?.is_some() {
-            let _ = child.kill();
-            let said = session::stderr_of(&mut child);
-            anyhow::bail!("the local container never started\ntpd said:\n{said}\n{}", session::session_logs(&sb, &id));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let args = [&args[..], &["--", "python3", "-c", LOCAL_APP]].concat();
+    let (child, id) = session::start_swapped(&sb, &mut cleanup, &args, (NS, NAME, &dev))?;
     let selector = format!("app={NAME},{}={id}", tpd_wire::names::LABEL_SESSION);
     let pod = sb.kubectl_ok(&["get", "pods", "-l", &selector, "-o", "jsonpath={.items[0].metadata.name}"])?;
-    eprintln!("swapped, local container running {:?} after `tpd run`", started.elapsed());
 
     // Found listening in the pod, undeclared; declared TCP and UDP.
     assert_eq!(
