@@ -69,7 +69,7 @@ impl Control {
         *self.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
         while let Some(msg) = wio::read_message(&mut rd, &mut buf).await? {
             let reply = match msg {
-                Message::Hello { version, udp_receive_buffer } => {
+                Message::Hello { version, udp_receive_buffer, .. } => {
                     let udp_window =
                         udp_receive_buffer.map(|b| self.window.fit_udp(usize::try_from(b).unwrap_or(usize::MAX)));
                     tracing::info!(sidecar_version = %version, ?udp_receive_buffer, ?udp_window, "sidecar connected to control");

@@ -40,6 +40,8 @@ pub struct Control {
     pub mounted: std::sync::Mutex<Option<tpd_volumes::fuse::MountHandle>>,
     /// The pod's neighbour ports on 127.0.0.1, which the agent's `PodPorts` update.
     pub neighbours: Arc<crate::neighbours::Neighbours>,
+    /// The session id, told to the agent in the hello.
+    pub session: Option<String>,
 }
 
 impl Control {
@@ -77,7 +79,8 @@ impl Control {
         let (tx, rx) = mpsc::channel(16);
         let writer = tokio::spawn(wio::write_messages(wr, rx));
         let udp_receive_buffer = self.link.udp_receive_buffer().map(|b| b as u64);
-        tx.send(Message::Hello { version: tpd_wire::VERSION.into(), udp_receive_buffer }).await?;
+        let session = self.session.clone();
+        tx.send(Message::Hello { version: tpd_wire::VERSION.into(), udp_receive_buffer, session }).await?;
         let pinger = tokio::spawn(ping(tx));
         let result = self.read_loop(&mut rd, &mut buf, announced).await;
         pinger.abort();

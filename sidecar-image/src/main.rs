@@ -130,6 +130,7 @@ async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> 
         link: link.clone(),
         mounted: Default::default(),
         neighbours,
+        session: config.session.clone(),
     });
     let decided = link.clone();
 

@@ -155,11 +155,12 @@ pub async fn read_inbound_header<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result
     inbound::Header::decode(&head).map_err(invalid)?.ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
 }
 
-/// Reads the next control message; `Ok(None)` at a clean end of stream.
-pub async fn read_message<R: AsyncRead + Unpin>(
+/// Reads the next JSON message (a [`control::Message`], or another type
+/// framed the same way); `Ok(None)` at a clean end of stream.
+pub async fn read_message<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
     rd: &mut R,
     buf: &mut BytesMut,
-) -> io::Result<Option<control::Message>> {
+) -> io::Result<Option<T>> {
     match read_until(rd, buf, control::decode).await {
         Ok(m) => Ok(Some(m)),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && buf.is_empty() => Ok(None),
@@ -167,10 +168,10 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     }
 }
 
-/// Writes every control message from `rx` until it closes.
-pub async fn write_messages<W: AsyncWrite + Unpin>(
+/// Writes every message from `rx` until it closes.
+pub async fn write_messages<W: AsyncWrite + Unpin, T: serde::Serialize>(
     mut wr: W,
-    mut rx: mpsc::Receiver<control::Message>,
+    mut rx: mpsc::Receiver<T>,
 ) -> io::Result<()> {
     let mut out = BytesMut::new();
     while let Some(msg) = rx.recv().await {

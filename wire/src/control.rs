@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use bytes::{Buf, BufMut, BytesMut};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::neighbours::PodPort;
@@ -29,6 +30,10 @@ pub enum Message {
         /// Absent from sidecars before it, and over the stream alone.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         udp_receive_buffer: Option<u64>,
+        /// The session id, which an intercept agent matches with the
+        /// session's registration to deliver its requests over this tunnel.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
     },
     /// Agent -> sidecar: the agent's build and its process environment minus
     /// tpd's own variables. Holds secrets: never log it.
@@ -65,8 +70,9 @@ pub enum Error {
     Json(#[source] serde_json::Error),
 }
 
-/// Appends `msg` as one length-prefixed message.
-pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), Error> {
+/// Appends `msg` as one length-prefixed message. The framing is shared by
+/// every JSON message stream ([`Message`] here, [`crate::intercept`]'s too).
+pub fn encode<T: Serialize>(msg: &T, out: &mut BytesMut) -> Result<(), Error> {
     let json = serde_json::to_vec(msg).map_err(Error::Json)?;
     if json.len() > MAX_MESSAGE {
         return Err(Error::TooLarge(json.len()));
@@ -78,7 +84,7 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), Error> {
 }
 
 /// Takes one message off the front of `buf`; `Ok(None)` until it has fully arrived.
-pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, Error> {
+pub fn decode<T: DeserializeOwned>(buf: &mut BytesMut) -> Result<Option<T>, Error> {
     let Some(head) = buf.get(..HEADER_LEN) else {
         return Ok(None);
     };
@@ -101,8 +107,9 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (".{0,20}", any::<Option<u64>>())
-                .prop_map(|(version, udp_receive_buffer)| Message::Hello { version, udp_receive_buffer }),
+            (".{0,20}", any::<Option<u64>>(), proptest::option::of("[a-f0-9]{10}")).prop_map(
+                |(version, udp_receive_buffer, session)| Message::Hello { version, udp_receive_buffer, session }
+            ),
             (".{0,10}", proptest::collection::btree_map(".{0,10}", ".{0,30}", 0..5))
                 .prop_map(|(version, env)| Message::Info { version, env }),
             any::<u64>().prop_map(|seq| Message::Ping { seq }),
@@ -122,16 +129,16 @@ mod tests {
             let at = cut.index(wire.len() + 1);
             let mut buf = BytesMut::from(&wire[..at]);
             let mut got = Vec::new();
-            while let Some(m) = decode(&mut buf).unwrap() { got.push(m); }
+            while let Some(m) = decode::<Message>(&mut buf).unwrap() { got.push(m); }
             buf.extend_from_slice(&wire[at..]);
-            while let Some(m) = decode(&mut buf).unwrap() { got.push(m); }
+            while let Some(m) = decode::<Message>(&mut buf).unwrap() { got.push(m); }
             prop_assert_eq!(got, msgs);
         }
 
         #[test]
         fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut buf = BytesMut::from(&bytes[..]);
-            while let Ok(Some(_)) = decode(&mut buf) {}
+            while let Ok(Some(_)) = decode::<Message>(&mut buf) {}
         }
     }
 
@@ -142,8 +149,8 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.put_u32(json.len() as u32);
         buf.put_slice(json);
-        let hello = Message::Hello { version: "0.1.0".into(), udp_receive_buffer: None };
-        assert_eq!(decode(&mut buf).unwrap(), Some(hello));
+        let hello = Message::Hello { version: "0.1.0".into(), udp_receive_buffer: None, session: None };
+        assert_eq!(decode::<Message>(&mut buf).unwrap(), Some(hello));
     }
 
     /// What the agent sends, as a person reads it in a capture.
@@ -157,6 +164,6 @@ mod tests {
     #[test]
     fn oversized_length_is_refused_before_buffering() {
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff][..]);
-        assert!(matches!(decode(&mut buf), Err(Error::TooLarge(_))));
+        assert!(matches!(decode::<Message>(&mut buf), Err(Error::TooLarge(_))));
     }
 }

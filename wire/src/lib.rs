@@ -16,6 +16,7 @@ pub mod files;
 pub mod frame;
 pub mod hello;
 pub mod inbound;
+pub mod intercept;
 pub mod ip;
 pub mod names;
 pub mod neighbours;

@@ -84,10 +84,13 @@ pub mod agent_env {
     pub const MOUNTS: &str = "TPD_AGENT_MOUNTS";
     /// Log filter for the agent (tracing `EnvFilter` syntax).
     pub const LOG: &str = "TPD_AGENT_LOG";
+    /// JSON `intercept::Config`: the agent runs beside the app container
+    /// and routes its traffic by request (personal intercepts).
+    pub const INTERCEPT: &str = "TPD_AGENT_INTERCEPT";
 
     /// Every variable above; the agent strips these from the env it reports,
     /// so the developer's container gets the app's env and not tpd's.
-    pub const ALL: &[&str] = &[PORTS, SESSION, MOUNTS, LOG];
+    pub const ALL: &[&str] = &[PORTS, SESSION, MOUNTS, LOG, INTERCEPT];
 }
 
 /// Env var naming where, inside the developer's container, all remote volumes

@@ -17,6 +17,10 @@ pub enum Kind {
     Control,
     /// An inbound connection carried from the agent to the sidecar ([`crate::inbound`]).
     Inbound,
+    /// A session registering its intercept routes with an agent ([`crate::intercept`]).
+    Register,
+    /// One intercepted connection, from the agent that read it to the session's home agent.
+    Relay,
 }
 
 impl Kind {
@@ -25,6 +29,8 @@ impl Kind {
             Kind::Transport => b'w',
             Kind::Control => b'c',
             Kind::Inbound => b'i',
+            Kind::Register => b'r',
+            Kind::Relay => b'p',
         }
     }
 }

@@ -52,6 +52,10 @@ pub struct Config {
     /// agent reports the ports it finds listening on top of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pod_ports: Vec<Declared>,
+    /// The session id, sent in the control hello (an intercept agent
+    /// delivers the session's requests over the tunnel that names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 impl Config {
@@ -67,6 +71,7 @@ impl Config {
             session_dir: session_dir(),
             volumes: None,
             pod_ports: Vec::new(),
+            session: None,
         }
     }
 
