@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tpd_wire::names;
 
-use super::lease::{self, Claim};
+use super::lease::{self, Claim, Leased};
 use super::plan::{self, Guard, Params, Swap, Target};
 use super::record::Record;
 use crate::cluster::Cluster;
@@ -66,7 +66,11 @@ pub async fn swap(
         let current = claim(api, namespace, target, force).await?;
         let swap = plan::plan(&current, target.container.as_deref(), params)?;
         if attempt == 1 {
-            admit_agent_pod(api, namespace, target, &swap.deployment).await?;
+            let help = format!(
+                "nothing was changed. The agent runs as the container it replaces, so the namespace's Pod Security \
+                 would refuse a new pod of {target} as well; make the Deployment comply, or swap it in another namespace"
+            );
+            admit_agent_pod(api, namespace, target, &swap.deployment, help).await?;
         }
         let patch = plan::patch_between(&current, &swap.deployment, Guard::Generation);
         match api.patch(&target.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
@@ -92,12 +96,14 @@ pub async fn swap(
 /// replaces the running pods first, so a namespace whose Pod Security
 /// refuses the agent would otherwise be found out with the app already
 /// stopped. Any other answer (no right to create pods, say) leaves the
-/// decision to the ReplicaSet, which [`wait_for_agent`] watches.
-async fn admit_agent_pod(
+/// decision to the ReplicaSet, which [`wait_for_agent`] watches. `help`
+/// says what to do when it would not.
+pub(crate) async fn admit_agent_pod(
     api: &Api<Deployment>,
     namespace: &str,
     target: &Target,
     planned: &Deployment,
+    help: String,
 ) -> anyhow::Result<()> {
     let template = planned.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
     let mut metadata = template.metadata.unwrap_or_default();
@@ -106,14 +112,9 @@ async fn admit_agent_pod(
     let pod = Pod { metadata, spec: template.spec, ..Pod::default() };
     let pods: Api<Pod> = Api::namespaced(api.clone().into_client(), namespace);
     match pods.create(&PostParams { dry_run: true, ..PostParams::default() }, &pod).await {
-        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("violates PodSecurity") => Err(Hint::new(
-            format!("namespace {namespace:?} refuses the agent pod: {}", s.message),
-            format!(
-                "nothing was changed. The agent runs as the container it replaces, so the namespace's Pod Security \
-                 would refuse a new pod of {target} as well; make the Deployment comply, or swap it in another namespace"
-            ),
-        )
-        .into()),
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("violates PodSecurity") => {
+            Err(Hint::new(format!("namespace {namespace:?} refuses the agent pod: {}", s.message), help).into())
+        }
         Err(e) => {
             tracing::debug!("the dry run of the agent pod did not answer the question, going on: {e}");
             Ok(())
@@ -204,9 +205,9 @@ async fn restore_record(api: &Api<Deployment>, current: &Deployment, record: &Re
 }
 
 /// Renews the lease; fails if the record is no longer ours.
-pub async fn renew(api: &Api<Deployment>, name: &str, record: &Record) -> Result<Record, RenewError> {
+pub async fn renew<L: Leased>(api: &Api<Deployment>, name: &str, record: &L) -> Result<L, RenewError> {
     let renewed = record.renewed(Timestamp::now());
-    let pointer = plan::annotation_pointer();
+    let pointer = plan::annotation_pointer(&record.key());
     let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
         { "op": "test", "path": pointer, "value": record.to_annotation() },
         { "op": "replace", "path": pointer, "value": renewed.to_annotation() },
@@ -214,7 +215,7 @@ pub async fn renew(api: &Api<Deployment>, name: &str, record: &Record) -> Result
     .map_err(|e| RenewError::Lost(format!("cannot build the renewal: {e}")))?;
     match api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
         Ok(_) => Ok(renewed),
-        // The test op failed (someone restored or took the swap), or the Deployment is gone.
+        // The test op failed (someone restored or took the record), or the Deployment is gone.
         Err(kube::Error::Api(s)) if matches!(s.code, 400 | 404 | 409 | 422) => Err(RenewError::Lost(match s.code {
             404 => format!("deployment/{name} was deleted"),
             _ => format!("deployment/{name} was restored or taken over by someone else"),
@@ -331,7 +332,7 @@ pub async fn wait_for_rollout(api: &Api<Deployment>, name: &str, timeout: Durati
     }
 }
 
-fn rolled_out(d: &Deployment) -> bool {
+pub(crate) fn rolled_out(d: &Deployment) -> bool {
     let (Some(spec), Some(status)) = (&d.spec, &d.status) else {
         return false;
     };
@@ -389,7 +390,7 @@ fn agent_gave_up(pod: &Pod) -> bool {
 
 /// Why a Deployment's ReplicaSet cannot create pods, as its `ReplicaFailure`
 /// condition says (the API server's refusal, e.g. Pod Security's).
-fn replica_failure(d: &Deployment) -> Option<String> {
+pub(crate) fn replica_failure(d: &Deployment) -> Option<String> {
     let conditions = d.status.as_ref()?.conditions.as_ref()?;
     let failed = conditions.iter().find(|c| c.type_ == "ReplicaFailure" && c.status == "True")?;
     Some(failed.message.clone().unwrap_or_else(|| failed.reason.clone().unwrap_or_default()))
@@ -450,7 +451,7 @@ pub async fn repair_abandoned(client: &kube::Client, namespace: Option<&str>) ->
 }
 
 /// A JSON patch whose `test` failed, or a stale write.
-fn conflict(err: &kube::Error) -> bool {
+pub(crate) fn conflict(err: &kube::Error) -> bool {
     matches!(err, kube::Error::Api(status) if status.code == 409 || status.code == 422)
 }
 

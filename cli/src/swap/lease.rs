@@ -40,7 +40,36 @@ pub fn claim(existing: Option<&Record>, force: bool, now: Timestamp) -> Claim {
 
 /// Whether automatic repair may restore this swap.
 pub fn abandoned(record: &Record, now: Timestamp) -> bool {
-    record.expires() + REPAIR_GRACE < now
+    past_grace(record.expires(), now)
+}
+
+/// Whether a lease that ran out at `expires` is past the repair grace:
+/// its session is taken to be gone.
+pub fn past_grace(expires: Timestamp, now: Timestamp) -> bool {
+    expires + REPAIR_GRACE < now
+}
+
+/// A record kept in one annotation of a Deployment whose lease a session
+/// renews (the swap's record, an intercept's session entry).
+pub trait Leased: Clone + Send + Sync + 'static {
+    /// The annotation that holds it.
+    fn key(&self) -> String;
+    fn to_annotation(&self) -> String;
+    fn renewed(&self, now: Timestamp) -> Self;
+}
+
+impl Leased for Record {
+    fn key(&self) -> String {
+        tpd_wire::names::ANNOTATION_SWAP.to_owned()
+    }
+
+    fn to_annotation(&self) -> String {
+        Record::to_annotation(self)
+    }
+
+    fn renewed(&self, now: Timestamp) -> Self {
+        Record::renewed(self, now)
+    }
 }
 
 #[cfg(test)]

@@ -190,12 +190,10 @@ pub fn restore(current: &Deployment, record: &Record) -> Result<Deployment> {
 /// operation on a value that must still hold when the API server applies it
 /// (so a concurrent change makes the patch fail instead of being overwritten).
 pub fn patch_between(from: &Deployment, to: &Deployment, guard: Guard) -> json_patch::Patch {
-    let from_json = serde_json::to_value(from).unwrap_or_default();
-    let to_json = serde_json::to_value(to).unwrap_or_default();
     let test = match guard {
         Guard::Generation => ("/metadata/generation".to_owned(), from.metadata.generation.map(serde_json::Value::from)),
         Guard::Record => (
-            annotation_pointer(),
+            annotation_pointer(names::ANNOTATION_SWAP),
             from.metadata
                 .annotations
                 .as_ref()
@@ -203,10 +201,22 @@ pub fn patch_between(from: &Deployment, to: &Deployment, guard: Guard) -> json_p
                 .map(serde_json::Value::String),
         ),
     };
+    guarded_diff(from, to, test)
+}
+
+/// The JSON patch from `from` to `to` (any two objects of one kind), led by
+/// a `test` that `pointer` still holds `value` when the value is known.
+pub fn guarded_diff<T: serde::Serialize>(
+    from: &T,
+    to: &T,
+    (pointer, value): (String, Option<serde_json::Value>),
+) -> json_patch::Patch {
+    let from_json = serde_json::to_value(from).unwrap_or_default();
+    let to_json = serde_json::to_value(to).unwrap_or_default();
     let mut ops = Vec::new();
-    if let (path, Some(value)) = test {
+    if let Some(value) = value {
         ops.push(json_patch::PatchOperation::Test(json_patch::TestOperation {
-            path: path.parse().unwrap_or_default(),
+            path: pointer.parse().unwrap_or_default(),
             value,
         }));
     }
@@ -226,9 +236,9 @@ pub enum Guard {
     Record,
 }
 
-/// JSON pointer to the swap annotation (`/` escaped as `~1`).
-pub fn annotation_pointer() -> String {
-    format!("/metadata/annotations/{}", names::ANNOTATION_SWAP.replace('~', "~0").replace('/', "~1"))
+/// JSON pointer to the annotation `key` (`/` escaped as `~1`).
+pub fn annotation_pointer(key: &str) -> String {
+    format!("/metadata/annotations/{}", key.replace('~', "~0").replace('/', "~1"))
 }
 
 /// The agent in place of `orig`, in a pod with `pod_sc` (also the
@@ -245,16 +255,13 @@ pub fn agent_container(
         (agent_env::SESSION, p.session.clone()),
         (agent_env::MOUNTS, tpd_wire::files::mounts_env_value(mounts)),
     ];
-    let mut env: Vec<EnvVar> =
-        orig.env.iter().flatten().filter(|e| !agent_env::ALL.contains(&e.name.as_str())).cloned().collect();
     // The agent reads an empty port list as one empty port: no ports, no variable.
     let ours = ours.into_iter().filter(|(name, value)| *name != agent_env::PORTS || !value.is_empty());
-    env.extend(ours.map(|(name, value)| EnvVar { name: name.into(), value: Some(value), value_from: None }));
     Container {
         name: orig.name.clone(),
         image: Some(p.agent_image.clone()),
         image_pull_policy: Some("IfNotPresent".into()),
-        env: Some(env),
+        env: Some(agent_env_of(orig, ours)),
         env_from: orig.env_from.clone(),
         ports: orig.ports.clone(),
         resources: orig.resources.clone(),
@@ -265,15 +272,30 @@ pub fn agent_container(
         termination_message_policy: orig.termination_message_policy.clone(),
         // The app's probes would fail against the agent; ready means the
         // tunnel port accepts connections.
-        readiness_probe: Some(Probe {
-            tcp_socket: Some(TCPSocketAction {
-                port: IntOrString::Int(names::AGENT_TRANSPORT_PORT.into()),
-                host: None,
-            }),
-            period_seconds: Some(1),
-            ..Default::default()
-        }),
+        readiness_probe: Some(ready_when_listening(names::AGENT_TRANSPORT_PORT)),
         security_context: Some(agent_security_context(pod_sc, orig.security_context.as_ref())),
+        ..Default::default()
+    }
+}
+
+/// `orig`'s env without any variable of tpd's agent, then `ours`: what an
+/// agent that serves `orig`'s volumes and environment is given.
+pub fn agent_env_of(orig: &Container, ours: impl IntoIterator<Item = (&'static str, String)>) -> Vec<EnvVar> {
+    let mut env: Vec<EnvVar> =
+        orig.env.iter().flatten().filter(|e| !agent_env::ALL.contains(&e.name.as_str())).cloned().collect();
+    env.extend(ours.into_iter().map(|(name, value)| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        value_from: None,
+    }));
+    env
+}
+
+/// An agent is ready once its tunnel's port accepts connections.
+pub fn ready_when_listening(port: u16) -> Probe {
+    Probe {
+        tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(port.into()), host: None }),
+        period_seconds: Some(1),
         ..Default::default()
     }
 }
@@ -294,7 +316,7 @@ fn agent_ports(c: &Container, extra: &[u16]) -> Result<Vec<u16>> {
 /// sidecar-style init containers, `restartPolicy: Always`, which run beside
 /// the app), each with the container that declares it; not the ports the
 /// swapped container (index `swapped`) has, which stay the developer's.
-fn neighbour_ports(pod: &PodSpec, swapped: usize, own: &[u16]) -> Vec<Declared> {
+pub fn neighbour_ports(pod: &PodSpec, swapped: usize, own: &[u16]) -> Vec<Declared> {
     let others = pod.containers.iter().enumerate().filter(|&(i, _)| i != swapped).map(|(_, c)| c);
     let sidecars = pod.init_containers.iter().flatten().filter(|c| c.restart_policy.as_deref() == Some("Always"));
     let mut declared: Vec<Declared> = Vec::new();
@@ -325,7 +347,7 @@ pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceacc
 /// (not to the Deployment's template), so that local code can use its
 /// in-cluster config; not when the pod opts out or the container mounts
 /// something there itself.
-fn served_mounts(pod: Option<&PodSpec>, c: &Container) -> Vec<VolumeMount> {
+pub fn served_mounts(pod: Option<&PodSpec>, c: &Container) -> Vec<VolumeMount> {
     let mut mounts = volume_mounts(c);
     let automount = pod.and_then(|p| p.automount_service_account_token) != Some(false);
     if automount && !mounts.iter().any(|m| m.mount_path.trim_end_matches('/') == SERVICE_ACCOUNT_DIR) {
@@ -352,11 +374,11 @@ fn volume_mounts(c: &Container) -> Vec<VolumeMount> {
         .collect()
 }
 
-fn containers(d: &Deployment) -> Option<&Vec<Container>> {
+pub fn containers(d: &Deployment) -> Option<&Vec<Container>> {
     d.spec.as_ref()?.template.spec.as_ref().map(|p| &p.containers).filter(|c| !c.is_empty())
 }
 
-fn name_of(d: &Deployment) -> String {
+pub fn name_of(d: &Deployment) -> String {
     d.metadata.name.clone().unwrap_or_default()
 }
 
