@@ -14,7 +14,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tpd_wire::names;
 
 use super::lease::{self, Claim, Leased};
-use super::plan::{self, Guard, Params, Swap, Target};
+use super::plan::{self, Guard, Params, Swap, Target, name_of};
 use super::record::Record;
 use crate::cluster::Cluster;
 use crate::error::Hint;
@@ -127,6 +127,9 @@ pub(crate) async fn admit_agent_pod(
 /// restored first), or held by someone else (an error naming them).
 async fn claim(api: &Api<Deployment>, namespace: &str, target: &Target, force: bool) -> anyhow::Result<Deployment> {
     let current = get(api, namespace, &target.name).await?;
+    if let Some(refusal) = crate::intercept::apply::swap_refusal(&current, target) {
+        return Err(refusal.into());
+    }
     match lease::claim(Record::read(&current)?.as_ref(), force, Timestamp::now()) {
         Claim::Free => Ok(current),
         Claim::Held { holder, since, expired } => {
@@ -420,7 +423,8 @@ fn pod_state(pod: &Pod) -> String {
 }
 
 /// Restores every swap in `namespace` (or all namespaces) whose session
-/// stopped renewing, and says so. Every command that talks to the cluster
+/// stopped renewing, and every intercept whose sessions all did (dropping
+/// the entries of those that did), and says so. Every command that talks to the cluster
 /// calls this, so a laptop that vanished mid-session leaves nothing behind
 /// for long.
 pub async fn repair_abandoned(client: &kube::Client, namespace: Option<&str>) -> anyhow::Result<Vec<String>> {
@@ -431,6 +435,9 @@ pub async fn repair_abandoned(client: &kube::Client, namespace: Option<&str>) ->
     let now = Timestamp::now();
     let mut repaired = Vec::new();
     for d in api.list(&ListParams::default()).await.context("cannot list deployments")?.items {
+        if crate::intercept::apply::repair(client, &d).await? {
+            repaired.push(format!("{}/{}", d.metadata.namespace.as_deref().unwrap_or_default(), name_of(&d)));
+        }
         let Ok(Some(record)) = Record::read(&d) else {
             continue;
         };
