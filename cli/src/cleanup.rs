@@ -17,6 +17,7 @@ use kube::api::Api;
 use tpd_wire::names;
 use tracing::info;
 
+use crate::intercept::{self, apply::Ended};
 use crate::output::progress;
 use crate::swap::apply::{self, Restored};
 
@@ -25,7 +26,8 @@ use crate::swap::apply::{self, Restored};
 pub struct Outcome {
     /// Every step succeeded.
     pub ok: bool,
-    /// This session's swap was put back.
+    /// This session's swap was put back, or its intercept was the last and
+    /// the Deployment is as before: it rolls back.
     pub restored: bool,
 }
 
@@ -44,7 +46,7 @@ pub struct Cleanup {
     pub client: kube::Client,
     pub namespace: String,
     pub session: String,
-    /// The Deployment the session swapped, if it swapped one.
+    /// The Deployment the session swapped or intercepted, if any.
     pub deployment: Option<String>,
 }
 
@@ -55,7 +57,7 @@ impl std::fmt::Debug for Cleanup {
 }
 
 impl Cleanup {
-    /// The cleanup of `session` on `cluster`, which swapped `deployment` if any.
+    /// The cleanup of `session` on `cluster`, which swapped or intercepted `deployment` if any.
     pub fn new(cluster: &crate::cluster::Cluster, session: &str, deployment: Option<String>) -> Self {
         Cleanup {
             client: cluster.client.clone(),
@@ -97,10 +99,24 @@ impl Cleanup {
                 progress(&format!("restored deployment/{name}"));
                 restored.store(true, Ordering::Relaxed);
             }
-            // Never swapped by this session (refused), or restored/taken over by someone else.
-            Restored::NotSwapped | Restored::TakenOver { .. } => {
-                info!("deployment/{name} is not swapped by this session")
+            Restored::NotSwapped => self.end_intercept(name, restored).await?,
+            // Restored or taken over by someone else.
+            Restored::TakenOver { .. } => info!("deployment/{name} is not swapped by this session"),
+        }
+        Ok(())
+    }
+
+    /// Removes the session's intercept of deployment/`name`, and the
+    /// intercept itself when it was the last.
+    async fn end_intercept(&self, name: &str, restored: &AtomicBool) -> anyhow::Result<()> {
+        match intercept::apply::end(&self.client, &self.namespace, name, &self.session).await? {
+            Ended::Restored => {
+                progress(&format!("restored deployment/{name} (its last intercept ended)"));
+                restored.store(true, Ordering::Relaxed);
             }
+            Ended::Left => progress(&format!("ended this session's intercept of deployment/{name}")),
+            // Never swapped or intercepted by this session (refused), or restored meanwhile.
+            Ended::NotIntercepted => info!("deployment/{name} is neither swapped nor intercepted"),
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use tpd_wire::intercept::Filter;
 use tpd_wire::neighbours::PodPort;
 use tpd_wire::sidecar::Cidr;
 
@@ -84,6 +85,13 @@ pub enum Command {
 #[derive(Debug, Args)]
 #[command(
     after_help = "Example:\n  tpd run --image myapp:dev --swap deployment/hello --port 8080:9000 -- python3 -m http.server 9000\n\n\
+    Personal intercepts: two developers work on deployment/api at once, each receiving only the\n\
+    requests that carry their header, while the real pods keep serving everyone else:\n  \
+    alice$ tpd run --image api:dev --intercept deployment/api --port 8080:8080 --header x-dev=alice\n  \
+    bob$   tpd run --image api:dev --intercept deployment/api --port 8080:8080 --header x-dev=bob\n  \
+    curl -H 'x-dev: alice' http://api:8080/   # from anywhere in the cluster: reaches alice's container\n\
+    --path-prefix /P narrows it further (every filter must match). Filters are matched on HTTP\n\
+    requests to the container's REMOTE port; it must be a port the container declares.\n\n\
     The pod's other containers are on localhost, as in the pod: the ports they declare, and any\n\
     port tpd finds listening on the pod's 127.0.0.1, ::1, 0.0.0.0 or :: (checked every 2 s), reach\n\
     127.0.0.1:PORT in your container through the tunnel (add one by hand with --pod-port). The\n\
@@ -97,6 +105,13 @@ pub struct RunArgs {
     /// Swap this Deployment's container for tpd's agent: deployment/NAME[:CONTAINER].
     #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
     pub swap: Option<Target>,
+    /// Take only the requests that match --header/--path-prefix from this
+    /// Deployment's container; the real container keeps serving the rest,
+    /// and others may intercept it too with other filters.
+    #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
+    pub intercept: Option<Target>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
     #[command(flatten)]
     pub session: SessionArgs,
     /// Set an env var in your container (overrides the remote env).
@@ -141,9 +156,9 @@ pub struct SessionArgs {
     /// Take over a swap whose lease expired without waiting for automatic repair.
     #[arg(long, requires = "swap")]
     pub force: bool,
-    /// Cluster traffic to the swapped container's REMOTE port goes to LOCAL
-    /// in the session (your container, for `tpd run`).
-    #[arg(long = "port", value_name = "REMOTE:LOCAL", requires = "swap")]
+    /// Cluster traffic to the swapped (or intercepted) container's REMOTE
+    /// port goes to LOCAL in the session (your container, for `tpd run`).
+    #[arg(long = "port", value_name = "REMOTE:LOCAL")]
     pub ports: Vec<PortMapping>,
     /// Also reach this port of the pod's loopback on 127.0.0.1 in the
     /// session (N for TCP, N/udp), held from the start. Repeatable. The
@@ -173,6 +188,31 @@ pub struct SessionArgs {
     /// How long to wait for the agent pod to become ready.
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub ready_timeout: u64,
+}
+
+/// Which requests an `--intercept` takes; every filter given must match.
+#[derive(Debug, Clone, Default, PartialEq, Args)]
+pub struct FilterArgs {
+    /// With --intercept: only requests that carry this header with this
+    /// exact value (the name in any case). Repeatable.
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = tpd_wire::intercept::parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// With --intercept: only requests whose path starts with this.
+    #[arg(long, value_name = "/PATH", value_parser = path_prefix)]
+    pub path_prefix: Option<String>,
+}
+
+impl FilterArgs {
+    pub fn filter(&self) -> Filter {
+        Filter { headers: self.headers.iter().cloned().collect(), path_prefix: self.path_prefix.clone() }
+    }
+}
+
+fn path_prefix(s: &str) -> Result<String, String> {
+    match s.starts_with('/') {
+        true => Ok(s.to_owned()),
+        false => Err(format!("{s:?} does not start with /; e.g. --path-prefix /api")),
+    }
 }
 
 /// `--port REMOTE:LOCAL`: cluster traffic to the swapped container's port
@@ -237,6 +277,7 @@ pub enum Transport {
     tpd connect                                         # outbound access; prints the sidecar's name\n  \
     docker run --rm --network container:$(tpd connect) myapp:dev\n  \
     tpd connect --name dev --swap deployment/api --port 8080:9000\n  \
+    tpd connect --name mine --intercept deployment/api --port 8080:9000 --header x-dev=alice\n  \
     tpd quit dev")]
 pub struct ConnectArgs {
     /// The session's name (default: CONTEXT-NAMESPACE); `tpd compose --session` and `tpd quit` use it.
@@ -245,6 +286,12 @@ pub struct ConnectArgs {
     /// Swap this Deployment's container for tpd's agent: deployment/NAME[:CONTAINER].
     #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
     pub swap: Vec<Target>,
+    /// Take only the requests that match --header/--path-prefix from this
+    /// Deployment's container (see `tpd run --help`).
+    #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
+    pub intercept: Option<Target>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
     #[command(flatten)]
     pub session: SessionArgs,
     /// Hold the session in this process (what the background process runs).

@@ -233,12 +233,17 @@ fn show(global: &GlobalArgs, r: &Record, headline: &str) {
     progress(headline);
     progress(&format!("  context {}, namespace {}", r.context, r.namespace));
     for s in &r.swaps {
-        let ports: Vec<String> = s.local_ports.iter().map(u16::to_string).collect();
-        progress(&format!(
-            "  swaps {}: its cluster traffic arrives in the session on port(s) {}",
-            s.deployment,
-            ports.join(", ")
-        ));
+        let ports = s.local_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        match &s.intercept {
+            None => progress(&format!(
+                "  swaps {}: its cluster traffic arrives in the session on port(s) {ports}",
+                s.deployment
+            )),
+            Some(filter) => progress(&format!(
+                "  intercepts {}: its requests with {filter} arrive in the session on port(s) {ports}",
+                s.deployment
+            )),
+        }
     }
     if !r.published.is_empty() {
         progress(&format!("  publishes {}", r.published.join(", ")));

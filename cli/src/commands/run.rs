@@ -31,28 +31,26 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     checks::ports_free(args.session.publish.iter().map(|p| p.host))?;
     // The env files and -e flags are read again once the remote env is known.
     session::env::merge(Default::default(), &args.env, &args.env_file)?;
+    let spec = Spec::from_run(&args)?;
     let cluster = crate::session::cluster(global).await?;
-
-    if let Some(target) = &args.swap {
-        // Unknown Deployment or ambiguous container: fail before the guardian exists.
-        apply::check_target(&cluster, target).await?;
-    }
+    // Unknown Deployment, ambiguous container, undeclared port: fail before the guardian exists.
+    session::check_target(&cluster, &spec).await?;
     let id = session::new_id();
     let log = crate::logging::to_file(&id)?;
     info!(session = %id, log = %log.display(), "session starting");
-    let deployment = args.swap.as_ref().map(|t| t.name.clone());
+    let deployment = spec.deployment().map(|t| t.name.clone());
     let guardian = Guardian::spawn(global, &cluster, &id, deployment.as_deref()).await?;
     let cleanup = Cleanup::new(&cluster, &id, deployment);
 
     let shutdown = CancellationToken::new();
     tokio::spawn(ctrl_c(shutdown.clone()));
-    let result = session_body(&cluster, &args, &images, &id, &shutdown).await;
+    let result = session_body(&cluster, &spec, &args, &images, &id, &shutdown).await;
     shutdown.cancel();
     let outcome = cleanup.run().await;
     if outcome.ok {
         guardian.dismiss();
     }
-    if let (Some(target), true) = (&args.swap, outcome.restored) {
+    if let (Some(target), true) = (spec.deployment(), outcome.restored) {
         let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
         progress(&format!("waiting for {target} to roll back"));
         if let Err(e) = apply::wait_for_rollout(&api, &target.name, Duration::from_secs(60)).await {
@@ -63,18 +61,26 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
-/// Swap (or agent pod), lease renewal, readiness, then the local containers.
-/// Returns the developer container's exit code.
+/// Swap, intercept or agent pod, lease renewal, readiness, then the local
+/// containers. Returns the developer container's exit code.
 async fn session_body(
     cluster: &Cluster,
+    spec: &Spec,
     args: &RunArgs,
     images: &Images,
     id: &str,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<i64> {
-    let spec = Spec::from_run(args);
-    let (swap, agent_pod) = session::agent::start(cluster, &spec, images, id, shutdown).await?;
-    let ctx = session::Context { cluster, spec: &spec, images, id, agent_pod, swap: swap.as_ref() };
+    let agent = session::agent::start(cluster, spec, images, id, shutdown).await?;
+    let ctx = session::Context {
+        cluster,
+        spec,
+        images,
+        id,
+        agent_pod: agent.pod,
+        swap: agent.swap.as_ref(),
+        intercept: agent.intercept.as_ref(),
+    };
     session::run(ctx, args, shutdown).await
 }
 

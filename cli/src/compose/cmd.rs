@@ -151,6 +151,7 @@ async fn up_in_own_session(
                 env: Default::default(),
                 mounts: Vec::new(),
                 local_ports: Vec::new(),
+                intercept: None,
             })
             .collect(),
     };

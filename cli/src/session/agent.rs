@@ -1,6 +1,6 @@
 //! The cluster half of a session, for `tpd run` and held sessions alike:
-//! the swap with its lease renewal, or the outbound-only agent pod, up to
-//! the agent pod being ready.
+//! the swap or the intercept with its lease renewal, or the outbound-only
+//! agent pod, up to the agent pod being ready.
 
 use std::time::Duration;
 
@@ -13,20 +13,33 @@ use tracing::info;
 use super::spec::Spec;
 use crate::cluster::Cluster;
 use crate::config::Images;
+use crate::intercept::{self, apply::Intercept};
 use crate::output::progress;
+use crate::swap::lease::Leased;
 use crate::swap::plan::{self, Params};
 use crate::swap::{apply, lease};
 
-/// The cluster half of a session (also `tpd connect`'s): the swap, whose
-/// lease is renewed until `shutdown`, or the outbound-only agent pod; returns
-/// once the agent pod is ready, with the swap and the pod's name.
+/// The cluster half of a session once its agent is ready.
+#[derive(Debug)]
+pub struct Agent {
+    /// The agent pod the session's tunnel reaches: the swapped Deployment's,
+    /// the outbound-only one, or for an intercept one of the workload's pods
+    /// (its "home" agent).
+    pub pod: String,
+    pub swap: Option<plan::Swap>,
+    pub intercept: Option<Intercept>,
+}
+
+/// The cluster half of a session (also `tpd connect`'s): the swap or the
+/// intercept, whose lease is renewed until `shutdown`, or the outbound-only
+/// agent pod; returns once the agent pod is ready.
 pub async fn start(
     cluster: &Cluster,
     spec: &Spec,
     images: &Images,
     id: &str,
     shutdown: &CancellationToken,
-) -> anyhow::Result<(Option<plan::Swap>, String)> {
+) -> anyhow::Result<Agent> {
     let params = Params {
         agent_image: images.agent.clone(),
         session: id.to_owned(),
@@ -35,6 +48,28 @@ pub async fn start(
         lease_seconds: lease::LEASE_SECONDS,
         extra_ports: spec.session.ports.iter().map(|p| p.remote).collect(),
     };
+    let timeout = Duration::from_secs(spec.session.ready_timeout);
+    if let (None, Some(i)) = (&spec.swap, &spec.intercept) {
+        let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+        let remotes: Vec<u16> = spec.session.ports.iter().map(|p| p.remote).collect();
+        let request = intercept::apply::Request {
+            target: &i.target,
+            filter: &i.filter,
+            remotes: &remotes,
+            agent_image: &images.agent,
+            session: id,
+            holder: &params.holder,
+        };
+        progress(&format!("intercepting {} in namespace {}: requests with {}", i.target, cluster.namespace, i.filter));
+        let (intercept, pod) = tokio::select! {
+            done = intercept::apply::intercept(cluster, &request, timeout) => done?,
+            () = shutdown.cancelled() => anyhow::bail!("interrupted before the intercept agents were ready"),
+        };
+        let what = format!("the intercept of {}", i.target);
+        tokio::spawn(renew_lease(api, i.target.name.clone(), intercept.entry.clone(), what, shutdown.clone()));
+        progress(&format!("intercept agents are ready; this session's home agent is in pod {pod}"));
+        return Ok(Agent { pod, swap: None, intercept: Some(intercept) });
+    }
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let mut swapped = None;
     let swap = match &spec.swap {
@@ -42,7 +77,8 @@ pub async fn start(
             let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
             progress(&format!("swapping {target} in namespace {} for tpd's agent", cluster.namespace));
             let swap = apply::swap(&api, &cluster.namespace, target, &params, spec.session.force).await?;
-            tokio::spawn(renew_lease(api.clone(), target.name.clone(), swap.record.clone(), shutdown.clone()));
+            let what = format!("the swap of {target}");
+            tokio::spawn(renew_lease(api.clone(), target.name.clone(), swap.record.clone(), what, shutdown.clone()));
             swapped = Some((api, target.name.clone()));
             Some(swap)
         }
@@ -55,24 +91,25 @@ pub async fn start(
             None
         }
     };
-    let timeout = Duration::from_secs(spec.session.ready_timeout);
     let agent = tokio::select! {
         pod = apply::wait_for_agent(&pods, swapped.as_ref().map(|(api, name)| (api, name.as_str())), id, &images.agent, timeout) => pod?,
         () = shutdown.cancelled() => anyhow::bail!("interrupted before the agent was ready"),
     };
     let agent_name = agent.metadata.name.clone().unwrap_or_default();
     progress(&format!("agent pod {agent_name} is ready"));
-    Ok((swap, agent_name))
+    Ok(Agent { pod: agent_name, swap, intercept: None })
 }
 
-/// Renews the lease until shutdown. An API server that does not answer is
-/// asked again (the record may still be ours when it comes back, even past
-/// the lease: nobody repaired it meanwhile); a record that is no longer ours
-/// (restored or taken over) ends the session.
-async fn renew_lease(
+/// Renews the lease of `record` (the swap's, or the session's intercept
+/// entry; `what` names it) until shutdown. An API server that does not
+/// answer is asked again (the record may still be ours when it comes back,
+/// even past the lease: nobody repaired it meanwhile); a record that is no
+/// longer ours (restored or taken over) ends the session.
+async fn renew_lease<L: Leased>(
     api: Api<Deployment>,
     name: String,
-    mut record: crate::swap::record::Record,
+    mut record: L,
+    what: String,
     shutdown: CancellationToken,
 ) {
     let mut wait = lease::RENEW_EVERY;
@@ -91,7 +128,7 @@ async fn renew_lease(
                 wait = lease::RETRY_EVERY;
             }
             Err(apply::RenewError::Lost(why)) => {
-                progress(&format!("lost the swap of deployment/{name}: {why}; ending the session"));
+                progress(&format!("lost {what}: {why}; ending the session"));
                 shutdown.cancel();
                 return;
             }

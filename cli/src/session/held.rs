@@ -53,13 +53,11 @@ pub async fn establish(
     let docker = crate::docker::connect().await?;
     checks::image_present(&docker, &images.sidecar, checks::TPD_IMAGE_FIX).await?;
     checks::ports_free(spec.session.publish.iter().map(|p| p.host))?;
-    if let Some(target) = &spec.swap {
-        // Unknown Deployment or ambiguous container: fail before the guardian exists.
-        apply::check_target(cluster, target).await?;
-    }
+    // Unknown Deployment, ambiguous container, undeclared port: fail before the guardian exists.
+    super::check_target(cluster, spec).await?;
     let id = super::new_id();
     info!(session = %id, name, "connect session starting");
-    let deployment = spec.swap.as_ref().map(|t| t.name.clone());
+    let deployment = spec.deployment().map(|t| t.name.clone());
     let guardian = Guardian::spawn(global, cluster, &id, deployment.as_deref()).await?;
     let cleanup = Cleanup::new(cluster, &id, deployment);
     let tasks = shutdown.child_token();
@@ -88,7 +86,7 @@ async fn start(
     spec: &Spec,
     tasks: &CancellationToken,
 ) -> anyhow::Result<Record> {
-    let (swap, agent_pod) = super::agent::start(cluster, spec, images, id, tasks).await?;
+    let agent = super::agent::start(cluster, spec, images, id, tasks).await?;
     let request = NetworkCreateRequest {
         name: network.to_owned(),
         labels: Some(super::sidecar::labels(id)),
@@ -98,7 +96,15 @@ async fn start(
         .create_network(request)
         .await
         .with_context(|| format!("cannot create the session's Docker network {network}"))?;
-    let ctx = super::Context { cluster, spec, images, id, agent_pod, swap: swap.as_ref() };
+    let ctx = super::Context {
+        cluster,
+        spec,
+        images,
+        id,
+        agent_pod: agent.pod.clone(),
+        swap: agent.swap.as_ref(),
+        intercept: agent.intercept.as_ref(),
+    };
     let started = super::start(&ctx, tasks).await?;
     tokio::spawn(end_when_the_sidecar_stops(
         docker.clone(),
@@ -128,17 +134,22 @@ async fn start(
             })
             .collect();
     }
-    let swaps = match (&spec.swap, &swap) {
-        (Some(target), Some(swap)) => {
-            let local =
-                |remote: u16| spec.session.ports.iter().find(|p| p.remote == remote).map_or(remote, |p| p.local);
-            vec![SwapRecord {
-                deployment: target.to_string(),
-                env: env.into_iter().collect(),
-                mounts,
-                local_ports: swap.ports.iter().map(|p| local(*p)).collect(),
-            }]
-        }
+    let local = |remote: &u16| spec.session.ports.iter().find(|p| p.remote == *remote).map_or(*remote, |p| p.local);
+    let swaps = match (&spec.swap, &agent.swap, &agent.intercept) {
+        (Some(target), Some(swap), _) => vec![SwapRecord {
+            deployment: target.to_string(),
+            env: env.into_iter().collect(),
+            mounts,
+            local_ports: swap.ports.iter().map(local).collect(),
+            intercept: None,
+        }],
+        (_, _, Some(i)) => vec![SwapRecord {
+            deployment: i.target.to_string(),
+            env: env.into_iter().collect(),
+            mounts,
+            local_ports: i.entry.ports.iter().map(local).collect(),
+            intercept: Some(i.entry.filter.to_string()),
+        }],
         _ => Vec::new(),
     };
     Ok(Record {
@@ -162,7 +173,8 @@ impl Held {
     }
 
     /// Ends the session: stops the relay and the lease renewal, restores the
-    /// swap, deletes the agent pod, removes the sidecar and the network.
+    /// swap (or ends the intercept), deletes the agent pod, removes the
+    /// sidecar and the network.
     pub async fn end(self) -> bool {
         self.tasks.cancel();
         let outcome = self.cleanup.run().await;

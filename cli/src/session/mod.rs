@@ -29,6 +29,7 @@ use tpd_wire::sidecar::{Carrier, Status};
 use crate::cli::{GlobalArgs, RunArgs};
 use crate::cluster::Cluster;
 use crate::config::Images;
+use crate::intercept::apply::Intercept;
 use crate::output::progress;
 use crate::swap::plan::{self, Params, Swap};
 use spec::Spec;
@@ -43,6 +44,19 @@ pub async fn cluster(global: &GlobalArgs) -> anyhow::Result<Cluster> {
     Ok(cluster)
 }
 
+/// Checks, before anything changes, the Deployment the session swaps or
+/// intercepts: that it exists, its container, and for an intercept its ports.
+pub async fn check_target(cluster: &Cluster, spec: &Spec) -> anyhow::Result<()> {
+    if let Some(target) = &spec.swap {
+        crate::swap::apply::check_target(cluster, target).await?;
+    }
+    if let Some(i) = &spec.intercept {
+        let remotes: Vec<u16> = spec.session.ports.iter().map(|p| p.remote).collect();
+        crate::intercept::apply::check(cluster, &i.target, &remotes).await?;
+    }
+    Ok(())
+}
+
 /// What the session machinery works from.
 #[derive(Debug)]
 pub struct Context<'a> {
@@ -52,6 +66,16 @@ pub struct Context<'a> {
     pub id: &'a str,
     pub agent_pod: String,
     pub swap: Option<&'a Swap>,
+    /// The session's intercept, for the registrar and the sidecar.
+    pub intercept: Option<&'a Intercept>,
+}
+
+impl Context<'_> {
+    /// The volumes the session mounts: the swapped or intercepted container's.
+    fn volumes(&self) -> Vec<tpd_wire::files::VolumeMount> {
+        let swapped = self.swap.map(|s| &s.mounts);
+        swapped.or(self.intercept.map(|i| &i.mounts)).cloned().unwrap_or_default()
+    }
 }
 
 /// A fresh session id: short, and valid as a label value and container name.
@@ -176,8 +200,7 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
     let dir = session_dir(ctx.id)?;
     let relay = relay::start(&dir, ctx.cluster, ctx.id, &ctx.agent_pod, shutdown.clone())?;
     let docker = crate::docker::connect().await?;
-    let volumes =
-        (!ctx.spec.session.no_mounts).then(|| ctx.swap.map(|s| s.mounts.clone())).flatten().unwrap_or_default();
+    let volumes = if ctx.spec.session.no_mounts { Vec::new() } else { ctx.volumes() };
     progress("starting the sidecar");
     let sidecar = sidecar::start(&docker, ctx, &dir, &relay, &plan, &routes, &volumes).await?;
     let mut status = tokio::select! {

@@ -64,6 +64,10 @@ pub struct SwapRecord {
     /// Local ports the agent forwards cluster traffic to.
     #[serde(default)]
     pub local_ports: Vec<u16>,
+    /// Set when the session intercepts the Deployment rather than swaps
+    /// it: the filter of the requests it takes (`x-dev=alice`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intercept: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

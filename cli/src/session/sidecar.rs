@@ -75,7 +75,9 @@ fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[Cidr], volume
 /// (the developer's), and `--pod-port`'s.
 fn pod_ports(ctx: &Context<'_>) -> Vec<Declared> {
     let developers = |d: &&Declared| !ctx.spec.session.ports.iter().any(|p| p.local == d.port.port);
-    let declared = ctx.swap.iter().flat_map(|s| s.neighbours.iter()).filter(developers).cloned();
+    let swapped = ctx.swap.iter().flat_map(|s| s.neighbours.iter());
+    let intercepted = ctx.intercept.iter().flat_map(|i| i.neighbours.iter());
+    let declared = swapped.chain(intercepted).filter(developers).cloned();
     let by_hand = ctx.spec.session.pod_ports.iter().map(|&port| Declared { port, owner: "--pod-port".into() });
     declared.chain(by_hand).collect()
 }
@@ -105,7 +107,8 @@ pub async fn start(
     let config = serde_json::to_string(&config(ctx, relay, plan, routes, volumes))?;
     // The developer's container joins this network namespace and gets the
     // sidecar's hostname, /etc/hosts and /etc/resolv.conf with it.
-    let pod = ctx.swap.and_then(|s| s.deployment.spec.as_ref()).and_then(|d| d.template.spec.as_ref());
+    let deployment = ctx.swap.map(|s| &s.deployment).or(ctx.intercept.map(|i| &i.deployment));
+    let pod = deployment.and_then(|d| d.spec.as_ref()).and_then(|d| d.template.spec.as_ref());
     let naming = super::naming::naming(pod, &ctx.agent_pod, &ctx.cluster.namespace);
     let mut host = HostConfig {
         cap_add: Some(vec!["NET_ADMIN".into()]),
