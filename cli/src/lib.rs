@@ -19,6 +19,7 @@ mod config;
 mod docker;
 mod error;
 mod guardian;
+mod intercept;
 mod logging;
 pub mod mounts;
 mod output;

@@ -174,7 +174,8 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
     let shown: Vec<String> = routes.iter().chain(&ctx.spec.session.also_proxy).map(ToString::to_string).collect();
     progress(&format!("cluster ranges routed through the tunnel: {}", shown.join(", ")));
     let dir = session_dir(ctx.id)?;
-    let relay = relay::start(&dir, ctx.cluster, ctx.id, &ctx.agent_pod, shutdown.clone())?;
+    let agents = relay::Agents::Session { session: ctx.id.to_owned(), first: ctx.agent_pod.clone() };
+    let relay = relay::start(&dir, ctx.cluster, agents, shutdown.clone())?;
     let docker = crate::docker::connect().await?;
     let volumes =
         (!ctx.spec.session.no_mounts).then(|| ctx.swap.map(|s| s.mounts.clone())).flatten().unwrap_or_default();
