@@ -369,3 +369,106 @@ fn two_developers_intercept_one_workload_by_header_and_leave_it_as_it_was() -> a
     drop(cleanup);
     Ok(())
 }
+
+/// The load a client without the header puts on `api` while the cluster
+/// changes under it: 20 requests/s, each on a fresh connection (the most
+/// sensitive to endpoints changing), for at most `argv[1]` seconds (bounded);
+/// one line per second: Unix time, answered, failed.
+const STEADY_CLIENT: &str = r#"
+import http.client, sys, time
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    second = time.time()
+    ok = failed = 0
+    for i in range(20):
+        try:
+            c = http.client.HTTPConnection("api", 80, timeout=2)
+            c.request("GET", "/")
+            r = c.getresponse()
+            r.read()
+            c.close()
+            if r.status == 200:
+                ok += 1
+            else:
+                failed += 1
+        except Exception:
+            failed += 1
+        time.sleep(max(0, second + (i + 1) / 20 - time.time()))
+    print("%.3f %d %d" % (second, ok, failed), flush=True)
+"#;
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+}
+
+/// (answered, failed) in the client's lines between `from` and `to`.
+fn load_between(logs: &str, from: f64, to: f64) -> (u64, u64) {
+    logs.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse::<f64>().ok()?, f.next()?.parse::<u64>().ok()?, f.next()?.parse::<u64>().ok()?))
+        })
+        .filter(|&(t, _, _)| t >= from && t <= to)
+        .fold((0, 0), |(ok, failed), (_, o, f)| (ok + o, failed + f))
+}
+
+#[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
+fn intercepts_starting_and_ending_fail_no_more_requests_than_a_rollout_restart() -> anyhow::Result<()> {
+    session::prerequisites()?;
+    let sb = Sandbox::up()?;
+    let mut cleanup = Cleanup::default();
+    sb.apply(&manifests())?;
+    sb.rolled_out(NS, API)?;
+    sb.kubectl_ok(&[
+        "run",
+        "steady",
+        "-n",
+        NS,
+        "--image",
+        images::DEBIAN,
+        "--restart=Never",
+        "--",
+        "python3",
+        "-c",
+        STEADY_CLIENT,
+        "400",
+    ])?;
+    sb.kubectl_ok(&["wait", "-n", NS, "--for=condition=Ready", "pod/steady", "--timeout=60s"])?;
+    tpd_e2e::interrupt::pause(Duration::from_secs(3))?;
+
+    // What a rollout restart costs the client.
+    let restart_from = unix_now();
+    sb.kubectl_ok(&["rollout", "restart", "-n", NS, &format!("deployment/{API}")])?;
+    sb.rolled_out(NS, API)?;
+    tpd_e2e::interrupt::pause(Duration::from_secs(3))?;
+    let restart_to = unix_now();
+
+    // What intercepts cost it: Alice's (a rollout that adds the agent, then
+    // the Services move to it), Bob's joining and leaving, Alice's leaving
+    // (the Services move back, then a rollout that removes the agent).
+    let intercept_from = unix_now();
+    let mut alice = Developer::start(&sb, &mut cleanup, "alice")?;
+    let mut bob = Developer::start(&sb, &mut cleanup, "bob")?;
+    tpd_e2e::interrupt::pause(Duration::from_secs(3))?;
+    bob.stop()?;
+    alice.stop()?;
+    sb.rolled_out(NS, API)?;
+    tpd_e2e::interrupt::pause(Duration::from_secs(3))?;
+    let intercept_to = unix_now();
+
+    let logs = sb.kubectl_ok(&["logs", "-n", NS, "steady"])?;
+    let _ = sb.kubectl_ok(&["delete", "pod", "steady", "-n", NS, "--wait=false"]);
+    let restart = load_between(&logs, restart_from, restart_to);
+    let intercepts = load_between(&logs, intercept_from, intercept_to);
+    eprintln!(
+        "requests without the header, (answered, failed): rollout restart {restart:?} in {:.0} s, \
+         intercepts starting and ending {intercepts:?} in {:.0} s",
+        restart_to - restart_from,
+        intercept_to - intercept_from
+    );
+    assert!(restart.0 > 0 && intercepts.0 > 0, "the client did not run:\n{logs}");
+    assert!(intercepts.1 <= restart.1, "intercepts failed {} requests, a rollout restart {}", intercepts.1, restart.1);
+    drop(cleanup);
+    Ok(())
+}
