@@ -34,6 +34,10 @@ pub struct Outcome {
 /// How long a step that talks to the API server may take: it must not hang
 /// on an unreachable cluster.
 const STEP_DEADLINE: Duration = Duration::from_secs(8);
+/// How long the restore may take: an intercept's last session waits out, at
+/// most a lease, the entries of sessions that stopped renewing before it
+/// restores (`intercept::apply::end`).
+const RESTORE_DEADLINE: Duration = STEP_DEADLINE.saturating_add(tpd_wire::intercept::LEASE);
 /// How long the local step may take: stopping the sidecar, removing the
 /// containers and, after a killed sidecar, the volume release (up to 30 s
 /// of its own) on a loaded Docker engine. With 8 s it ran out under
@@ -73,7 +77,7 @@ impl Cleanup {
         let restored = Arc::new(AtomicBool::new(false));
         let mut ok = true;
         if let Some(name) = &self.deployment {
-            ok &= step("restore", STEP_DEADLINE, self.restore(name, &restored)).await;
+            ok &= step("restore", RESTORE_DEADLINE, self.restore(name, &restored)).await;
         }
         ok &= step("delete the session's cluster objects", STEP_DEADLINE, self.delete_objects()).await;
         let local = remove_local(&self.session);

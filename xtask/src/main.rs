@@ -3,7 +3,7 @@
 //! - `images`: the sidecar and agent images (static binaries, FROM scratch).
 //! - `test`: everything the test suite needs, then the whole suite.
 //! - `demo`: the main job end to end on the sandbox cluster.
-//! - `bench <tunnel|volumes|session|sandbox|soak>`: printed figures, never a failure.
+//! - `bench <tunnel|volumes|session|intercept|sandbox|soak>`: printed figures, never a failure.
 //! - `fuzz [TARGET]`: the `wire` decoders' fuzz targets, on the stable toolchain.
 
 mod bench;

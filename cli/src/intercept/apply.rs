@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use tpd_wire::files::VolumeMount;
-use tpd_wire::intercept::{AGENT_CONTAINER, Config, Filter, Route};
+use tpd_wire::intercept::{self, AGENT_CONTAINER, Filter, Route};
 use tpd_wire::neighbours::Declared;
 
 use super::plan;
@@ -56,8 +56,6 @@ pub struct Intercept {
     /// `user@host`, and since when (RFC 3339), as registrations carry them.
     pub holder: String,
     pub since: String,
-    /// The agents' ports (transport, intercept, one listener per port).
-    pub config: Config,
     /// The real container's volumes, which the session mounts.
     pub mounts: Vec<VolumeMount>,
     /// The pod's other containers' ports, reached on 127.0.0.1.
@@ -93,11 +91,17 @@ impl std::fmt::Debug for Token {
 const ATTEMPTS: u32 = 3;
 
 /// Checks, before anything changes, that `target` can be intercepted on
-/// `remotes`: its container, its ports, pods to intercept, not swapped.
-pub async fn check(cluster: &Cluster, target: &Target, remotes: &[u16]) -> anyhow::Result<()> {
+/// `remotes` with `filter`: its container, its ports, pods to intercept,
+/// not swapped, no live session taking the same requests.
+pub async fn check(cluster: &Cluster, target: &Target, remotes: &[u16], filter: &Filter) -> anyhow::Result<()> {
     let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let d = get(&api, &cluster.namespace, &target.name).await?;
     refuse_swapped(&d, target)?;
+    let now = Timestamp::now();
+    let asked = Entry::new("", "", now, remotes, filter);
+    if let Some(refusal) = plan::clash(target, &live_entries(&d, now, Grace::None), &asked) {
+        return Err(refusal.into());
+    }
     let hint = |e: plan::Error| Hint::new(e.to_string(), e.help());
     let index = choose_container(&d, target.container.as_deref()).map_err(|e| hint(e.into()))?;
     let real = &d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| &p.containers[index]);
@@ -129,7 +133,7 @@ pub async fn intercept(cluster: &Cluster, req: &Request<'_>, timeout: Duration) 
     for attempt in 1..=ATTEMPTS {
         let current = get(&api, ns, &target.name).await?;
         refuse_swapped(&current, target)?;
-        let live = live_entries(&current, Timestamp::now());
+        let live = live_entries(&current, Timestamp::now(), Grace::None);
         if let Some(refusal) = plan::clash(target, &live, &entry) {
             return Err(refusal.into());
         }
@@ -194,7 +198,6 @@ pub async fn intercept(cluster: &Cluster, req: &Request<'_>, timeout: Duration) 
         token: Token::random(),
         holder: entry.holder.clone(),
         since: entry.since.0.to_string(),
-        config: record.config,
         mounts,
         neighbours,
         deployment: current,
@@ -224,18 +227,34 @@ fn refuse_swapped(d: &Deployment, target: &Target) -> anyhow::Result<()> {
     }
 }
 
-/// The entries whose sessions may still be alive (their lease is not past
-/// the grace a swap's repair waits for).
-fn live_entries(d: &Deployment, now: Timestamp) -> Vec<Entry> {
-    Entry::all(d).into_iter().filter(|e| !lease::past_grace(e.expires(), now)).collect()
+/// How long past its lease an entry still counts as a live session's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grace {
+    /// Not at all: what a session decides on (whether its filter is taken,
+    /// whether it is the last), as the agents forget a route at its lease.
+    None,
+    /// The grace a swap's repair waits for: what another machine's repair
+    /// decides on, so a session whose renewal is merely late keeps its entry.
+    Repair,
+}
+
+/// The entries whose sessions are taken to be alive.
+fn live_entries(d: &Deployment, now: Timestamp, grace: Grace) -> Vec<Entry> {
+    let live = |e: &Entry| match grace {
+        Grace::None => e.expires() > now,
+        Grace::Repair => !lease::past_grace(e.expires(), now),
+    };
+    Entry::all(d).into_iter().filter(live).collect()
 }
 
 /// The refusal of a swap of an intercepted Deployment, naming who
 /// intercepts it; `None` when it is not intercepted.
 pub fn swap_refusal(d: &Deployment, target: &Target) -> Option<Hint> {
     Record::read(d).ok().flatten()?;
-    let holders: Vec<String> =
-        live_entries(d, Timestamp::now()).iter().map(|e| format!("{} ({})", e.holder, e.filter)).collect();
+    let holders: Vec<String> = live_entries(d, Timestamp::now(), Grace::Repair)
+        .iter()
+        .map(|e| format!("{} ({})", e.holder, e.filter))
+        .collect();
     let who = if holders.is_empty() { "sessions that stopped renewing".to_owned() } else { holders.join(", ") };
     Some(Hint::new(
         format!("{target} is intercepted by {who}: a swap would take all of its traffic from them"),
@@ -369,7 +388,9 @@ pub enum Ended {
 }
 
 /// Ends `session`'s intercept of deployment/`name`: removes its entry and,
-/// when no live session is left, restores.
+/// when no live session is left, restores. Other sessions that stopped
+/// renewing (a laptop that vanished moments ago) are waited out, at most a
+/// lease, so the last live session leaves nothing behind.
 pub async fn end(client: &kube::Client, namespace: &str, name: &str, session: &str) -> anyhow::Result<Ended> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let Some(current) = api.get_opt(name).await? else {
@@ -378,16 +399,43 @@ pub async fn end(client: &kube::Client, namespace: &str, name: &str, session: &s
     if Record::read(&current)?.is_none() {
         return Ok(Ended::NotIntercepted);
     }
-    remove_entry(&api, &current, session).await?;
+    let had_entry = remove_entry(&api, &current, session).await?;
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
-    Ok(if restore_if_unused(&api, &services, name).await? { Ended::Restored } else { Ended::Left })
+    for _ in 0..ATTEMPTS {
+        if restore_if_unused(&api, &services, name, Grace::None).await? {
+            return Ok(Ended::Restored);
+        }
+        let Some(current) = api.get_opt(name).await? else {
+            return Ok(Ended::NotIntercepted);
+        };
+        let Some(until) = stale_until(&live_entries(&current, Timestamp::now(), Grace::None), Timestamp::now()) else {
+            break;
+        };
+        let wait = Duration::try_from(until.duration_since(Timestamp::now())).unwrap_or_default();
+        tracing::info!("waiting {wait:?} for the lease of intercept sessions that stopped renewing");
+        tokio::time::sleep(wait + Duration::from_millis(500)).await;
+    }
+    Ok(if had_entry { Ended::Left } else { Ended::NotIntercepted })
 }
 
-/// Removes `session`'s entry if `d` has it (and it was not changed meanwhile).
-async fn remove_entry(api: &Api<Deployment>, d: &Deployment, session: &str) -> anyhow::Result<()> {
+/// When every one of the `live` entries has missed a renewal (its lease
+/// ends sooner than a renewing session's ever does): when the last of them
+/// runs out. `None` if one of them is renewing.
+fn stale_until(live: &[Entry], now: Timestamp) -> Option<Timestamp> {
+    let renewing = k8s_openapi::jiff::SignedDuration::try_from(intercept::LEASE - intercept::RENEW_EVERY).ok()?;
+    let stale = |e: &Entry| e.expires() < now + renewing;
+    if live.is_empty() || !live.iter().all(stale) {
+        return None;
+    }
+    live.iter().map(Entry::expires).max()
+}
+
+/// Removes `session`'s entry if `d` has it (and it was not changed
+/// meanwhile); returns whether it had one.
+async fn remove_entry(api: &Api<Deployment>, d: &Deployment, session: &str) -> anyhow::Result<bool> {
     let key = entry_key(session);
     let Some(value) = d.metadata.annotations.as_ref().and_then(|a| a.get(&key)) else {
-        return Ok(());
+        return Ok(false);
     };
     let name = d.metadata.name.clone().unwrap_or_default();
     let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
@@ -396,9 +444,9 @@ async fn remove_entry(api: &Api<Deployment>, d: &Deployment, session: &str) -> a
     ]))?;
     match api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
         // Renewed or removed meanwhile (by this session's renewal, or a repair): read again next time.
-        Err(e) if conflict(&e) => Ok(()),
+        Err(e) if conflict(&e) => Ok(true),
         Err(e) => Err(anyhow::Error::from(e).context(format!("cannot remove the intercept of deployment/{name}"))),
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(true),
     }
 }
 
@@ -406,7 +454,12 @@ async fn remove_entry(api: &Api<Deployment>, d: &Deployment, session: &str) -> a
 /// left: the Services first, then the Deployment, guarded by its
 /// annotations (a session that joined meanwhile keeps the intercept, and
 /// the Services are pointed at its agents again). Returns whether it did.
-async fn restore_if_unused(api: &Api<Deployment>, services: &Api<Service>, name: &str) -> anyhow::Result<bool> {
+async fn restore_if_unused(
+    api: &Api<Deployment>,
+    services: &Api<Service>,
+    name: &str,
+    grace: Grace,
+) -> anyhow::Result<bool> {
     for attempt in 1..=ATTEMPTS {
         let Some(current) = api.get_opt(name).await? else {
             return Ok(false);
@@ -414,7 +467,7 @@ async fn restore_if_unused(api: &Api<Deployment>, services: &Api<Service>, name:
         let Some(record) = Record::read(&current)? else {
             return Ok(false);
         };
-        if !live_entries(&current, Timestamp::now()).is_empty() {
+        if !live_entries(&current, Timestamp::now(), grace).is_empty() {
             if attempt > 1 {
                 retarget_services(services, &current, &record).await?;
             }
@@ -452,7 +505,7 @@ pub async fn repair(client: &kube::Client, d: &Deployment) -> anyhow::Result<boo
         );
     }
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let restored = restore_if_unused(&api, &services, &name).await?;
+    let restored = restore_if_unused(&api, &services, &name, Grace::Repair).await?;
     if restored {
         eprintln!("tpd: restored deployment/{name} in {ns}: none of its intercepts is left");
     }

@@ -67,7 +67,7 @@ pub async fn start(
         };
         let what = format!("the intercept of {}", i.target);
         tokio::spawn(renew_lease(api, i.target.name.clone(), intercept.entry.clone(), what, shutdown.clone()));
-        progress(&format!("intercept agents are ready; this session's home agent is in pod {pod}"));
+        progress(&format!("intercept agents are ready beside container {} in every pod", intercept.container));
         return Ok(Agent { pod, swap: None, intercept: Some(intercept) });
     }
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);

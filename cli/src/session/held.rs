@@ -25,6 +25,7 @@ use crate::cli::{GlobalArgs, Publish};
 use crate::cluster::Cluster;
 use crate::config::Images;
 use crate::guardian::Guardian;
+use crate::intercept::register::Registrar;
 use crate::output::progress;
 use crate::swap::apply;
 
@@ -37,6 +38,8 @@ pub struct Held {
     cluster: Cluster,
     /// Cancels the relay and the lease renewal.
     tasks: CancellationToken,
+    /// An intercept's registrations, ended before the cleanup.
+    registrar: Option<Registrar>,
 }
 
 /// Starts a session named `name` and returns once its sidecar is ready.
@@ -63,7 +66,7 @@ pub async fn establish(
     let tasks = shutdown.child_token();
     let network = format!("tpd-{id}");
     match start(&docker, cluster, images, name, &id, &network, spec, &tasks).await {
-        Ok(record) => Ok(Held { record, cleanup, guardian, cluster: cluster.clone(), tasks }),
+        Ok((record, registrar)) => Ok(Held { record, cleanup, guardian, cluster: cluster.clone(), tasks, registrar }),
         Err(e) => {
             progress("removing what the session had started");
             tasks.cancel();
@@ -85,7 +88,7 @@ async fn start(
     network: &str,
     spec: &Spec,
     tasks: &CancellationToken,
-) -> anyhow::Result<Record> {
+) -> anyhow::Result<(Record, Option<Registrar>)> {
     let agent = super::agent::start(cluster, spec, images, id, tasks).await?;
     let request = NetworkCreateRequest {
         name: network.to_owned(),
@@ -105,13 +108,38 @@ async fn start(
         swap: agent.swap.as_ref(),
         intercept: agent.intercept.as_ref(),
     };
-    let started = super::start(&ctx, tasks).await?;
+    let mut started = super::start(&ctx, tasks).await?;
+    let registrar = started.registrar.take();
     tokio::spawn(end_when_the_sidecar_stops(
         docker.clone(),
         started.sidecar.id.clone(),
         started.sidecar.name.clone(),
         tasks.clone(),
     ));
+    let record = record_of(docker, cluster, name, id, network, spec, &agent, started).await;
+    match record {
+        Ok(record) => Ok((record, registrar)),
+        Err(e) => {
+            if let Some(registrar) = registrar {
+                registrar.end().await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The held session's record, once its sidecar is ready.
+#[allow(clippy::too_many_arguments)]
+async fn record_of(
+    docker: &Docker,
+    cluster: &Cluster,
+    name: &str,
+    id: &str,
+    network: &str,
+    spec: &Spec,
+    agent: &super::agent::Agent,
+    started: super::Started,
+) -> anyhow::Result<Record> {
     let connect = NetworkConnectRequest { container: started.sidecar.id.clone(), ..Default::default() };
     docker
         .connect_network(network, connect)
@@ -176,6 +204,9 @@ impl Held {
     /// swap (or ends the intercept), deletes the agent pod, removes the
     /// sidecar and the network.
     pub async fn end(self) -> bool {
+        if let Some(registrar) = self.registrar {
+            registrar.end().await;
+        }
         self.tasks.cancel();
         let outcome = self.cleanup.run().await;
         if outcome.ok {

@@ -30,6 +30,7 @@ use crate::cli::{GlobalArgs, RunArgs};
 use crate::cluster::Cluster;
 use crate::config::Images;
 use crate::intercept::apply::Intercept;
+use crate::intercept::register::{self, Registrar, Registration};
 use crate::output::progress;
 use crate::swap::plan::{self, Params, Swap};
 use spec::Spec;
@@ -52,7 +53,7 @@ pub async fn check_target(cluster: &Cluster, spec: &Spec) -> anyhow::Result<()> 
     }
     if let Some(i) = &spec.intercept {
         let remotes: Vec<u16> = spec.session.ports.iter().map(|p| p.remote).collect();
-        crate::intercept::apply::check(cluster, &i.target, &remotes).await?;
+        crate::intercept::apply::check(cluster, &i.target, &remotes, &i.filter).await?;
     }
     Ok(())
 }
@@ -150,12 +151,19 @@ pub fn session_dir_path(id: &str) -> PathBuf {
 /// Runs the local half until the developer's container exits or `shutdown`
 /// fires; returns the container's exit code.
 pub async fn run(ctx: Context<'_>, args: &RunArgs, shutdown: &CancellationToken) -> anyhow::Result<i64> {
-    let Started { sidecar, status, docker } = start(&ctx, shutdown).await?;
-    let env = env::merge(status.env, &args.env, &args.env_file)?;
-    tokio::select! {
-        code = container::run(&docker, ctx.id, args, &sidecar, env, shutdown) => code,
-        why = sidecar::stopped(&docker, &sidecar.id, &sidecar.name) => Err(sidecar_lost(why)),
+    let Started { sidecar, status, docker, registrar } = start(&ctx, shutdown).await?;
+    let ran = async {
+        let env = env::merge(status.env, &args.env, &args.env_file)?;
+        tokio::select! {
+            code = container::run(&docker, ctx.id, args, &sidecar, env, shutdown) => code,
+            why = sidecar::stopped(&docker, &sidecar.id, &sidecar.name) => Err(sidecar_lost(why)),
+        }
     }
+    .await;
+    if let Some(registrar) = registrar {
+        registrar.end().await;
+    }
+    ran
 }
 
 /// The session ends when its sidecar does; the cleanup that follows removes
@@ -175,12 +183,50 @@ pub struct Started {
     /// What the sidecar reported, with the agent's env.
     pub status: Status,
     pub docker: bollard::Docker,
+    /// An intercept's registrations with its agents; [`Registrar::end`]
+    /// unregisters them when the session ends.
+    pub registrar: Option<Registrar>,
 }
 
-/// Starts the relay (until `shutdown`), the transport's cluster side (the
-/// NodePort Service for UDP) and the sidecar, and waits until the sidecar
-/// reports the tunnel up.
+/// Registers an intercept with its agents, starts the relay (until
+/// `shutdown`), the transport's cluster side (the NodePort Service for UDP)
+/// and the sidecar, and waits until the sidecar reports the tunnel up.
 pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::Result<Started> {
+    let registrar = match ctx.intercept {
+        Some(i) => {
+            progress(&format!("registering with the intercept agents of {}", i.target));
+            let registration = Registration {
+                session: ctx.id.to_owned(),
+                token: i.token.expose().to_owned(),
+                holder: i.holder.clone(),
+                since: i.since.clone(),
+                routes: i.routes.clone(),
+            };
+            Some(register::start(ctx.cluster, i.selector.clone(), registration, shutdown.clone()).await?)
+        }
+        None => None,
+    };
+    let agents = match &registrar {
+        Some(r) => relay::Agents::Home(r.home()),
+        None => relay::Agents::Session { session: ctx.id.to_owned(), first: ctx.agent_pod.clone() },
+    };
+    match start_tunnel(ctx, agents, shutdown).await {
+        Ok(started) => Ok(Started { registrar, ..started }),
+        Err(e) => {
+            if let Some(registrar) = registrar {
+                registrar.end().await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// [`start`] from the relay on, its tunnel going to `agents`.
+async fn start_tunnel(
+    ctx: &Context<'_>,
+    agents: relay::Agents,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Started> {
     let discovered = async {
         match cidrs::discover(&ctx.cluster.client).await {
             // The user named ranges: go on with those.
@@ -198,7 +244,7 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
     let shown: Vec<String> = routes.iter().chain(&ctx.spec.session.also_proxy).map(ToString::to_string).collect();
     progress(&format!("cluster ranges routed through the tunnel: {}", shown.join(", ")));
     let dir = session_dir(ctx.id)?;
-    let relay = relay::start(&dir, ctx.cluster, ctx.id, &ctx.agent_pod, shutdown.clone())?;
+    let relay = relay::start(&dir, ctx.cluster, agents, shutdown.clone())?;
     let docker = crate::docker::connect().await?;
     let volumes = if ctx.spec.session.no_mounts { Vec::new() } else { ctx.volumes() };
     progress("starting the sidecar");
@@ -214,7 +260,7 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
     });
     progress(&format!("session ready ({})", transport_line(ctx.cluster, ctx.id, &plan, used).await));
     status.transport = Some(used);
-    Ok(Started { sidecar, status, docker })
+    Ok(Started { sidecar, status, docker, registrar: None })
 }
 
 /// Says which transport carries the session (and why, after a fallback);

@@ -23,9 +23,7 @@ use futures::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::Request;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self as ws, Message};
 
@@ -83,12 +81,13 @@ pub async fn open(client: &kube::Client, namespace: &str, pod: &str, port: u16) 
 }
 
 impl PortForward {
-    /// Carries bytes between `local` and the pod's port until either side
-    /// closes or fails. The caller's connection ends with it, which is how
-    /// the sidecar learns to dial again.
-    pub async fn relay(self, local: UnixStream) -> Result<Carried, Error> {
+    /// Carries bytes between `local` (the sidecar's connection, or one end
+    /// of an in-process pipe) and the pod's port until either side closes
+    /// or fails. The caller's connection ends with it, which is how the
+    /// sidecar learns to dial again.
+    pub async fn relay(self, local: impl AsyncRead + AsyncWrite) -> Result<Carried, Error> {
         let (sink, stream) = self.socket.split();
-        let (reader, writer) = local.into_split();
+        let (reader, writer) = tokio::io::split(local);
         let mut carried = Carried::default();
         let result = tokio::select! {
             r = to_pod(reader, sink, &mut carried.up) => r,
@@ -98,7 +97,11 @@ impl PortForward {
     }
 }
 
-async fn to_pod(mut local: OwnedReadHalf, mut sink: SplitSink<Socket, Message>, sent: &mut u64) -> Result<(), Error> {
+async fn to_pod(
+    mut local: impl AsyncRead + Unpin,
+    mut sink: SplitSink<Socket, Message>,
+    sent: &mut u64,
+) -> Result<(), Error> {
     loop {
         let mut message = BytesMut::with_capacity(1 + CHUNK);
         message.put_u8(DATA);
@@ -114,7 +117,7 @@ async fn to_pod(mut local: OwnedReadHalf, mut sink: SplitSink<Socket, Message>, 
 
 async fn from_pod(
     mut stream: SplitStream<Socket>,
-    mut local: OwnedWriteHalf,
+    mut local: impl AsyncWrite + Unpin,
     port: u16,
     received: &mut u64,
 ) -> Result<(), Error> {

@@ -8,7 +8,8 @@
 //! deleted (a node drained, an eviction, `kubectl delete pod`), its
 //! ReplicaSet starts another, and the next connection waits until that one
 //! is ready and goes there. The sidecar then meets a new agent key in the
-//! hello and starts a new WireGuard session.
+//! hello and starts a new WireGuard session. An intercept's tunnel goes to
+//! its home pod, which the registrar picks and moves the same way.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,12 +19,14 @@ use anyhow::Context;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tpd_wire::names;
 use tracing::{debug, info};
 
 use super::portforward;
 use crate::cluster::Cluster;
+use crate::intercept::register;
 use crate::output::progress;
 use crate::swap::apply;
 
@@ -39,23 +42,32 @@ pub struct Relay {
     pub socket_in_sidecar: String,
 }
 
+/// Where the session's tunnel goes.
+#[derive(Debug)]
+pub enum Agents {
+    /// The session's own agent pod (a swap's, or the outbound-only pod),
+    /// `first` when the session started.
+    Session { session: String, first: String },
+    /// An intercept's home pod, as the registrar picks it.
+    Home(watch::Receiver<Option<register::AgentPod>>),
+}
+
 /// Listens on `dir/transport.sock` and relays until `shutdown`.
-pub fn start(
-    dir: &Path,
-    cluster: &Cluster,
-    session: &str,
-    agent_pod: &str,
-    shutdown: CancellationToken,
-) -> anyhow::Result<Relay> {
+pub fn start(dir: &Path, cluster: &Cluster, agents: Agents, shutdown: CancellationToken) -> anyhow::Result<Relay> {
     let path: PathBuf = dir.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let (selector, current, home) = match agents {
+        Agents::Session { session, first } => (format!("{}={session}", names::LABEL_SESSION), first, None),
+        Agents::Home(home) => (String::new(), String::new(), Some(home)),
+    };
     let agent = Arc::new(AgentPod {
         pods: Api::namespaced(cluster.client.clone(), &cluster.namespace),
         client: cluster.client.clone(),
         namespace: cluster.namespace.clone(),
-        selector: format!("{}={session}", names::LABEL_SESSION),
-        current: Mutex::new(agent_pod.to_owned()),
+        selector,
+        current: Mutex::new(current),
+        home,
     });
     tokio::spawn(async move {
         loop {
@@ -82,15 +94,16 @@ struct AgentPod {
     selector: String,
     /// The pod the last connection went to.
     current: Mutex<String>,
+    /// For an intercept: the home pod, which replaces the lookup by label.
+    home: Option<watch::Receiver<Option<register::AgentPod>>>,
 }
 
 impl AgentPod {
     async fn relay_one(self: Arc<Self>, local: UnixStream, shutdown: CancellationToken) {
-        let pod = tokio::select! {
-            pod = self.ready() => pod,
+        let (pod, port) = tokio::select! {
+            found = self.target() => found,
             () = shutdown.cancelled() => return,
         };
-        let port = names::AGENT_TRANSPORT_PORT;
         let forward = match portforward::open(&self.client, &self.namespace, &pod, port).await {
             Ok(f) => f,
             Err(e) => {
@@ -106,6 +119,20 @@ impl AgentPod {
                 Err(e) => info!("port-forward dropped: {e}; the sidecar reconnects"),
             },
             () = shutdown.cancelled() => {}
+        }
+    }
+
+    /// The pod and port the next connection goes to, waiting for one.
+    async fn target(&self) -> (String, u16) {
+        let Some(home) = &self.home else {
+            return (self.ready().await, names::AGENT_TRANSPORT_PORT);
+        };
+        // The registrar says when the home moves.
+        let mut home = home.clone();
+        match home.wait_for(Option::is_some).await.map(|h| h.clone()) {
+            Ok(Some(h)) => (h.name, h.transport),
+            // The registrar is gone: the session is ending.
+            _ => std::future::pending().await,
         }
     }
 

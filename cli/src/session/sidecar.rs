@@ -64,6 +64,7 @@ fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[Cidr], volume
     config.routes = routes.iter().chain(&ctx.spec.session.also_proxy).copied().collect();
     config.ports = ctx.spec.session.ports.iter().map(|p| PortMap { remote: p.remote, local: p.local }).collect();
     config.pod_ports = pod_ports(ctx);
+    config.session = Some(ctx.id.to_owned());
     config.dns.upstream = host_resolver();
     config.volumes = (!volumes.is_empty())
         .then(|| Volumes { retry_for: ctx.spec.volume_timeout.map_or(VOLUME_RETRY_FOR, Duration::from_secs) });

@@ -12,6 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 pub use tpd_e2e::interrupt::go_on;
 
 mod cpu;
+mod intercept;
 mod sandbox;
 mod sandbox_node;
 mod session;
@@ -69,6 +70,7 @@ pub enum Which {
     Tunnel,
     Volumes,
     Session,
+    Intercept,
     Sandbox,
     Soak,
 }
@@ -115,6 +117,7 @@ fn measure(which: Which, json: bool, minutes: u64, root: &Path) -> anyhow::Resul
         Which::Tunnel => tunnel::run()?,
         Which::Volumes => volumes::run()?,
         Which::Session => session::run(json)?,
+        Which::Intercept => intercept::run()?,
         Which::Soak => soak::run(minutes)?,
         Which::Sandbox => {
             // A release build: the figures are the server's, not debug code's.

@@ -1,0 +1,429 @@
+//! Keeps a session's routes registered with every intercept agent of its
+//! workload. The agents have no API access: what they know of a session
+//! comes from here, over a port-forward to each pod's intercept port (so
+//! only someone Kubernetes lets port-forward can register), renewed every
+//! `intercept::RENEW_EVERY`. One pod is the session's *home*, where its
+//! sidecar's tunnel goes (the relay follows [`Registrar::home`]); every
+//! registration names the home, so an agent that reads a matching request
+//! elsewhere relays it there.
+//!
+//! Pods come and go (a rollout, a replaced pod, a scale): the pod list is
+//! read every second, new ready agent pods are registered with, and a home
+//! that is gone is replaced, which every agent is told. A session that
+//! stops renewing (tpd killed) is forgotten by the agents when its lease
+//! runs out; a session that ends unregisters at once.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tpd_wire::intercept::{self, Reply, Request, Route};
+use tpd_wire::preamble::{self, Kind};
+use tracing::{debug, info};
+
+use crate::cluster::Cluster;
+use crate::output::progress;
+use crate::session::portforward;
+use crate::swap::apply::is_ready;
+
+/// How often the pod list is read.
+const POLL: Duration = Duration::from_secs(1);
+/// How long one request to an agent may take before the stream is redialled.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// How long the first registration may take (a home pod must be ready).
+const FIRST_WITHIN: Duration = Duration::from_secs(60);
+/// Bound on unregistering when the session ends.
+const UNREGISTER_WITHIN: Duration = Duration::from_secs(3);
+
+/// What the session tells every agent.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub session: String,
+    /// Secret: relays between agents show it; never logged.
+    pub token: String,
+    pub holder: String,
+    /// RFC 3339.
+    pub since: String,
+    pub routes: Vec<Route>,
+}
+
+/// A pod of the workload whose intercept agent is ready, with its ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentPod {
+    pub name: String,
+    pub ip: IpAddr,
+    /// The agent's WireGuard transport port (where the relay forwards).
+    pub transport: u16,
+    /// The agent's intercept port (registrations; relays between agents).
+    pub intercept: u16,
+}
+
+impl AgentPod {
+    /// The pod, when it is ready, not terminating, and runs the agent.
+    fn of(pod: &Pod) -> Option<AgentPod> {
+        if pod.metadata.deletion_timestamp.is_some() || !is_ready(pod) {
+            return None;
+        }
+        let agent = pod.spec.as_ref()?.containers.iter().find(|c| c.name == intercept::AGENT_CONTAINER)?;
+        let port = |name: &str| {
+            agent
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        };
+        Some(AgentPod {
+            name: pod.metadata.name.clone()?,
+            ip: pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?,
+            transport: port(intercept::TRANSPORT_PORT_NAME)?,
+            intercept: port(intercept::INTERCEPT_PORT_NAME)?,
+        })
+    }
+
+    fn intercept_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.intercept)
+    }
+}
+
+/// A session's registrations, kept until [`Registrar::end`].
+#[derive(Debug)]
+pub struct Registrar {
+    home: watch::Receiver<Option<AgentPod>>,
+    stop: CancellationToken,
+    manager: JoinHandle<()>,
+}
+
+/// What a registration task reports to the manager.
+enum News {
+    Registered(String),
+    Refused(String),
+}
+
+/// Registers `reg` with every ready agent of the pods `selector` picks, and
+/// returns once the home agent has accepted it. A refusal (the same filter
+/// as a live session's) fails here with the agent's message; one later (a
+/// new pod whose agent knows a conflicting session) ends the session by
+/// cancelling `session_end`.
+pub async fn start(
+    cluster: &Cluster,
+    selector: String,
+    reg: Registration,
+    session_end: CancellationToken,
+) -> anyhow::Result<Registrar> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let (home_tx, home) = watch::channel(None);
+    let (news_tx, mut news) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let manager = Manager {
+        pods,
+        client: cluster.client.clone(),
+        namespace: cluster.namespace.clone(),
+        selector,
+        reg,
+        home: home_tx,
+        news: news_tx,
+        stop: stop.clone(),
+    };
+    let manager = tokio::spawn(manager.run());
+    let registrar = Registrar { home, stop, manager };
+    let first = async {
+        loop {
+            match news.recv().await {
+                Some(News::Registered(pod)) if registrar.home_is(&pod) => return Ok(()),
+                Some(News::Registered(_)) => {}
+                Some(News::Refused(message)) => return Err(anyhow::anyhow!(message)),
+                None => anyhow::bail!("the intercept registration stopped"),
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(FIRST_WITHIN, first) => r.unwrap_or_else(|_| Err(anyhow::anyhow!(
+            "no intercept agent of the workload accepted the session within {} s", FIRST_WITHIN.as_secs()
+        ))),
+        () = session_end.cancelled() => Err(anyhow::anyhow!("interrupted before the intercept was registered")),
+    };
+    if let Err(e) = outcome {
+        registrar.end().await;
+        return Err(e);
+    }
+    tokio::spawn(async move {
+        while let Some(n) = news.recv().await {
+            if let News::Refused(message) = n {
+                progress(&format!("{message}; ending the session"));
+                session_end.cancel();
+            }
+        }
+    });
+    Ok(registrar)
+}
+
+impl Registrar {
+    /// The pod whose agent holds the session's tunnel, as it changes.
+    pub fn home(&self) -> watch::Receiver<Option<AgentPod>> {
+        self.home.clone()
+    }
+
+    fn home_is(&self, pod: &str) -> bool {
+        self.home.borrow().as_ref().is_some_and(|h| h.name == pod)
+    }
+
+    /// Unregisters from every agent (bounded), so requests that matched the
+    /// session go to the real app at once instead of after the lease.
+    pub async fn end(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(UNREGISTER_WITHIN + Duration::from_secs(1), self.manager).await;
+    }
+}
+
+struct Manager {
+    pods: Api<Pod>,
+    client: kube::Client,
+    namespace: String,
+    selector: String,
+    reg: Registration,
+    home: watch::Sender<Option<AgentPod>>,
+    news: mpsc::Sender<News>,
+    stop: CancellationToken,
+}
+
+impl Manager {
+    async fn run(self) {
+        let mut tasks: HashMap<String, JoinHandle<()>> = HashMap::new();
+        loop {
+            match self.pods.list(&ListParams::default().labels(&self.selector)).await {
+                Ok(list) => {
+                    let ready: Vec<AgentPod> = list.items.iter().filter_map(AgentPod::of).collect();
+                    self.choose_home(&ready);
+                    tasks.retain(|name, task| {
+                        let keep = ready.iter().any(|p| &p.name == name) && !task.is_finished();
+                        if !keep {
+                            task.abort();
+                        }
+                        keep
+                    });
+                    for pod in ready {
+                        tasks.entry(pod.name.clone()).or_insert_with(|| tokio::spawn(self.keep_registered(pod)));
+                    }
+                }
+                Err(e) => debug!("cannot list the workload's pods: {}", crate::cluster::describe(&e)),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(POLL) => {}
+                () = self.stop.cancelled() => break,
+            }
+        }
+        // Each task unregisters when it sees `stop`.
+        let all = futures::future::join_all(tasks.into_values());
+        let _ = tokio::time::timeout(UNREGISTER_WITHIN, all).await;
+    }
+
+    /// Keeps the home while it is ready; else takes the first ready pod.
+    fn choose_home(&self, ready: &[AgentPod]) {
+        let current = self.home.borrow().clone();
+        if let Some(home) = &current
+            && ready.contains(home)
+        {
+            return;
+        }
+        let next = ready.first().cloned();
+        if next != current {
+            if let (Some(old), Some(new)) = (&current, &next) {
+                progress(&format!("the intercept's home pod {} is gone; moving to {}", old.name, new.name));
+            }
+            self.home.send_replace(next);
+        }
+    }
+
+    /// A task that keeps `pod`'s agent told about the session, redialling
+    /// when its stream fails, until the manager aborts it (the pod is gone)
+    /// or the session ends.
+    fn keep_registered(&self, pod: AgentPod) -> impl Future<Output = ()> + use<> {
+        let agent = Agent {
+            client: self.client.clone(),
+            namespace: self.namespace.clone(),
+            pod,
+            reg: self.reg.clone(),
+            home: self.home.subscribe(),
+            news: self.news.clone(),
+            stop: self.stop.clone(),
+        };
+        async move {
+            loop {
+                match agent.session().await {
+                    Ok(()) => return,
+                    Err(e) => info!(pod = %agent.pod.name, "intercept registration: {e:#}; dialling again"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(POLL) => {}
+                    () = agent.stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// One agent's registration stream.
+struct Agent {
+    client: kube::Client,
+    namespace: String,
+    pod: AgentPod,
+    reg: Registration,
+    home: watch::Receiver<Option<AgentPod>>,
+    news: mpsc::Sender<News>,
+    stop: CancellationToken,
+}
+
+impl Agent {
+    /// Registers, renews and follows the home until the session ends
+    /// (`Ok`, after unregistering) or the stream fails.
+    async fn session(&self) -> anyhow::Result<()> {
+        let mut home = self.home.clone();
+        // Every registration names the home: none until the manager chose one.
+        home.wait_for(Option::is_some).await?;
+        let mut conn = self.connect().await?;
+        let mut registered_home = None;
+        loop {
+            let current = home.borrow_and_update().clone();
+            let request = match current {
+                Some(h) if registered_home.as_ref() != Some(&h) => {
+                    let r = self.register(&h);
+                    registered_home = Some(h);
+                    r
+                }
+                _ => Request::Renew,
+            };
+            match conn.ask(&request).await? {
+                Reply::Ok if matches!(request, Request::Register { .. }) => {
+                    debug!(pod = %self.pod.name, "intercept registered");
+                    let _ = self.news.send(News::Registered(self.pod.name.clone())).await;
+                }
+                Reply::Ok => {}
+                Reply::Refused { message } => {
+                    let _ = self.news.send(News::Refused(message)).await;
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(intercept::RENEW_EVERY) => {}
+                changed = home.changed() => changed?,
+                () = self.stop.cancelled() => {
+                    let _ = tokio::time::timeout(UNREGISTER_WITHIN, conn.ask(&Request::Unregister)).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn register(&self, home: &AgentPod) -> Request {
+        let r = &self.reg;
+        Request::Register {
+            session: r.session.clone(),
+            token: r.token.clone(),
+            holder: r.holder.clone(),
+            since: r.since.clone(),
+            home: home.intercept_addr(),
+            routes: r.routes.clone(),
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Conn> {
+        let forward = portforward::open(&self.client, &self.namespace, &self.pod.name, self.pod.intercept).await?;
+        let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
+        let relay = tokio::spawn(async move {
+            if let Err(e) = forward.relay(theirs).await {
+                debug!("intercept registration port-forward closed: {e}");
+            }
+        });
+        ours.write_all(&preamble::encode(Kind::Register)).await?;
+        Ok(Conn { stream: ours, buf: BytesMut::new(), relay })
+    }
+}
+
+/// A registration stream through a port-forward.
+struct Conn {
+    stream: DuplexStream,
+    buf: BytesMut,
+    relay: JoinHandle<()>,
+}
+
+impl Conn {
+    async fn ask(&mut self, request: &Request) -> anyhow::Result<Reply> {
+        let mut out = BytesMut::new();
+        tpd_wire::control::encode(request, &mut out)?;
+        let exchange = async {
+            self.stream.write_all(&out).await?;
+            loop {
+                if let Some(reply) = tpd_wire::control::decode::<Reply>(&mut self.buf)? {
+                    return Ok(reply);
+                }
+                if self.stream.read_buf(&mut self.buf).await? == 0 {
+                    anyhow::bail!("the agent closed the registration stream");
+                }
+            }
+        };
+        tokio::time::timeout(ANSWER_WITHIN, exchange)
+            .await
+            .map_err(|_| anyhow::anyhow!("the agent did not answer within {} s", ANSWER_WITHIN.as_secs()))?
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.relay.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodCondition, PodSpec, PodStatus};
+
+    fn pod(name: &str, ready: bool, agent: bool) -> Pod {
+        let port =
+            |name: &str, n: i32| ContainerPort { name: Some(name.into()), container_port: n, ..Default::default() };
+        let mut containers = vec![Container { name: "app".into(), ..Default::default() }];
+        if agent {
+            containers.push(Container {
+                name: intercept::AGENT_CONTAINER.into(),
+                ports: Some(vec![
+                    port(intercept::TRANSPORT_PORT_NAME, 7700),
+                    port(intercept::INTERCEPT_PORT_NAME, 7701),
+                    port("tpd-8080", 7702),
+                ]),
+                ..Default::default()
+            });
+        }
+        Pod {
+            metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+            spec: Some(PodSpec { containers, ..Default::default() }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: Some("10.244.0.9".into()),
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn only_ready_pods_running_the_agent_are_registered_with() {
+        let found = AgentPod::of(&pod("api-1", true, true)).unwrap();
+        assert_eq!(found.transport, 7700);
+        assert_eq!(found.intercept_addr(), "10.244.0.9:7701".parse().unwrap());
+        // Not ready yet, or an old pod of the rollout without the agent.
+        assert_eq!(AgentPod::of(&pod("api-2", false, true)), None);
+        assert_eq!(AgentPod::of(&pod("api-3", true, false)), None);
+    }
+}

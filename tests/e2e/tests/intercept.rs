@@ -1,0 +1,474 @@
+//! Personal intercepts (issue #20), through the real `tpd` binary on the
+//! sandbox: two developers intercept one workload at once, each with a
+//! header of their own, while its real pods keep serving everyone else.
+//!
+//! Namespace `team` holds `deployment/api` (3 replicas of the echo server,
+//! whose answers name the pod) behind two Services: `api`, whose
+//! targetPort is the named port `http`, and `api-num`, whose targetPort is
+//! the number 8080. Alice and Bob, each from a home of their own (two
+//! machines), run `tpd run --intercept deployment/api --port 8080:8080
+//! --header x-dev=NAME` with a local server that answers "served by NAME".
+//! A pod in the cluster then sends 300 requests over keep-alive
+//! connections spread over both Services and so over all three replicas:
+//! alice's reach Alice, bob's Bob, the rest the real pods.
+
+// A failed unwrap is a failed test, with its message and line.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tpd_e2e::home::Home;
+use tpd_e2e::images;
+use tpd_e2e::sandbox::Sandbox;
+use tpd_e2e::session::{self, Cleanup, user_owned};
+
+const NS: &str = "team";
+const API: &str = "api";
+const SERVICES: [&str; 2] = ["api", "api-num"];
+
+fn manifests() -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {API}, namespace: {NS}, labels: {{app: {API}}}}}
+spec:
+  replicas: 3
+  selector: {{matchLabels: {{app: {API}}}}}
+  template:
+    metadata: {{labels: {{app: {API}}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: {API}
+        image: {echo}
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe: {{httpGet: {{path: /, port: http}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: api, namespace: {NS}}}
+spec:
+  selector: {{app: {API}}}
+  ports: [{{name: web, port: 80, targetPort: http}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: api-num, namespace: {NS}}}
+spec:
+  selector: {{app: {API}}}
+  ports: [{{port: 8081, targetPort: 8080}}]
+"#,
+        echo = images::ECHO,
+    )
+}
+
+/// The developer's server: answers every GET with who it is, keep-alive.
+const LOCAL_SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = ("served by " + sys.argv[1] + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 8080), H).serve_forever()
+"#;
+
+/// The cluster client: `ROUNDS` requests per kind (alice, bob, no header)
+/// over `CONNS` keep-alive connections, half to each Service, after every
+/// kind answered as `WANT` says (bounded); prints one JSON line of who
+/// answered each kind, the errors, and when (Unix time) every kind first
+/// answered as wanted.
+const CLIENT: &str = r#"
+import http.client, json, sys, time
+rounds, conns, want = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+targets = [("api", 80), ("api-num", 8081)]
+kinds = {"alice": {"x-dev": "alice"}, "bob": {"x-dev": "bob"}, "none": {}}
+def who(body):
+    body = body.decode()
+    return body.split()[2] if body.startswith("served by") else "real"
+def ask(c, kind):
+    c.request("GET", "/", headers=kinds[kind])
+    r = c.getresponse()
+    return who(r.read()) if r.status == 200 else "status %d" % r.status
+# Every replica must know every session: ask each kind on fresh connections
+# until all of a few tries answer as wanted (bounded to 60 s).
+deadline = time.time() + 60
+settled = None
+while True:
+    seen = []
+    for i in range(6):
+        c = http.client.HTTPConnection(*targets[i % 2], timeout=5)
+        try:
+            seen.append(all(ask(c, k) == w for k, w in want.items()))
+        except Exception:
+            seen.append(False)
+        c.close()
+    if all(seen):
+        settled = time.time()
+        break
+    if time.time() > deadline:
+        break
+    time.sleep(0.5)
+counts = {k: {} for k in kinds}
+errors = []
+per_conn = rounds * len(kinds) // conns
+done = 0
+for n in range(conns):
+    c = http.client.HTTPConnection(*targets[n % 2], timeout=10)
+    for i in range(per_conn):
+        kind = list(kinds)[(done + i) % len(kinds)]
+        try:
+            got = ask(c, kind)
+            counts[kind][got] = counts[kind].get(got, 0) + 1
+        except Exception as e:
+            errors.append(repr(e))
+            c.close()
+            c = http.client.HTTPConnection(*targets[n % 2], timeout=10)
+    done += per_conn
+    c.close()
+print(json.dumps({"counts": counts, "errors": errors, "settled": settled}))
+"#;
+
+/// From a pod, straight to an agent's intercept port on the pod network:
+/// a registration (closed unanswered: only a port-forward may register),
+/// and a relay into `session` with a guessed token (refused with a 0).
+const INTRUDER: &str = r#"
+import json, socket, struct, sys
+ip, port, version, session = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def stream(kind, msg):
+    body = json.dumps(msg).encode()
+    s = socket.create_connection((ip, port), timeout=5)
+    s.sendall(b"TPD" + kind + struct.pack(">H", version) + struct.pack(">I", len(body)) + body)
+    try:
+        got = s.recv(100)
+    except ConnectionResetError:
+        got = b""
+    return list(got) if got else "closed"
+route = {"port": 8080, "filter": {"headers": {"x-dev": "mallory"}}}
+register = {"type": "register", "session": "mallory", "token": "t", "holder": "m@x",
+            "since": "2026-01-01T00:00:00Z", "home": "%s:%d" % (ip, port), "routes": [route]}
+print(json.dumps({"register": stream(b"r", register),
+                  "relay": stream(b"p", {"session": session, "token": "guess", "port": 8080})}))
+"#;
+
+/// One developer's `tpd run --intercept`, from a home of their own.
+struct Developer {
+    /// The developer's machine: held for the session's life.
+    _home: Home,
+    container: String,
+    child: Option<Child>,
+    session: String,
+}
+
+impl Developer {
+    fn start(sb: &Sandbox, cleanup: &mut Cleanup, name: &'static str) -> anyhow::Result<Self> {
+        let home = Home::new()?;
+        let container = format!("tpd-e2e-{name}-{}", std::process::id());
+        let header = format!("x-dev={name}");
+        let target = format!("deployment/{API}");
+        let started = Instant::now();
+        let child = session::tpd_in(sb, &home)?
+            .args(["run", "-n", NS, "--image", images::DEBIAN, "--name", &container])
+            .args(["--intercept", &target, "--port", "8080:8080", "--header", &header])
+            .args(["--", "python3", "-c", LOCAL_SERVER, name])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let mut dev = Developer { _home: home, container, child: Some(child), session: String::new() };
+        let deadline = started + Duration::from_secs(180);
+        while !session::docker_exec(&dev.container, "true").0 {
+            let child = dev.child.as_mut().unwrap();
+            if Instant::now() > deadline || child.try_wait()?.is_some() {
+                let _ = child.kill();
+                anyhow::bail!("{name}'s local container never started\ntpd said:\n{}", session::stderr_of(child));
+            }
+            tpd_e2e::interrupt::pause(Duration::from_millis(100))?;
+        }
+        dev.session = label_of(&dev.container, tpd_wire::names::LABEL_SESSION);
+        cleanup.sessions.push(dev.session.clone());
+        eprintln!("{name}: intercepting, local container running {:?} after `tpd run`", started.elapsed());
+        Ok(dev)
+    }
+
+    /// Ctrl-C, as the developer ends the session; what tpd said.
+    fn stop(&mut self) -> anyhow::Result<String> {
+        session::interrupt(self.child.take().unwrap())
+    }
+
+    /// SIGKILL of tpd and its guardian: a laptop that vanished.
+    fn vanish(&mut self) {
+        let guardian =
+            Command::new("pgrep").args(["-f", &format!("guardian --session {}", self.session)]).output().unwrap();
+        for pid in String::from_utf8_lossy(&guardian.stdout).lines() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = Command::new("docker").args(["rm", "-f", &self.container]).output();
+    }
+}
+
+impl Drop for Developer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn label_of(container: &str, label: &str) -> String {
+    let format = format!("{{{{index .Config.Labels \"{label}\"}}}}");
+    let out = Command::new("docker").args(["inspect", "-f", &format, container]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Runs the client in a pod: who answered each kind of request.
+fn send_from_a_pod(sb: &Sandbox, pod: &str, rounds: usize, want: &str) -> Value {
+    let (phase, logs) =
+        session::run_pod(sb, pod, images::DEBIAN, &["python3", "-c", CLIENT, &rounds.to_string(), "10", want]).unwrap();
+    assert_eq!(phase, "Succeeded", "the client pod failed:\n{logs}");
+    let line = logs.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("client output {line:?}: {e}\n{logs}"))
+}
+
+/// Who answered `kind`, as `{who: count}`, with the real pods as "real".
+fn answered(result: &Value, kind: &str) -> Value {
+    result["counts"][kind].clone()
+}
+
+/// The Deployment's and the Services' user-owned parts.
+fn cluster_state(sb: &Sandbox) -> Value {
+    let mut services = Vec::new();
+    for name in SERVICES {
+        let svc: Value =
+            serde_json::from_str(&sb.kubectl_ok(&["get", "-n", NS, "service", name, "-o", "json"]).unwrap()).unwrap();
+        services.push(serde_json::json!({"spec": svc["spec"], "annotations": svc["metadata"]["annotations"]}));
+    }
+    serde_json::json!({"deployment": user_owned(session::deployment_json(sb, NS, API).unwrap()), "services": services})
+}
+
+#[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
+fn two_developers_intercept_one_workload_by_header_and_leave_it_as_it_was() -> anyhow::Result<()> {
+    session::prerequisites()?;
+    let sb = Sandbox::up()?;
+    let mut cleanup = Cleanup::default();
+    sb.apply(&manifests())?;
+    sb.rolled_out(NS, API)?;
+    let original = cluster_state(&sb);
+
+    let mut alice = Developer::start(&sb, &mut cleanup, "alice")?;
+    let mut bob = Developer::start(&sb, &mut cleanup, "bob")?;
+    let pods = sb.kubectl_ok(&["get", "pods", "-n", NS, "-l", "app=api", "-o", "name"])?;
+    assert_eq!(pods.lines().count(), 3, "the replica count is untouched:\n{pods}");
+
+    // 1. Each request reaches the right place, on every replica, over keep-alive.
+    let both = r#"{"alice": "alice", "bob": "bob", "none": "real"}"#;
+    let result = send_from_a_pod(&sb, "client-both", 100, both);
+    eprintln!("with alice and bob: {result}");
+    assert_eq!(result["errors"], serde_json::json!([]), "{result}");
+    assert_eq!(answered(&result, "alice"), serde_json::json!({"alice": 100}), "{result}");
+    assert_eq!(answered(&result, "bob"), serde_json::json!({"bob": 100}), "{result}");
+    assert_eq!(answered(&result, "none"), serde_json::json!({"real": 100}), "{result}");
+
+    // A pod that reaches an agent's intercept port directly can neither
+    // register nor get a connection to Bob's session.
+    let pod = sb.kubectl_ok(&["get", "pods", "-n", NS, "-l", "app=api", "-o", "jsonpath={.items[0].metadata.name}"])?;
+    let ip = sb.kubectl_ok(&["get", "pod", "-n", NS, &pod, "-o", "jsonpath={.status.podIP}"])?;
+    let port = sb.kubectl_ok(&[
+        "get",
+        "pod",
+        "-n",
+        NS,
+        &pod,
+        "-o",
+        "jsonpath={.spec.containers[?(@.name==\"tpd-intercept\")].ports[?(@.name==\"tpd-intercept\")].containerPort}",
+    ])?;
+    let version = tpd_wire::names::PROTOCOL_VERSION.to_string();
+    let (phase, logs) = session::run_pod(
+        &sb,
+        "intruder",
+        images::DEBIAN,
+        &["python3", "-c", INTRUDER, &ip, &port, &version, &bob.session],
+    )?;
+    assert_eq!(phase, "Succeeded", "{logs}");
+    let seen: Value = serde_json::from_str(logs.lines().last().unwrap_or_default())?;
+    eprintln!("a pod on the pod network at {ip}:{port}: {seen}");
+    assert_eq!(seen["register"], "closed", "a registration from the pod network was answered: {seen}");
+    assert_eq!(seen["relay"], serde_json::json!([0]), "a relay with a guessed token was not refused: {seen}");
+    let mallory = r#"{"alice": "alice", "bob": "bob", "none": "real"}"#;
+    let result = send_from_a_pod(&sb, "client-after-intruder", 10, mallory);
+    assert_eq!(answered(&result, "bob"), serde_json::json!({"bob": 10}), "{result}");
+
+    // 5. Refusals, each with a clear message and an unchanged cluster.
+    let before = cluster_state(&sb);
+    let refusals: [(&[&str], &[&str]); 4] = [
+        (&["--intercept", "deployment/api", "--port", "8080:8080", "--header", "x-dev=bob"], &["x-dev=bob", "@"]),
+        (&["--intercept", "deployment/api", "--port", "8080:8080"], &["--header", "--swap"]),
+        (
+            &[
+                "--intercept",
+                "deployment/api",
+                "--swap",
+                "deployment/api",
+                "--port",
+                "8080:8080",
+                "--header",
+                "x-dev=c",
+            ],
+            &["--swap"],
+        ),
+        (&["--intercept", "deployment/api", "--port", "9999:8080", "--header", "x-dev=carol"], &["9999", "8080"]),
+    ];
+    for (args, says) in refusals {
+        let out = session::tpd_in(&sb, &Home::new()?)?
+            .args(["run", "-n", NS, "--image", images::DEBIAN])
+            .args(args)
+            .args(["--", "true"])
+            .output()?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "tpd run {args:?} was not refused:\n{said}");
+        for word in says {
+            assert!(said.contains(word), "tpd run {args:?}: the refusal does not say {word:?}:\n{said}");
+        }
+        assert!(!said.contains("panicked") && said.lines().count() <= 4, "tpd run {args:?}:\n{said}");
+        assert_eq!(cluster_state(&sb), before, "tpd run {args:?} changed the cluster");
+    }
+
+    // 3. Alice's laptop vanishes: within the lease and 5 s, her requests go
+    // to the real app; Bob's still reach Bob.
+    alice.vanish();
+    let killed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    let without_alice = r#"{"alice": "real", "bob": "bob", "none": "real"}"#;
+    let result = send_from_a_pod(&sb, "client-bob", 20, without_alice);
+    let after = result["settled"].as_f64().map(|t| t - killed);
+    eprintln!("alice's requests reached the real app {after:?} s after her laptop vanished: {result}");
+    let bound = (tpd_wire::intercept::LEASE + Duration::from_secs(5)).as_secs_f64();
+    assert!(after.is_some_and(|s| s <= bound), "not within {bound} s: {after:?}");
+    assert_eq!(answered(&result, "alice"), serde_json::json!({"real": 20}), "{result}");
+    assert_eq!(answered(&result, "bob"), serde_json::json!({"bob": 20}), "{result}");
+
+    // 4. The last session ends: the Deployment and both Services are as they were.
+    let said = bob.stop()?;
+    eprintln!("bob's tpd said:\n{said}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster_state(&sb) != original {
+        assert!(Instant::now() < deadline, "not restored:\n{}\noriginal:\n{original}", cluster_state(&sb));
+        tpd_e2e::interrupt::pause(Duration::from_millis(200))?;
+    }
+    sb.rolled_out(NS, API)?;
+    drop(cleanup);
+    Ok(())
+}
+
+/// The load a client without the header puts on `api` while the cluster
+/// changes under it: 20 requests/s, each on a fresh connection (the most
+/// sensitive to endpoints changing), for at most `argv[1]` seconds (bounded);
+/// one line per second: Unix time, answered, failed.
+const STEADY_CLIENT: &str = r#"
+import http.client, sys, time
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    second = time.time()
+    ok = failed = 0
+    for i in range(20):
+        try:
+            c = http.client.HTTPConnection("api", 80, timeout=2)
+            c.request("GET", "/")
+            r = c.getresponse()
+            r.read()
+            c.close()
+            if r.status == 200:
+                ok += 1
+            else:
+                failed += 1
+        except Exception:
+            failed += 1
+        time.sleep(max(0, second + (i + 1) / 20 - time.time()))
+    print("%.3f %d %d" % (second, ok, failed), flush=True)
+"#;
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+}
+
+/// (answered, failed) in the client's lines between `from` and `to`.
+fn load_between(logs: &str, from: f64, to: f64) -> (u64, u64) {
+    logs.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse::<f64>().ok()?, f.next()?.parse::<u64>().ok()?, f.next()?.parse::<u64>().ok()?))
+        })
+        .filter(|&(t, _, _)| t >= from && t <= to)
+        .fold((0, 0), |(ok, failed), (_, o, f)| (ok + o, failed + f))
+}
+
+#[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
+fn intercepts_starting_and_ending_fail_no_more_requests_than_a_rollout_restart() -> anyhow::Result<()> {
+    session::prerequisites()?;
+    let sb = Sandbox::up()?;
+    let mut cleanup = Cleanup::default();
+    sb.apply(&manifests())?;
+    sb.rolled_out(NS, API)?;
+    sb.kubectl_ok(&[
+        "run",
+        "steady",
+        "-n",
+        NS,
+        "--image",
+        images::DEBIAN,
+        "--restart=Never",
+        "--",
+        "python3",
+        "-c",
+        STEADY_CLIENT,
+        "400",
+    ])?;
+    sb.kubectl_ok(&["wait", "-n", NS, "--for=condition=Ready", "pod/steady", "--timeout=60s"])?;
+    tpd_e2e::interrupt::pause(Duration::from_secs(3))?;
+
+    // What a rollout restart costs the client.
+    let restart_from = unix_now();
+    sb.kubectl_ok(&["rollout", "restart", "-n", NS, &format!("deployment/{API}")])?;
+    sb.rolled_out(NS, API)?;
+    tpd_e2e::interrupt::pause(Duration::from_secs(3))?;
+    let restart_to = unix_now();
+
+    // What intercepts cost it: Alice's (a rollout that adds the agent, then
+    // the Services move to it), Bob's joining and leaving, Alice's leaving
+    // (the Services move back, then a rollout that removes the agent).
+    let intercept_from = unix_now();
+    let mut alice = Developer::start(&sb, &mut cleanup, "alice")?;
+    let mut bob = Developer::start(&sb, &mut cleanup, "bob")?;
+    tpd_e2e::interrupt::pause(Duration::from_secs(3))?;
+    bob.stop()?;
+    alice.stop()?;
+    sb.rolled_out(NS, API)?;
+    tpd_e2e::interrupt::pause(Duration::from_secs(3))?;
+    let intercept_to = unix_now();
+
+    let logs = sb.kubectl_ok(&["logs", "-n", NS, "steady"])?;
+    let _ = sb.kubectl_ok(&["delete", "pod", "steady", "-n", NS, "--wait=false"]);
+    let restart = load_between(&logs, restart_from, restart_to);
+    let intercepts = load_between(&logs, intercept_from, intercept_to);
+    eprintln!(
+        "requests without the header, (answered, failed): rollout restart {restart:?} in {:.0} s, \
+         intercepts starting and ending {intercepts:?} in {:.0} s",
+        restart_to - restart_from,
+        intercept_to - intercept_from
+    );
+    assert!(restart.0 > 0 && intercepts.0 > 0, "the client did not run:\n{logs}");
+    assert!(intercepts.1 <= restart.1, "intercepts failed {} requests, a rollout restart {}", intercepts.1, restart.1);
+    drop(cleanup);
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! `cargo xtask bench intercept`: personal intercepts on a fresh sandbox,
+//! timed from the outside with the real binary and images. Printed, never
+//! asserted.
+//!
+//! - Time from `tpd run --intercept` to the first matching request served
+//!   locally: for the first intercept of a workload (the agent is rolled
+//!   out into its pods) and for a second one (the agent is already there).
+//!   The clients are pods that keep calling the Service with the header,
+//!   started before tpd so their own start-up is not counted.
+//! - What the agent adds to requests it passes to the real container:
+//!   latency (p50, p99) of sequential keep-alive requests from a pod
+//!   straight to a pod's agent port, against the same requests straight to
+//!   the app's port of the same pod, in the same run; and requests per
+//!   second through one agent against the app alone (the client is Python
+//!   in a pod on the same two cores, so the ratio is the figure to read).
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use tpd_e2e::home::Home;
+use tpd_e2e::images;
+use tpd_e2e::sandbox::Sandbox;
+use tpd_e2e::session::{self, Cleanup};
+
+use crate::bench::Figure;
+
+const NS: &str = "bench";
+const SERVE: &str = "mkdir -p /srv && echo served-locally > /srv/index.html && exec busybox httpd -f -p 9000 -h /srv";
+
+fn manifests() -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: api, namespace: {NS}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: api}}}}
+  template:
+    metadata: {{labels: {{app: api}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers: [{{name: api, image: {echo}, ports: [{{name: http, containerPort: 8080}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: api, namespace: {NS}}}
+spec:
+  selector: {{app: api}}
+  ports: [{{port: 80, targetPort: http}}]
+"#,
+        echo = images::ECHO
+    )
+}
+
+/// A pod that asks `http://api/` with `x-dev: NAME` every 50 ms and logs
+/// each answer stamped with its clock (the host's) in ms.
+fn client(name: &str) -> String {
+    format!(
+        "end=$(( $(date +%s) + 300 )); while [ $(date +%s) -lt $end ]; do \
+         r=$(curl -s -m 2 -H 'x-dev: {name}' http://api/ | head -c 40); echo \"$(date +%s%3N) $r\"; sleep 0.05; done"
+    )
+}
+
+/// Sequential keep-alive requests: p50 and p99 in ms.
+const LATENCY: &str = r#"
+import http.client, json, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = http.client.HTTPConnection(host, port, timeout=5)
+lat = []
+for i in range(n):
+    t = time.perf_counter()
+    c.request("GET", "/")
+    c.getresponse().read()
+    lat.append(time.perf_counter() - t)
+lat.sort()
+print(json.dumps({"p50": lat[n // 2] * 1000, "p99": lat[int(n * 0.99)] * 1000}))
+"#;
+
+/// Two processes, each with one keep-alive connection, for `argv[3]` seconds: requests per second.
+const THROUGHPUT: &str = r#"
+import http.client, json, multiprocessing, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+def worker(q):
+    c = http.client.HTTPConnection(host, port, timeout=5)
+    end, n = time.time() + seconds, 0
+    while time.time() < end:
+        c.request("GET", "/")
+        c.getresponse().read()
+        n += 1
+    q.put(n)
+q = multiprocessing.Queue()
+ps = [multiprocessing.Process(target=worker, args=(q,)) for _ in range(2)]
+[p.start() for p in ps]
+[p.join() for p in ps]
+print(json.dumps({"rps": sum(q.get() for _ in ps) / seconds}))
+"#;
+
+pub fn run() -> Result<Vec<Figure>> {
+    images::ensure()?;
+    session::require_tpd_images()?;
+    let sb = Sandbox::up()?;
+    sb.apply(&manifests())?;
+    sb.rolled_out(NS, "api")?;
+    let mut cleanup = Cleanup::default();
+    let mut homes = Vec::new();
+    let mut figures = Vec::new();
+    for (name, which) in [("alice", "first intercept of a workload"), ("bob", "second intercept, agent in place")] {
+        super::go_on()?;
+        let home = Home::new()?;
+        let took = first_served(&sb, &mut cleanup, &home, name)?;
+        homes.push(home);
+        figures.push(Figure::new(
+            format!("intercept: tpd run to first matching request served locally ({which})"),
+            took.as_secs_f64(),
+            "s",
+        ));
+    }
+    super::go_on()?;
+    figures.extend(through_the_agent(&sb)?);
+    drop(cleanup);
+    Ok(figures)
+}
+
+/// Starts an intercept with header `x-dev: name` and returns how long until
+/// a pod's request with that header was first answered locally.
+fn first_served(sb: &Sandbox, cleanup: &mut Cleanup, home: &Home, name: &str) -> Result<Duration> {
+    let pod = format!("client-{name}");
+    sb.kubectl_ok(&[
+        "run",
+        &pod,
+        "-n",
+        NS,
+        "--image",
+        images::DEBIAN,
+        "--restart=Never",
+        "--",
+        "sh",
+        "-c",
+        &client(name),
+    ])?;
+    sb.kubectl_ok(&["wait", "-n", NS, "--for=condition=Ready", &format!("pod/{pod}"), "--timeout=60s"])?;
+    let dev = format!("tpd-bench-{name}-{}", std::process::id());
+    let header = format!("x-dev={name}");
+    // Resolving the binary may run `cargo build`: never inside the clock.
+    let mut tpd = session::tpd_in(sb, home)?;
+    let started_ms = epoch_ms();
+    let started = Instant::now();
+    let child = tpd
+        .args(["run", "-n", NS, "--image", images::DEBIAN, "--name", &dev])
+        .args(["--intercept", "deployment/api", "--port", "8080:9000", "--header", &header])
+        .args(["--", "sh", "-c", SERVE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tpd")?;
+    cleanup.children.push(child);
+    let served_ms = loop {
+        let log = sb.kubectl_ok(&["logs", "-n", NS, &pod]).unwrap_or_default();
+        let served = log.lines().filter_map(|l| l.split_once(' ')).find(|(_, body)| body.trim() == "served-locally");
+        if let Some(ms) = served.and_then(|(ms, _)| ms.parse::<u128>().ok()) {
+            break ms;
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!("no request with x-dev: {name} was served locally within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = sb.kubectl_ok(&["delete", "pod", &pod, "-n", NS, "--wait=false"]);
+    Ok(Duration::from_millis(u64::try_from(served_ms.saturating_sub(started_ms)).unwrap_or(0)))
+}
+
+/// Latency and throughput straight to one pod's agent port against its app port.
+fn through_the_agent(sb: &Sandbox) -> Result<Vec<Figure>> {
+    let pod: Value = serde_json::from_str(&sb.kubectl_ok(&["get", "pods", "-n", NS, "-l", "app=api", "-o", "json"])?)?;
+    let pod = &pod["items"][0];
+    let ip = pod["status"]["podIP"].as_str().context("the pod's IP")?.to_owned();
+    let agent_port = pod["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .find(|p| p["name"] == tpd_wire::intercept::listen_port_name(8080).as_str())
+        .and_then(|p| p["containerPort"].as_u64())
+        .context("the pod has no intercept agent port")?
+        .to_string();
+    let run = |name: &str, script: &str, port: &str, arg: &str| -> Result<Value> {
+        let (phase, logs) = session::run_pod(sb, name, images::DEBIAN, &["python3", "-c", script, &ip, port, arg])?;
+        if phase != "Succeeded" {
+            bail!("{name}: {logs}");
+        }
+        Ok(serde_json::from_str(logs.lines().last().unwrap_or_default())?)
+    };
+    let direct = run("latency-direct", LATENCY, "8080", "2000")?;
+    let agent = run("latency-agent", LATENCY, &agent_port, "2000")?;
+    let direct_rps = run("rps-direct", THROUGHPUT, "8080", "5")?;
+    let agent_rps = run("rps-agent", THROUGHPUT, &agent_port, "5")?;
+    let ms = |v: &Value, k: &str| v[k].as_f64().unwrap_or_default();
+    Ok(vec![
+        Figure::new("intercept: request through the agent to the app, p50", ms(&agent, "p50"), "ms")
+            .against("straight to the app's port", ms(&direct, "p50")),
+        Figure::new("intercept: request through the agent to the app, p99", ms(&agent, "p99"), "ms")
+            .against("straight to the app's port", ms(&direct, "p99")),
+        Figure::new("intercept: requests/s through one agent", ms(&agent_rps, "rps"), "req/s")
+            .against("straight to the app's port", ms(&direct_rps, "rps")),
+    ])
+}
+
+fn epoch_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
