@@ -1,5 +1,6 @@
 //! `tpd status [-A] [--output json]`: this machine's sessions (their local
-//! containers) and every swap in the namespace, with holder and lease.
+//! containers) and every swap and intercept in the namespace, with holder
+//! and lease.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use serde::Serialize;
 use tpd_wire::names;
 
 use crate::cli::{GlobalArgs, StatusArgs};
+use crate::intercept::{self, record::Entry};
 use crate::output::OutputFormat;
 use crate::session::transport::Used;
 use crate::swap::record::Record;
@@ -26,6 +28,63 @@ struct Swap {
     since: String,
     lease_expires: String,
     lease_live: bool,
+}
+
+/// One session's intercept of a Deployment.
+#[derive(Debug, PartialEq, Serialize)]
+struct Intercept {
+    namespace: String,
+    deployment: String,
+    container: String,
+    ports: Vec<u16>,
+    /// As the user wrote it: `x-dev=alice path=/api*`.
+    filter: String,
+    headers: BTreeMap<String, String>,
+    path_prefix: Option<String>,
+    session: String,
+    holder: String,
+    since: String,
+    lease_expires: String,
+    lease_live: bool,
+}
+
+/// Every session entry of an intercepted Deployment.
+fn intercepts_of(d: &Deployment, now: Timestamp) -> Vec<Intercept> {
+    let Ok(Some(record)) = intercept::record::Record::read(d) else {
+        return Vec::new();
+    };
+    let namespace = d.metadata.namespace.clone().unwrap_or_default();
+    let deployment = d.metadata.name.clone().unwrap_or_default();
+    Entry::all(d)
+        .into_iter()
+        .map(|e| Intercept {
+            namespace: namespace.clone(),
+            deployment: deployment.clone(),
+            container: record.container.clone(),
+            ports: e.ports.clone(),
+            filter: e.filter.to_string(),
+            lease_expires: e.expires().to_string(),
+            lease_live: e.expires() > now,
+            headers: e.filter.headers,
+            path_prefix: e.filter.path_prefix,
+            session: e.session,
+            holder: e.holder,
+            since: e.since.0.to_string(),
+        })
+        .collect()
+}
+
+/// `ns/deployment/api:api  port 8080  x-dev=alice  held by ... since ...  session ...  lease ...`
+fn intercept_line(i: &Intercept, now: Timestamp) -> String {
+    let ports = i.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    let lease = match i.lease_expires.parse::<Timestamp>() {
+        Ok(at) if i.lease_live => format!("lease {} s left", at.duration_since(now).as_secs()),
+        _ => format!("lease EXPIRED at {}", i.lease_expires),
+    };
+    format!(
+        "{}/deployment/{}:{}  port {ports}  {}  held by {} since {}  session {}  {lease}",
+        i.namespace, i.deployment, i.container, i.filter, i.holder, i.since, i.session
+    )
 }
 
 #[derive(Debug, Serialize)]
@@ -44,10 +103,9 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitC
         Api::namespaced(cluster.client.clone(), &cluster.namespace)
     };
     let now = Timestamp::now();
-    let swaps: Vec<Swap> = api
-        .list(&ListParams::default())
-        .await?
-        .items
+    let deployments = api.list(&ListParams::default()).await?.items;
+    let intercepts: Vec<Intercept> = deployments.iter().flat_map(|d| intercepts_of(d, now)).collect();
+    let swaps: Vec<Swap> = deployments
         .into_iter()
         .filter_map(|d| {
             let r = Record::read(&d).ok()??;
@@ -73,7 +131,13 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitC
     if global.output == OutputFormat::Json {
         println!(
             "{}",
-            serde_json::json!({ "context": cluster.context, "sessions": local, "connect": connect, "swaps": swaps })
+            serde_json::json!({
+                "context": cluster.context,
+                "sessions": local,
+                "connect": connect,
+                "swaps": swaps,
+                "intercepts": intercepts,
+            })
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -108,6 +172,11 @@ pub async fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitC
             s.namespace, s.deployment, s.container, s.holder, s.since, s.session
         );
     }
+    println!("intercepts in {scope}:");
+    if intercepts.is_empty() {
+        println!("  none");
+    }
+    intercepts.iter().for_each(|i| println!("  {}", intercept_line(i, now)));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -136,4 +205,54 @@ async fn local_sessions() -> Result<Vec<LocalSession>, String> {
             LocalSession { session, containers, transport }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intercept::record::{ANNOTATION, entry_key};
+    use tpd_wire::intercept::{Config, Filter};
+
+    #[test]
+    fn every_session_of_an_intercept_is_listed_with_its_lease() {
+        let record = intercept::record::Record {
+            version: 1,
+            container: "api".into(),
+            config: Config { transport: 7700, intercept: 7701, ports: vec![] },
+            services: Default::default(),
+        };
+        let at: Timestamp = "2026-12-07T10:02:00Z".parse().unwrap();
+        let filter = Filter { headers: [("x-dev".into(), "alice".into())].into(), path_prefix: Some("/api".into()) };
+        let alice = Entry::new("s-a", "alice@laptop", at, &[8080], &filter);
+        let mut d = Deployment::default();
+        d.metadata.name = Some("api".into());
+        d.metadata.namespace = Some("shop".into());
+        d.metadata.annotations = Some(
+            [
+                (ANNOTATION.to_owned(), record.to_annotation()),
+                (entry_key("s-a"), crate::swap::lease::Leased::to_annotation(&alice)),
+            ]
+            .into(),
+        );
+        let now = at + k8s_openapi::jiff::SignedDuration::from_secs(5);
+        let listed = intercepts_of(&d, now);
+        assert_eq!(listed.len(), 1);
+        let i = &listed[0];
+        assert_eq!((i.deployment.as_str(), i.container.as_str(), i.ports.as_slice()), ("api", "api", &[8080][..]));
+        assert_eq!(i.filter, "x-dev=alice path=/api*");
+        assert!(i.lease_live);
+        assert_eq!(
+            intercept_line(i, now),
+            "shop/deployment/api:api  port 8080  x-dev=alice path=/api*  held by alice@laptop since 2026-12-07T10:02:00Z  \
+             session s-a  lease 10 s left"
+        );
+        let json = serde_json::to_value(i).unwrap();
+        assert_eq!(json["headers"]["x-dev"], "alice");
+        assert_eq!(json["path_prefix"], "/api");
+        let later = at + k8s_openapi::jiff::SignedDuration::from_secs(60);
+        let expired = &intercepts_of(&d, later)[0];
+        assert!(!expired.lease_live);
+        assert!(intercept_line(expired, later).ends_with("lease EXPIRED at 2026-12-07T10:02:15Z"));
+        assert!(intercepts_of(&Deployment::default(), now).is_empty());
+    }
 }
