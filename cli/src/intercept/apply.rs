@@ -511,3 +511,86 @@ pub async fn repair(client: &kube::Client, d: &Deployment) -> anyhow::Result<boo
     }
     Ok(restored)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::SignedDuration;
+
+    fn entry(session: &str, renewed_secs_ago: i64, now: Timestamp) -> Entry {
+        let filter = Filter { headers: [("x-dev".into(), session.into())].into(), path_prefix: None };
+        let at = now - SignedDuration::from_secs(renewed_secs_ago);
+        Entry::new(session, &format!("{session}@laptop"), at, &[8080], &filter)
+    }
+
+    #[test]
+    fn the_last_session_waits_out_only_sessions_that_missed_a_renewal() {
+        let now: Timestamp = "2026-12-07T10:02:00Z".parse().unwrap();
+        // (seconds since each other session renewed, what to wait for)
+        let table: [(&[i64], Option<i64>); 5] = [
+            (&[], None),         // nobody else: restore at once
+            (&[1], None),        // renewing: it keeps the intercept
+            (&[7], Some(8)),     // missed a renewal: its lease ends in 8 s
+            (&[7, 12], Some(8)), // the later of the two
+            (&[7, 2], None),     // one of them is renewing
+        ];
+        for (ago, want) in table {
+            let live: Vec<Entry> = ago.iter().enumerate().map(|(i, s)| entry(&format!("s{i}"), *s, now)).collect();
+            let got = stale_until(&live, now).map(|t| t.duration_since(now).as_secs());
+            assert_eq!(got, want, "{ago:?}");
+        }
+    }
+
+    #[test]
+    fn a_swap_of_an_intercepted_deployment_names_who_intercepts_it() {
+        let now = Timestamp::now();
+        let record = Record {
+            version: 1,
+            container: "api".into(),
+            config: intercept::Config { transport: 7700, intercept: 7701, ports: vec![] },
+            services: Default::default(),
+        };
+        let alice = entry("alice", 1, now);
+        let mut d = Deployment::default();
+        d.metadata.annotations = Some(
+            [
+                (super::super::record::ANNOTATION.to_owned(), record.to_annotation()),
+                (alice.key(), alice.to_annotation()),
+            ]
+            .into(),
+        );
+        let target: Target = "deployment/api".parse().unwrap();
+        let hint = swap_refusal(&d, &target).expect("refused");
+        assert_eq!(
+            hint.message,
+            "deployment/api is intercepted by alice@laptop (x-dev=alice): a swap would take all of its traffic from them"
+        );
+        assert!(swap_refusal(&Deployment::default(), &target).is_none());
+    }
+
+    #[test]
+    fn a_later_session_adds_only_its_own_entry_while_the_record_holds() {
+        let record = Record {
+            version: 1,
+            container: "api".into(),
+            config: intercept::Config { transport: 7700, intercept: 7701, ports: vec![] },
+            services: Default::default(),
+        };
+        let e = entry("bob", 0, Timestamp::now());
+        let ops = serde_json::to_value(join_patch(&record, &e)).unwrap();
+        assert_eq!(ops[0]["op"], "test");
+        assert_eq!(ops[0]["path"], "/metadata/annotations/tpd.dev~1intercept");
+        assert_eq!(ops[1]["op"], "add");
+        assert_eq!(ops[1]["path"], "/metadata/annotations/tpd.dev~1intercept.bob");
+        assert_eq!(ops.as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_token_is_random_and_never_shown() {
+        let (a, b) = (Token::random(), Token::random());
+        assert_ne!(a, b);
+        assert_eq!(a.expose().len(), 32);
+        assert!(a.expose().chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(format!("{a:?}"), "Token(..)");
+    }
+}
