@@ -383,6 +383,7 @@ fn parse_bytes(s: &str) -> Result<i64, String> {
     after_help = "Examples:\n  \
         tpd compose --swap deployment/api --service api -- up            # its own session, ended with compose\n  \
         tpd compose --session dev --swap deployment/api --service api -- up   # a `tpd connect --name dev` session\n  \
+        tpd compose --intercept deployment/api --header x-dev=alice --port 8080:8080 --service api -- up\n  \
         tpd compose generate --session dev --outbound worker > docker-compose.tpd.yml"
 )]
 pub struct ComposeArgs {
@@ -408,9 +409,15 @@ pub struct Choice {
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub files: Vec<PathBuf>,
     /// A Deployment the session swaps; the N-th --service replaces it.
-    #[arg(long, value_name = "deployment/NAME")]
+    #[arg(long, value_name = "deployment/NAME", group = "deployment")]
     pub swap: Vec<String>,
-    /// The compose service that replaces the N-th --swap.
+    /// A Deployment the session intercepts (for `up`'s own session, with
+    /// --header/--path-prefix); the --service replaces it.
+    #[arg(long, value_name = "deployment/NAME", group = "deployment")]
+    pub intercept: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// The compose service that replaces the N-th --swap (or the --intercept).
     #[arg(long, value_name = "SVC")]
     pub service: Vec<String>,
     /// A service that only needs outbound access to the cluster.
@@ -421,8 +428,9 @@ pub struct Choice {
     /// uses `tpd connect`'s default name (CONTEXT-NAMESPACE).
     #[arg(long, value_name = "NAME")]
     pub session: Option<String>,
-    /// For `up`'s own session: cluster traffic to the swapped container's REMOTE port goes to LOCAL.
-    #[arg(long = "port", value_name = "REMOTE:LOCAL", requires = "swap", conflicts_with = "session")]
+    /// For `up`'s own session: cluster traffic to the swapped (or
+    /// intercepted) container's REMOTE port goes to LOCAL.
+    #[arg(long = "port", value_name = "REMOTE:LOCAL", requires = "deployment", conflicts_with = "session")]
     pub ports: Vec<PortMapping>,
     /// For `up`'s own session: also reach this port of the pod's loopback on 127.0.0.1 (N or N/udp).
     #[arg(long = "pod-port", value_name = "N[/udp]", conflicts_with = "session")]
@@ -430,21 +438,55 @@ pub struct Choice {
 }
 
 impl Choice {
-    /// `(deployment/NAME, service)` pairs, in the order given.
+    /// `(deployment/NAME, service)` pairs, in the order given (the
+    /// `--intercept`, if any, is the only one).
     pub fn pairs(&self) -> Result<Vec<(String, String)>, Hint> {
-        if self.swap.len() != self.service.len() {
+        let deployments: Vec<&String> = self.swap.iter().chain(&self.intercept).collect();
+        if deployments.len() != self.service.len() {
+            let flag = if self.intercept.is_some() { "--intercept" } else { "--swap" };
             return Err(Hint::new(
-                format!("{} --swap but {} --service", self.swap.len(), self.service.len()),
-                "give each --swap deployment/NAME the compose service that replaces it: --swap deployment/api --service api",
+                format!("{} {flag} but {} --service", deployments.len(), self.service.len()),
+                format!(
+                    "give each {flag} deployment/NAME the compose service that replaces it: {flag} deployment/api --service api"
+                ),
             ));
         }
-        Ok(self.swap.iter().cloned().zip(self.service.iter().cloned()).collect())
+        if self.session.is_some() && !self.filter.filter().is_empty() {
+            return Err(Hint::new(
+                "--header and --path-prefix are for the session `up` starts, and --session was given",
+                "the session keeps the filter it was started with (`tpd connect --intercept ... --header ...`)",
+            ));
+        }
+        Ok(deployments.into_iter().cloned().zip(self.service.iter().cloned()).collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{PortMapping, Publish, parse_bytes};
+    use super::{Cli, Command, PortMapping, Publish, parse_bytes};
+    use clap::Parser as _;
+
+    #[test]
+    fn compose_pairs_an_intercept_with_its_service() {
+        let choice = |args: &[&str]| match Cli::try_parse_from(["tpd", "compose"].iter().chain(args)) {
+            Ok(Cli { command: Command::Compose(c), .. }) => Ok(c.choice),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        let ok =
+            ["--intercept", "deployment/api", "--header", "x-dev=alice", "--port", "8080:8080", "--service", "api"];
+        let c = choice(&ok).unwrap();
+        assert_eq!(c.pairs().unwrap(), vec![("deployment/api".to_owned(), "api".to_owned())]);
+        assert_eq!(c.filter.filter().to_string(), "x-dev=alice");
+        let both = choice(&["--swap", "deployment/a", "--intercept", "deployment/b", "--service", "a"]).unwrap_err();
+        assert!(both.contains("--swap") && both.contains("--intercept"), "{both}");
+        let unpaired = choice(&["--intercept", "deployment/api", "--header", "x-dev=a"]).unwrap().pairs().unwrap_err();
+        assert_eq!(unpaired.message, "1 --intercept but 0 --service");
+        let held =
+            choice(&["--session", "dev", "--intercept", "deployment/api", "--header", "x-dev=a", "--service", "api"]);
+        assert!(held.unwrap().pairs().unwrap_err().message.contains("--session was given"));
+        assert!(choice(&["--port", "8080:8080"]).unwrap_err().contains("--swap"), "--port needs a Deployment");
+    }
 
     #[test]
     fn port_pairs_name_their_sides() {

@@ -131,9 +131,14 @@ async fn up_in_own_session(
         .map(|(d, _)| d.parse::<Target>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Hint::new(e.to_string(), "write --swap deployment/NAME"))?;
-    let mut spec = Spec::new(&targets)?;
+    let (swaps, intercept) = match choice.intercept {
+        Some(_) => (&[][..], targets.first()),
+        None => (&targets[..], None),
+    };
+    let mut spec = Spec::new(swaps)?;
     spec.session.ports = choice.ports.clone();
     spec.session.pod_ports = choice.pod_ports.clone();
+    let spec = spec.intercepting(intercept, &choice.filter)?;
     // The choice is checked against a provisional session before anything starts.
     let provisional = Record {
         name: project.to_owned(),
@@ -151,7 +156,7 @@ async fn up_in_own_session(
                 env: Default::default(),
                 mounts: Vec::new(),
                 local_ports: Vec::new(),
-                intercept: None,
+                intercept: spec.intercept.as_ref().map(|i| i.filter.to_string()),
             })
             .collect(),
     };

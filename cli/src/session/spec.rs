@@ -72,7 +72,7 @@ impl Spec {
 
     /// The spec with `--intercept` and its filter, once the flags make sense
     /// together (checked before anything changes anywhere).
-    fn intercepting(mut self, target: Option<&Target>, filter: &FilterArgs) -> Result<Self, Hint> {
+    pub fn intercepting(mut self, target: Option<&Target>, filter: &FilterArgs) -> Result<Self, Hint> {
         let filter = filter.filter();
         let ports = !self.session.ports.is_empty();
         let refusal = match (&self.swap, target) {
