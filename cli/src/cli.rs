@@ -64,7 +64,7 @@ pub enum Command {
     /// Print the versions of tpd and of the images it uses.
     Version,
     /// Run a docker-compose project with some services in a tpd session (or print the override).
-    Compose(ComposeArgs),
+    Compose(Box<ComposeArgs>),
     /// Run a local container in the cluster's network, optionally swapped in for a Deployment.
     Run(Box<RunArgs>),
     /// Start a long-lived session in the background (outbound access, optional swap) that containers join.

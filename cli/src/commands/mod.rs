@@ -17,7 +17,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Doctor => doctor::run(&cli.global).await,
         Command::Version => version::run(&cli.global).await,
-        Command::Compose(args) => crate::compose::cmd::run(&cli.global, args).await,
+        Command::Compose(args) => crate::compose::cmd::run(&cli.global, *args).await,
         Command::Connect(args) => connect::run(&cli.global, args).await,
         Command::Quit(args) => quit::run(&cli.global, &args).await,
         Command::Run(args) => run::run(&cli.global, *args).await,

@@ -104,8 +104,8 @@ pub async fn check(cluster: &Cluster, target: &Target, remotes: &[u16], filter: 
     }
     let hint = |e: plan::Error| Hint::new(e.to_string(), e.help());
     let index = choose_container(&d, target.container.as_deref()).map_err(|e| hint(e.into()))?;
-    let real = &d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| &p.containers[index]);
-    if let Some(real) = real {
+    let pod = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
+    if let Some(real) = pod.and_then(|p| p.containers.get(index)) {
         plan::check_declared(&target.name, real, remotes).map_err(hint)?;
     }
     plan::selector(&d).map_err(hint)?;

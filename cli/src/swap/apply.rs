@@ -38,6 +38,9 @@ pub async fn get(api: &Api<Deployment>, namespace: &str, name: &str) -> anyhow::
 pub async fn check_target(cluster: &Cluster, target: &Target) -> anyhow::Result<()> {
     let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let d = get(&api, &cluster.namespace, &target.name).await?;
+    if let Some(refusal) = crate::intercept::apply::swap_refusal(&d, target) {
+        return Err(refusal.into());
+    }
     plan::choose_container(&d, target.container.as_deref()).map_err(|e| {
         Hint::new(
             e.to_string(),
