@@ -43,6 +43,12 @@ impl Control {
         tx.is_some_and(|tx| tx.try_send(msg).is_ok())
     }
 
+    /// Makes `tx` the control connection, as `serve` does for a sidecar's.
+    #[cfg(test)]
+    pub fn connect_for_test(&self, tx: mpsc::Sender<Message>) {
+        *self.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
     /// Records the pod's neighbour ports and tells the connected sidecar.
     pub fn set_pod_ports(&self, ports: Vec<PodPort>) {
         *self.pod_ports.lock().unwrap_or_else(|p| p.into_inner()) = ports.clone();
