@@ -147,6 +147,8 @@ impl Shared {
 /// The TCP side of the stack; feed it packets with [`Tcp::input`].
 pub struct Tcp {
     input: mpsc::Sender<Vec<u8>>,
+    shared: Arc<Shared>,
+    run: tokio::task::AbortHandle,
 }
 
 impl Tcp {
@@ -177,8 +179,21 @@ impl Tcp {
             window,
         };
         let shared = Arc::new(Shared { engine: Mutex::new(engine), poke: Notify::new() });
-        tokio::spawn(run(shared, rx, send, accept));
-        Tcp { input }
+        let run = tokio::spawn(run(shared.clone(), rx, send, accept)).abort_handle();
+        Tcp { input, shared, run }
+    }
+
+    /// Stops the stack's loop and resets every connection: their readers
+    /// see the end of the stream and their writers an error, so whatever
+    /// serves them ends too.
+    pub fn stop(&self) {
+        self.run.abort();
+        let mut engine = self.shared.engine();
+        let e = &mut *engine;
+        for &handle in e.entries.keys() {
+            // Aborting wakes the connection's reader and writer.
+            e.sockets.get_mut::<Socket>(handle).abort();
+        }
     }
 
     /// Queues one IPv4 TCP packet; false when the queue is full (the packet is
