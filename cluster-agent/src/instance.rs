@@ -42,6 +42,7 @@ pub struct Shared {
 pub struct Instance {
     pub wg: Arc<Endpoint>,
     pub window: Arc<SendWindow>,
+    pub control: Arc<Control>,
     pub inbound: Arc<Inbound>,
     stack: Arc<Stack>,
     /// WireGuard's timers and the neighbour ports' forwarder; dropping the
@@ -66,7 +67,7 @@ impl Instance {
             "the WireGuard timers"
         });
         tasks.spawn(forward_pod_ports(shared.pod_ports.subscribe(), control.clone()));
-        Arc::new(Instance { wg, window, inbound, stack, tasks: tokio::sync::Mutex::new(tasks) })
+        Arc::new(Instance { wg, window, control, inbound, stack, tasks: tokio::sync::Mutex::new(tasks) })
     }
 
     /// Waits until one of the instance's tasks ends (they run for its life) and names it.
@@ -234,6 +235,15 @@ impl Instances {
         slot.streams += 1;
         let instance = slot.instance.clone();
         Ok(Admitted { instance, _stream: Some(StreamGuard { instances: self.clone(), key }) })
+    }
+
+    /// The instance whose sidecar said `session` in its control hello.
+    pub fn by_session(&self, session: &str) -> Option<Arc<Instance>> {
+        let serves = |i: &Arc<Instance>| i.control.session().as_deref() == Some(session);
+        match &self.mode {
+            Mode::Single(instance) => Some(instance.clone()).filter(serves),
+            Mode::PerKey { slots, .. } => lock(slots).values().map(|s| &s.instance).find(|i| serves(i)).cloned(),
+        }
     }
 
     /// Drops the instances idle for `idle` (no transport stream) or broken

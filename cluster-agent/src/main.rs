@@ -10,6 +10,7 @@
 mod control;
 mod inbound;
 mod instance;
+mod intercept;
 mod neighbours;
 mod services;
 mod stack;
@@ -28,10 +29,13 @@ use tokio::task::JoinSet;
 use tpd_tunnel::StaticKey;
 use tpd_tunnel::udp::TunnelUdp;
 use tpd_volumes::server as files;
-use tpd_wire::intercept::Config;
+use tpd_wire::intercept::{Config, LEASE};
 use tpd_wire::names::{self, agent_env};
 
 use crate::instance::{Instance, Instances, Shared};
+use crate::intercept::reach::Sessions;
+use crate::intercept::registry::Registry;
+use crate::intercept::router::Router;
 
 #[derive(Debug, Parser)]
 #[command(name = "tpd-agent", version = tpd_wire::VERSION, about)]
@@ -152,26 +156,50 @@ async fn run_swap(
 
 /// An intercept agent, beside the app: an instance per sidecar, over TCP
 /// streams only (a UDP datagram does not say which sidecar sent it, and
-/// every developer reaches the pod through a port-forward anyway).
+/// every developer reaches the pod through a port-forward anyway); the
+/// intercept port; a router on each listening port.
 async fn run_intercept(
     listen: SocketAddr,
     config: Config,
     shared: Shared,
     tasks: &mut JoinSet<&'static str>,
 ) -> anyhow::Result<()> {
-    let transport = SocketAddr::new(listen.ip(), config.transport);
-    let streams = TcpListener::bind(transport).await.with_context(|| format!("listening on TCP {transport}"))?;
+    // Every port bound first, so that a taken one fails the agent's start.
+    let bind = |port: u16| async move {
+        let addr = SocketAddr::new(listen.ip(), port);
+        TcpListener::bind(addr).await.with_context(|| format!("listening on TCP {addr}"))
+    };
+    let streams = bind(config.transport).await?;
+    let intercept_port = bind(config.intercept).await?;
+    let mut routers = Vec::new();
+    for map in &config.ports {
+        routers.push((map.remote, bind(map.listen).await?));
+    }
+
     let instances = Instances::per_key(shared);
+    let registry = Arc::new(Registry::new(config.ports.iter().map(|p| p.remote), LEASE));
     let sweep = instances.clone();
     tasks.spawn(async move {
         sweep.sweep(instance::IDLE, IDLE_SWEEP_EVERY).await;
         "the sweep of idle sessions"
     });
+    let (port_registry, port_instances) = (registry.clone(), instances.clone());
+    tasks.spawn(async move {
+        intercept::port::serve(intercept_port, port_registry, port_instances).await;
+        "the intercept port"
+    });
+    for (remote, listener) in routers {
+        let router = Router::new(remote, registry.clone(), Sessions(instances.clone()));
+        tasks.spawn(async move {
+            router.serve(listener).await;
+            "an intercepted port's router"
+        });
+    }
     tasks.spawn(async move {
         transport::serve_streams(streams, instances).await;
         "the transport's stream listener"
     });
-    tracing::info!(version = tpd_wire::VERSION, %transport, ?config, "intercept agent ready");
+    tracing::info!(version = tpd_wire::VERSION, ?config, "intercept agent ready");
     Ok(())
 }
 
