@@ -51,6 +51,11 @@ impl Control {
         tx.is_some_and(|tx| tx.try_send(msg).is_ok())
     }
 
+    /// Whether a sidecar's control connection is up.
+    pub fn connected(&self) -> bool {
+        self.notify.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+
     /// Makes `tx` the control connection, as `serve` does for a sidecar's.
     #[cfg(test)]
     pub fn connect_for_test(&self, tx: mpsc::Sender<Message>) {

@@ -237,12 +237,19 @@ impl Instances {
         Ok(Admitted { instance, _stream: Some(StreamGuard { instances: self.clone(), key }) })
     }
 
-    /// The instance whose sidecar said `session` in its control hello.
+    /// The instance whose sidecar said `session` in its control hello. A
+    /// sidecar that restarted has a new key, so for a while (until the old
+    /// one idles out) two instances may say it: the one whose control
+    /// connection is up is the session's now.
     pub fn by_session(&self, session: &str) -> Option<Arc<Instance>> {
         let serves = |i: &Arc<Instance>| i.control.session().as_deref() == Some(session);
         match &self.mode {
             Mode::Single(instance) => Some(instance.clone()).filter(serves),
-            Mode::PerKey { slots, .. } => lock(slots).values().map(|s| &s.instance).find(|i| serves(i)).cloned(),
+            Mode::PerKey { slots, .. } => {
+                let slots = lock(slots);
+                let serving = slots.values().map(|s| &s.instance).filter(|i| serves(i));
+                serving.max_by_key(|i| i.control.connected()).cloned()
+            }
         }
     }
 

@@ -210,3 +210,20 @@ const IDLE_SWEEP_EVERY: Duration = Duration::from_secs(10);
 fn parse_intercept(json: &str) -> Result<Config, String> {
     serde_json::from_str(json).map_err(|e| format!("not an intercept config: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the CLI sets, and that it excludes the swap's ports.
+    #[test]
+    fn the_intercept_config_is_read_from_its_json() {
+        let json = r#"{"transport":7710,"intercept":7711,"ports":[{"remote":8080,"listen":18080}]}"#;
+        let args = Args::try_parse_from(["tpd-agent", "--intercept", json]).unwrap();
+        let config = args.intercept.unwrap();
+        assert_eq!((config.transport, config.intercept), (7710, 7711));
+        assert_eq!(config.ports, [tpd_wire::intercept::PortMap { remote: 8080, listen: 18080 }]);
+        assert!(Args::try_parse_from(["tpd-agent", "--intercept", "{"]).is_err());
+        assert!(Args::try_parse_from(["tpd-agent", "--intercept", json, "--ports", "8080"]).is_err());
+    }
+}

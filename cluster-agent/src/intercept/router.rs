@@ -120,7 +120,7 @@ impl<C: Connector> Router<C> {
         // Never the real container instead: the request was the session's.
         Ok(match target {
             Some(target) => {
-                tracing::info!(session = target.session, port = self.remote, "the intercept is not reachable: {err}");
+                tracing::debug!(session = target.session, port = self.remote, "the intercept is not reachable: {err}");
                 text(StatusCode::BAD_GATEWAY, format!("tpd: the intercept of {} is not reachable\n", target.holder))
             }
             None => {
