@@ -91,8 +91,11 @@ impl<C: Connector> Router<C> {
         }
         let this = self.clone();
         let service = hyper::service::service_fn(move |req| this.clone().handle(req));
-        let served =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(client), service).with_upgrades();
+        // Header names as the client wrote them, to the upstream as they were.
+        let served = hyper::server::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .serve_connection(TokioIo::new(client), service)
+            .with_upgrades();
         if let Err(e) = served.await {
             tracing::debug!(port = self.remote, "HTTP connection ended: {e}");
         }
@@ -179,8 +182,11 @@ impl<C: Connector> Router<C> {
             Some(target) => self.sessions.connect(target, self.remote).await?,
             None => Box::new(dial_loopback(self.remote).await?),
         };
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(conn)).await.map_err(io::Error::other)?;
+        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .handshake(TokioIo::new(conn))
+            .await
+            .map_err(io::Error::other)?;
         let port = self.remote;
         let to = upstream.clone();
         tokio::spawn(async move {
@@ -565,6 +571,29 @@ mod tests {
             within(sock.read_exact(&mut got)).await.unwrap();
             assert_eq!(got, first);
         }
+    }
+
+    /// The real container gets the request as the client sent it, header
+    /// names' case included (this one answers with the head it read).
+    #[tokio::test]
+    async fn the_real_container_gets_the_request_as_sent() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let real = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let head = read_head(&mut sock).await;
+            let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}", head.len());
+            sock.write_all(resp.as_bytes()).await.unwrap();
+        });
+        let addr = router(real).await;
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        let sent = "GET /case?a=1 HTTP/1.1\r\nHost: app.default.svc:8080\r\nX-Request-ID: Abc\r\n\r\n";
+        sock.write_all(sent.as_bytes()).await.unwrap();
+        let head = read_head(&mut sock).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let mut got = vec![0u8; sent.len()];
+        within(sock.read_exact(&mut got)).await.unwrap();
+        assert_eq!(String::from_utf8(got).unwrap(), sent);
     }
 
     #[test]
