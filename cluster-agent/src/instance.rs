@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -176,12 +176,16 @@ pub struct Admitted {
 struct StreamGuard {
     instances: Arc<Instances>,
     key: [u8; 32],
+    /// The instance counted: the key's slot may hold a newer one by the
+    /// time the stream ends, if this one was dropped as broken.
+    instance: Weak<Instance>,
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         if let Mode::PerKey { slots, .. } = &self.instances.mode
             && let Some(slot) = lock(slots).get_mut(&self.key)
+            && std::ptr::eq(Arc::as_ptr(&slot.instance), self.instance.as_ptr())
         {
             slot.streams -= 1;
             slot.idle_since = Instant::now();
@@ -234,7 +238,8 @@ impl Instances {
         };
         slot.streams += 1;
         let instance = slot.instance.clone();
-        Ok(Admitted { instance, _stream: Some(StreamGuard { instances: self.clone(), key }) })
+        let counted = StreamGuard { instances: self.clone(), key, instance: Arc::downgrade(&instance) };
+        Ok(Admitted { instance, _stream: Some(counted) })
     }
 
     /// The instance whose sidecar said `session` in its control hello. A
