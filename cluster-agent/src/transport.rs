@@ -132,4 +132,34 @@ mod tests {
         assert_eq!(Hello::decode(&hello).unwrap().map(|h| h.public_key), Some(instances.public_key()));
         server.abort();
     }
+
+    /// A sidecar's side of a transport stream: reads the agent's hello,
+    /// says its own with `key`, and reports whether the agent kept the
+    /// stream open (admitted) or closed it (refused).
+    async fn kept_open(port: u16, key: [u8; 32]) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut hello = [0u8; tpd_wire::hello::LEN];
+        conn.read_exact(&mut hello).await.unwrap();
+        conn.write_all(&Hello { role: Role::Sidecar, public_key: key }.encode()).await.unwrap();
+        let mut byte = [0u8];
+        let read = tokio::time::timeout(std::time::Duration::from_millis(300), conn.read(&mut byte)).await;
+        // Refused: the agent closes (end of stream, or a reset). Admitted: it waits for frames.
+        read.is_err()
+    }
+
+    #[tokio::test]
+    async fn a_swap_refuses_a_second_key_an_intercept_agent_serves_it() {
+        let shared = crate::instance::test_shared();
+        let swap = Instances::single(&shared, Instance::start(&shared));
+        let intercept = Instances::per_key(crate::instance::test_shared());
+        for (instances, second_admitted) in [(swap, false), (intercept, true)] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let server = tokio::spawn(serve_streams(listener, instances.clone()));
+            assert!(kept_open(port, [1; 32]).await, "the first sidecar");
+            assert_eq!(kept_open(port, [2; 32]).await, second_admitted, "a second sidecar");
+            server.abort();
+        }
+    }
 }
