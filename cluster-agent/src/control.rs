@@ -25,6 +25,9 @@ pub struct Control {
     window: Arc<SendWindow>,
     /// The neighbour ports last found, sent to each sidecar before `Info`.
     pod_ports: Mutex<Vec<PodPort>>,
+    /// The session id the sidecar's hello named: an intercept agent
+    /// delivers that session's requests over this instance's tunnel.
+    session: Mutex<Option<String>>,
 }
 
 /// The environment to inject: the agent's own minus tpd's variables.
@@ -34,13 +37,29 @@ pub fn injectable_env() -> BTreeMap<String, String> {
 
 impl Control {
     pub fn new(window: Arc<SendWindow>) -> Self {
-        Control { notify: Mutex::default(), window, pod_ports: Mutex::default() }
+        Control { notify: Mutex::default(), window, pod_ports: Mutex::default(), session: Mutex::default() }
+    }
+
+    /// The session id of the sidecar's last hello, if it named one.
+    pub fn session(&self) -> Option<String> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Sends `msg` to the sidecar; false when no control connection is up.
     pub fn notify(&self, msg: Message) -> bool {
         let tx = self.notify.lock().unwrap_or_else(|p| p.into_inner()).clone();
         tx.is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+
+    /// Whether a sidecar's control connection is up.
+    pub fn connected(&self) -> bool {
+        self.notify.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+
+    /// Makes `tx` the control connection, as `serve` does for a sidecar's.
+    #[cfg(test)]
+    pub fn connect_for_test(&self, tx: mpsc::Sender<Message>) {
+        *self.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     }
 
     /// Records the pod's neighbour ports and tells the connected sidecar.
@@ -69,10 +88,13 @@ impl Control {
         *self.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
         while let Some(msg) = wio::read_message(&mut rd, &mut buf).await? {
             let reply = match msg {
-                Message::Hello { version, udp_receive_buffer, .. } => {
+                Message::Hello { version, udp_receive_buffer, session } => {
                     let udp_window =
                         udp_receive_buffer.map(|b| self.window.fit_udp(usize::try_from(b).unwrap_or(usize::MAX)));
-                    tracing::info!(sidecar_version = %version, ?udp_receive_buffer, ?udp_window, "sidecar connected to control");
+                    tracing::info!(sidecar_version = %version, ?udp_receive_buffer, ?udp_window, ?session, "sidecar connected to control");
+                    if session.is_some() {
+                        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session;
+                    }
                     // Before `Info`: the sidecar listens on these before it
                     // reports ready and the developer's container starts.
                     if tx.send(self.pod_ports()).await.is_err() {

@@ -1,5 +1,6 @@
-//! `tpd-agent`: runs in the cluster in place of the swapped container, as a
-//! non-root user with no capabilities. It owns the WireGuard endpoint, the
+//! `tpd-agent`: runs in the cluster in place of the swapped container, or
+//! beside the app container of each pod of an intercepted workload (with
+//! `TPD_AGENT_INTERCEPT`), as a non-root user with no capabilities. It owns the WireGuard endpoint, the
 //! userspace TCP/IP stack that turns tunnelled packets into ordinary sockets
 //! in the pod's network, and the control (version, health, env) and file
 //! services inside the tunnel (the file service is `tpd_volumes::server`),
@@ -8,6 +9,8 @@
 
 mod control;
 mod inbound;
+mod instance;
+mod intercept;
 mod neighbours;
 mod services;
 mod stack;
@@ -16,21 +19,23 @@ mod window;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tpd_tunnel::Endpoint;
+use tpd_tunnel::StaticKey;
 use tpd_tunnel::udp::TunnelUdp;
 use tpd_volumes::server as files;
+use tpd_wire::intercept::{Config, LEASE};
 use tpd_wire::names::{self, agent_env};
 
-use crate::control::Control;
-use crate::inbound::Inbound;
-use crate::services::Services;
-use crate::stack::{Ingress, Stack};
-use crate::window::SendWindow;
+use crate::instance::{Instance, Instances, Shared};
+use crate::intercept::reach::Sessions;
+use crate::intercept::registry::Registry;
+use crate::intercept::router::Router;
 
 #[derive(Debug, Parser)]
 #[command(name = "tpd-agent", version = tpd_wire::VERSION, about)]
@@ -40,8 +45,13 @@ struct Args {
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], names::AGENT_TRANSPORT_PORT)))]
     listen: SocketAddr,
     /// Ports of the swapped container; cluster clients connecting to them reach the developer's app.
-    #[arg(long, env = agent_env::PORTS, value_delimiter = ',')]
+    #[arg(long, env = agent_env::PORTS, value_delimiter = ',', conflicts_with = "intercept")]
     ports: Vec<u16>,
+    /// Run beside the app container and route its requests by session
+    /// (JSON `tpd_wire::intercept::Config`); the transport then listens on
+    /// its `transport` port, over TCP only.
+    #[arg(long, env = agent_env::INTERCEPT, value_parser = parse_intercept)]
+    intercept: Option<Config>,
 }
 
 #[tokio::main]
@@ -91,66 +101,129 @@ fn map_large_buffers() {
 /// Starts the agent's services; returns the tasks that serve the tunnel,
 /// each ending with its name (dropping the set stops them).
 async fn run(args: Args) -> anyhow::Result<JoinSet<&'static str>> {
-    let streams = TcpListener::bind(args.listen).await.with_context(|| format!("listening on TCP {}", args.listen))?;
-    let udp = TunnelUdp::bind(args.listen).await.with_context(|| format!("listening on UDP {}", args.listen))?;
-    let (ingress, queues) = Ingress::new();
-    let wg = Arc::new(Endpoint::new(None, move |packet| ingress.deliver(packet)));
-
-    let window = Arc::new(SendWindow::default());
-    let control = Arc::new(Control::new(window.clone()));
-    let inbound = Arc::new(Inbound::new(control.clone()));
-    inbound.clone().listen(&args.ports).await?;
     let mounts = Arc::new(files::MountTable::from_env().context("reading the volume mounts to serve")?);
-    let own = neighbours::Own::new(&args.ports);
-    tokio::spawn(neighbours::watch(own.clone(), control.clone()));
-    let nameservers = stack::dns::system_nameservers();
-    let services = local_services(control, inbound, mounts, nameservers.clone());
-    Stack::start(wg.clone(), services, own, queues, window.clone(), nameservers);
-
+    let own = match &args.intercept {
+        Some(config) => neighbours::Own::intercept(config),
+        None => neighbours::Own::new(&args.ports),
+    };
+    let pod_ports = watch::Sender::new(Vec::new());
+    let found = pod_ports.clone();
+    let shared = Shared {
+        key: StaticKey::generate(),
+        mounts,
+        nameservers: stack::dns::system_nameservers(),
+        own: own.clone(),
+        pod_ports,
+    };
     let mut tasks = JoinSet::new();
-    let (streams_wg, streams_window) = (wg.clone(), window.clone());
     tasks.spawn(async move {
-        transport::serve_streams(streams, streams_wg, streams_window).await;
-        "the transport's stream listener"
+        neighbours::watch(own, found).await;
+        "the neighbour ports' watch"
     });
-    let udp_wg = wg.clone();
-    tasks.spawn(async move {
-        transport::serve_udp(udp, udp_wg, window).await;
-        "the transport's UDP socket"
-    });
-    tasks.spawn(async move {
-        wg.run_timers().await;
-        "the WireGuard timers"
-    });
-    tracing::info!(version = tpd_wire::VERSION, listen = %args.listen, ports = ?args.ports, "agent ready");
+    match args.intercept {
+        Some(config) => run_intercept(args.listen, config, shared, &mut tasks).await?,
+        None => run_swap(args.listen, &args.ports, shared, &mut tasks).await?,
+    }
     Ok(tasks)
 }
 
-/// The services on the agent's tunnel address, by port.
-fn local_services(
-    control: Arc<Control>,
-    inbound: Arc<Inbound>,
-    mounts: Arc<files::MountTable>,
-    nameservers: Arc<[SocketAddr]>,
-) -> Services {
-    let mut services = Services::default();
-    services.insert(names::AGENT_CONTROL_PORT, move |c| {
-        let control = control.clone();
-        async move { control.serve(c).await }
+/// A swapped or outbound-only agent: one instance, locked to the first
+/// sidecar, its transport over TCP and UDP, listeners on the swapped ports.
+async fn run_swap(
+    listen: SocketAddr,
+    ports: &[u16],
+    shared: Shared,
+    tasks: &mut JoinSet<&'static str>,
+) -> anyhow::Result<()> {
+    let streams = TcpListener::bind(listen).await.with_context(|| format!("listening on TCP {listen}"))?;
+    let udp = TunnelUdp::bind(listen).await.with_context(|| format!("listening on UDP {listen}"))?;
+    let instance = Instance::start(&shared);
+    instance.inbound.clone().listen(ports).await?;
+    let instances = Instances::single(&shared, instance.clone());
+    tasks.spawn(async move {
+        transport::serve_streams(streams, instances).await;
+        "the transport's stream listener"
     });
-    services.insert(names::AGENT_INBOUND_PORT, move |c| {
-        let inbound = inbound.clone();
-        async move { inbound.relay(c).await }
+    let udp_instance = instance.clone();
+    tasks.spawn(async move {
+        transport::serve_udp(udp, udp_instance).await;
+        "the transport's UDP socket"
     });
-    // DNS over TCP, for answers too large for UDP (UDP is the stack's own).
-    services.insert(names::AGENT_DNS_PORT, move |c| stack::dns::serve_tcp(c, nameservers.clone()));
-    services.insert(names::AGENT_FILES_PORT, move |c| {
-        let mounts = mounts.clone();
-        async move {
-            if let Err(e) = files::serve_connection(c, mounts).await {
-                tracing::warn!("file service connection closed: {e}");
-            }
-        }
+    tasks.spawn(async move { instance.ended().await });
+    tracing::info!(version = tpd_wire::VERSION, %listen, ?ports, "agent ready");
+    Ok(())
+}
+
+/// An intercept agent, beside the app: an instance per sidecar, over TCP
+/// streams only (a UDP datagram does not say which sidecar sent it, and
+/// every developer reaches the pod through a port-forward anyway); the
+/// intercept port; a router on each listening port.
+async fn run_intercept(
+    listen: SocketAddr,
+    config: Config,
+    shared: Shared,
+    tasks: &mut JoinSet<&'static str>,
+) -> anyhow::Result<()> {
+    // Every port bound first, so that a taken one fails the agent's start.
+    let bind = |port: u16| async move {
+        let addr = SocketAddr::new(listen.ip(), port);
+        TcpListener::bind(addr).await.with_context(|| format!("listening on TCP {addr}"))
+    };
+    let streams = bind(config.transport).await?;
+    let intercept_port = bind(config.intercept).await?;
+    let mut routers = Vec::new();
+    for map in &config.ports {
+        routers.push((map.remote, bind(map.listen).await?));
+    }
+
+    let instances = Instances::per_key(shared);
+    let registry = Arc::new(Registry::new(config.ports.iter().map(|p| p.remote), LEASE));
+    let sweep = instances.clone();
+    tasks.spawn(async move {
+        sweep.sweep(instance::IDLE, IDLE_SWEEP_EVERY).await;
+        "the sweep of idle sessions"
     });
-    services
+    let (port_registry, port_instances) = (registry.clone(), instances.clone());
+    tasks.spawn(async move {
+        intercept::port::serve(intercept_port, port_registry, port_instances).await;
+        "the intercept port"
+    });
+    for (remote, listener) in routers {
+        let router = Router::new(remote, registry.clone(), Sessions(instances.clone()));
+        tasks.spawn(async move {
+            router.serve(listener).await;
+            "an intercepted port's router"
+        });
+    }
+    tasks.spawn(async move {
+        transport::serve_streams(streams, instances).await;
+        "the transport's stream listener"
+    });
+    tracing::info!(version = tpd_wire::VERSION, ?config, "intercept agent ready");
+    Ok(())
+}
+
+/// How often an intercept agent looks for sessions to drop.
+const IDLE_SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// `TPD_AGENT_INTERCEPT`'s JSON.
+fn parse_intercept(json: &str) -> Result<Config, String> {
+    serde_json::from_str(json).map_err(|e| format!("not an intercept config: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the CLI sets, and that it excludes the swap's ports.
+    #[test]
+    fn the_intercept_config_is_read_from_its_json() {
+        let json = r#"{"transport":7710,"intercept":7711,"ports":[{"remote":8080,"listen":18080}]}"#;
+        let args = Args::try_parse_from(["tpd-agent", "--intercept", json]).unwrap();
+        let config = args.intercept.unwrap();
+        assert_eq!((config.transport, config.intercept), (7710, 7711));
+        assert_eq!(config.ports, [tpd_wire::intercept::PortMap { remote: 8080, listen: 18080 }]);
+        assert!(Args::try_parse_from(["tpd-agent", "--intercept", "{"]).is_err());
+        assert!(Args::try_parse_from(["tpd-agent", "--intercept", json, "--ports", "8080"]).is_err());
+    }
 }

@@ -4,7 +4,8 @@
 //! user may read), every [`SCAN_EVERY`]. A port counts when it listens on
 //! an address the pod's loopback reaches: 127.0.0.1, ::1, 0.0.0.0 or ::.
 //! The agent's own sockets (the transport port, the swapped container's
-//! inbound ports, its outbound dials) are left out by their inode and by
+//! inbound ports, its outbound dials; an intercept agent's ports and the
+//! real container's intercepted ones) are left out by their inode and by
 //! port. The set goes to the sidecar (`PodPorts`) whenever it changes; the
 //! sidecar listens on each port in the developer's namespace and relays to
 //! `POD_LOOPBACK_TUNNEL_IP`, which the stack dials with [`dial_loopback`].
@@ -12,14 +13,13 @@
 use std::collections::{BTreeSet, HashSet};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tpd_wire::intercept::Config;
 use tpd_wire::names::AGENT_TRANSPORT_PORT;
 use tpd_wire::neighbours::{PodPort, Protocol};
-
-use crate::control::Control;
 
 /// How often the socket tables are read: a neighbour that starts listening
 /// is reachable from the developer's container within about this long.
@@ -37,19 +37,28 @@ impl Own {
         Own { ports: inbound.iter().copied().chain([AGENT_TRANSPORT_PORT]).collect() }
     }
 
+    /// An intercept agent's: its transport, intercept and listening ports,
+    /// and the real container's intercepted ports, which the app holds and
+    /// the developer's container must not shadow on its 127.0.0.1.
+    pub fn intercept(config: &Config) -> Self {
+        let ports = config.ports.iter().flat_map(|p| [p.remote, p.listen]);
+        Own { ports: ports.chain([config.transport, config.intercept]).collect() }
+    }
+
     pub fn holds(&self, port: u16) -> bool {
         self.ports.contains(&port)
     }
 }
 
-/// Reads the tables every [`SCAN_EVERY`] and hands `control` the set when it changes.
-pub async fn watch(own: Own, control: Arc<Control>) {
+/// Reads the tables every [`SCAN_EVERY`] and publishes the set when it
+/// changes, to every session's control (`Instance`'s forwarder).
+pub async fn watch(own: Own, found: watch::Sender<Vec<PodPort>>) {
     let mut last = None;
     loop {
         let ports = scan(&own);
         if last.as_ref() != Some(&ports) {
             tracing::info!(ports = %list(&ports), "ports listening in the pod");
-            control.set_pod_ports(ports.iter().copied().collect());
+            found.send_replace(ports.iter().copied().collect());
             last = Some(ports);
         }
         tokio::time::sleep(SCAN_EVERY).await;
@@ -235,6 +244,14 @@ mod tests {
     fn the_agents_own_ports_are_not_neighbours() {
         let own = Own::new(&[8080]);
         assert!(own.holds(8080) && own.holds(AGENT_TRANSPORT_PORT) && !own.holds(6379));
+        let config = Config {
+            transport: 7710,
+            intercept: 7711,
+            ports: vec![tpd_wire::intercept::PortMap { remote: 8080, listen: 18080 }],
+        };
+        let own = Own::intercept(&config);
+        assert!([7710, 7711, 8080, 18080].iter().all(|&p| own.holds(p)), "{own:?}");
+        assert!(!own.holds(6379));
     }
 
     /// In this process's own network namespace: a listener on 127.0.0.1 is

@@ -89,6 +89,8 @@ pub struct Stack {
     tcp: tcp::Tcp,
     /// Ports of the pod's loopback that are the agent's, not a neighbour's.
     own: Own,
+    /// The gate's task, for [`Stack::stop`].
+    gate: std::sync::OnceLock<tokio::task::AbortHandle>,
 }
 
 impl Stack {
@@ -119,10 +121,28 @@ impl Stack {
                     }
                 }),
             );
-            Stack { wg, services, dns_servers, dials: Mutex::default(), udp_flows: Mutex::default(), tcp, own }
+            Stack {
+                wg,
+                services,
+                dns_servers,
+                dials: Mutex::default(),
+                udp_flows: Mutex::default(),
+                tcp,
+                own,
+                gate: std::sync::OnceLock::new(),
+            }
         });
-        tokio::spawn(stack.clone().gate(gate));
+        let _ = stack.gate.set(tokio::spawn(stack.clone().gate(gate)).abort_handle());
         stack
+    }
+
+    /// Stops the stack's tasks and resets its connections: what a session
+    /// that is gone leaves behind. Its UDP flows idle out by themselves.
+    pub fn stop(&self) {
+        if let Some(gate) = self.gate.get() {
+            gate.abort();
+        }
+        self.tcp.stop();
     }
 
     fn dials(&self) -> std::sync::MutexGuard<'_, HashMap<Flow, Dial>> {

@@ -2,11 +2,13 @@
 //! WireGuard frames; what a port-forward carries) and plain UDP datagrams.
 //! A stream is admitted only when it arrives on the pod's loopback, where a
 //! kubelet's port-forward lands; anyone else on the pod network is closed
-//! on at once, before the agent says anything. The session locks to the
-//! first admitted sidecar's key; every new stream from it becomes the route
-//! for replies, so a redialled stream takes over without ending the
-//! session. UDP needs no such check: before a key is admitted every
-//! datagram is dropped, and after it WireGuard answers only that key.
+//! on at once, before the agent says anything. A swapped or outbound-only
+//! agent locks to the first admitted sidecar's key; an intercept agent
+//! serves each key with its own instance ([`Instances`]). Every new stream
+//! from a key becomes the route for its replies, so a redialled stream
+//! takes over without ending the session. UDP (a swap's only) needs no
+//! such check: before a key is admitted every datagram is dropped, and
+//! after it WireGuard answers only that key.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -15,17 +17,17 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tpd_tunnel::Route;
 use tpd_tunnel::io as wio;
 use tpd_tunnel::udp::TunnelUdp;
-use tpd_tunnel::{Endpoint, Route};
 use tpd_wire::hello::{Hello, Role};
 
-use crate::window::SendWindow;
+use crate::instance::{Instance, Instances};
 
 /// Queue of datagrams waiting for one stream's writer.
 const STREAM_QUEUE: usize = 4096;
 
-pub async fn serve_streams(listener: TcpListener, wg: Arc<Endpoint>, window: Arc<SendWindow>) {
+pub async fn serve_streams(listener: TcpListener, instances: Arc<Instances>) {
     loop {
         match listener.accept().await {
             Ok((sock, addr)) => {
@@ -34,9 +36,9 @@ pub async fn serve_streams(listener: TcpListener, wg: Arc<Endpoint>, window: Arc
                     tracing::debug!(%addr, "refused a transport stream from outside the pod");
                     continue;
                 }
-                let (wg, window) = (wg.clone(), window.clone());
+                let instances = instances.clone();
                 tokio::spawn(async move {
-                    match serve_stream(sock, &wg, &window).await {
+                    match serve_stream(sock, &instances).await {
                         Ok(()) => tracing::info!(%addr, "transport stream closed"),
                         Err(e) => tracing::warn!(%addr, "transport stream closed: {e:#}"),
                     }
@@ -50,7 +52,7 @@ pub async fn serve_streams(listener: TcpListener, wg: Arc<Endpoint>, window: Arc
 /// Whether a connection came over the pod's loopback. The port itself
 /// listens on every address: the readiness probe dials the pod IP, and UDP
 /// shares the address.
-fn arrived_on_loopback(sock: &TcpStream, peer: SocketAddr) -> bool {
+pub fn arrived_on_loopback(sock: &TcpStream, peer: SocketAddr) -> bool {
     sock.local_addr().is_ok_and(|local| admitted(local.ip(), peer.ip()))
 }
 
@@ -60,17 +62,16 @@ fn admitted(local: IpAddr, peer: IpAddr) -> bool {
     local.to_canonical().is_loopback() && peer.to_canonical().is_loopback()
 }
 
-async fn serve_stream(sock: TcpStream, wg: &Endpoint, window: &SendWindow) -> anyhow::Result<()> {
+async fn serve_stream(sock: TcpStream, instances: &Arc<Instances>) -> anyhow::Result<()> {
     sock.set_nodelay(true)?;
     let (mut rd, mut wr) = sock.into_split();
-    wr.write_all(&Hello { role: Role::Agent, public_key: wg.public_key() }.encode()).await?;
+    wr.write_all(&Hello { role: Role::Agent, public_key: instances.public_key() }.encode()).await?;
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let hello = wio::read_hello(&mut rd, &mut buf).await?;
     anyhow::ensure!(hello.role == Role::Sidecar, "the peer introduced itself as {:?}, not a sidecar", hello.role);
-    anyhow::ensure!(
-        wg.lock_peer(hello.public_key),
-        "refusing a second peer: this agent's session is locked to the first sidecar that connected"
-    );
+    // Held until the stream ends: an intercept agent counts its sessions' streams.
+    let admitted = instances.admit(hello.public_key)?;
+    let (wg, window) = (&admitted.instance.wg, &admitted.instance.window);
     tracing::info!("transport stream up");
 
     let (tx, rx) = mpsc::channel(STREAM_QUEUE);
@@ -86,11 +87,12 @@ async fn serve_stream(sock: TcpStream, wg: &Endpoint, window: &SendWindow) -> an
     Ok(read?)
 }
 
-pub async fn serve_udp(udp: Arc<TunnelUdp>, wg: Arc<Endpoint>, window: Arc<SendWindow>) {
+/// A swap's UDP transport, to its one instance.
+pub async fn serve_udp(udp: Arc<TunnelUdp>, instance: Arc<Instance>) {
     let sender = udp.sender();
     udp.read_each(|datagram, from| {
-        window.set_lossy(true);
-        wg.receive(Some(from.ip()), datagram, &Route::Udp(sender.clone(), from));
+        instance.window.set_lossy(true);
+        instance.wg.receive(Some(from.ip()), datagram, &Route::Udp(sender.clone(), from));
     })
     .await;
 }
@@ -122,12 +124,42 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let wg = Arc::new(Endpoint::new(None, |_| {}));
-        let server = tokio::spawn(serve_streams(listener, wg.clone(), Arc::default()));
+        let instances = Instances::per_key(crate::instance::test_shared());
+        let server = tokio::spawn(serve_streams(listener, instances.clone()));
         let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let mut hello = [0u8; tpd_wire::hello::LEN];
         conn.read_exact(&mut hello).await.unwrap();
-        assert_eq!(Hello::decode(&hello).unwrap().map(|h| h.public_key), Some(wg.public_key()));
+        assert_eq!(Hello::decode(&hello).unwrap().map(|h| h.public_key), Some(instances.public_key()));
         server.abort();
+    }
+
+    /// A sidecar's side of a transport stream: reads the agent's hello,
+    /// says its own with `key`, and reports whether the agent kept the
+    /// stream open (admitted) or closed it (refused).
+    async fn kept_open(port: u16, key: [u8; 32]) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut hello = [0u8; tpd_wire::hello::LEN];
+        conn.read_exact(&mut hello).await.unwrap();
+        conn.write_all(&Hello { role: Role::Sidecar, public_key: key }.encode()).await.unwrap();
+        let mut byte = [0u8];
+        let read = tokio::time::timeout(std::time::Duration::from_millis(300), conn.read(&mut byte)).await;
+        // Refused: the agent closes (end of stream, or a reset). Admitted: it waits for frames.
+        read.is_err()
+    }
+
+    #[tokio::test]
+    async fn a_swap_refuses_a_second_key_an_intercept_agent_serves_it() {
+        let shared = crate::instance::test_shared();
+        let swap = Instances::single(&shared, Instance::start(&shared));
+        let intercept = Instances::per_key(crate::instance::test_shared());
+        for (instances, second_admitted) in [(swap, false), (intercept, true)] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let server = tokio::spawn(serve_streams(listener, instances.clone()));
+            assert!(kept_open(port, [1; 32]).await, "the first sidecar");
+            assert_eq!(kept_open(port, [2; 32]).await, second_admitted, "a second sidecar");
+            server.abort();
+        }
     }
 }

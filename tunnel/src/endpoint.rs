@@ -1,5 +1,6 @@
 //! One end of the session's WireGuard tunnel, shared by the sidecar and the
-//! agent: a boringtun `Tunn`, this process's fresh key pair, and the route
+//! agent: a boringtun `Tunn`, this process's key pair ([`StaticKey`]: fresh
+//! per endpoint, or one shared by several endpoints), and the route
 //! datagrams to the peer take. The route is the transport that last
 //! delivered an authenticated datagram (or the newest stream), so a
 //! redialled transport takes over without ending the session. Plaintext
@@ -46,9 +47,38 @@ enum Op<'p> {
 
 type Deliver = Box<dyn Fn(&[u8]) + Send + Sync>;
 
-pub struct Endpoint {
+/// A static key pair. Several endpoints may share one: an intercept agent
+/// says its public key to every sidecar before it learns which sidecar it
+/// talks to, so all its sessions' endpoints must hold the same key. The
+/// private key never leaves this crate.
+#[derive(Clone)]
+pub struct StaticKey {
     secret: StaticSecret,
     public: [u8; 32],
+}
+
+impl StaticKey {
+    /// A fresh random key pair.
+    pub fn generate() -> Self {
+        let secret = StaticSecret::from(rand::random::<[u8; 32]>());
+        let public = PublicKey::from(&secret).to_bytes();
+        StaticKey { secret, public }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public
+    }
+}
+
+impl std::fmt::Debug for StaticKey {
+    /// The public half only: the secret must never reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticKey").field("public", &self.public).finish_non_exhaustive()
+    }
+}
+
+pub struct Endpoint {
+    key: StaticKey,
     keepalive: Option<u16>,
     peer: Mutex<Option<([u8; 32], Tunn)>>,
     route: Mutex<Route>,
@@ -68,20 +98,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Endpoint {
     /// A fresh key pair (the private key never leaves this value) and no peer yet.
     pub fn new(keepalive: Option<u16>, deliver: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
-        let secret = StaticSecret::from(rand::random::<[u8; 32]>());
-        let public = PublicKey::from(&secret).to_bytes();
-        Endpoint {
-            secret,
-            public,
-            keepalive,
-            peer: Mutex::new(None),
-            route: Mutex::new(Route::None),
-            deliver: Box::new(deliver),
-        }
+        Self::with_key(StaticKey::generate(), keepalive, deliver)
+    }
+
+    /// An endpoint holding `key`, which other endpoints may hold too; no peer yet.
+    pub fn with_key(key: StaticKey, keepalive: Option<u16>, deliver: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+        Endpoint { key, keepalive, peer: Mutex::new(None), route: Mutex::new(Route::None), deliver: Box::new(deliver) }
     }
 
     pub fn public_key(&self) -> [u8; 32] {
-        self.public
+        self.key.public
     }
 
     /// The current peer's key, if any.
@@ -115,7 +141,7 @@ impl Endpoint {
 
     fn new_tunn(&self, key: [u8; 32]) -> Tunn {
         let index = rand::random::<u32>() >> 8;
-        Tunn::new(self.secret.clone(), PublicKey::from(key), None, self.keepalive, index, None)
+        Tunn::new(self.key.secret.clone(), PublicKey::from(key), None, self.keepalive, index, None)
     }
 
     pub fn set_route(&self, route: Route) {
@@ -265,6 +291,36 @@ mod tests {
             pump(&mut brx, &a, &aroute);
         }
         assert_eq!(lock(&got).as_slice(), &[tpd_wire::ip::tunnel_test_packet()]);
+    }
+
+    /// Two endpoints with one shared key each hold a session with their
+    /// own peer, as an intercept agent's sessions do.
+    #[tokio::test]
+    async fn endpoints_sharing_a_key_each_reach_their_peer() {
+        let key = StaticKey::generate();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let sink: Delivered = Arc::default();
+            let into = sink.clone();
+            let agent = Endpoint::with_key(key.clone(), None, move |p| lock(&into).push(p.to_vec()));
+            let sidecar = Endpoint::new(Some(25), |_| {});
+            assert_eq!(agent.public_key(), key.public_key());
+            sidecar.set_peer(agent.public_key());
+            agent.set_peer(sidecar.public_key());
+            let (stx, mut srx) = mpsc::channel(64);
+            let (atx, mut arx) = mpsc::channel(64);
+            let (sroute, aroute) = (Route::Stream(stx), Route::Stream(atx));
+            sidecar.set_route(sroute.clone());
+            agent.set_route(aroute.clone());
+            sidecar.send_ip(&tpd_wire::ip::tunnel_test_packet());
+            for _ in 0..4 {
+                pump(&mut srx, &agent, &aroute);
+                pump(&mut arx, &sidecar, &sroute);
+            }
+            got.push(lock(&sink).clone());
+        }
+        assert_eq!(got, vec![vec![tpd_wire::ip::tunnel_test_packet()]; 2]);
+        assert!(!format!("{key:?}").contains(&format!("{:?}", key.secret.to_bytes())));
     }
 
     #[tokio::test]

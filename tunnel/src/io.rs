@@ -135,12 +135,30 @@ pub async fn read_preamble<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     kind: preamble::Kind,
 ) -> io::Result<()> {
+    read_preamble_of(rd, buf, &[kind]).await.map(drop)
+}
+
+/// Reads the preamble of a stream that may be of any of `kinds` (a port
+/// that serves several) and says which it is.
+pub async fn read_preamble_of<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    kinds: &[preamble::Kind],
+) -> io::Result<preamble::Kind> {
     let read = read_until(rd, buf, |b| {
-        let n = preamble::decode(b, kind)?;
-        if let Some(n) = n {
-            let _ = b.split_to(n);
+        let mut wrong = None;
+        for &kind in kinds {
+            match preamble::decode(b, kind) {
+                Ok(Some(n)) => {
+                    let _ = b.split_to(n);
+                    return Ok(Some(kind));
+                }
+                Ok(None) => return Ok(None),
+                Err(e @ preamble::Error::WrongKind { .. }) => drop(wrong.get_or_insert(e)),
+                Err(e) => return Err(e),
+            }
         }
-        Ok::<_, preamble::Error>(n.map(|_| ()))
+        wrong.map_or(Ok(None), Err)
     });
     tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
@@ -282,6 +300,21 @@ mod tests {
         let answer = dns_exchange_tcp(&query, server, Duration::from_secs(5)).await.unwrap();
         assert_eq!(answer, query);
         served.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_port_of_several_kinds_says_which_stream_arrived() {
+        use tpd_wire::preamble::{self, Kind};
+        let kinds = [Kind::Register, Kind::Relay];
+        let mut buf = BytesMut::new();
+        let mut relay = &[&preamble::encode(Kind::Relay)[..], b"rest"].concat()[..];
+        assert_eq!(read_preamble_of(&mut relay, &mut buf, &kinds).await.unwrap(), Kind::Relay);
+        assert_eq!(&buf[..], b"rest", "what follows the preamble stays in the buffer");
+        let mut control = &preamble::encode(Kind::Control)[..];
+        let err = read_preamble_of(&mut control, &mut BytesMut::new(), &kinds).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let mut http = &b"GET / HTTP/1.1\r\n"[..];
+        assert!(read_preamble_of(&mut http, &mut BytesMut::new(), &kinds).await.is_err());
     }
 
     #[tokio::test]

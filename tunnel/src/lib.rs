@@ -11,4 +11,4 @@ mod endpoint;
 pub mod io;
 pub mod udp;
 
-pub use endpoint::{Endpoint, Route};
+pub use endpoint::{Endpoint, Route, StaticKey};

@@ -300,15 +300,24 @@ impl Agent {
                 }
                 _ => Request::Renew,
             };
+            let registering = matches!(request, Request::Register { .. });
             match conn.ask(&request).await? {
-                Reply::Ok if matches!(request, Request::Register { .. }) => {
+                Reply::Ok if registering => {
                     debug!(pod = %self.pod.name, "intercept registered");
                     let _ = self.news.send(News::Registered(self.pod.name.clone())).await;
                 }
                 Reply::Ok => {}
-                Reply::Refused { message } => {
+                Reply::Refused { message } if registering => {
                     let _ = self.news.send(News::Refused(message)).await;
                     return Ok(());
+                }
+                // A renewal the agent does not take (its container restarted
+                // and forgot, or the lease lapsed while the API server
+                // stalled): register again at once.
+                Reply::Refused { message } => {
+                    info!(pod = %self.pod.name, "{message}");
+                    registered_home = None;
+                    continue;
                 }
             }
             tokio::select! {

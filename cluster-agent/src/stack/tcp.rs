@@ -147,6 +147,8 @@ impl Shared {
 /// The TCP side of the stack; feed it packets with [`Tcp::input`].
 pub struct Tcp {
     input: mpsc::Sender<Vec<u8>>,
+    shared: Arc<Shared>,
+    run: tokio::task::AbortHandle,
 }
 
 impl Tcp {
@@ -177,8 +179,21 @@ impl Tcp {
             window,
         };
         let shared = Arc::new(Shared { engine: Mutex::new(engine), poke: Notify::new() });
-        tokio::spawn(run(shared, rx, send, accept));
-        Tcp { input }
+        let run = tokio::spawn(run(shared.clone(), rx, send, accept)).abort_handle();
+        Tcp { input, shared, run }
+    }
+
+    /// Stops the stack's loop and resets every connection: their readers
+    /// see the end of the stream and their writers an error, so whatever
+    /// serves them ends too.
+    pub fn stop(&self) {
+        self.run.abort();
+        let mut engine = self.shared.engine();
+        let e = &mut *engine;
+        for &handle in e.entries.keys() {
+            // Aborting wakes the connection's reader and writer.
+            e.sockets.get_mut::<Socket>(handle).abort();
+        }
     }
 
     /// Queues one IPv4 TCP packet; false when the queue is full (the packet is
@@ -460,7 +475,7 @@ impl Drop for TcpConn {
 mod tests {
     use std::net::Ipv4Addr;
 
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
@@ -589,6 +604,38 @@ mod tests {
         let h = peer.connect(40000);
         let (got, _) = exchange(&tcp, &mut out, &mut peer, h, data, nth).await;
         (got, count(&mut accepted))
+    }
+
+    /// What [`a_stopped_stack_ends_its_connections`]'s stack accepted.
+    static HELD: std::sync::Mutex<Vec<TcpConn>> = std::sync::Mutex::new(Vec::new());
+
+    /// A session's stack that is stopped (the session is gone) ends what
+    /// its connections' readers and writers wait on.
+    #[tokio::test]
+    async fn a_stopped_stack_ends_its_connections() {
+        let (tcp, _out, _accepted) = stack(|conn| HELD.lock().unwrap().push(conn));
+        let mut peer = Peer::new();
+        peer.connect(40001);
+        peer.iface.poll(Instant::now(), &mut peer.queues, &mut peer.sockets);
+        peer.queues.tx.drain(..).for_each(|syn| assert!(tcp.input(syn)));
+        let mut conn = None;
+        for _ in 0..1000 {
+            conn = HELD.lock().unwrap().pop();
+            if conn.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let mut conn = conn.expect("the SYN was not accepted");
+        let reading = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            let n = conn.read(&mut buf).await.unwrap();
+            (n, conn.write_all(b"late").await.is_err())
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        tcp.stop();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), reading).await;
+        assert_eq!(ended.expect("the reader was not woken").unwrap(), (0, true), "end of stream, then a write error");
     }
 
     /// The stack closes first, so its socket waits in TIME-WAIT; the peer

@@ -1,0 +1,279 @@
+//! The sessions registered with this agent and their routes: who may
+//! register what, and which session a request goes to. Leases are checked
+//! when asked: a session not heard from for the lease is dead, its routes
+//! match nothing and anyone may take them; a registration sweeps the dead.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tpd_wire::intercept::{Reply, Request, Route};
+
+/// Where a matching request goes: the session, and what reaching it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub session: String,
+    pub token: String,
+    /// `user@host`, for the answer when the session cannot be reached.
+    pub holder: String,
+    /// The intercept port of the agent whose tunnel the session holds.
+    pub home: SocketAddr,
+}
+
+struct Session {
+    target: Target,
+    since: String,
+    routes: Vec<Route>,
+    heard: Instant,
+}
+
+pub struct Registry {
+    /// The real container's intercepted ports: the only ones a route may name.
+    ports: BTreeSet<u16>,
+    lease: Duration,
+    /// In the order first registered: the first matching route wins.
+    sessions: Mutex<Vec<Session>>,
+}
+
+impl Registry {
+    pub fn new(ports: impl IntoIterator<Item = u16>, lease: Duration) -> Self {
+        Registry { ports: ports.into_iter().collect(), lease, sessions: Mutex::default() }
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, Vec<Session>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn live(&self, s: &Session) -> bool {
+        s.heard.elapsed() < self.lease
+    }
+
+    /// The session a request on `port` with `path` and headers goes to, if any.
+    pub fn route<'a, I>(&self, port: u16, path: &str, header: impl Fn(&str) -> I) -> Option<Target>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let sessions = self.sessions();
+        let matches = |s: &&Session| s.routes.iter().any(|r| r.port == port && r.filter.matches(path, &header));
+        sessions.iter().filter(|s| self.live(s)).find(matches).map(|s| s.target.clone())
+    }
+
+    /// Whether a relay for `session` with `token` to `port` may reach it.
+    pub fn relay_allowed(&self, session: &str, token: &str, port: u16) -> bool {
+        self.sessions().iter().any(|s| {
+            s.target.session == session
+                && s.target.token == token
+                && self.live(s)
+                && s.routes.iter().any(|r| r.port == port)
+        })
+    }
+
+    fn register(&self, target: Target, since: String, routes: Vec<Route>) -> Result<(), String> {
+        if routes.is_empty() {
+            return Err("a registration needs at least one route".into());
+        }
+        if let Some(r) = routes.iter().find(|r| r.filter.is_empty()) {
+            return Err(format!("the route on port {} has an empty filter; that is a swap", r.port));
+        }
+        if let Some(r) = routes.iter().find(|r| !self.ports.contains(&r.port)) {
+            let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+            return Err(format!("port {} is not intercepted here (only {})", r.port, ports.join(", ")));
+        }
+        let mut sessions = self.sessions();
+        sessions.retain(|s| self.live(s));
+        for other in sessions.iter() {
+            let held = |what: String| format!("{what} is held by {} since {}", other.target.holder, other.since);
+            if other.target.session == target.session {
+                if other.target.token != target.token {
+                    return Err(held(format!("session {}", target.session)));
+                }
+                continue;
+            }
+            if let Some(r) = routes.iter().find(|r| other.routes.contains(r)) {
+                return Err(held(format!("the intercept of port {} for {}", r.port, r.filter)));
+            }
+        }
+        let session = Session { target, since, routes, heard: Instant::now() };
+        match sessions.iter_mut().find(|s| s.target.session == session.target.session) {
+            Some(old) => *old = session,
+            None => sessions.push(session),
+        }
+        Ok(())
+    }
+
+    fn renew(&self, session: &str, token: &str) -> Result<(), String> {
+        let mut sessions = self.sessions();
+        match sessions.iter_mut().find(|s| s.target.session == session && s.target.token == token) {
+            Some(s) if s.heard.elapsed() < self.lease => {
+                s.heard = Instant::now();
+                Ok(())
+            }
+            _ => Err(format!("the registration of session {session} lapsed; register again")),
+        }
+    }
+
+    fn unregister(&self, session: &str, token: &str) {
+        self.sessions().retain(|s| !(s.target.session == session && s.target.token == token));
+    }
+}
+
+/// One `Register` stream: the session it registered, which only it (or
+/// another stream with the session's token) may renew or remove.
+#[derive(Default)]
+pub struct RegisterStream {
+    bound: Option<(String, String)>,
+}
+
+impl RegisterStream {
+    pub fn handle(&mut self, registry: &Registry, request: Request) -> Reply {
+        let outcome = match request {
+            Request::Register { session, token, holder, since, home, routes } => match &self.bound {
+                Some((bound, _)) if *bound != session => {
+                    Err(format!("this stream registered session {bound}; open another for {session}"))
+                }
+                _ => {
+                    let target = Target { session: session.clone(), token: token.clone(), holder, home };
+                    let done = registry.register(target, since, routes);
+                    if done.is_ok() {
+                        self.bound = Some((session, token));
+                    }
+                    done
+                }
+            },
+            Request::Renew => match &self.bound {
+                Some((session, token)) => registry.renew(session, token),
+                None => Err("nothing to renew: this stream registered no session".into()),
+            },
+            Request::Unregister => {
+                if let Some((session, token)) = self.bound.take() {
+                    registry.unregister(&session, &token);
+                }
+                Ok(())
+            }
+        };
+        match outcome {
+            Ok(()) => Reply::Ok,
+            Err(message) => Reply::Refused { message },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tpd_wire::intercept::Filter;
+
+    fn route(port: u16, dev: &str) -> Route {
+        Route { port, filter: Filter { headers: [("x-dev".into(), dev.into())].into(), path_prefix: None } }
+    }
+
+    fn register(session: &str, token: &str, routes: Vec<Route>) -> Request {
+        Request::Register {
+            session: session.into(),
+            token: token.into(),
+            holder: format!("{session}@laptop"),
+            since: "2026-12-07T10:00:00Z".into(),
+            home: "10.244.0.7:7711".parse().unwrap(),
+            routes,
+        }
+    }
+
+    fn refused(reply: Reply) -> String {
+        match reply {
+            Reply::Refused { message } => message,
+            Reply::Ok => panic!("accepted"),
+        }
+    }
+
+    fn to(registry: &Registry, port: u16, dev: &str) -> Option<String> {
+        registry.route(port, "/", |n| if n == "x-dev" { vec![dev.as_bytes()] } else { vec![] }).map(|t| t.session)
+    }
+
+    #[tokio::test]
+    async fn a_route_held_by_a_live_session_is_refused_naming_its_holder() {
+        let registry = Registry::new([8080, 9090], Duration::from_secs(15));
+        let (mut alice, mut bob) = (RegisterStream::default(), RegisterStream::default());
+        assert_eq!(alice.handle(&registry, register("alice", "ta", vec![route(8080, "alice")])), Reply::Ok);
+        let msg = refused(bob.handle(&registry, register("bob", "tb", vec![route(8080, "alice")])));
+        assert!(msg.contains("alice@laptop") && msg.contains("2026-12-07T10:00:00Z"), "{msg}");
+        assert!(msg.contains("8080") && msg.contains("x-dev=alice"), "{msg}");
+        // The same filter on another port, or another filter, is free.
+        assert_eq!(bob.handle(&registry, register("bob", "tb", vec![route(9090, "alice")])), Reply::Ok);
+        assert_eq!(to(&registry, 8080, "alice").as_deref(), Some("alice"));
+        assert_eq!(to(&registry, 9090, "alice").as_deref(), Some("bob"));
+        assert_eq!(to(&registry, 8080, "carol"), None);
+    }
+
+    #[tokio::test]
+    async fn routes_must_name_an_intercepted_port_and_a_filter() {
+        let registry = Registry::new([8080], Duration::from_secs(15));
+        let mut s = RegisterStream::default();
+        assert!(refused(s.handle(&registry, register("a", "t", vec![route(5432, "a")]))).contains("5432"));
+        let empty = Route { port: 8080, filter: Filter::default() };
+        assert!(refused(s.handle(&registry, register("a", "t", vec![empty]))).contains("empty filter"));
+        assert!(refused(s.handle(&registry, register("a", "t", vec![]))).contains("at least one route"));
+    }
+
+    #[tokio::test]
+    async fn only_the_sessions_token_changes_it() {
+        let registry = Registry::new([8080], Duration::from_secs(15));
+        let mut owner = RegisterStream::default();
+        assert_eq!(owner.handle(&registry, register("s", "secret", vec![route(8080, "a")])), Reply::Ok);
+        // Another stream without the token can neither take nor renew nor remove it.
+        let mut stranger = RegisterStream::default();
+        let msg = refused(stranger.handle(&registry, register("s", "guess", vec![route(8080, "b")])));
+        assert!(msg.contains("session s is held by s@laptop"), "{msg}");
+        assert!(matches!(stranger.handle(&registry, Request::Renew), Reply::Refused { .. }));
+        assert_eq!(stranger.handle(&registry, Request::Unregister), Reply::Ok);
+        assert_eq!(to(&registry, 8080, "a").as_deref(), Some("s"));
+        // A stream that shows the token (the CLI after a port-forward blip) may.
+        let mut again = RegisterStream::default();
+        assert_eq!(again.handle(&registry, register("s", "secret", vec![route(8080, "b")])), Reply::Ok);
+        assert_eq!(to(&registry, 8080, "b").as_deref(), Some("s"));
+        // One stream, one session.
+        assert!(refused(again.handle(&registry, register("t", "x", vec![route(8080, "c")]))).contains("another"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_not_heard_from_for_the_lease_is_dead() {
+        let registry = Registry::new([8080], Duration::from_secs(15));
+        let mut alice = RegisterStream::default();
+        assert_eq!(alice.handle(&registry, register("alice", "ta", vec![route(8080, "alice")])), Reply::Ok);
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert_eq!(alice.handle(&registry, Request::Renew), Reply::Ok);
+        }
+        assert_eq!(to(&registry, 8080, "alice").as_deref(), Some("alice"), "renewed, still live");
+        assert!(registry.relay_allowed("alice", "ta", 8080));
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert_eq!(to(&registry, 8080, "alice"), None, "requests fall back to the real container");
+        assert!(!registry.relay_allowed("alice", "ta", 8080));
+        assert!(refused(alice.handle(&registry, Request::Renew)).contains("register again"));
+        // Its routes are free for another session.
+        let mut bob = RegisterStream::default();
+        assert_eq!(bob.handle(&registry, register("bob", "tb", vec![route(8080, "alice")])), Reply::Ok);
+    }
+
+    #[tokio::test]
+    async fn unregister_removes_at_once() {
+        let registry = Registry::new([8080], Duration::from_secs(15));
+        let mut alice = RegisterStream::default();
+        assert_eq!(alice.handle(&registry, register("alice", "ta", vec![route(8080, "alice")])), Reply::Ok);
+        assert_eq!(alice.handle(&registry, Request::Unregister), Reply::Ok);
+        assert_eq!(to(&registry, 8080, "alice"), None);
+        assert!(!registry.relay_allowed("alice", "ta", 8080));
+    }
+
+    #[tokio::test]
+    async fn relays_need_the_token_and_a_routed_port() {
+        let registry = Registry::new([8080, 9090], Duration::from_secs(15));
+        let mut alice = RegisterStream::default();
+        assert_eq!(alice.handle(&registry, register("alice", "ta", vec![route(8080, "alice")])), Reply::Ok);
+        assert!(registry.relay_allowed("alice", "ta", 8080));
+        assert!(!registry.relay_allowed("alice", "wrong", 8080));
+        assert!(!registry.relay_allowed("alice", "ta", 9090));
+        assert!(!registry.relay_allowed("bob", "ta", 8080));
+    }
+}
