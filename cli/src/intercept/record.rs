@@ -169,6 +169,10 @@ impl Leased for Entry {
     fn renewed(&self, now: Timestamp) -> Self {
         Entry { renew_time: Time(now), ..self.clone() }
     }
+
+    fn renew_every(&self) -> std::time::Duration {
+        tpd_wire::intercept::RENEW_EVERY
+    }
 }
 
 #[cfg(test)]

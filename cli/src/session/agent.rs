@@ -112,7 +112,7 @@ async fn renew_lease<L: Leased>(
     what: String,
     shutdown: CancellationToken,
 ) {
-    let mut wait = lease::RENEW_EVERY;
+    let mut wait = record.renew_every();
     loop {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -121,7 +121,7 @@ async fn renew_lease<L: Leased>(
         match apply::renew(&api, &name, &record).await {
             Ok(renewed) => {
                 record = renewed;
-                wait = lease::RENEW_EVERY;
+                wait = record.renew_every();
             }
             Err(apply::RenewError::Unreachable(why)) => {
                 info!("{why}; trying again");

@@ -56,6 +56,8 @@ pub trait Leased: Clone + Send + Sync + 'static {
     fn key(&self) -> String;
     fn to_annotation(&self) -> String;
     fn renewed(&self, now: Timestamp) -> Self;
+    /// How often its session renews it.
+    fn renew_every(&self) -> Duration;
 }
 
 impl Leased for Record {
@@ -69,6 +71,10 @@ impl Leased for Record {
 
     fn renewed(&self, now: Timestamp) -> Self {
         Record::renewed(self, now)
+    }
+
+    fn renew_every(&self) -> Duration {
+        RENEW_EVERY
     }
 }
 
