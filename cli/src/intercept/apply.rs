@@ -63,8 +63,6 @@ pub struct Intercept {
     /// The Deployment as intercepted; its pod template names the session's
     /// hostname, DNS and hosts.
     pub deployment: Deployment,
-    /// The session's entry on the Deployment, whose lease the session renews.
-    pub entry: Entry,
 }
 
 /// A random 128-bit secret in hex; its `Debug` shows nothing of it.
@@ -119,22 +117,28 @@ pub async fn check(cluster: &Cluster, target: &Target, remotes: &[u16], filter: 
     Ok(())
 }
 
-/// Intercepts: the first session adds the agent (one rollout) and points the
-/// Services at it, a later one adds its entry. Returns once every pod's
-/// agent is ready, with the name of one of those pods (the session's home
-/// agent). Interrupting it is safe: the session's cleanup removes its entry
-/// and restores what it started.
-pub async fn intercept(cluster: &Cluster, req: &Request<'_>, timeout: Duration) -> anyhow::Result<(Intercept, String)> {
+/// A session's entry, added to the intercepted Deployment.
+#[derive(Debug, Clone)]
+pub struct Added {
+    /// The intercept's record, as the entry was added under it.
+    pub record: Record,
+    /// The session's entry, whose lease the session renews from now on.
+    pub entry: Entry,
+}
+
+/// Adds the session to the intercept of `req.target`: the first session
+/// adds the agent to the pod template (one rollout begins) with its entry,
+/// a later one its entry only. Refuses, changing nothing, a swapped
+/// Deployment and requests a live session already takes.
+pub async fn add(cluster: &Cluster, req: &Request<'_>) -> anyhow::Result<Added> {
     let (ns, target) = (&cluster.namespace, req.target);
     let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), ns);
     let entry = Entry::new(req.session, req.holder, Timestamp::now(), req.remotes, req.filter);
-    let mut added = None;
     for attempt in 1..=ATTEMPTS {
         let current = get(&api, ns, &target.name).await?;
         refuse_swapped(&current, target)?;
-        let live = live_entries(&current, Timestamp::now(), Grace::None);
-        if let Some(refusal) = plan::clash(target, &live, &entry) {
+        if let Some(refusal) = plan::clash(target, &live_entries(&current, Timestamp::now(), Grace::None), &entry) {
             return Err(refusal.into());
         }
         let (patch, record) = match Record::read(&current)? {
@@ -142,7 +146,7 @@ pub async fn intercept(cluster: &Cluster, req: &Request<'_>, timeout: Duration) 
                 let all = services.list(&ListParams::default()).await.context("cannot list the Services")?.items;
                 let planned = plan::plan(&current, &all, target.container.as_deref(), req.agent_image, req.remotes)
                     .map_err(|e| Hint::new(e.to_string(), e.help()))?;
-                let mut to = planned.deployment.clone();
+                let mut to = planned.deployment;
                 to.metadata.annotations.get_or_insert_default().insert(entry.key(), entry.to_annotation());
                 if attempt == 1 {
                     let help = format!(
@@ -166,42 +170,52 @@ pub async fn intercept(cluster: &Cluster, req: &Request<'_>, timeout: Duration) 
             }
         };
         match api.patch(&target.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
-            Ok(_) => {
-                added = Some(record);
-                break;
-            }
+            Ok(_) => return Ok(Added { record, entry }),
             Err(e) if conflict(&e) => tracing::debug!(attempt, "{target} changed while tpd was intercepting it: {e}"),
             Err(e) => return Err(anyhow::Error::from(e).context(format!("cannot intercept {target}"))),
         }
     }
-    let Some(record) = added else {
-        return Err(Hint::new(
-            format!("{target} changed {ATTEMPTS} times while tpd was intercepting it"),
-            "wait for whatever is changing it (a rollout, an operator) to finish, then run the command again",
-        )
-        .into());
-    };
-    let selector =
-        plan::selector(&get(&api, ns, &target.name).await?).map_err(|e| Hint::new(e.to_string(), e.help()))?;
+    Err(Hint::new(
+        format!("{target} changed {ATTEMPTS} times while tpd was intercepting it"),
+        "wait for whatever is changing it (a rollout, an operator) to finish, then run the command again",
+    )
+    .into())
+}
+
+/// Waits until every pod of `target` runs a ready agent, then points the
+/// Services at the agents; returns the session's intercept and one of
+/// those pods. Every session points the Services (it changes nothing when
+/// done), so a first session that died between its rollout and this step
+/// is made good. Interrupting it is safe: the session's cleanup removes its
+/// entry and restores what it started.
+pub async fn ready(
+    cluster: &Cluster,
+    target: &Target,
+    added: Added,
+    timeout: Duration,
+) -> anyhow::Result<(Intercept, String)> {
+    let ns = &cluster.namespace;
+    let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
+    let hint = |e: plan::Error| Hint::new(e.to_string(), e.help());
+    let selector = plan::selector(&get(&api, ns, &target.name).await?).map_err(hint)?;
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
     let home = wait_for_agents(&api, &pods, &target.name, &selector, timeout).await?;
-    // Every session does this (it changes nothing when done): a first
-    // session that died between its rollout and this step is made good.
     let current = get(&api, ns, &target.name).await?;
-    retarget_services(&services, &current, &record).await?;
-    let (mounts, neighbours) = plan::served(&current, &record.container);
+    let services: Api<Service> = Api::namespaced(cluster.client.clone(), ns);
+    retarget_services(&services, &current, &added.record).await?;
+    let (mounts, neighbours) = plan::served(&current, &added.record.container);
+    let Added { record, entry } = added;
     let intercept = Intercept {
         target: target.clone(),
-        container: record.container.clone(),
+        container: record.container,
         selector,
         routes: entry.routes(),
         token: Token::random(),
-        holder: entry.holder.clone(),
         since: entry.since.0.to_string(),
+        holder: entry.holder,
         mounts,
         neighbours,
         deployment: current,
-        entry,
     };
     Ok((intercept, home))
 }

@@ -61,12 +61,18 @@ pub async fn start(
             holder: &params.holder,
         };
         progress(&format!("intercepting {} in namespace {}: requests with {}", i.target, cluster.namespace, i.filter));
-        let (intercept, pod) = tokio::select! {
-            done = intercept::apply::intercept(cluster, &request, timeout) => done?,
-            () = shutdown.cancelled() => anyhow::bail!("interrupted before the intercept agents were ready"),
+        let interrupted = || anyhow::anyhow!("interrupted before the intercept agents were ready");
+        let added = tokio::select! {
+            added = intercept::apply::add(cluster, &request) => added?,
+            () = shutdown.cancelled() => return Err(interrupted()),
         };
+        // Renewed from now on: a rollout may take longer than the lease.
         let what = format!("the intercept of {}", i.target);
-        tokio::spawn(renew_lease(api, i.target.name.clone(), intercept.entry.clone(), what, shutdown.clone()));
+        tokio::spawn(renew_lease(api, i.target.name.clone(), added.entry.clone(), what, shutdown.clone()));
+        let (intercept, pod) = tokio::select! {
+            ready = intercept::apply::ready(cluster, &i.target, added, timeout) => ready?,
+            () = shutdown.cancelled() => return Err(interrupted()),
+        };
         progress(&format!("intercept agents are ready beside container {} in every pod", intercept.container));
         return Ok(Agent { pod, swap: None, intercept: Some(intercept) });
     }

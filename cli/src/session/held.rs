@@ -175,8 +175,8 @@ async fn record_of(
             deployment: i.target.to_string(),
             env: env.into_iter().collect(),
             mounts,
-            local_ports: i.entry.ports.iter().map(local).collect(),
-            intercept: Some(i.entry.filter.to_string()),
+            local_ports: i.routes.iter().map(|r| local(&r.port)).collect(),
+            intercept: spec.intercept.as_ref().map(|s| s.filter.to_string()),
         }],
         _ => Vec::new(),
     };
