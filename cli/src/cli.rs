@@ -89,7 +89,7 @@ pub enum Command {
     requests that carry their header, while the real pods keep serving everyone else:\n  \
     alice$ tpd run --image api:dev --intercept deployment/api --port 8080:8080 --header x-dev=alice\n  \
     bob$   tpd run --image api:dev --intercept deployment/api --port 8080:8080 --header x-dev=bob\n  \
-    curl -H 'x-dev: alice' http://api:8080/   # from anywhere in the cluster: reaches alice's container\n\
+    curl -H 'x-dev: alice' http://api:8080/   # anywhere in the cluster: alice's container answers\n\
     --path-prefix /P narrows it further (every filter must match). Filters are matched on HTTP\n\
     requests to the container's REMOTE port; it must be a port the container declares.\n\n\
     The pod's other containers are on localhost, as in the pod: the ports they declare, and any\n\

@@ -23,6 +23,8 @@ use crate::swap::apply;
 use crate::{checks, session};
 
 pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
+    // Flags that do not fit together, before anything else.
+    let spec = Spec::from_run(&args)?;
     let images = Images::resolve(global, &config::load()?);
     // Everything that can be checked without changing anything, first.
     let docker = crate::docker::connect().await?;
@@ -31,7 +33,6 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     checks::ports_free(args.session.publish.iter().map(|p| p.host))?;
     // The env files and -e flags are read again once the remote env is known.
     session::env::merge(Default::default(), &args.env, &args.env_file)?;
-    let spec = Spec::from_run(&args)?;
     let cluster = crate::session::cluster(global).await?;
     // Unknown Deployment, ambiguous container, undeclared port: fail before the guardian exists.
     session::check_target(&cluster, &spec).await?;
