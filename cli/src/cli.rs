@@ -75,7 +75,7 @@ pub enum Command {
     Env(EnvArgs),
     /// List this machine's sessions and the swaps in the namespace, with holder and lease.
     Status(StatusArgs),
-    /// Put a swapped Deployment back as it was (normally tpd does this itself).
+    /// Put a swapped or intercepted Deployment back as it was (normally tpd does this itself).
     Restore(RestoreArgs),
     /// Restores the session's Deployment when its `tpd run` dies (started by `tpd run`).
     #[command(hide = true)]
@@ -340,7 +340,7 @@ pub struct RestoreArgs {
     /// deployment/NAME
     #[arg(required_unless_present = "all", conflicts_with = "all")]
     pub target: Option<Target>,
-    /// Every swapped Deployment in the namespace (with -A, in every namespace).
+    /// Every swapped or intercepted Deployment in the namespace (with -A, in every namespace).
     #[arg(long)]
     pub all: bool,
     #[arg(short = 'A', long, requires = "all")]

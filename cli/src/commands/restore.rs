@@ -1,6 +1,6 @@
 //! `tpd restore deployment/NAME` and `tpd restore --all [-A]`: put swapped
-//! Deployments back by hand, whoever holds them (their sessions then end
-//! when they next renew their lease).
+//! and intercepted Deployments back by hand, whoever holds them (their
+//! sessions then end when they next renew their lease).
 
 use std::process::ExitCode;
 
@@ -8,6 +8,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, ListParams};
 
 use crate::cli::{GlobalArgs, RestoreArgs};
+use crate::intercept;
 use crate::swap::apply::{self, Restored};
 use crate::swap::record::Record;
 
@@ -25,13 +26,15 @@ pub async fn run(global: &GlobalArgs, args: &RestoreArgs) -> anyhow::Result<Exit
                 .await?
                 .items
                 .into_iter()
-                .filter(|d| matches!(Record::read(d), Ok(Some(_))))
+                .filter(|d| {
+                    matches!(Record::read(d), Ok(Some(_))) || matches!(intercept::record::Record::read(d), Ok(Some(_)))
+                })
                 .map(|d| (d.metadata.namespace.unwrap_or_default(), d.metadata.name.unwrap_or_default()))
                 .collect()
         }
     };
     if targets.is_empty() {
-        println!("no swapped deployments");
+        println!("no swapped or intercepted deployments");
     }
     for (ns, name) in targets {
         let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns);
@@ -40,7 +43,15 @@ pub async fn run(global: &GlobalArgs, args: &RestoreArgs) -> anyhow::Result<Exit
                 println!("restored deployment/{name} in {ns} (was swapped by {holder})")
             }
             Restored::NotSwapped | Restored::TakenOver { .. } => {
-                println!("deployment/{name} in {ns} is not swapped")
+                match intercept::apply::restore_by_hand(&cluster.client, &ns, &name).await? {
+                    Some(holders) if holders.is_empty() => {
+                        println!("restored deployment/{name} in {ns} (was intercepted)")
+                    }
+                    Some(holders) => {
+                        println!("restored deployment/{name} in {ns} (was intercepted by {})", holders.join(", "))
+                    }
+                    None => println!("deployment/{name} in {ns} is neither swapped nor intercepted"),
+                }
             }
         }
     }

@@ -250,6 +250,8 @@ enum Grace {
     /// The grace a swap's repair waits for: what another machine's repair
     /// decides on, so a session whose renewal is merely late keeps its entry.
     Repair,
+    /// No session counts: `tpd restore` ends every intercept by hand.
+    Nobody,
 }
 
 /// The entries whose sessions are taken to be alive.
@@ -257,6 +259,7 @@ fn live_entries(d: &Deployment, now: Timestamp, grace: Grace) -> Vec<Entry> {
     let live = |e: &Entry| match grace {
         Grace::None => e.expires() > now,
         Grace::Repair => !lease::past_grace(e.expires(), now),
+        Grace::Nobody => false,
     };
     Entry::all(d).into_iter().filter(live).collect()
 }
@@ -498,6 +501,27 @@ async fn restore_if_unused(
         }
     }
     anyhow::bail!("deployment/{name} changed {ATTEMPTS} times while tpd was restoring it; run the command again")
+}
+
+/// `tpd restore`: puts an intercepted Deployment back whoever intercepts
+/// it (their sessions end at their next renewal); returns the sessions'
+/// holders, or `None` when it is not intercepted.
+pub async fn restore_by_hand(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let Some(current) = api.get_opt(name).await? else {
+        return Ok(None);
+    };
+    if Record::read(&current)?.is_none() {
+        return Ok(None);
+    }
+    let holders = Entry::all(&current).into_iter().map(|e| format!("{} ({})", e.holder, e.filter)).collect();
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    restore_if_unused(&api, &services, name, Grace::Nobody).await?;
+    Ok(Some(holders))
 }
 
 /// The repair of an intercepted Deployment whose sessions stopped renewing:
