@@ -50,7 +50,7 @@ pub struct Record {
     pub swaps: Vec<SwapRecord>,
 }
 
-/// A Deployment the session swapped, and what its replacement gets.
+/// A Deployment the session swapped or intercepted, and what its replacement gets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwapRecord {
     /// `deployment/NAME`.
