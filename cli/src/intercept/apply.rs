@@ -89,8 +89,9 @@ impl std::fmt::Debug for Token {
 const ATTEMPTS: u32 = 3;
 
 /// Checks, before anything changes, that `target` can be intercepted on
-/// `remotes` with `filter`: its container, its ports, pods to intercept,
-/// not swapped, no live session taking the same requests.
+/// `remotes` with `filter`: its container, its ports (those the agents
+/// already stand in for, when others intercept it), pods to intercept, not
+/// swapped, no live session taking the same requests.
 pub async fn check(cluster: &Cluster, target: &Target, remotes: &[u16], filter: &Filter) -> anyhow::Result<()> {
     let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let d = get(&api, &cluster.namespace, &target.name).await?;
@@ -105,6 +106,9 @@ pub async fn check(cluster: &Cluster, target: &Target, remotes: &[u16], filter: 
     let pod = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
     if let Some(real) = pod.and_then(|p| p.containers.get(index)) {
         plan::check_declared(&target.name, real, remotes).map_err(hint)?;
+        if let Some(record) = Record::read(&d)? {
+            plan::joinable(&target.name, &record, &real.name, remotes).map_err(hint)?;
+        }
     }
     plan::selector(&d).map_err(hint)?;
     if d.spec.as_ref().and_then(|s| s.replicas) == Some(0) {

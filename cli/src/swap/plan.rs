@@ -101,23 +101,28 @@ pub struct Swap {
     pub neighbours: Vec<Declared>,
 }
 
-/// Picks the container to swap: the one asked for, else the only one, else
-/// the one named like the Deployment.
+/// Picks the container to swap (or intercept): the one asked for, else the
+/// only one, else the one named like the Deployment; tpd's own intercept
+/// agent, beside the app in an intercepted Deployment, is never picked.
 pub fn choose_container(deployment: &Deployment, wanted: Option<&str>) -> Result<usize> {
     let name = name_of(deployment);
     let containers = containers(deployment).ok_or_else(|| Error::NoContainers(name.clone()))?;
-    let have = || containers.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
-    match wanted {
-        Some(w) => containers.iter().position(|c| c.name == w).ok_or_else(|| Error::NoSuchContainer {
+    let apps: Vec<(usize, &Container)> =
+        containers.iter().enumerate().filter(|(_, c)| c.name != tpd_wire::intercept::AGENT_CONTAINER).collect();
+    let have = || apps.iter().map(|(_, c)| c.name.clone()).collect::<Vec<_>>();
+    let found = match wanted {
+        Some(w) => apps.iter().find(|(_, c)| c.name == w).ok_or_else(|| Error::NoSuchContainer {
             deployment: name.clone(),
             wanted: w.to_owned(),
             have: have(),
-        }),
-        None if containers.len() == 1 => Ok(0),
-        None => {
-            containers.iter().position(|c| c.name == name).ok_or(Error::Ambiguous { deployment: name, have: have() })
-        }
-    }
+        })?,
+        None if apps.len() == 1 => &apps[0],
+        None => apps
+            .iter()
+            .find(|(_, c)| c.name == name)
+            .ok_or_else(|| Error::Ambiguous { deployment: name.clone(), have: have() })?,
+    };
+    Ok(found.0)
 }
 
 /// Computes the swapped Deployment and its record from the original.

@@ -296,3 +296,14 @@ fn a_later_session_joins_only_what_the_agents_already_do() {
     assert!(err.to_string().contains("on its container \"shop\", not \"proxy\""), "{err}");
     assert!(err.help().contains("deployment/shop:shop"));
 }
+
+#[test]
+fn the_agent_is_never_taken_for_the_app() {
+    // hello's one container is "echo": once intercepted, the pod has two.
+    let planned = plan(&fixture("hello"), &[], None, "a", &[8080]).unwrap();
+    assert_eq!(choose_container(&planned.deployment, None).unwrap(), 0);
+    let err = choose_container(&planned.deployment, Some(AGENT_CONTAINER)).unwrap_err().to_string();
+    assert!(err.contains("(it has: echo)"), "{err}");
+    let (mounts, _) = served(&planned.deployment, "echo");
+    assert!(!mounts.is_empty(), "the service account's token at least");
+}
