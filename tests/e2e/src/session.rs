@@ -244,7 +244,8 @@ pub fn run_pod(sb: &Sandbox, name: &str, image: &str, cmd: &[&str]) -> Result<(S
             break phase;
         }
         if Instant::now() > deadline {
-            bail!("pod {name} did not finish within 60 s (phase {phase:?})");
+            let logs = sb.kubectl_ok(&["logs", name]).unwrap_or_default();
+            bail!("pod {name} did not finish within 60 s (phase {phase:?}); its output:\n{logs}");
         }
         crate::interrupt::pause(Duration::from_millis(200))?;
     };

@@ -30,7 +30,11 @@ const SERVICES: [&str; 2] = ["api", "api-num"];
 
 fn manifests() -> String {
     format!(
-        r#"apiVersion: apps/v1
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: {NS}}}
+---
+apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: {API}, namespace: {NS}, labels: {{app: {API}}}}}
 spec:
@@ -88,7 +92,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", 8080), H).serve_forever()
 const CLIENT: &str = r#"
 import http.client, json, sys, time
 rounds, conns, want = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
-targets = [("api", 80), ("api-num", 8081)]
+targets = [("api.team", 80), ("api-num.team", 8081)]
 kinds = {"alice": {"x-dev": "alice"}, "bob": {"x-dev": "bob"}, "none": {}}
 def who(body):
     body = body.decode()
@@ -99,7 +103,7 @@ def ask(c, kind):
     return who(r.read()) if r.status == 200 else "status %d" % r.status
 # Every replica must know every session: ask each kind on fresh connections
 # until all of a few tries answer as wanted (bounded to 60 s).
-deadline = time.time() + 60
+deadline = time.time() + 40
 settled = None
 while True:
     seen = []

@@ -31,7 +31,11 @@ const SERVE: &str = "mkdir -p /srv && echo served-locally > /srv/index.html && e
 
 fn manifests() -> String {
     format!(
-        r#"apiVersion: apps/v1
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: {NS}}}
+---
+apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: api, namespace: {NS}}}
 spec:
