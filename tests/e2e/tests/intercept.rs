@@ -377,13 +377,14 @@ fn two_developers_intercept_one_workload_by_header_and_leave_it_as_it_was() -> a
 /// The load a client without the header puts on `api` while the cluster
 /// changes under it: 20 requests/s, each on a fresh connection (the most
 /// sensitive to endpoints changing), for at most `argv[1]` seconds (bounded);
-/// one line per second: Unix time, answered, failed.
+/// one line per second: Unix time, answered, failed, and why they failed.
 const STEADY_CLIENT: &str = r#"
 import http.client, sys, time
 end = time.time() + float(sys.argv[1])
 while time.time() < end:
     second = time.time()
     ok = failed = 0
+    why = []
     for i in range(20):
         try:
             c = http.client.HTTPConnection("api", 80, timeout=2)
@@ -395,10 +396,12 @@ while time.time() < end:
                 ok += 1
             else:
                 failed += 1
-        except Exception:
+                why.append("status %d" % r.status)
+        except Exception as e:
             failed += 1
+            why.append(type(e).__name__)
         time.sleep(max(0, second + (i + 1) / 20 - time.time()))
-    print("%.3f %d %d" % (second, ok, failed), flush=True)
+    print("%.3f %d %d %s" % (second, ok, failed, ",".join(why)), flush=True)
 "#;
 
 fn unix_now() -> f64 {
@@ -452,12 +455,18 @@ fn intercepts_starting_and_ending_fail_no_more_requests_than_a_rollout_restart()
     // the Services move to it), Bob's joining and leaving, Alice's leaving
     // (the Services move back, then a rollout that removes the agent).
     let intercept_from = unix_now();
+    let mut events = Vec::new();
     let mut alice = Developer::start(&sb, &mut cleanup, "alice")?;
+    events.push((unix_now(), "alice's intercept is up"));
     let mut bob = Developer::start(&sb, &mut cleanup, "bob")?;
+    events.push((unix_now(), "bob's intercept is up"));
     tpd_e2e::interrupt::pause(Duration::from_secs(3))?;
     bob.stop()?;
+    events.push((unix_now(), "bob's session ended"));
     alice.stop()?;
+    events.push((unix_now(), "alice's session ended (the last)"));
     sb.rolled_out(NS, API)?;
+    events.push((unix_now(), "the agent's removal rolled out"));
     tpd_e2e::interrupt::pause(Duration::from_secs(3))?;
     let intercept_to = unix_now();
 
@@ -471,6 +480,13 @@ fn intercepts_starting_and_ending_fail_no_more_requests_than_a_rollout_restart()
         restart_to - restart_from,
         intercept_to - intercept_from
     );
+    for (t, what) in &events {
+        eprintln!("  {:>6.2} s: {what}", t - intercept_from);
+    }
+    for line in logs.lines().filter(|l| l.split_whitespace().nth(2).is_some_and(|f| f != "0")) {
+        let t: f64 = line.split_whitespace().next().and_then(|t| t.parse().ok()).unwrap_or_default();
+        eprintln!("  {:>6.2} s: {line} (second, answered, failed)", t - intercept_from);
+    }
     assert!(restart.0 > 0 && intercepts.0 > 0, "the client did not run:\n{logs}");
     assert!(intercepts.1 <= restart.1, "intercepts failed {} requests, a rollout restart {}", intercepts.1, restart.1);
     drop(cleanup);
