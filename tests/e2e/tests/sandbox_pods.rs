@@ -155,6 +155,7 @@ fn pods_services_dns_and_teardown() {
     service_by_dns_name(&sb);
     udp_through_the_cluster_ip(&sb);
     node_port_from_the_host(&sb);
+    a_new_target_port_refuses_no_connection(&sb);
     missing_image(&sb);
     logs_and_deletion(&sb);
 
@@ -270,6 +271,49 @@ fn node_port_from_the_host(sb: &Sandbox) {
         let _ = conn.read_to_string(&mut reply);
         assert!(reply.contains("hello from hello-"), "NodePort {host}:{port} answered {reply:?}");
     }
+}
+
+/// A Service whose targetPort changes (to the same pods' port, by name and
+/// by number, back and forth) keeps answering every new connection, as a
+/// real cluster's: the proxy takes the change in place, it does not close
+/// its listener and bind again (which refused connections meanwhile, seen
+/// as a failed request when tpd points a Service at its intercept agent).
+fn a_new_target_port_refuses_no_connection(sb: &Sandbox) {
+    let port: u16 = ok(sb, &["-n", "snode", "get", "svc", "hello-np", "-o", "jsonpath={.spec.ports[0].nodePort}"])
+        .parse()
+        .expect("a nodePort");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let (mut answered, mut refused) = (0u32, Vec::new());
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline && answered < 100_000 {
+                match TcpStream::connect(("127.0.0.1", port)) {
+                    Ok(_) => answered += 1,
+                    Err(e) => refused.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (answered, refused)
+        })
+    };
+    for target in ["http", "8080"].repeat(5) {
+        let value = if target == "http" { "\"http\"".to_owned() } else { target.to_owned() };
+        let patch = format!(r#"[{{"op":"replace","path":"/spec/ports/0/targetPort","value":{value}}}]"#);
+        ok(sb, &["-n", "snode", "patch", "svc", "hello-np", "--type=json", "-p", &patch]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, refused) = client.join().expect("the client thread");
+    assert!(answered > 0, "no connection was made");
+    assert!(
+        refused.is_empty(),
+        "{} of {} connections refused while targetPort changed: {:?}",
+        refused.len(),
+        answered + refused.len() as u32,
+        refused.first()
+    );
 }
 
 fn missing_image(sb: &Sandbox) {

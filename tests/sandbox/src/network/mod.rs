@@ -25,7 +25,7 @@ use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::layout;
@@ -162,39 +162,46 @@ fn endpoints_for(endpoints: Option<&Endpoints>, port: &ServicePort) -> Vec<Socke
 
 struct LiveBackends {
     cluster: Cluster,
-    target: Target,
+    /// The service port as it is now: a change to it (a new targetPort)
+    /// takes effect for the next connection, on the same listener.
+    target: watch::Receiver<Target>,
 }
 
 impl proxy::Backends for LiveBackends {
     fn backends(&self) -> Vec<SocketAddr> {
-        let key = ObjectRef::<Endpoints>::new(&self.target.service).within(&self.target.namespace);
-        endpoints_for(self.cluster.endpoints.get(&key).as_deref(), &self.target.port)
+        let target = self.target.borrow();
+        let key = ObjectRef::<Endpoints>::new(&target.service).within(&target.namespace);
+        endpoints_for(self.cluster.endpoints.get(&key).as_deref(), &target.port)
     }
 }
 
 /// Keeps the listeners (and the host addresses they bind) in line with the
-/// services.
+/// services. A listener lives as long as its address, port and protocol
+/// do; a change to what it serves (the Service's targetPort, say) is
+/// handed to it, as kube-proxy rewrites its rules in place: closing and
+/// binding again would refuse the connections that arrive in between.
 async fn reconcile_loop(cluster: Cluster, bridge: String, changed: Arc<Notify>, shutdown: CancellationToken) {
-    let mut running: HashMap<Listen, (Target, CancellationToken)> = HashMap::new();
+    let mut running: HashMap<Listen, (watch::Sender<Target>, CancellationToken)> = HashMap::new();
     loop {
         let want = desired(&cluster.services.state());
-        running.retain(|listen, (target, stop)| {
-            let keep = want.get(listen) == Some(target);
+        running.retain(|listen, (_, stop)| {
+            let keep = want.contains_key(listen);
             if !keep {
                 stop.cancel();
             }
             keep
         });
         for (listen, target) in want {
-            if running.contains_key(&listen) {
+            if let Some((serving, _)) = running.get(&listen) {
+                serving.send_if_modified(|now| std::mem::replace(now, target) != *now);
                 continue;
             }
             let stop = shutdown.child_token();
-            match bind(&bridge, listen, LiveBackends { cluster: cluster.clone(), target: target.clone() }, stop.clone())
-                .await
+            let (serving, watched) = watch::channel(target);
+            match bind(&bridge, listen, LiveBackends { cluster: cluster.clone(), target: watched }, stop.clone()).await
             {
                 Ok(()) => {
-                    running.insert(listen, (target, stop));
+                    running.insert(listen, (serving, stop));
                 }
                 Err(e) => tracing::warn!(?listen, error = %format!("{e:#}"), "service listener"),
             }
