@@ -75,27 +75,12 @@ pub struct Entry {
     pub filter: Filter,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("the tpd.dev/intercept annotation of deployment/{name} is not a record tpd understands")]
-    Malformed { name: String, source: serde_json::Error },
-    #[error("deployment/{name} was intercepted by a newer tpd (record version {version}); use that tpd")]
-    Version { name: String, version: u32 },
-}
+pub use crate::swap::record::Error;
 
 impl Record {
     /// The record on `deployment`, if it is intercepted.
     pub fn read(deployment: &Deployment) -> Result<Option<Self>, Error> {
-        let name = deployment.metadata.name.clone().unwrap_or_default();
-        let Some(json) = deployment.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION)) else {
-            return Ok(None);
-        };
-        let record: Record =
-            serde_json::from_str(json).map_err(|source| Error::Malformed { name: name.clone(), source })?;
-        if record.version > RECORD_VERSION {
-            return Err(Error::Version { name, version: record.version });
-        }
-        Ok(Some(record))
+        crate::swap::record::read_annotation(deployment, ANNOTATION, RECORD_VERSION, |r: &Record| r.version)
     }
 
     pub fn to_annotation(&self) -> String {

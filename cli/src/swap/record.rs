@@ -42,12 +42,34 @@ pub struct Original {
     pub pod_labels: Option<BTreeMap<String, String>>,
 }
 
+/// Why a record in an annotation (`key`: a swap's or an intercept's)
+/// cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the tpd.dev/swap annotation of deployment/{name} is not a swap record tpd understands")]
-    Malformed { name: String, source: serde_json::Error },
-    #[error("deployment/{name} was swapped by a newer tpd (record version {version}); restore it with that tpd")]
-    Version { name: String, version: u32 },
+    #[error("the {key} annotation of deployment/{name} is not a record tpd understands")]
+    Malformed { key: &'static str, name: String, source: serde_json::Error },
+    #[error("deployment/{name} was changed by a newer tpd ({key} record version {version}); use that tpd")]
+    Version { key: &'static str, name: String, version: u32 },
+}
+
+/// The record kept as JSON in annotation `key` of `deployment` (`None`
+/// without one); refused when its `version` is newer than `newest`.
+pub fn read_annotation<T: serde::de::DeserializeOwned>(
+    deployment: &Deployment,
+    key: &'static str,
+    newest: u32,
+    version: impl Fn(&T) -> u32,
+) -> Result<Option<T>, Error> {
+    let name = deployment.metadata.name.clone().unwrap_or_default();
+    let Some(json) = deployment.metadata.annotations.as_ref().and_then(|a| a.get(key)) else {
+        return Ok(None);
+    };
+    let record: T =
+        serde_json::from_str(json).map_err(|source| Error::Malformed { key, name: name.clone(), source })?;
+    match version(&record) {
+        v if v > newest => Err(Error::Version { key, name, version: v }),
+        _ => Ok(Some(record)),
+    }
 }
 
 impl Record {
@@ -66,16 +88,7 @@ impl Record {
 
     /// The record on `deployment`, if it is swapped.
     pub fn read(deployment: &Deployment) -> Result<Option<Self>, Error> {
-        let name = deployment.metadata.name.clone().unwrap_or_default();
-        let Some(json) = deployment.metadata.annotations.as_ref().and_then(|a| a.get(names::ANNOTATION_SWAP)) else {
-            return Ok(None);
-        };
-        let record: Record =
-            serde_json::from_str(json).map_err(|source| Error::Malformed { name: name.clone(), source })?;
-        if record.version > RECORD_VERSION {
-            return Err(Error::Version { name, version: record.version });
-        }
-        Ok(Some(record))
+        read_annotation(deployment, names::ANNOTATION_SWAP, RECORD_VERSION, |r: &Record| r.version)
     }
 
     pub fn to_annotation(&self) -> String {

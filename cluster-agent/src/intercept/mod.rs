@@ -10,3 +10,5 @@ pub mod port;
 pub mod reach;
 pub mod registry;
 pub mod router;
+#[cfg(test)]
+mod testing;

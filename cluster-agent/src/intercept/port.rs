@@ -127,6 +127,7 @@ async fn serve_relay(
 mod tests {
     use super::*;
     use crate::instance::test_shared;
+    use crate::intercept::testing;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
     use tpd_wire::intercept::{Filter, Reply, Route};
@@ -155,14 +156,7 @@ mod tests {
         let mut conn = TcpStream::connect(addr).await.unwrap();
         let mut out = BytesMut::from(&preamble::encode(Kind::Register)[..]);
         let routes = vec![Route { port: 8080, filter: Filter { path_prefix: Some("/a".into()), ..Filter::default() } }];
-        let register = Request::Register {
-            session: "s".into(),
-            token: "t".into(),
-            holder: "alice@laptop".into(),
-            since: "2026-12-07T10:00:00Z".into(),
-            home: addr,
-            routes,
-        };
+        let register = testing::register("s", "t", addr, routes);
         for request in [register, Request::Renew] {
             control::encode(&request, &mut out).unwrap();
         }
@@ -184,14 +178,7 @@ mod tests {
     async fn a_relay_with_a_wrong_token_gets_a_zero() {
         let (addr, registry) = agent().await;
         let mut stream = RegisterStream::default();
-        let register = Request::Register {
-            session: "s".into(),
-            token: "secret".into(),
-            holder: "alice@laptop".into(),
-            since: "2026-12-07T10:00:00Z".into(),
-            home: addr,
-            routes: vec![Route { port: 8080, filter: Filter { path_prefix: Some("/".into()), ..Filter::default() } }],
-        };
+        let register = testing::register("s", "secret", addr, vec![testing::every_request(8080)]);
         assert_eq!(stream.handle(&registry, register), Reply::Ok);
         for token in ["guess", "secret"] {
             // With the right token the session has no tunnel on this agent: 0 too.

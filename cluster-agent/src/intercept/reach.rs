@@ -65,29 +65,14 @@ mod tests {
     use crate::instance::test_shared;
     use crate::intercept::port;
     use crate::intercept::registry::{RegisterStream, Registry};
+    use crate::intercept::testing;
     use tokio::net::TcpListener;
     use tpd_tunnel::io as wio;
     use tpd_wire::control::Message;
     use tpd_wire::inbound::Header;
-    use tpd_wire::intercept::{Filter, Reply, Request, Route};
+    use tpd_wire::intercept::Reply;
 
     const WAIT: Duration = Duration::from_secs(10);
-
-    /// A TCP echo server: the developer's app.
-    async fn echo_app() -> u16 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            loop {
-                let (sock, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let (mut rd, mut wr) = sock.into_split();
-                    let _ = tokio::io::copy(&mut rd, &mut wr).await;
-                });
-            }
-        });
-        port
-    }
 
     /// The sidecar of session `s` on an instance of `instances`, over
     /// in-memory pipes where the tunnel would be: it says hello with its
@@ -136,24 +121,17 @@ mod tests {
     /// agent of the workload relays to it with the token, and not without.
     #[tokio::test]
     async fn a_session_is_reached_on_its_home_agent_and_relayed_from_another() {
-        let app = echo_app().await;
+        let app = testing::echo_server().await;
         let home = Instances::per_key(test_shared());
         let _sidecar = sidecar(&home, app).await;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let registry = Arc::new(Registry::new([8080], Duration::from_secs(15)));
-        let register = Request::Register {
-            session: "s".into(),
-            token: "secret".into(),
-            holder: "alice@laptop".into(),
-            since: "2026-12-07T10:00:00Z".into(),
-            home: addr,
-            routes: vec![Route { port: 8080, filter: Filter { path_prefix: Some("/".into()), ..Filter::default() } }],
-        };
+        let register = testing::register("s", "secret", addr, vec![testing::every_request(8080)]);
         assert_eq!(RegisterStream::default().handle(&registry, register), Reply::Ok);
         tokio::spawn(port::serve(listener, registry, home.clone()));
 
-        let target = Target { session: "s".into(), token: "secret".into(), holder: "alice@laptop".into(), home: addr };
+        let target = Target { session: "s".into(), token: "secret".into(), holder: "s@laptop".into(), home: addr };
         echoes(Sessions(home).connect(&target, 8080).await.unwrap()).await;
         let elsewhere = Sessions(Instances::per_key(test_shared()));
         echoes(elsewhere.connect(&target, 8080).await.unwrap()).await;

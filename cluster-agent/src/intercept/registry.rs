@@ -163,6 +163,7 @@ impl RegisterStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::intercept::testing;
     use tpd_wire::intercept::Filter;
 
     fn route(port: u16, dev: &str) -> Route {
@@ -170,14 +171,7 @@ mod tests {
     }
 
     fn register(session: &str, token: &str, routes: Vec<Route>) -> Request {
-        Request::Register {
-            session: session.into(),
-            token: token.into(),
-            holder: format!("{session}@laptop"),
-            since: "2026-12-07T10:00:00Z".into(),
-            home: "10.244.0.7:7711".parse().unwrap(),
-            routes,
-        }
+        testing::register(session, token, "10.244.0.7:7711".parse().unwrap(), routes)
     }
 
     fn refused(reply: Reply) -> String {

@@ -329,6 +329,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 mod tests {
     use super::*;
     use crate::intercept::registry::RegisterStream;
+    use crate::intercept::testing;
     use http_body_util::channel::Channel;
     use hyper::body::Frame;
     use tokio::io::AsyncWriteExt;
@@ -541,25 +542,9 @@ mod tests {
         }
     }
 
-    /// A TCP echo server on the loopback: the real container of a port that is not HTTP.
-    async fn echo_server() -> u16 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            loop {
-                let (sock, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let (mut rd, mut wr) = sock.into_split();
-                    let _ = tokio::io::copy(&mut rd, &mut wr).await;
-                });
-            }
-        });
-        port
-    }
-
     #[tokio::test]
     async fn a_connection_that_is_not_http1_is_spliced_to_the_real_container() {
-        let real = echo_server().await;
+        let real = testing::echo_server().await;
         let addr = router(real).await;
         for first in [&b"\x16\x03\x01\x02\x00 a TLS hello"[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"SSH-2.0-x\r\n"] {
             let mut sock = TcpStream::connect(addr).await.unwrap();
