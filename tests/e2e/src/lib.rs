@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod dns;
 pub mod home;
 pub mod images;
+pub mod intercept;
 pub mod interrupt;
 pub mod sandbox;
 pub mod session;

@@ -10,7 +10,13 @@
 //! --header x-dev=NAME` with a local server that answers "served by NAME".
 //! A pod in the cluster then sends 300 requests over keep-alive
 //! connections spread over both Services and so over all three replicas:
-//! alice's reach Alice, bob's Bob, the rest the real pods.
+//! alice's reach Alice, bob's Bob, the rest the real pods; and again after
+//! the cluster replaced every pod under both sessions. A pod on the pod
+//! network can neither register nor relay into a session; refusals leave
+//! the cluster unchanged; a vanished laptop's requests go back to the real
+//! pods within the lease; the last session leaves everything as it was.
+//! A second test compares what intercepts starting and ending cost a
+//! client without the header with what rollout restarts cost it.
 
 // A failed unwrap is a failed test, with its message and line.
 #![allow(clippy::unwrap_used)]
@@ -21,52 +27,13 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tpd_e2e::home::Home;
 use tpd_e2e::images;
+use tpd_e2e::intercept;
 use tpd_e2e::sandbox::Sandbox;
 use tpd_e2e::session::{self, Cleanup, user_owned};
 
 const NS: &str = "team";
 const API: &str = "api";
 const SERVICES: [&str; 2] = ["api", "api-num"];
-
-fn manifests() -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata: {{name: {NS}}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {API}, namespace: {NS}, labels: {{app: {API}}}}}
-spec:
-  replicas: 3
-  selector: {{matchLabels: {{app: {API}}}}}
-  template:
-    metadata: {{labels: {{app: {API}}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: {API}
-        image: {echo}
-        ports: [{{name: http, containerPort: 8080}}]
-        readinessProbe: {{httpGet: {{path: /, port: http}}, periodSeconds: 1}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: api, namespace: {NS}}}
-spec:
-  selector: {{app: {API}}}
-  ports: [{{name: web, port: 80, targetPort: http}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: api-num, namespace: {NS}}}
-spec:
-  selector: {{app: {API}}}
-  ports: [{{port: 8081, targetPort: 8080}}]
-"#,
-        echo = images::ECHO,
-    )
-}
 
 /// The developer's server: answers every GET with who it is, keep-alive.
 const LOCAL_SERVER: &str = r#"
@@ -278,7 +245,7 @@ fn two_developers_intercept_one_workload_by_header_and_leave_it_as_it_was() -> a
     session::prerequisites()?;
     let sb = Sandbox::up()?;
     let mut cleanup = Cleanup::default();
-    sb.apply(&manifests())?;
+    sb.apply(&intercept::workload(NS, 3))?;
     sb.rolled_out(NS, API)?;
     let original = cluster_state(&sb);
 
@@ -295,6 +262,19 @@ fn two_developers_intercept_one_workload_by_header_and_leave_it_as_it_was() -> a
     assert_eq!(answered(&result, "alice"), serde_json::json!({"alice": 100}), "{result}");
     assert_eq!(answered(&result, "bob"), serde_json::json!({"bob": 100}), "{result}");
     assert_eq!(answered(&result, "none"), serde_json::json!({"real": 100}), "{result}");
+
+    // The cluster replaces every pod under both sessions (a node drained):
+    // each session moves its tunnel to a new home and registers with the
+    // new agents, and requests go where they went before.
+    let deleted = unix_now();
+    sb.kubectl_ok(&["delete", "pods", "-n", NS, "-l", "app=api", "--wait=false"])?;
+    let result = send_from_a_pod(&sb, "client-replaced", 10, both);
+    let after = result["settled"].as_f64().map(|t| t - deleted);
+    eprintln!("every pod replaced; requests went where they did before after {after:?} s: {result}");
+    assert_eq!(result["errors"], serde_json::json!([]), "{result}");
+    assert_eq!(answered(&result, "alice"), serde_json::json!({"alice": 10}), "{result}");
+    assert_eq!(answered(&result, "bob"), serde_json::json!({"bob": 10}), "{result}");
+    assert_eq!(answered(&result, "none"), serde_json::json!({"real": 10}), "{result}");
 
     // A pod that reaches an agent's intercept port directly can neither
     // register nor get a connection to Bob's session.
@@ -437,7 +417,7 @@ fn intercepts_starting_and_ending_fail_no_more_requests_than_a_rollout_restart()
     session::prerequisites()?;
     let sb = Sandbox::up()?;
     let mut cleanup = Cleanup::default();
-    sb.apply(&manifests())?;
+    sb.apply(&intercept::workload(NS, 3))?;
     sb.rolled_out(NS, API)?;
     sb.kubectl_ok(&[
         "run",

@@ -29,35 +29,6 @@ use crate::bench::Figure;
 const NS: &str = "bench";
 const SERVE: &str = "mkdir -p /srv && echo served-locally > /srv/index.html && exec busybox httpd -f -p 9000 -h /srv";
 
-fn manifests() -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata: {{name: {NS}}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: api, namespace: {NS}}}
-spec:
-  replicas: 2
-  selector: {{matchLabels: {{app: api}}}}
-  template:
-    metadata: {{labels: {{app: api}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers: [{{name: api, image: {echo}, ports: [{{name: http, containerPort: 8080}}]}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: api, namespace: {NS}}}
-spec:
-  selector: {{app: api}}
-  ports: [{{port: 80, targetPort: http}}]
-"#,
-        echo = images::ECHO
-    )
-}
-
 /// A pod that asks `http://api/` with `x-dev: NAME` every 50 ms and logs
 /// each answer stamped with its clock (the host's) in ms.
 fn client(name: &str) -> String {
@@ -105,7 +76,7 @@ pub fn run() -> Result<Vec<Figure>> {
     images::ensure()?;
     session::require_tpd_images()?;
     let sb = Sandbox::up()?;
-    sb.apply(&manifests())?;
+    sb.apply(&tpd_e2e::intercept::workload(NS, 2))?;
     sb.rolled_out(NS, "api")?;
     let mut cleanup = Cleanup::default();
     let mut homes = Vec::new();
