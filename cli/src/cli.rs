@@ -68,7 +68,7 @@ pub enum Command {
     /// Run a local container in the cluster's network, optionally swapped in for a Deployment.
     Run(Box<RunArgs>),
     /// Start a long-lived session in the background (outbound access, optional swap) that containers join.
-    Connect(ConnectArgs),
+    Connect(Box<ConnectArgs>),
     /// End a session `tpd connect` started: restore its swap, remove its agent pod and sidecar.
     Quit(QuitArgs),
     /// Print or write the environment a Deployment's container gets, for IDEs and scripts.
@@ -105,7 +105,7 @@ pub struct RunArgs {
     /// Swap this Deployment's container for tpd's agent: deployment/NAME[:CONTAINER].
     #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
     pub swap: Option<Target>,
-    /// Take only the requests that match --header/--path-prefix from this
+    /// Take only the requests that match --header/--baggage/--path-prefix from this
     /// Deployment's container; the real container keeps serving the rest,
     /// and others may intercept it too with other filters.
     #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
@@ -200,11 +200,20 @@ pub struct FilterArgs {
     /// With --intercept: only requests whose path starts with this.
     #[arg(long, value_name = "/PATH", value_parser = path_prefix)]
     pub path_prefix: Option<String>,
+    /// With --intercept: only requests whose W3C `baggage` header has this
+    /// member (what OpenTelemetry passes from service to service, so an
+    /// intercept two hops down still sees it). Repeatable.
+    #[arg(long = "baggage", value_name = "KEY=VALUE", value_parser = tpd_wire::intercept::parse_baggage)]
+    pub baggage: Vec<(String, String)>,
 }
 
 impl FilterArgs {
     pub fn filter(&self) -> Filter {
-        Filter { headers: self.headers.iter().cloned().collect(), path_prefix: self.path_prefix.clone() }
+        Filter {
+            headers: self.headers.iter().cloned().collect(),
+            path_prefix: self.path_prefix.clone(),
+            baggage: self.baggage.iter().cloned().collect(),
+        }
     }
 }
 
@@ -286,7 +295,7 @@ pub struct ConnectArgs {
     /// Swap this Deployment's container for tpd's agent: deployment/NAME[:CONTAINER].
     #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
     pub swap: Vec<Target>,
-    /// Take only the requests that match --header/--path-prefix from this
+    /// Take only the requests that match --header/--baggage/--path-prefix from this
     /// Deployment's container (see `tpd run --help`).
     #[arg(long, value_name = "deployment/NAME[:CONTAINER]")]
     pub intercept: Option<Target>,
@@ -412,7 +421,7 @@ pub struct Choice {
     #[arg(long, value_name = "deployment/NAME", group = "deployment")]
     pub swap: Vec<String>,
     /// A Deployment the session intercepts (for `up`'s own session, with
-    /// --header/--path-prefix); the --service replaces it.
+    /// --header/--baggage/--path-prefix); the --service replaces it.
     #[arg(long, value_name = "deployment/NAME", group = "deployment")]
     pub intercept: Option<String>,
     #[command(flatten)]
@@ -453,7 +462,7 @@ impl Choice {
         }
         if self.session.is_some() && !self.filter.filter().is_empty() {
             return Err(Hint::new(
-                "--header and --path-prefix are for the session `up` starts, and --session was given",
+                "--header, --baggage and --path-prefix are for the session `up` starts, and --session was given",
                 "the session keeps the filter it was started with (`tpd connect --intercept ... --header ...`)",
             ));
         }

@@ -66,8 +66,10 @@ pub struct PortMap {
 }
 
 /// Which requests a route takes: all of its headers (names compared without
-/// case, values exactly) and, when given, a path that starts with
-/// `path_prefix`. An empty filter is not accepted anywhere: that is a swap.
+/// case, values exactly), all of its baggage members (in the W3C `baggage`
+/// header, which tracing libraries carry from service to service) and,
+/// when given, a path that starts with `path_prefix`. An empty filter is
+/// not accepted anywhere: that is a swap.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Filter {
     /// Header name (lower case) to the exact value.
@@ -75,11 +77,17 @@ pub struct Filter {
     pub headers: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
+    /// Baggage member key to its exact (decoded) value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub baggage: BTreeMap<String, String>,
 }
+
+/// The W3C baggage header (<https://www.w3.org/TR/baggage/>).
+pub const BAGGAGE_HEADER: &str = "baggage";
 
 impl Filter {
     pub fn is_empty(&self) -> bool {
-        self.headers.is_empty() && self.path_prefix.is_none()
+        self.headers.is_empty() && self.path_prefix.is_none() && self.baggage.is_empty()
     }
 
     /// Whether a request with `path` (its origin-form target, query
@@ -90,19 +98,54 @@ impl Filter {
         I: IntoIterator<Item = &'a [u8]>,
     {
         let path_ok = self.path_prefix.as_deref().is_none_or(|p| path.starts_with(p));
-        path_ok && self.headers.iter().all(|(name, want)| header(name).into_iter().any(|v| v == want.as_bytes()))
+        let headers_ok = self.headers.iter().all(|(name, want)| header(name).into_iter().any(|v| v == want.as_bytes()));
+        path_ok && headers_ok && (self.baggage.is_empty() || self.baggage_matches(header(BAGGAGE_HEADER)))
+    }
+
+    /// Whether every wanted member is among those of the `baggage` values
+    /// (a request may split its baggage over several header lines).
+    fn baggage_matches<'a>(&self, values: impl IntoIterator<Item = &'a [u8]>) -> bool {
+        let members: Vec<(String, String)> = values.into_iter().flat_map(baggage_members).collect();
+        self.baggage.iter().all(|(key, want)| members.iter().any(|(k, v)| k == key && v == want))
     }
 }
 
+/// The members of one `baggage` header value as (key, decoded value):
+/// `key=value;property, key2 = value2`; properties are ignored, and a
+/// member that is not `key=value` is skipped, as the spec says to.
+fn baggage_members(value: &[u8]) -> Vec<(String, String)> {
+    let Ok(value) = std::str::from_utf8(value) else {
+        return Vec::new();
+    };
+    value
+        .split(',')
+        .filter_map(|member| {
+            let pair = member.split(';').next()?;
+            let (key, value) = pair.split_once('=')?;
+            let value = percent_encoding::percent_decode_str(value.trim()).decode_utf8().ok()?;
+            Some((key.trim().to_owned(), value.into_owned()))
+        })
+        .collect()
+}
+
 impl std::fmt::Display for Filter {
-    /// As the user wrote it: `x-dev=alice path=/api`.
+    /// As the user wrote it: `x-dev=alice baggage:dev=alice path=/api*`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut parts: Vec<String> = self.headers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        parts.extend(self.baggage.iter().map(|(k, v)| format!("baggage:{k}={v}")));
         if let Some(p) = &self.path_prefix {
             parts.push(format!("path={p}*"));
         }
         f.write_str(&parts.join(" "))
     }
+}
+
+/// `KEY=VALUE` from `--baggage`: a member key is a token, as a header
+/// name is, kept as written (baggage keys are case-sensitive).
+pub fn parse_baggage(s: &str) -> Result<(String, String), String> {
+    let (_, value) = parse_header(s).map_err(|e| e.replace("HTTP header name", "baggage key"))?;
+    let key = s.split_once('=').map(|(k, _)| k.to_owned()).unwrap_or_default();
+    Ok((key, value))
 }
 
 /// `NAME=VALUE` from `--header`; the name is a token (RFC 9110), kept in lower case.
@@ -184,6 +227,7 @@ mod tests {
         Filter {
             headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             path_prefix: path.map(str::to_owned),
+            ..Filter::default()
         }
     }
 
@@ -200,6 +244,27 @@ mod tests {
         assert!(f.matches("/api", |_| vec![&b"bob"[..], &b"alice"[..]]));
         // Values are exact: no prefix, no case folding.
         assert!(!f.matches("/api", |_| vec![&b"Alice"[..]]));
+    }
+
+    #[test]
+    fn baggage_members_match_wherever_they_are_in_the_header() {
+        let f = Filter { baggage: [("dev".into(), "alice".into())].into(), ..Filter::default() };
+        let with = |values: Vec<&'static str>| {
+            move |n: &str| if n == BAGGAGE_HEADER { values.iter().map(|v| v.as_bytes()).collect() } else { vec![] }
+        };
+        assert!(f.matches("/", with(vec!["dev=alice"])));
+        assert!(f.matches("/", with(vec!["userId=7, dev = alice ;ttl=3, tenant=x"])));
+        assert!(f.matches("/", with(vec!["userId=7", "dev=alice"])));
+        // Values are percent-decoded; keys and values are exact.
+        let spaced = Filter { baggage: [("dev".into(), "alice b".into())].into(), ..Filter::default() };
+        assert!(spaced.matches("/", with(vec!["dev=alice%20b"])));
+        assert!(!f.matches("/", with(vec!["dev=alicex", "Dev=alice", "mydev=alice"])));
+        assert!(!f.matches("/", with(vec!["x-dev: alice"])));
+        assert!(!f.matches("/", |_: &str| Vec::<&[u8]>::new()));
+        assert_eq!(f.to_string(), "baggage:dev=alice");
+        assert!(!f.is_empty());
+        assert_eq!(parse_baggage("Dev=alice"), Ok(("Dev".into(), "alice".into())));
+        assert!(parse_baggage("dev").is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor => doctor::run(&cli.global).await,
         Command::Version => version::run(&cli.global).await,
         Command::Compose(args) => crate::compose::cmd::run(&cli.global, *args).await,
-        Command::Connect(args) => connect::run(&cli.global, args).await,
+        Command::Connect(args) => connect::run(&cli.global, *args).await,
         Command::Quit(args) => quit::run(&cli.global, &args).await,
         Command::Run(args) => run::run(&cli.global, *args).await,
         Command::Env(args) => env::run(&cli.global, &args).await,

@@ -40,6 +40,7 @@ struct Intercept {
     /// As the user wrote it: `x-dev=alice path=/api*`.
     filter: String,
     headers: BTreeMap<String, String>,
+    baggage: BTreeMap<String, String>,
     path_prefix: Option<String>,
     session: String,
     holder: String,
@@ -66,6 +67,7 @@ fn intercepts_of(d: &Deployment, now: Timestamp) -> Vec<Intercept> {
             lease_expires: e.expires().to_string(),
             lease_live: e.expires() > now,
             headers: e.filter.headers,
+            baggage: e.filter.baggage,
             path_prefix: e.filter.path_prefix,
             session: e.session,
             holder: e.holder,
@@ -222,7 +224,11 @@ mod tests {
             services: Default::default(),
         };
         let at: Timestamp = "2026-12-07T10:02:00Z".parse().unwrap();
-        let filter = Filter { headers: [("x-dev".into(), "alice".into())].into(), path_prefix: Some("/api".into()) };
+        let filter = Filter {
+            headers: [("x-dev".into(), "alice".into())].into(),
+            path_prefix: Some("/api".into()),
+            ..Filter::default()
+        };
         let alice = Entry::new("s-a", "alice@laptop", at, &[8080], &filter);
         let mut d = Deployment::default();
         d.metadata.name = Some("api".into());

@@ -279,7 +279,7 @@ pub fn swap_refusal(d: &Deployment, target: &Target) -> Option<Hint> {
     let who = if holders.is_empty() { "sessions that stopped renewing".to_owned() } else { holders.join(", ") };
     Some(Hint::new(
         format!("{target} is intercepted by {who}: a swap would take all of its traffic from them"),
-        "wait for those sessions to end, or take your requests only: --intercept with --header or --path-prefix",
+        "wait for those sessions to end, or take your requests only: --intercept with --header, --baggage or --path-prefix",
     ))
 }
 
@@ -560,7 +560,8 @@ mod tests {
     use k8s_openapi::jiff::SignedDuration;
 
     fn entry(session: &str, renewed_secs_ago: i64, now: Timestamp) -> Entry {
-        let filter = Filter { headers: [("x-dev".into(), session.into())].into(), path_prefix: None };
+        let filter =
+            Filter { headers: [("x-dev".into(), session.into())].into(), path_prefix: None, ..Filter::default() };
         let at = now - SignedDuration::from_secs(renewed_secs_ago);
         Entry::new(session, &format!("{session}@laptop"), at, &[8080], &filter)
     }

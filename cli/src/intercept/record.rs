@@ -166,7 +166,7 @@ mod tests {
     use tpd_wire::intercept::PortMap;
 
     fn filter(dev: &str) -> Filter {
-        Filter { headers: [("x-dev".to_owned(), dev.to_owned())].into(), path_prefix: None }
+        Filter { headers: [("x-dev".to_owned(), dev.to_owned())].into(), path_prefix: None, ..Filter::default() }
     }
 
     #[test]

@@ -79,10 +79,10 @@ impl Spec {
             (Some(swap), Some(intercept)) => Some(Hint::new(
                 format!("--swap {swap} and --intercept {intercept} were both given"),
                 "a session takes all of a Deployment's traffic (--swap) or the requests that match a filter \
-                 (--intercept with --header/--path-prefix): drop one",
+                 (--intercept with --header/--baggage/--path-prefix): drop one",
             )),
             (_, None) if !filter.is_empty() => Some(Hint::new(
-                "--header and --path-prefix choose the requests of an --intercept, and none was given",
+                "--header, --baggage and --path-prefix choose the requests of an --intercept, and none was given",
                 "add --intercept deployment/NAME",
             )),
             (None, None) if ports => Some(Hint::new(
@@ -91,7 +91,9 @@ impl Spec {
             )),
             (None, Some(t)) if filter.is_empty() => Some(Hint::new(
                 format!("--intercept {t} needs a filter: which of its requests come to you"),
-                format!("add --header NAME=VALUE and/or --path-prefix /PATH; for all of its traffic use --swap {t}"),
+                format!(
+                    "add --header NAME=VALUE, --baggage KEY=VALUE or --path-prefix /PATH; for all of its traffic use --swap {t}"
+                ),
             )),
             (None, Some(t)) if !ports => Some(Hint::new(
                 format!("--intercept {t} needs --port REMOTE:LOCAL: the container's port whose requests you take"),
@@ -125,7 +127,11 @@ mod tests {
             swap: Some("deployment/api:app".parse().unwrap()),
             intercept: Some(InterceptSpec {
                 target: "deployment/web".parse().unwrap(),
-                filter: Filter { headers: [("x-dev".into(), "alice".into())].into(), path_prefix: Some("/api".into()) },
+                filter: Filter {
+                    headers: [("x-dev".into(), "alice".into())].into(),
+                    path_prefix: Some("/api".into()),
+                    ..Filter::default()
+                },
             }),
             session: SessionArgs {
                 force: true,
@@ -211,7 +217,7 @@ mod tests {
             (
                 &["--header", "x-dev=alice"],
                 &[],
-                Some("--header and --path-prefix choose the requests of an --intercept"),
+                Some("--header, --baggage and --path-prefix choose the requests of an --intercept"),
             ),
             (&["--intercept", "deployment/api", "--header", "x-dev=alice"], &[], Some("needs --port REMOTE:LOCAL")),
             (&ok, &["--transport", "udp"], Some("--transport udp cannot carry an intercept")),

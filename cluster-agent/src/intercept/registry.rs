@@ -167,7 +167,10 @@ mod tests {
     use tpd_wire::intercept::Filter;
 
     fn route(port: u16, dev: &str) -> Route {
-        Route { port, filter: Filter { headers: [("x-dev".into(), dev.into())].into(), path_prefix: None } }
+        Route {
+            port,
+            filter: Filter { headers: [("x-dev".into(), dev.into())].into(), path_prefix: None, ..Filter::default() },
+        }
     }
 
     fn register(session: &str, token: &str, routes: Vec<Route>) -> Request {

@@ -404,7 +404,11 @@ mod tests {
             home: "127.0.0.1:1".parse().unwrap(),
             routes: vec![Route {
                 port: 0, // replaced below
-                filter: Filter { headers: [("x-dev".into(), dev.into())].into(), path_prefix: None },
+                filter: Filter {
+                    headers: [("x-dev".into(), dev.into())].into(),
+                    path_prefix: None,
+                    ..Filter::default()
+                },
             }],
         }
     }

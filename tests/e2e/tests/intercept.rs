@@ -51,7 +51,8 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", 8080), H).serve_forever()
 "#;
 
-/// The cluster client: `ROUNDS` requests per kind (alice, bob, no header)
+/// The cluster client: `ROUNDS` requests per kind that `WANT` names (alice,
+/// bob, no header; carol's baggage, and another)
 /// over `CONNS` keep-alive connections, half to each Service, after every
 /// kind answered as `WANT` says (bounded); prints one JSON line of who
 /// answered each kind, the errors, and when (Unix time) every kind first
@@ -60,7 +61,10 @@ const CLIENT: &str = r#"
 import http.client, json, sys, time
 rounds, conns, want = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
 targets = [("api.team", 80), ("api-num.team", 8081)]
-kinds = {"alice": {"x-dev": "alice"}, "bob": {"x-dev": "bob"}, "none": {}}
+every_kind = {"alice": {"x-dev": "alice"}, "bob": {"x-dev": "bob"}, "none": {},
+              "carol": {"baggage": "userId=7, dev=carol;ttl=3, tenant=x"},
+              "not-carol": {"baggage": "dev=carolx, tenant=x"}}
+kinds = {k: every_kind[k] for k in want}
 def who(body):
     body = body.decode()
     return body.split()[2] if body.startswith("served by") else "real"
@@ -139,15 +143,20 @@ struct Developer {
 }
 
 impl Developer {
+    /// `name`'s session, taking the requests with header `x-dev: NAME`.
     fn start(sb: &Sandbox, cleanup: &mut Cleanup, name: &'static str) -> anyhow::Result<Self> {
+        Self::start_with(sb, cleanup, name, &["--header", &format!("x-dev={name}")])
+    }
+
+    fn start_with(sb: &Sandbox, cleanup: &mut Cleanup, name: &'static str, filter: &[&str]) -> anyhow::Result<Self> {
         let home = Home::new()?;
         let container = format!("tpd-e2e-{name}-{}", std::process::id());
-        let header = format!("x-dev={name}");
         let target = format!("deployment/{API}");
         let started = Instant::now();
         let child = session::tpd_in(sb, &home)?
             .args(["run", "-n", NS, "--image", images::DEBIAN, "--name", &container])
-            .args(["--intercept", &target, "--port", "8080:8080", "--header", &header])
+            .args(["--intercept", &target, "--port", "8080:8080"])
+            .args(filter)
             .args(["--", "python3", "-c", LOCAL_SERVER, name])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -304,6 +313,17 @@ fn two_developers_intercept_one_workload_by_header_and_leave_it_as_it_was() -> a
     let mallory = r#"{"alice": "alice", "bob": "bob", "none": "real"}"#;
     let result = send_from_a_pod(&sb, "client-after-intruder", 10, mallory);
     assert_eq!(answered(&result, "bob"), serde_json::json!({"bob": 10}), "{result}");
+
+    // Carol takes the requests whose W3C baggage says dev=carol, among
+    // other members, as a tracing library passes it on (issue #21).
+    let mut carol = Developer::start_with(&sb, &mut cleanup, "carol", &["--baggage", "dev=carol"])?;
+    let baggage = r#"{"carol": "carol", "not-carol": "real", "alice": "alice"}"#;
+    let result = send_from_a_pod(&sb, "client-baggage", 10, baggage);
+    eprintln!("with carol's baggage: {result}");
+    assert_eq!(answered(&result, "carol"), serde_json::json!({"carol": 10}), "{result}");
+    assert_eq!(answered(&result, "not-carol"), serde_json::json!({"real": 10}), "{result}");
+    assert_eq!(answered(&result, "alice"), serde_json::json!({"alice": 10}), "{result}");
+    carol.stop()?;
 
     // 5. Refusals, each with a clear message and an unchanged cluster.
     let before = cluster_state(&sb);

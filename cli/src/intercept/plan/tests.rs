@@ -251,7 +251,11 @@ fn a_session_is_refused_the_requests_a_live_session_takes() {
     use tpd_wire::intercept::Filter;
     let target: Target = "deployment/api".parse().unwrap();
     let now: k8s_openapi::jiff::Timestamp = "2026-12-07T10:02:00Z".parse().unwrap();
-    let dev = |v: &str| Filter { headers: [("x-dev".to_owned(), v.to_owned())].into(), path_prefix: None };
+    let dev = |v: &str| Filter {
+        headers: [("x-dev".to_owned(), v.to_owned())].into(),
+        path_prefix: None,
+        ..Filter::default()
+    };
     let alice = Entry::new("s-a", "alice@laptop", now, &[8080], &dev("alice"));
     let live = [alice.clone(), Entry::new("s-b", "bob@desk", now, &[8080, 9090], &dev("bob"))];
     // (ports, filter, refusal)
