@@ -40,7 +40,7 @@ const HOST_BUSYBOX: &str = "/bin/busybox";
 // python3 rather than python3-minimal: tests and the demo serve files with
 // `python3 -m http.server`, which the minimal package lacks. The official
 // Kubernetes client is the in-cluster client of in_cluster_client.rs.
-const DEBIAN_PACKAGES: &str = "python3,python3-kubernetes,curl,iproute2,busybox-static";
+const DEBIAN_PACKAGES: &str = "python3,python3-kubernetes,python3-grpcio,curl,iproute2,busybox-static";
 
 /// Builds whichever test images are missing or stale. Safe to call from
 /// many tests at once: builds are serialised by a lock file.

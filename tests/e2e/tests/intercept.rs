@@ -512,3 +512,134 @@ fn intercepts_starting_and_ending_fail_no_more_requests_than_a_rollout_restart()
     drop(cleanup);
     Ok(())
 }
+
+/// A gRPC service without generated code (raw bytes in and out): `Unary`
+/// answers who it is, `Stream` answers three times; `argv[1]` is who it
+/// is (the pod's host name when empty), `argv[2]` where it listens.
+const GRPC_SERVER: &str = r#"
+import grpc, socket, sys
+from concurrent import futures
+name = sys.argv[1] or "real"
+def unary(request, context):
+    return name.encode()
+def stream(request, context):
+    for i in range(3):
+        yield name.encode()
+handler = grpc.method_handlers_generic_handler("echo.Echo", {
+    "Unary": grpc.unary_unary_rpc_method_handler(unary),
+    "Stream": grpc.unary_stream_rpc_method_handler(stream),
+})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port(sys.argv[2])
+server.start()
+server.wait_for_termination()
+"#;
+
+/// One channel (one HTTP/2 connection) to the Service: `argv[1]` calls,
+/// unary and server-streaming in turn, every other one with `x-dev: alice`,
+/// after both kinds answered as wanted (bounded); prints who answered each.
+const GRPC_CLIENT: &str = r#"
+import grpc, json, sys, time
+calls = int(sys.argv[1])
+channel = grpc.insecure_channel("grpc.team:50051")
+unary = channel.unary_unary("/echo.Echo/Unary")
+stream = channel.unary_stream("/echo.Echo/Stream")
+def call(i, alice):
+    md = [("x-dev", "alice")] if alice else []
+    if i % 2 == 0:
+        return [unary(b"hi", metadata=md, timeout=5).decode()]
+    return [m.decode() for m in stream(b"hi", metadata=md, timeout=5)]
+deadline = time.time() + 40
+while time.time() < deadline:
+    try:
+        if call(0, True) == ["alice"] and call(1, True) == ["alice"] * 3 and call(0, False) == ["real"]:
+            break
+    except grpc.RpcError:
+        pass
+    time.sleep(0.5)
+counts = {"alice": {}, "none": {}}
+errors = []
+for i in range(calls):
+    alice = (i // 2) % 2 == 0
+    try:
+        for who in call(i, alice):
+            kind = "alice" if alice else "none"
+            counts[kind][who] = counts[kind].get(who, 0) + 1
+    except grpc.RpcError as e:
+        errors.append(str(e.code()))
+print(json.dumps({"counts": counts, "errors": errors}))
+"#;
+
+fn grpc_workload() -> String {
+    let server = serde_json::to_string(GRPC_SERVER).unwrap_or_default();
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: {NS}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: grpc, namespace: {NS}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: grpc}}}}
+  template:
+    metadata: {{labels: {{app: grpc}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: grpc
+        image: {debian}
+        command: [python3, -c, {server}, "", "0.0.0.0:50051"]
+        ports: [{{name: grpc, containerPort: 50051}}]
+        readinessProbe: {{tcpSocket: {{port: grpc}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: grpc, namespace: {NS}}}
+spec:
+  selector: {{app: grpc}}
+  ports: [{{name: grpc, port: 50051, targetPort: grpc}}]
+"#,
+        debian = images::DEBIAN,
+    )
+}
+
+#[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
+fn grpc_calls_with_the_header_reach_the_developer_on_a_shared_channel() -> anyhow::Result<()> {
+    session::prerequisites()?;
+    let sb = Sandbox::up()?;
+    let mut cleanup = Cleanup::default();
+    sb.apply(&grpc_workload())?;
+    sb.rolled_out(NS, "grpc")?;
+
+    let home = Home::new()?;
+    let container = format!("tpd-e2e-grpc-{}", std::process::id());
+    let started = Instant::now();
+    let child = session::tpd_in(&sb, &home)?
+        .args(["run", "-n", NS, "--image", images::DEBIAN, "--name", &container])
+        .args(["--intercept", "deployment/grpc", "--port", "50051:50051", "--header", "x-dev=alice"])
+        .args(["--", "python3", "-c", GRPC_SERVER, "alice", "127.0.0.1:50051"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    cleanup.children.push(child);
+    while !session::docker_exec(&container, "true").0 {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(180), "the local container never started");
+        tpd_e2e::interrupt::pause(Duration::from_millis(100))?;
+    }
+    cleanup.sessions.push(label_of(&container, tpd_wire::names::LABEL_SESSION));
+
+    let (phase, logs) = session::run_pod(&sb, "grpc-client", images::DEBIAN, &["python3", "-c", GRPC_CLIENT, "500"])?;
+    assert_eq!(phase, "Succeeded", "{logs}");
+    let result: Value = serde_json::from_str(logs.lines().last().unwrap_or_default())?;
+    eprintln!("500 gRPC calls on one channel: {result}");
+    assert_eq!(result["errors"], serde_json::json!([]), "{result}");
+    // 500 calls: 250 unary (one answer each), 250 streaming (three each), half of each with the header.
+    assert_eq!(result["counts"]["alice"], serde_json::json!({"alice": 125 + 125 * 3}), "{result}");
+    assert_eq!(result["counts"]["none"], serde_json::json!({"real": 125 + 125 * 3}), "{result}");
+    drop(cleanup);
+    Ok(())
+}
