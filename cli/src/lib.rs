@@ -24,6 +24,7 @@ mod logging;
 pub mod mounts;
 mod output;
 mod remote_env;
+mod rollout;
 mod session;
 mod swap;
 

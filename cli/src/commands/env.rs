@@ -17,13 +17,13 @@ use crate::cluster::{self, Cluster};
 use crate::error::Hint;
 use crate::remote_env::{self, Sources};
 use crate::session::env::render;
-use crate::swap::{apply, plan, record::Record};
+use crate::swap::{plan, record::Record};
 
 pub async fn run(global: &GlobalArgs, args: &EnvArgs) -> anyhow::Result<ExitCode> {
     let cluster = crate::session::cluster(global).await?;
     let ns = &cluster.namespace;
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
-    let d = apply::get(&deployments, ns, &args.target.name).await?;
+    let d = crate::rollout::get(&deployments, ns, &args.target.name).await?;
     let index = plan::choose_container(&d, args.target.container.as_deref())?;
     // A swapped Deployment runs the agent; its record keeps the app's container.
     let container = match Record::read(&d)? {

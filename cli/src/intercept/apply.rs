@@ -23,7 +23,7 @@ use super::record::{Entry, Record, entry_key};
 use crate::cluster::Cluster;
 use crate::error::Hint;
 use crate::output::progress;
-use crate::swap::apply::{self as swap_apply, conflict, get, replica_failure, rolled_out};
+use crate::rollout::{admit_agent_pod, conflict, get, replica_failure, rolled_out};
 use crate::swap::lease::{self, Leased};
 use crate::swap::plan::{Target, annotation_pointer, choose_container, guarded_diff, name_of};
 
@@ -157,7 +157,7 @@ pub async fn add(cluster: &Cluster, req: &Request<'_>) -> anyhow::Result<Added> 
                         "nothing was changed. The intercept agent runs as Pod Security's `restricted` profile asks; \
                          a new pod of {target} would be refused as well: make the Deployment comply"
                     );
-                    swap_apply::admit_agent_pod(&api, ns, target, &to, help).await?;
+                    admit_agent_pod(&api, ns, target, &to, help).await?;
                 }
                 let generation = current.metadata.generation.map(serde_json::Value::from);
                 (guarded_diff(&current, &to, ("/metadata/generation".into(), generation)), planned.record)

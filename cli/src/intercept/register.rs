@@ -30,8 +30,8 @@ use tracing::{debug, info};
 
 use crate::cluster::Cluster;
 use crate::output::progress;
+use crate::rollout::is_ready;
 use crate::session::portforward;
-use crate::swap::apply::is_ready;
 
 /// How often the pod list is read.
 const POLL: Duration = Duration::from_secs(1);

@@ -28,7 +28,6 @@ use super::portforward;
 use crate::cluster::Cluster;
 use crate::intercept::register;
 use crate::output::progress;
-use crate::swap::apply;
 
 /// File name of the relay's socket in the session directory.
 pub const SOCKET: &str = "transport.sock";
@@ -163,7 +162,7 @@ impl AgentPod {
         Ok(list
             .items
             .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none() && apply::is_ready(p))
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && crate::rollout::is_ready(p))
             .find_map(|p| p.metadata.name.clone()))
     }
 

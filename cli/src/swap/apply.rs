@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tpd_wire::names;
 
@@ -19,19 +19,7 @@ use super::record::Record;
 use crate::cluster::Cluster;
 use crate::error::Hint;
 use crate::output::progress;
-
-/// Reads a Deployment, turning 404 into a message that says where we looked.
-pub async fn get(api: &Api<Deployment>, namespace: &str, name: &str) -> anyhow::Result<Deployment> {
-    match api.get(name).await {
-        Ok(d) => Ok(d),
-        Err(e) if crate::cluster::is_not_found(&e) => Err(Hint::new(
-            format!("there is no deployment/{name} in namespace {namespace:?}"),
-            format!("list them with `kubectl get deployments -n {namespace}`, or pick the namespace with -n"),
-        )
-        .into()),
-        Err(e) => Err(e).with_context(|| format!("cannot read deployment/{name} in namespace {namespace:?}")),
-    }
-}
+use crate::rollout::{admit_agent_pod, conflict, get, is_ready, replica_failure, rolled_out};
 
 /// Checks, before anything changes, that `target` names a Deployment in
 /// the cluster's namespace and one of its containers unambiguously.
@@ -92,38 +80,6 @@ pub async fn swap(
         "wait for whatever is changing it (a rollout, an operator) to finish, then run the command again",
     )
     .into())
-}
-
-/// Asks the API server whether it would admit the agent's pod (a dry-run
-/// create of the planned template) before the Deployment changes: the swap
-/// replaces the running pods first, so a namespace whose Pod Security
-/// refuses the agent would otherwise be found out with the app already
-/// stopped. Any other answer (no right to create pods, say) leaves the
-/// decision to the ReplicaSet, which [`wait_for_agent`] watches. `help`
-/// says what to do when it would not.
-pub(crate) async fn admit_agent_pod(
-    api: &Api<Deployment>,
-    namespace: &str,
-    target: &Target,
-    planned: &Deployment,
-    help: String,
-) -> anyhow::Result<()> {
-    let template = planned.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
-    let mut metadata = template.metadata.unwrap_or_default();
-    metadata.generate_name = Some(format!("{}-tpd-admission-", target.name));
-    metadata.namespace = Some(namespace.to_owned());
-    let pod = Pod { metadata, spec: template.spec, ..Pod::default() };
-    let pods: Api<Pod> = Api::namespaced(api.clone().into_client(), namespace);
-    match pods.create(&PostParams { dry_run: true, ..PostParams::default() }, &pod).await {
-        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("violates PodSecurity") => {
-            Err(Hint::new(format!("namespace {namespace:?} refuses the agent pod: {}", s.message), help).into())
-        }
-        Err(e) => {
-            tracing::debug!("the dry run of the agent pod did not answer the question, going on: {e}");
-            Ok(())
-        }
-        Ok(_) => Ok(()),
-    }
 }
 
 /// Reads `target` and makes sure tpd may swap it: free, or abandoned (then
@@ -338,17 +294,6 @@ pub async fn wait_for_rollout(api: &Api<Deployment>, name: &str, timeout: Durati
     }
 }
 
-pub(crate) fn rolled_out(d: &Deployment) -> bool {
-    let (Some(spec), Some(status)) = (&d.spec, &d.status) else {
-        return false;
-    };
-    let want = spec.replicas.unwrap_or(1);
-    status.observed_generation >= d.metadata.generation
-        && status.updated_replicas.unwrap_or(0) == want
-        && status.available_replicas.unwrap_or(0) == want
-        && status.replicas.unwrap_or(0) == want
-}
-
 /// Deletes what `session` created in the cluster besides the swap: the
 /// outbound-only agent pod and the UDP transport's NodePort Service, found
 /// by their session label. The session's own cleanup runs it, and so does
@@ -375,16 +320,6 @@ pub async fn delete_cluster_objects(client: &kube::Client, namespace: &str, sess
     Ok(())
 }
 
-pub fn is_ready(pod: &Pod) -> bool {
-    let status = pod.status.as_ref();
-    status.and_then(|s| s.phase.as_deref()) == Some("Running")
-        && status
-            .and_then(|s| s.conditions.as_ref())
-            .into_iter()
-            .flatten()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-}
-
 /// "pod NAME: Running, ready" / "pod NAME: Pending (ErrImagePull: ...)".
 /// The pod ended (`Failed`, or `Succeeded`: the agent never exits on its
 /// own) or its container keeps crashing.
@@ -392,14 +327,6 @@ fn agent_gave_up(pod: &Pod) -> bool {
     let status = pod.status.as_ref();
     let ended = matches!(status.and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded"));
     ended || waiting_reasons(pod).any(|r| r == "CrashLoopBackOff")
-}
-
-/// Why a Deployment's ReplicaSet cannot create pods, as its `ReplicaFailure`
-/// condition says (the API server's refusal, e.g. Pod Security's).
-pub(crate) fn replica_failure(d: &Deployment) -> Option<String> {
-    let conditions = d.status.as_ref()?.conditions.as_ref()?;
-    let failed = conditions.iter().find(|c| c.type_ == "ReplicaFailure" && c.status == "True")?;
-    Some(failed.message.clone().unwrap_or_else(|| failed.reason.clone().unwrap_or_default()))
 }
 
 /// Whether the kubelet cannot pull the pod's image: waiting will not help.
@@ -458,11 +385,6 @@ pub async fn repair_abandoned(client: &kube::Client, namespace: Option<&str>) ->
         repaired.push(format!("{ns}/{name}"));
     }
     Ok(repaired)
-}
-
-/// A JSON patch whose `test` failed, or a stale write.
-pub(crate) fn conflict(err: &kube::Error) -> bool {
-    matches!(err, kube::Error::Api(status) if status.code == 409 || status.code == 422)
 }
 
 #[cfg(test)]
