@@ -605,40 +605,33 @@ mod tests {
         }
     }
 
-    /// Reaches each session's fake app by the session's name.
-    struct Fake(HashMap<String, u16>);
+    /// Reaches each session's fake app by the session's name; counts the
+    /// connections it opens.
+    struct Fake {
+        apps: HashMap<String, u16>,
+        dials: std::sync::atomic::AtomicUsize,
+    }
 
     impl Connector for Fake {
         async fn connect(&self, target: &Target, _: u16) -> io::Result<BoxConn> {
-            let port = self.0.get(&target.session).ok_or(io::ErrorKind::ConnectionRefused)?;
+            self.dials.fetch_add(1, Ordering::Relaxed);
+            let port = self.apps.get(&target.session).ok_or(io::ErrorKind::ConnectionRefused)?;
             Ok(Box::new(TcpStream::connect(("127.0.0.1", *port)).await?))
         }
     }
 
-    fn registration(session: &str, dev: &str) -> Registration {
-        Registration::Register {
-            session: session.into(),
-            token: format!("{session}-token"),
-            holder: format!("{session}@laptop"),
-            since: "2026-12-07T10:00:00Z".into(),
-            home: "127.0.0.1:1".parse().unwrap(),
-            routes: vec![Route {
-                port: 0, // replaced below
-                filter: Filter { headers: [("x-dev".into(), dev.into())].into(), path_prefix: None },
-            }],
-        }
+    /// Session `who`'s registration: the requests to `port` with `x-dev: WHO`.
+    fn registration(who: &str, port: u16) -> Registration {
+        let filter = Filter { headers: [("x-dev".into(), who.into())].into(), path_prefix: None };
+        testing::register(who, &format!("{who}-token"), "127.0.0.1:1".parse().unwrap(), vec![Route { port, filter }])
     }
 
     /// A router in front of `real`, with alice and bob reachable and carol
-    /// registered but not; returns the router's address.
-    async fn router(real: u16) -> std::net::SocketAddr {
+    /// registered but not, serving on its address.
+    async fn started(real: u16) -> (Arc<Router<Fake>>, std::net::SocketAddr) {
         let registry = Arc::new(Registry::new([real], Duration::from_secs(15)));
         for who in ["alice", "bob", "carol"] {
-            let mut reg = registration(who, who);
-            if let Registration::Register { routes, .. } = &mut reg {
-                routes[0].port = real;
-            }
-            assert_eq!(RegisterStream::default().handle(&registry, reg), Reply::Ok);
+            assert_eq!(RegisterStream::default().handle(&registry, registration(who, real)), Reply::Ok);
         }
         let mut apps = HashMap::new();
         for who in ["alice", "bob"] {
@@ -646,8 +639,13 @@ mod tests {
         }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(Router::new(real, registry, Fake(apps)).serve(listener));
-        addr
+        let router = Router::new(real, registry, Fake { apps, dials: Default::default() });
+        tokio::spawn(router.clone().serve(listener));
+        (router, addr)
+    }
+
+    async fn router(real: u16) -> std::net::SocketAddr {
+        started(real).await.1
     }
 
     /// A client connection in either HTTP version, so that one test runs over both.
@@ -826,6 +824,37 @@ mod tests {
             assert_eq!(trailers["grpc-status"], "0");
             assert_eq!(all.to_bytes(), format!("{} /trailers", dev.unwrap_or("real")).as_bytes());
         }
+    }
+
+    /// Concurrent streams to a session open one connection to it, which is
+    /// let go once the session ended (when the router next looks its
+    /// connections over).
+    #[tokio::test]
+    async fn streams_to_a_session_share_one_connection_while_it_lives() {
+        let real = fake_app("real").await;
+        let (router, addr) = started(real).await;
+        let conn = h2_client(addr).await;
+        let calls: Vec<_> = (0..5)
+            .map(|i| {
+                let mut sender = conn.clone();
+                tokio::spawn(async move { sender.send_request(get(&format!("/{i}"), Some("alice"))).await })
+            })
+            .collect();
+        for call in calls {
+            let resp = within(call).await.unwrap().unwrap();
+            assert_eq!(resp.headers()["x-app"], "alice");
+        }
+        assert_eq!(router.sessions.dials.load(Ordering::Relaxed), 1, "one connection for every stream");
+        let alice = Upstream::Session("alice".into());
+        assert!(lock(&router.shared).contains_key(&alice));
+
+        // Shown its token, a new stream may end the session.
+        let mut stream = RegisterStream::default();
+        assert_eq!(stream.handle(&router.registry, registration("alice", real)), Reply::Ok);
+        assert_eq!(stream.handle(&router.registry, Registration::Unregister), Reply::Ok);
+        let resp = within(conn.clone().send_request(get("/", Some("alice")))).await.unwrap();
+        assert_eq!(resp.headers()["x-app"], "real", "the session's requests go to the real container");
+        assert!(!lock(&router.shared).contains_key(&alice), "the ended session's connection is let go");
     }
 
     /// What an upstream's stream went through: `/long` answers a chunk
