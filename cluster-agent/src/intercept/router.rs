@@ -946,12 +946,40 @@ mod tests {
         }
     }
 
-    /// TLS, a `PRI` that is not HTTP/2's preface, anything else.
+    /// What is logged at warn on this thread (the test's runtime has one)
+    /// while the guard lives.
+    fn warnings() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+        let logged = Arc::new(Mutex::new(Vec::new()));
+        let into = logged.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || Log(into.clone()))
+            .finish();
+        (logged, tracing::subscriber::set_default(subscriber))
+    }
+
+    struct Log(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Log {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// TLS (twice: the warning is said once), a `PRI` that is not HTTP/2's
+    /// preface, anything else.
     #[tokio::test]
     async fn a_connection_that_is_not_http_is_spliced_to_the_real_container() {
+        let (logged, _guard) = warnings();
         let real = testing::echo_server().await;
         let addr = router(real).await;
-        for first in [&b"\x16\x03\x01\x02\x00 a TLS hello"[..], b"PRI / HTTP/1.1\r\n\r\n", b"SSH-2.0-x\r\n"] {
+        let tls = &b"\x16\x03\x01\x02\x00 a TLS hello"[..];
+        for first in [tls, tls, b"PRI / HTTP/1.1\r\n\r\n", b"SSH-2.0-x\r\n"] {
             let mut sock = TcpStream::connect(addr).await.unwrap();
             // In two writes: the router decides on what it has, then passes the rest.
             sock.write_all(&first[..2]).await.unwrap();
@@ -961,6 +989,9 @@ mod tests {
             within(sock.read_exact(&mut got)).await.unwrap();
             assert_eq!(got, first);
         }
+        let logged = String::from_utf8(lock(&logged).clone()).unwrap();
+        let warning = format!("TLS on port {real}: its requests cannot be filtered and go to the real container");
+        assert_eq!(logged.matches(&warning).count(), 1, "{logged}");
     }
 
     /// The real container gets the request as the client sent it, header
