@@ -15,7 +15,6 @@
 //! Bodies, trailers included, stream both ways as frames.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -165,7 +164,9 @@ impl<C: Connector> Router<C> {
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    /// The response to `req`; an error only for an HTTP/2 stream that the
+    /// upstream reset, which hyper then resets with the same reason.
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, io::Error> {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let target =
             self.registry.route(self.remote, path, |name| req.headers().get_all(name).iter().map(|v| v.as_bytes()));
@@ -176,6 +177,10 @@ impl<C: Connector> Router<C> {
             Ok(resp) => return Ok(resp),
             Err(e) => e,
         };
+        if reset_by_upstream(&err) {
+            tracing::debug!(port = self.remote, "the upstream reset a stream: {err}");
+            return Err(err);
+        }
         // Never the real container instead: the request was the session's.
         Ok(match target {
             Some(target) => {
@@ -384,6 +389,20 @@ fn unsent(mut e: TrySendError<Request<Incoming>>) -> io::Result<Request<Incoming
     e.take_message().ok_or_else(|| io::Error::other(e.into_error()))
 }
 
+/// Whether the upstream reset the HTTP/2 stream that carried a request
+/// (`REFUSED_STREAM`, `CANCEL`, ...) before its response head: the call was
+/// the upstream's to end, and its client gets the same reset, not a 502.
+fn reset_by_upstream(err: &io::Error) -> bool {
+    let mut cause = err.get_ref().map(|e| e as &(dyn std::error::Error + 'static));
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_reset() && h2.is_remote();
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// Joins the client's and the upstream's connections once both are upgraded.
 async fn join_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -511,6 +530,7 @@ mod tests {
     use crate::intercept::testing;
     use http_body_util::channel::Channel;
     use hyper::body::Frame;
+    use std::convert::Infallible;
     use tokio::io::AsyncWriteExt;
     use tokio::sync::mpsc;
     use tpd_wire::intercept::{Filter, Reply, Request as Registration, Route};
@@ -525,10 +545,11 @@ mod tests {
     /// Serves `service` on every connection to a new loopback listener, in
     /// HTTP/1.1 or HTTP/2 by what the client sends first (as the router
     /// tells them apart); returns the port.
-    async fn serve_both<S, F, B>(service: S) -> u16
+    async fn serve_both<S, F, B, E>(service: S) -> u16
     where
         S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-        F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+        F: Future<Output = Result<Response<B>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
@@ -570,7 +591,7 @@ mod tests {
         serve_both(move |req| async move {
             let mut resp = answer(name, req);
             resp.headers_mut().insert("x-app", header::HeaderValue::from_static(name));
-            Ok(resp)
+            Ok::<_, Infallible>(resp)
         })
         .await
     }
@@ -857,52 +878,82 @@ mod tests {
         assert!(!lock(&router.shared).contains_key(&alice), "the ended session's connection is let go");
     }
 
-    /// What an upstream's stream went through: `/long` answers a chunk
-    /// every 10 ms until its response body is dropped (its stream reset),
-    /// and reports when; `/fail` answers a head and resets its stream.
-    async fn streaming_upstream(dropped: mpsc::Sender<()>) -> u16 {
+    /// Sends `event` when dropped: what the upstream saw of a stream.
+    struct Report(mpsc::UnboundedSender<&'static str>, &'static str);
+
+    impl Drop for Report {
+        fn drop(&mut self) {
+            let _ = self.0.send(self.1);
+        }
+    }
+
+    /// An upstream that reports what its streams went through: `/long`
+    /// answers a chunk every 10 ms until its response body is dropped (its
+    /// stream reset); `/silent` never answers, until the request is dropped
+    /// (reset); `/refuse` resets its stream with `REFUSED_STREAM` at once,
+    /// `/fail` after its head.
+    async fn streaming_upstream(events: mpsc::UnboundedSender<&'static str>) -> u16 {
         serve_both(move |req: Request<Incoming>| {
-            let dropped = dropped.clone();
+            let events = events.clone();
             async move {
                 let (mut tx, body) = Channel::<Bytes, io::Error>::new(1);
-                let fail = req.uri().path() == "/fail";
-                tokio::spawn(async move {
-                    if fail {
-                        return tx.abort(io::Error::other("failed"));
+                match req.uri().path() {
+                    "/silent" => {
+                        let _ = events.send("arrived");
+                        let _dropped = Report(events, "silent dropped");
+                        std::future::pending::<()>().await;
                     }
-                    for _ in 0..1000 {
-                        if tx.send_data(Bytes::from_static(b"tick")).await.is_err() {
-                            let _ = dropped.send(()).await;
-                            return;
+                    "/refuse" => return Err(h2::Error::from(h2::Reason::REFUSED_STREAM)),
+                    // After the head has gone (hyper sends it when this returns).
+                    "/fail" => drop(tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tx.abort(io::Error::other("failed"));
+                    })),
+                    _ => drop(tokio::spawn(async move {
+                        let _dropped = Report(events, "long dropped");
+                        for _ in 0..1000 {
+                            if tx.send_data(Bytes::from_static(b"tick")).await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
                         }
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                });
+                    })),
+                }
                 Ok(Response::new(body))
             }
         })
         .await
     }
 
-    /// A client that drops a long-running call cancels the upstream's
-    /// stream, and an upstream that resets its stream ends the client's
-    /// with an error; the connections on both sides go on serving.
+    /// A client that drops a call, waiting for its answer or in the middle
+    /// of it, cancels the upstream's stream; an upstream that resets its
+    /// stream, before or after its head, resets the client's; the
+    /// connections on both sides go on serving.
     #[tokio::test]
     async fn a_reset_on_either_side_of_an_http2_stream_resets_the_other() {
-        let (dropped_tx, mut dropped) = mpsc::channel(4);
-        let real = streaming_upstream(dropped_tx).await;
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let real = streaming_upstream(events_tx).await;
         let addr = router(real).await;
         let mut conn = h2_client(addr).await;
+
+        let call = tokio::spawn(conn.send_request(get("/silent", None)));
+        assert_eq!(within(events.recv()).await, Some("arrived"));
+        call.abort();
+        assert_eq!(within(events.recv()).await, Some("silent dropped"), "the upstream's stream was reset");
 
         let mut resp = within(conn.send_request(get("/long", None))).await.unwrap();
         let frame = within(resp.body_mut().frame()).await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "tick");
         drop(resp);
-        within(dropped.recv()).await.expect("the upstream's stream was reset");
+        assert_eq!(within(events.recv()).await, Some("long dropped"), "the upstream's stream was reset");
 
         let mut resp = within(conn.send_request(get("/fail", None))).await.unwrap();
         let end = within(resp.body_mut().frame()).await.expect("an end");
         assert!(end.is_err(), "the upstream's reset reaches the client: {end:?}");
+
+        let refused = within(conn.send_request(get("/refuse", None))).await.expect_err("a reset, not a 502");
+        let reason = std::error::Error::source(&refused).and_then(|e| e.downcast_ref::<h2::Error>()?.reason());
+        assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "the same reset: {refused:?}");
 
         let resp = within(conn.send_request(get("/long", None))).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "the client's connection is still up");
