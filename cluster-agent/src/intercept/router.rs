@@ -137,7 +137,7 @@ impl<C: Connector> Router<C> {
                     .await
             }
             FirstBytes::Tls => {
-                self.tls_seen();
+                self.warn_tls();
                 return self.splice_raw(client.into_inner()).await;
             }
             FirstBytes::Other => return self.splice_raw(client.into_inner()).await,
@@ -149,7 +149,7 @@ impl<C: Connector> Router<C> {
 
     /// TLS hides the requests from the router, so their session's filters
     /// cannot match: the intercept does not do there what its user expects.
-    fn tls_seen(&self) {
+    fn warn_tls(&self) {
         if !self.tls_seen.swap(true, Ordering::Relaxed) {
             let port = self.remote;
             tracing::warn!(port, "TLS on port {port}: its requests cannot be filtered and go to the real container");
