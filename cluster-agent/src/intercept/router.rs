@@ -54,7 +54,9 @@ type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The HTTP/2 connection to one destination, which every stream to it
 /// shares (HTTP/2 multiplexes them); locked while it is being opened, so
-/// that the streams arriving meanwhile wait for that one connection.
+/// that the streams arriving meanwhile wait for that one connection. All
+/// clients' streams to it then share its flow-control window and the
+/// upstream's limit on concurrent streams (past it, streams wait).
 type Shared = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>>;
 
 /// Where a request goes: the real container, or a session.
