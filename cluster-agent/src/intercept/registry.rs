@@ -70,6 +70,12 @@ impl Registry {
         })
     }
 
+    /// Whether `session` is registered and within its lease: the router
+    /// keeps a session's shared HTTP/2 connection only while it is.
+    pub fn is_live(&self, session: &str) -> bool {
+        self.sessions().iter().any(|s| s.target.session == session && self.live(s))
+    }
+
     fn register(&self, target: Target, since: String, routes: Vec<Route>) -> Result<(), String> {
         if routes.is_empty() {
             return Err("a registration needs at least one route".into());
@@ -244,9 +250,11 @@ mod tests {
         }
         assert_eq!(to(&registry, 8080, "alice").as_deref(), Some("alice"), "renewed, still live");
         assert!(registry.relay_allowed("alice", "ta", 8080));
+        assert!(registry.is_live("alice"));
         tokio::time::sleep(Duration::from_secs(15)).await;
         assert_eq!(to(&registry, 8080, "alice"), None, "requests fall back to the real container");
         assert!(!registry.relay_allowed("alice", "ta", 8080));
+        assert!(!registry.is_live("alice"));
         assert!(refused(alice.handle(&registry, Request::Renew)).contains("register again"));
         // Its routes are free for another session.
         let mut bob = RegisterStream::default();
@@ -261,6 +269,7 @@ mod tests {
         assert_eq!(alice.handle(&registry, Request::Unregister), Reply::Ok);
         assert_eq!(to(&registry, 8080, "alice"), None);
         assert!(!registry.relay_allowed("alice", "ta", 8080));
+        assert!(!registry.is_live("alice"));
     }
 
     #[tokio::test]
