@@ -1,4 +1,5 @@
-//! What the intercept tests and benchmark share: the intercepted workload.
+//! What the intercept tests and benchmark share: the intercepted workloads
+//! (HTTP and gRPC) and the gRPC server.
 
 use crate::images;
 
@@ -42,5 +43,65 @@ spec:
   ports: [{{port: 8081, targetPort: 8080}}]
 "#,
         echo = images::ECHO,
+    )
+}
+
+/// A gRPC service without generated code (raw bytes in and out): `Unary`
+/// answers who it is, `Stream` answers three times; `argv[1]` is who it
+/// is (the pod's host name when empty), `argv[2]` where it listens.
+pub const GRPC_SERVER: &str = r#"
+import grpc, socket, sys
+from concurrent import futures
+name = sys.argv[1] or "real"
+def unary(request, context):
+    return name.encode()
+def stream(request, context):
+    for i in range(3):
+        yield name.encode()
+handler = grpc.method_handlers_generic_handler("echo.Echo", {
+    "Unary": grpc.unary_unary_rpc_method_handler(unary),
+    "Stream": grpc.unary_stream_rpc_method_handler(stream),
+})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port(sys.argv[2])
+server.start()
+server.wait_for_termination()
+"#;
+
+/// Namespace `ns` with `deployment/grpc`: 2 pods serving [`GRPC_SERVER`]
+/// as "real" on the named port `grpc` (50051), behind Service `grpc`.
+pub fn grpc_workload(ns: &str) -> String {
+    let server = serde_json::to_string(GRPC_SERVER).unwrap_or_default();
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: {ns}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: grpc, namespace: {ns}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: grpc}}}}
+  template:
+    metadata: {{labels: {{app: grpc}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: grpc
+        image: {debian}
+        command: [python3, -c, {server}, "", "0.0.0.0:50051"]
+        ports: [{{name: grpc, containerPort: 50051}}]
+        readinessProbe: {{tcpSocket: {{port: grpc}}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: grpc, namespace: {ns}}}
+spec:
+  selector: {{app: grpc}}
+  ports: [{{name: grpc, port: 50051, targetPort: grpc}}]
+"#,
+        debian = images::DEBIAN,
     )
 }

@@ -513,29 +513,6 @@ fn intercepts_starting_and_ending_fail_no_more_requests_than_a_rollout_restart()
     Ok(())
 }
 
-/// A gRPC service without generated code (raw bytes in and out): `Unary`
-/// answers who it is, `Stream` answers three times; `argv[1]` is who it
-/// is (the pod's host name when empty), `argv[2]` where it listens.
-const GRPC_SERVER: &str = r#"
-import grpc, socket, sys
-from concurrent import futures
-name = sys.argv[1] or "real"
-def unary(request, context):
-    return name.encode()
-def stream(request, context):
-    for i in range(3):
-        yield name.encode()
-handler = grpc.method_handlers_generic_handler("echo.Echo", {
-    "Unary": grpc.unary_unary_rpc_method_handler(unary),
-    "Stream": grpc.unary_stream_rpc_method_handler(stream),
-})
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-server.add_generic_rpc_handlers((handler,))
-server.add_insecure_port(sys.argv[2])
-server.start()
-server.wait_for_termination()
-"#;
-
 /// One channel (one HTTP/2 connection) to the Service: `argv[1]` calls,
 /// unary and server-streaming in turn, every other one with `x-dev: alice`,
 /// after both kinds answered as wanted (bounded); prints who answered each.
@@ -571,48 +548,13 @@ for i in range(calls):
 print(json.dumps({"counts": counts, "errors": errors}))
 "#;
 
-fn grpc_workload() -> String {
-    let server = serde_json::to_string(GRPC_SERVER).unwrap_or_default();
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata: {{name: {NS}}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: grpc, namespace: {NS}}}
-spec:
-  replicas: 2
-  selector: {{matchLabels: {{app: grpc}}}}
-  template:
-    metadata: {{labels: {{app: grpc}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: grpc
-        image: {debian}
-        command: [python3, -c, {server}, "", "0.0.0.0:50051"]
-        ports: [{{name: grpc, containerPort: 50051}}]
-        readinessProbe: {{tcpSocket: {{port: grpc}}, periodSeconds: 1}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: grpc, namespace: {NS}}}
-spec:
-  selector: {{app: grpc}}
-  ports: [{{name: grpc, port: 50051, targetPort: grpc}}]
-"#,
-        debian = images::DEBIAN,
-    )
-}
-
 #[test]
 #[ignore = "needs Docker; `cargo xtask test` runs it"]
 fn grpc_calls_with_the_header_reach_the_developer_on_a_shared_channel() -> anyhow::Result<()> {
     session::prerequisites()?;
     let sb = Sandbox::up()?;
     let mut cleanup = Cleanup::default();
-    sb.apply(&grpc_workload())?;
+    sb.apply(&intercept::grpc_workload(NS))?;
     sb.rolled_out(NS, "grpc")?;
 
     let home = Home::new()?;
@@ -621,7 +563,7 @@ fn grpc_calls_with_the_header_reach_the_developer_on_a_shared_channel() -> anyho
     let child = session::tpd_in(&sb, &home)?
         .args(["run", "-n", NS, "--image", images::DEBIAN, "--name", &container])
         .args(["--intercept", "deployment/grpc", "--port", "50051:50051", "--header", "x-dev=alice"])
-        .args(["--", "python3", "-c", GRPC_SERVER, "alice", "127.0.0.1:50051"])
+        .args(["--", "python3", "-c", intercept::GRPC_SERVER, "alice", "127.0.0.1:50051"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;

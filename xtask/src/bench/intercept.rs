@@ -13,6 +13,9 @@
 //!   the app's port of the same pod, in the same run; and requests per
 //!   second through one agent against the app alone (the client is Python
 //!   in a pod on the same two cores, so the ratio is the figure to read).
+//! - The same latency for gRPC unary calls on one channel (HTTP/2, routed
+//!   per stream), through the agent of an intercepted gRPC Deployment
+//!   against straight to the server's port.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -48,6 +51,21 @@ for i in range(n):
     t = time.perf_counter()
     c.request("GET", "/")
     c.getresponse().read()
+    lat.append(time.perf_counter() - t)
+lat.sort()
+print(json.dumps({"p50": lat[n // 2] * 1000, "p99": lat[int(n * 0.99)] * 1000}))
+"#;
+
+/// Sequential unary gRPC calls on one channel: p50 and p99 in ms.
+const GRPC_LATENCY: &str = r#"
+import grpc, json, sys, time
+host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+unary = grpc.insecure_channel("%s:%s" % (host, port)).unary_unary("/echo.Echo/Unary")
+unary(b"warm", timeout=5)
+lat = []
+for i in range(n):
+    t = time.perf_counter()
+    unary(b"hi", timeout=5)
     lat.append(time.perf_counter() - t)
 lat.sort()
 print(json.dumps({"p50": lat[n // 2] * 1000, "p99": lat[int(n * 0.99)] * 1000}))
@@ -94,6 +112,8 @@ pub fn run() -> Result<Vec<Figure>> {
     }
     super::go_on()?;
     figures.extend(through_the_agent(&sb)?);
+    super::go_on()?;
+    figures.extend(grpc_through_the_agent(&sb, &mut cleanup)?);
     drop(cleanup);
     Ok(figures)
 }
@@ -146,9 +166,10 @@ fn first_served(sb: &Sandbox, cleanup: &mut Cleanup, home: &Home, name: &str) ->
     Ok(Duration::from_millis(u64::try_from(served_ms.saturating_sub(started_ms)).unwrap_or(0)))
 }
 
-/// Latency and throughput straight to one pod's agent port against its app port.
-fn through_the_agent(sb: &Sandbox) -> Result<Vec<Figure>> {
-    let pod: Value = serde_json::from_str(&sb.kubectl_ok(&["get", "pods", "-n", NS, "-l", "app=api", "-o", "json"])?)?;
+/// The first pod of `app`: its IP and the agent's port standing for `remote`.
+fn agent_of(sb: &Sandbox, app: &str, remote: u16) -> Result<(String, String)> {
+    let label = format!("app={app}");
+    let pod: Value = serde_json::from_str(&sb.kubectl_ok(&["get", "pods", "-n", NS, "-l", &label, "-o", "json"])?)?;
     let pod = &pod["items"][0];
     let ip = pod["status"]["podIP"].as_str().context("the pod's IP")?.to_owned();
     let agent_port = pod["spec"]["containers"]
@@ -156,22 +177,33 @@ fn through_the_agent(sb: &Sandbox) -> Result<Vec<Figure>> {
         .into_iter()
         .flatten()
         .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
-        .find(|p| p["name"] == tpd_wire::intercept::listen_port_name(8080).as_str())
+        .find(|p| p["name"] == tpd_wire::intercept::listen_port_name(remote).as_str())
         .and_then(|p| p["containerPort"].as_u64())
         .context("the pod has no intercept agent port")?
         .to_string();
-    let run = |name: &str, script: &str, port: &str, arg: &str| -> Result<Value> {
-        let (phase, logs) = session::run_pod(sb, name, images::DEBIAN, &["python3", "-c", script, &ip, port, arg])?;
-        if phase != "Succeeded" {
-            bail!("{name}: {logs}");
-        }
-        Ok(serde_json::from_str(logs.lines().last().unwrap_or_default())?)
-    };
-    let direct = run("latency-direct", LATENCY, "8080", "2000")?;
-    let agent = run("latency-agent", LATENCY, &agent_port, "2000")?;
-    let direct_rps = run("rps-direct", THROUGHPUT, "8080", "5")?;
-    let agent_rps = run("rps-agent", THROUGHPUT, &agent_port, "5")?;
-    let ms = |v: &Value, k: &str| v[k].as_f64().unwrap_or_default();
+    Ok((ip, agent_port))
+}
+
+/// Runs `script IP PORT ARG` in a pod; its last line, as JSON.
+fn from_a_pod(sb: &Sandbox, name: &str, script: &str, ip: &str, port: &str, arg: &str) -> Result<Value> {
+    let (phase, logs) = session::run_pod(sb, name, images::DEBIAN, &["python3", "-c", script, ip, port, arg])?;
+    if phase != "Succeeded" {
+        bail!("{name}: {logs}");
+    }
+    Ok(serde_json::from_str(logs.lines().last().unwrap_or_default())?)
+}
+
+fn ms(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or_default()
+}
+
+/// Latency and throughput straight to one pod's agent port against its app port.
+fn through_the_agent(sb: &Sandbox) -> Result<Vec<Figure>> {
+    let (ip, agent_port) = agent_of(sb, "api", 8080)?;
+    let direct = from_a_pod(sb, "latency-direct", LATENCY, &ip, "8080", "2000")?;
+    let agent = from_a_pod(sb, "latency-agent", LATENCY, &ip, &agent_port, "2000")?;
+    let direct_rps = from_a_pod(sb, "rps-direct", THROUGHPUT, &ip, "8080", "5")?;
+    let agent_rps = from_a_pod(sb, "rps-agent", THROUGHPUT, &ip, &agent_port, "5")?;
     Ok(vec![
         Figure::new("intercept: request through the agent to the app, p50", ms(&agent, "p50"), "ms")
             .against("straight to the app's port", ms(&direct, "p50")),
@@ -179,6 +211,40 @@ fn through_the_agent(sb: &Sandbox) -> Result<Vec<Figure>> {
             .against("straight to the app's port", ms(&direct, "p99")),
         Figure::new("intercept: requests/s through one agent", ms(&agent_rps, "rps"), "req/s")
             .against("straight to the app's port", ms(&direct_rps, "rps")),
+    ])
+}
+
+/// gRPC unary latency through the agent of an intercepted gRPC Deployment
+/// against straight to the server's port of the same pod.
+fn grpc_through_the_agent(sb: &Sandbox, cleanup: &mut Cleanup) -> Result<Vec<Figure>> {
+    sb.apply(&tpd_e2e::intercept::grpc_workload(NS))?;
+    sb.rolled_out(NS, "grpc")?;
+    let home = Home::new()?;
+    let dev = format!("tpd-bench-grpc-{}", std::process::id());
+    let child = session::tpd_in(sb, &home)?
+        .args(["run", "-n", NS, "--image", images::DEBIAN, "--name", &dev])
+        .args(["--intercept", "deployment/grpc", "--port", "50051:50051", "--header", "x-dev=bench"])
+        .args(["--", "python3", "-c", tpd_e2e::intercept::GRPC_SERVER, "bench", "127.0.0.1:50051"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tpd")?;
+    cleanup.children.push(child);
+    let started = Instant::now();
+    while !session::docker_exec(&dev, "true").0 {
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!("the gRPC intercept did not start within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ip, agent_port) = agent_of(sb, "grpc", 50051)?;
+    let direct = from_a_pod(sb, "grpc-direct", GRPC_LATENCY, &ip, "50051", "1000")?;
+    let agent = from_a_pod(sb, "grpc-agent", GRPC_LATENCY, &ip, &agent_port, "1000")?;
+    Ok(vec![
+        Figure::new("intercept: gRPC unary call through the agent, p50", ms(&agent, "p50"), "ms")
+            .against("straight to the server's port", ms(&direct, "p50")),
+        Figure::new("intercept: gRPC unary call through the agent, p99", ms(&agent, "p99"), "ms")
+            .against("straight to the server's port", ms(&direct, "p99")),
     ])
 }
 
