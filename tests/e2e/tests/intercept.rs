@@ -61,7 +61,7 @@ const CLIENT: &str = r#"
 import http.client, json, sys, time
 rounds, conns, want = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
 targets = [("api.team", 80), ("api-num.team", 8081)]
-every_kind = {"alice": {"x-dev": "alice"}, "bob": {"x-dev": "bob"}, "none": {},
+every_kind = {"alice": {"x-dev": "alice"}, "bob": {"x-dev": "bob"}, "none": {}, "dana": {"x-dev": "dana"},
               "carol": {"baggage": "userId=7, dev=carol;ttl=3, tenant=x"},
               "not-carol": {"baggage": "dev=carolx, tenant=x"}}
 kinds = {k: every_kind[k] for k in want}
@@ -583,5 +583,66 @@ fn grpc_calls_with_the_header_reach_the_developer_on_a_shared_channel() -> anyho
     assert_eq!(result["counts"]["alice"], serde_json::json!({"alice": 125 + 125 * 3}), "{result}");
     assert_eq!(result["counts"]["none"], serde_json::json!({"real": 125 + 125 * 3}), "{result}");
     drop(cleanup);
+    Ok(())
+}
+
+/// Ends, on drop, the `tpd connect` sessions of a home and removes the
+/// containers a test ran in them, so a failing test leaves nothing behind.
+struct Connected<'a> {
+    sb: &'a Sandbox,
+    home: Home,
+    containers: Vec<String>,
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = Command::new("docker").args(["rm", "-f", c]).output();
+        }
+        if let Ok(mut quit) = session::tpd_in(self.sb, &self.home) {
+            let _ = quit.args(["quit", "--all"]).output();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
+fn a_connect_session_intercepts_until_quit() -> anyhow::Result<()> {
+    session::prerequisites()?;
+    let sb = Sandbox::up()?;
+    sb.apply(&intercept::workload(NS, 2))?;
+    sb.rolled_out(NS, API)?;
+    let original = cluster_state(&sb);
+    let mut dana = Connected { sb: &sb, home: Home::new()?, containers: Vec::new() };
+
+    let connect = session::tpd_in(&sb, &dana.home)?
+        .args(["connect", "--name", "dana", "-n", NS, "--intercept", "deployment/api"])
+        .args(["--port", "8080:8080", "--header", "x-dev=dana"])
+        .output()?;
+    let said = String::from_utf8_lossy(&connect.stderr).into_owned();
+    assert!(connect.status.success(), "tpd connect --intercept failed:\n{said}");
+    let sidecar = String::from_utf8_lossy(&connect.stdout).trim().to_owned();
+    let server = format!("tpd-e2e-dana-{}", std::process::id());
+    dana.containers.push(server.clone());
+    let network = format!("container:{sidecar}");
+    let started = Command::new("docker")
+        .args(["run", "-d", "--name", &server, "--network", &network, images::DEBIAN])
+        .args(["python3", "-c", LOCAL_SERVER, "dana"])
+        .output()?;
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+
+    let result = send_from_a_pod(&sb, "client-dana", 20, r#"{"dana": "dana", "none": "real"}"#);
+    eprintln!("through tpd connect's session: {result}");
+    assert_eq!(answered(&result, "dana"), serde_json::json!({"dana": 20}), "{result}");
+    assert_eq!(answered(&result, "none"), serde_json::json!({"real": 20}), "{result}");
+
+    let quit = session::tpd_in(&sb, &dana.home)?.args(["quit", "dana"]).output()?;
+    assert!(quit.status.success(), "tpd quit: {}", String::from_utf8_lossy(&quit.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster_state(&sb) != original {
+        assert!(Instant::now() < deadline, "not restored after tpd quit:\n{}", cluster_state(&sb));
+        tpd_e2e::interrupt::pause(Duration::from_millis(200))?;
+    }
+    drop(dana);
     Ok(())
 }
