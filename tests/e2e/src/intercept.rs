@@ -5,7 +5,8 @@ use crate::images;
 
 /// Namespace `ns` with `deployment/api`: `replicas` pods of the echo server
 /// (whose answers name the pod), behind two Services: `api`, port 80 to the
-/// named port `http`, and `api-num`, port 8081 to the number 8080.
+/// named port `http`, and `api-num`, port 8081 to the number 8080. Its pods
+/// pass Pod Security `restricted`.
 pub fn workload(ns: &str, replicas: usize) -> String {
     format!(
         r#"apiVersion: v1
@@ -27,6 +28,7 @@ spec:
         image: {echo}
         ports: [{{name: http, containerPort: 8080}}]
         readinessProbe: {{httpGet: {{path: /, port: http}}, periodSeconds: 1}}
+        securityContext: {restricted}
 ---
 apiVersion: v1
 kind: Service
@@ -43,8 +45,14 @@ spec:
   ports: [{{port: 8081, targetPort: 8080}}]
 "#,
         echo = images::ECHO,
+        restricted = RESTRICTED,
     )
 }
+
+/// A container security context that Pod Security's `restricted` level
+/// admits, so a test can enforce it on the namespace.
+const RESTRICTED: &str = "{runAsNonRoot: true, runAsUser: 1000, allowPrivilegeEscalation: false, \
+    capabilities: {drop: [ALL]}, seccompProfile: {type: RuntimeDefault}}";
 
 /// A gRPC service without generated code (raw bytes in and out): `Unary`
 /// answers who it is, `Stream` answers three times; `argv[1]` is who it

@@ -256,10 +256,28 @@ fn two_developers_intercept_one_workload_by_header_and_leave_it_as_it_was() -> a
     let mut cleanup = Cleanup::default();
     sb.apply(&intercept::workload(NS, 3))?;
     sb.rolled_out(NS, API)?;
+    // The agent needs no privilege: the namespace admits only pods that
+    // pass Pod Security `restricted`, as the app's do.
+    sb.kubectl_ok(&["label", "namespace", NS, "pod-security.kubernetes.io/enforce=restricted"])?;
     let original = cluster_state(&sb);
 
     let mut alice = Developer::start(&sb, &mut cleanup, "alice")?;
     let mut bob = Developer::start(&sb, &mut cleanup, "bob")?;
+    let status = session::tpd_in(&sb, &Home::new()?)?.args(["status", "-n", NS, "--output", "json"]).output()?;
+    let status: Value = serde_json::from_slice(&status.stdout)?;
+    let listed: Vec<(String, String)> = status["intercepts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            (i["filter"].as_str().unwrap_or_default().to_owned(), i["session"].as_str().unwrap_or_default().to_owned())
+        })
+        .collect();
+    eprintln!("tpd status from another machine: {listed:?}");
+    for dev in [&alice, &bob] {
+        assert!(listed.iter().any(|(_, s)| *s == dev.session), "tpd status lists session {}: {status}", dev.session);
+    }
+    assert!(listed.iter().any(|(f, _)| f == "x-dev=alice") && listed.iter().any(|(f, _)| f == "x-dev=bob"), "{status}");
     let pods = sb.kubectl_ok(&["get", "pods", "-n", NS, "-l", "app=api", "-o", "name"])?;
     assert_eq!(pods.lines().count(), 3, "the replica count is untouched:\n{pods}");
 
