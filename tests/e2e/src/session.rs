@@ -199,9 +199,21 @@ pub fn session_logs(sb: &Sandbox, session: &str) -> String {
     out
 }
 
+/// SIGKILLs the guardian of `session`, as when the laptop vanished.
+pub fn kill_guardian(session: &str) {
+    let Ok(found) = Command::new("pgrep").args(["-f", &format!("guardian --session {session}")]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&found.stdout).lines() {
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+}
+
 /// Kills, on drop, the tpd processes a test started and removes the local
-/// containers and volumes of the sessions it saw (by their session label),
-/// so a failing test leaves nothing behind.
+/// containers and volume directories of the sessions it saw (by their
+/// session label), so a failing test leaves nothing behind. A session whose
+/// sidecar was killed left dead FUSE mounts in its volume directory; they
+/// are released the way tpd's own cleanup does, or the directory would stay.
 #[derive(Debug, Default)]
 pub struct Cleanup {
     pub children: Vec<Child>,
@@ -216,19 +228,36 @@ impl Drop for Cleanup {
         }
         for session in &self.sessions {
             let filter = format!("label={}={session}", tpd_wire::names::LABEL_SESSION);
-            for (ls, rm) in
-                [(vec!["ps", "-aq"], vec!["rm", "-f"]), (vec!["volume", "ls", "-q"], vec!["volume", "rm", "-f"])]
-            {
-                let Ok(out) = Command::new("docker").args(&ls).args(["--filter", &filter]).output() else {
-                    continue;
-                };
-                let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
-                if !ids.is_empty() {
-                    let _ = Command::new("docker").args(&rm).args(&ids).output();
-                }
+            let Ok(out) = Command::new("docker").args(["ps", "-aq", "--filter", &filter]).output() else {
+                continue;
+            };
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+            }
+            if let Err(e) = release_volumes(session) {
+                eprintln!("cleanup: the volume directory of session {session} is left: {e:#}");
             }
         }
     }
+}
+
+/// tpd's own release of a session's volume directory (`mounts::release`),
+/// on a runtime of its own: a test's drop may run inside another one.
+fn release_volumes(session: &str) -> Result<()> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                runtime.block_on(async {
+                    let docker = bollard::Docker::connect_with_local_defaults()?;
+                    let labels = [(tpd_wire::names::LABEL_SESSION.to_owned(), session.to_owned())].into();
+                    tpd::mounts::release(&docker, session, &crate::images::tpd_sidecar(), labels).await
+                })
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the volume release panicked"))?
+    })
 }
 
 /// Runs a one-shot pod (`kubectl run NAME --restart=Never -- CMD…`), waits

@@ -184,11 +184,7 @@ impl Developer {
 
     /// SIGKILL of tpd and its guardian: a laptop that vanished.
     fn vanish(&mut self) {
-        let guardian =
-            Command::new("pgrep").args(["-f", &format!("guardian --session {}", self.session)]).output().unwrap();
-        for pid in String::from_utf8_lossy(&guardian.stdout).lines() {
-            let _ = Command::new("kill").args(["-KILL", pid]).status();
-        }
+        session::kill_guardian(&self.session);
         let mut child = self.child.take().unwrap();
         let _ = child.kill();
         let _ = child.wait();

@@ -12,7 +12,8 @@
 //! reads on the other, a large file each way with matching sha256. After the
 //! command exits, the Deployment equals the original and nothing of the
 //! session is left locally: no container, no Docker volume, no mount; the
-//! same after the sidecar and then tpd are SIGKILLed.
+//! same after the sidecar and then tpd are SIGKILLed, and after the
+//! sidecar, tpd and its guardian all are (then the tests' fixture cleans up).
 
 // A failed unwrap is a failed test, with its message and line.
 #![allow(clippy::unwrap_used)]
@@ -354,6 +355,35 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     }
     eprintln!("kill -9 of sidecar and tpd: nothing left locally after {:?}", killed.elapsed());
     drop(cleanup);
+
+    // A laptop that vanished: sidecar, tpd and guardian all SIGKILLed, so
+    // nothing of tpd cleans up. The tests' own fixture must then leave
+    // nothing on this machine either, dead FUSE mounts included, and
+    // `tpd restore` puts the Deployment back.
+    let mut cleanup = Cleanup::default();
+    let child =
+        tpd_spawn(&sb, &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &swap, "--", "sleep", "600"])?;
+    cleanup.children.push(child);
+    let (_, session_id) = session::wait_swapped(&sb, NS, DEPLOYMENT, Duration::from_secs(60))?;
+    cleanup.sessions.push(session_id.clone());
+    let started = Instant::now();
+    while !docker_exec(&dev, "cat /work/from-init").0 {
+        assert!(started.elapsed() < Duration::from_secs(90), "the third session's volumes never showed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    session::kill_guardian(&session_id);
+    let sidecar = format!("tpd-sidecar-{session_id}");
+    assert!(Command::new("docker").args(["kill", "-s", "KILL", &sidecar]).output()?.status.success());
+    drop(cleanup);
+    assert_eq!(
+        (docker_ids(&["ps", "-aq"], &session_id), docker_ids(&["volume", "ls", "-q"], &session_id)),
+        (vec![], vec![]),
+        "the test fixture left containers or volumes of a killed session"
+    );
+    assert_eq!(host_mounts_of(&session_id), Vec::<String>::new(), "the test fixture left a killed session's mounts");
+    let out = session::tpd_output(&sb, &["restore", &swap])?;
+    assert!(out.status.success(), "tpd restore: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(user_owned(session::deployment_json(&sb, NS, DEPLOYMENT)?), original, "restored by tpd restore");
     Ok(())
 }
 
