@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use tpd_wire::intercept::Filter;
+use tpd_wire::intercept::{Filter, Mirror};
 use tpd_wire::neighbours::PodPort;
 use tpd_wire::sidecar::Cidr;
 
@@ -205,6 +205,17 @@ pub struct FilterArgs {
     /// intercept two hops down still sees it). Repeatable.
     #[arg(long = "baggage", value_name = "KEY=VALUE", value_parser = tpd_wire::intercept::parse_baggage)]
     pub baggage: Vec<(String, String)>,
+    /// With --intercept: take nothing; the real container answers every
+    /// request as before, and your app gets a copy of each one that
+    /// matches the filters (of every request, without one), whose answer
+    /// is thrown away. Copies your app is too slow for are dropped and
+    /// counted (`tpd status`); the real requests never wait for them.
+    #[arg(long)]
+    pub mirror: bool,
+    /// With --mirror: copy at most this much of a request body (e.g. 64KiB,
+    /// 4MiB); a longer one is cut there and carries `tpd-mirror-truncated`.
+    #[arg(long, value_name = "SIZE", value_parser = byte_size, requires = "mirror")]
+    pub mirror_body_limit: Option<u64>,
 }
 
 impl FilterArgs {
@@ -215,6 +226,25 @@ impl FilterArgs {
             baggage: self.baggage.iter().cloned().collect(),
         }
     }
+
+    pub fn mirror(&self) -> Option<Mirror> {
+        let body_limit = self.mirror_body_limit.unwrap_or(tpd_wire::intercept::MIRROR_BODY_LIMIT);
+        self.mirror.then_some(Mirror { body_limit })
+    }
+}
+
+/// `1048576`, `64KiB`, `4MiB` or `1GiB`.
+fn byte_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let scale: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(format!("{s:?} is not a size: write bytes, or a number with KiB, MiB or GiB")),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size: e.g. 1048576 or 1MiB"))?;
+    n.checked_mul(scale).ok_or_else(|| format!("{s} is too large"))
 }
 
 fn path_prefix(s: &str) -> Result<String, String> {

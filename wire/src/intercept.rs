@@ -17,6 +17,11 @@
 //!   pod network, carry one request to the session's home agent (the one
 //!   its WireGuard tunnel reaches), which sends it on to the developer's
 //!   container; a [`RelayHeader`] with the session's token opens each.
+//!
+//! A route with [`Mirror`] takes nothing: the real container answers the
+//! requests it matches, and the session gets a copy of each, whose answer
+//! is thrown away. Each reply tells the session its [`Traffic`] on that
+//! agent, which `tpd status` shows.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -69,7 +74,7 @@ pub struct PortMap {
 /// case, values exactly), all of its baggage members (in the W3C `baggage`
 /// header, which tracing libraries carry from service to service) and,
 /// when given, a path that starts with `path_prefix`. An empty filter is
-/// not accepted anywhere: that is a swap.
+/// accepted only on a mirroring route: on any other, that is a swap.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Filter {
     /// Header name (lower case) to the exact value.
@@ -140,6 +145,17 @@ impl std::fmt::Display for Filter {
     }
 }
 
+/// What a session takes, as the user asked: `requests with x-dev=alice`,
+/// or for a mirror `copies of requests with x-dev=alice` (`copies of every
+/// request` unfiltered).
+pub fn describe(filter: &Filter, mirror: Option<Mirror>) -> String {
+    match (mirror, filter.is_empty()) {
+        (None, _) => format!("requests with {filter}"),
+        (Some(_), true) => "copies of every request".to_owned(),
+        (Some(_), false) => format!("copies of requests with {filter}"),
+    }
+}
+
 /// `KEY=VALUE` from `--baggage`: a member key is a token, as a header
 /// name is, kept as written (baggage keys are case-sensitive).
 pub fn parse_baggage(s: &str) -> Result<(String, String), String> {
@@ -167,6 +183,64 @@ pub struct Route {
     /// The real container's port.
     pub port: u16,
     pub filter: Filter,
+    /// Copies instead of the requests themselves; then an empty filter
+    /// (every request) is allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+}
+
+/// How a mirroring route copies requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Mirror {
+    /// Bytes of a request body copied; past it the copy is cut and carries
+    /// [`MIRROR_TRUNCATED_HEADER`].
+    pub body_limit: u64,
+}
+
+/// The default [`Mirror::body_limit`]: 1 MiB.
+pub const MIRROR_BODY_LIMIT: u64 = 1 << 20;
+/// On every copy, so the developer's app can tell one from a request.
+pub const MIRROR_HEADER: &str = "tpd-mirror";
+/// On a copy whose body was cut at the limit; the value is the limit.
+pub const MIRROR_TRUNCATED_HEADER: &str = "tpd-mirror-truncated";
+
+/// What one agent did for a session, as of its reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Requests (or, mirroring, copies) sent to the session in the last 60 s.
+    #[serde(default)]
+    pub last_minute: u64,
+    /// Copies the session answered, since it registered.
+    #[serde(default)]
+    pub mirrored: u64,
+    /// Copies dropped because the session was slow or gone.
+    #[serde(default)]
+    pub dropped: u64,
+    /// The session's ports where this agent saw TLS, which no filter can
+    /// read: those requests go to the real container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls_ports: Vec<u16>,
+}
+
+impl Traffic {
+    /// The sum of several agents' figures (TLS ports without repeats).
+    pub fn add(&mut self, other: &Traffic) {
+        self.last_minute += other.last_minute;
+        self.mirrored += other.mirrored;
+        self.dropped += other.dropped;
+        for p in &other.tls_ports {
+            if !self.tls_ports.contains(p) {
+                self.tls_ports.push(*p);
+            }
+        }
+        self.tls_ports.sort_unstable();
+    }
+}
+
+impl Reply {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Reply::Ok { .. })
+    }
 }
 
 /// CLI -> agent on a [`Kind::Register`] stream.
@@ -198,12 +272,13 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
-    Ok,
+    Ok {
+        #[serde(default)]
+        traffic: Traffic,
+    },
     /// A route equal to one of a live session's, or a session id held with
     /// another token; `message` says which and who holds it.
-    Refused {
-        message: String,
-    },
+    Refused { message: String },
 }
 
 /// What opens a [`Kind::Relay`] stream: the agent that read the request
@@ -276,6 +351,10 @@ mod tests {
         assert!(parse_header("x dev=alice").is_err());
         assert!(parse_header("x-dev=a\nb").is_err());
         assert_eq!(filter(&[("x-dev", "alice")], Some("/api")).to_string(), "x-dev=alice path=/api*");
+        let mirror = Some(Mirror { body_limit: MIRROR_BODY_LIMIT });
+        assert_eq!(describe(&filter(&[("x-dev", "alice")], None), None), "requests with x-dev=alice");
+        assert_eq!(describe(&filter(&[("x-dev", "alice")], None), mirror), "copies of requests with x-dev=alice");
+        assert_eq!(describe(&Filter::default(), mirror), "copies of every request");
     }
 
     #[test]
@@ -287,7 +366,10 @@ mod tests {
                 holder: "alice@laptop".into(),
                 since: "2026-12-07T10:00:00Z".into(),
                 home: "10.244.0.7:7704".parse().unwrap(),
-                routes: vec![Route { port: 8080, filter: filter(&[("x-dev", "alice")], None) }],
+                routes: vec![
+                    Route { port: 8080, filter: filter(&[("x-dev", "alice")], None), mirror: None },
+                    Route { port: 9090, filter: Filter::default(), mirror: Some(Mirror { body_limit: 10 }) },
+                ],
             },
             Request::Renew,
             Request::Unregister,
@@ -303,5 +385,16 @@ mod tests {
         assert_eq!(got, msgs);
         let json = serde_json::to_string(&Reply::Refused { message: "held".into() }).unwrap();
         assert_eq!(json, r#"{"type":"refused","message":"held"}"#);
+        // A reply without figures is a reply with none.
+        let ok: Reply = serde_json::from_str(r#"{"type":"ok"}"#).unwrap();
+        assert_eq!(ok, Reply::Ok { traffic: Traffic::default() });
+    }
+
+    #[test]
+    fn traffic_of_several_agents_adds_up() {
+        let mut sum = Traffic::default();
+        sum.add(&Traffic { last_minute: 3, mirrored: 5, dropped: 1, tls_ports: vec![8443] });
+        sum.add(&Traffic { last_minute: 2, mirrored: 1, dropped: 0, tls_ports: vec![8443, 443] });
+        assert_eq!(sum, Traffic { last_minute: 5, mirrored: 6, dropped: 1, tls_ports: vec![443, 8443] });
     }
 }

@@ -239,10 +239,9 @@ fn show(global: &GlobalArgs, r: &Record, headline: &str) {
                 "  swaps {}: its cluster traffic arrives in the session on port(s) {ports}",
                 s.deployment
             )),
-            Some(filter) => progress(&format!(
-                "  intercepts {}: its requests with {filter} arrive in the session on port(s) {ports}",
-                s.deployment
-            )),
+            Some(takes) => {
+                progress(&format!("  intercepts {}: {takes} arrive in the session on port(s) {ports}", s.deployment))
+            }
         }
     }
     if !r.published.is_empty() {

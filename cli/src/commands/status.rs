@@ -39,6 +39,14 @@ struct Intercept {
     ports: Vec<u16>,
     /// As the user wrote it: `x-dev=alice path=/api*`.
     filter: String,
+    /// Copies, not requests (`--mirror`); bodies cut past `mirror_body_limit`.
+    mirror: bool,
+    mirror_body_limit: Option<u64>,
+    /// Requests (or copies) sent to the session in the last minute, and
+    /// copies answered and dropped, as of the session's last renewal.
+    last_minute: u64,
+    mirrored: u64,
+    dropped: u64,
     headers: BTreeMap<String, String>,
     baggage: BTreeMap<String, String>,
     path_prefix: Option<String>,
@@ -64,6 +72,11 @@ fn intercepts_of(d: &Deployment, now: Timestamp) -> Vec<Intercept> {
             container: record.container.clone(),
             ports: e.ports.clone(),
             filter: e.filter.to_string(),
+            mirror: e.mirror.is_some(),
+            mirror_body_limit: e.mirror.map(|m| m.body_limit),
+            last_minute: e.traffic.last_minute,
+            mirrored: e.traffic.mirrored,
+            dropped: e.traffic.dropped,
             lease_expires: e.expires().to_string(),
             lease_live: e.expires() > now,
             headers: e.filter.headers,
@@ -76,16 +89,26 @@ fn intercepts_of(d: &Deployment, now: Timestamp) -> Vec<Intercept> {
         .collect()
 }
 
-/// `ns/deployment/api:api  port 8080  x-dev=alice  held by ... since ...  session ...  lease ...`
+/// `ns/deployment/api:api  port 8080  x-dev=alice  12 in the last minute  held by ... since ...  session ...  lease ...`
 fn intercept_line(i: &Intercept, now: Timestamp) -> String {
     let ports = i.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
     let lease = match i.lease_expires.parse::<Timestamp>() {
         Ok(at) if i.lease_live => format!("lease {} s left", at.duration_since(now).as_secs()),
         _ => format!("lease EXPIRED at {}", i.lease_expires),
     };
+    let takes = match (i.mirror, i.filter.is_empty()) {
+        (false, _) => format!("{}  {} in the last minute", i.filter, i.last_minute),
+        (true, every) => format!(
+            "mirror of {}  {} in the last minute, {} copied, {} dropped",
+            if every { "every request" } else { &i.filter },
+            i.last_minute,
+            i.mirrored,
+            i.dropped
+        ),
+    };
     format!(
-        "{}/deployment/{}:{}  port {ports}  {}  held by {} since {}  session {}  {lease}",
-        i.namespace, i.deployment, i.container, i.filter, i.holder, i.since, i.session
+        "{}/deployment/{}:{}  port {ports}  {takes}  held by {} since {}  session {}  {lease}",
+        i.namespace, i.deployment, i.container, i.holder, i.since, i.session
     )
 }
 
@@ -249,8 +272,8 @@ mod tests {
         assert!(i.lease_live);
         assert_eq!(
             intercept_line(i, now),
-            "shop/deployment/api:api  port 8080  x-dev=alice path=/api*  held by alice@laptop since 2026-12-07T10:02:00Z  \
-             session s-a  lease 10 s left"
+            "shop/deployment/api:api  port 8080  x-dev=alice path=/api*  0 in the last minute  held by alice@laptop \
+             since 2026-12-07T10:02:00Z  session s-a  lease 10 s left"
         );
         let json = serde_json::to_value(i).unwrap();
         assert_eq!(json["headers"]["x-dev"], "alice");
@@ -260,5 +283,20 @@ mod tests {
         assert!(!expired.lease_live);
         assert!(intercept_line(expired, later).ends_with("lease EXPIRED at 2026-12-07T10:02:15Z"));
         assert!(intercepts_of(&Deployment::default(), now).is_empty());
+        // A mirror, with what its last renewal wrote.
+        let mut carol = Entry::new("s-c", "carol@box", at, &[8080], &Filter::default())
+            .mirroring(Some(tpd_wire::intercept::Mirror { body_limit: 1024 }));
+        carol.traffic = tpd_wire::intercept::Traffic { last_minute: 40, mirrored: 200, dropped: 3, tls_ports: vec![] };
+        let annotations = d.metadata.annotations.get_or_insert_default();
+        annotations.insert(entry_key("s-c"), crate::swap::lease::Leased::to_annotation(&carol));
+        let listed = intercepts_of(&d, now);
+        let c = listed.iter().find(|i| i.session == "s-c").unwrap();
+        assert!(
+            intercept_line(c, now)
+                .contains("port 8080  mirror of every request  40 in the last minute, 200 copied, 3 dropped")
+        );
+        let json = serde_json::to_value(c).unwrap();
+        assert_eq!((json["mirror"].as_bool(), json["mirror_body_limit"].as_u64()), (Some(true), Some(1024)));
+        assert_eq!((json["mirrored"].as_u64(), json["dropped"].as_u64()), (Some(200), Some(3)));
     }
 }

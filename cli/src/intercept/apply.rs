@@ -7,6 +7,7 @@
 //! the agent only once every pod has it (so no request meets a pod without
 //! the agent's port), and are pointed back before the agent is removed.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -14,12 +15,13 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use tokio::sync::watch;
 use tpd_wire::files::VolumeMount;
-use tpd_wire::intercept::{self, AGENT_CONTAINER, Filter, Route};
+use tpd_wire::intercept::{self, AGENT_CONTAINER, Filter, Mirror, Route, Traffic};
 use tpd_wire::neighbours::Declared;
 
 use super::plan;
-use super::record::{Entry, Record, entry_key};
+use super::record::{Entry, Record, Renewing, entry_key};
 use crate::cluster::Cluster;
 use crate::error::Hint;
 use crate::output::progress;
@@ -32,6 +34,8 @@ use crate::swap::plan::{Target, annotation_pointer, choose_container, guarded_di
 pub struct Request<'a> {
     pub target: &'a Target,
     pub filter: &'a Filter,
+    /// `--mirror`: copies, not the requests.
+    pub mirror: Option<Mirror>,
     /// The real container's ports (the REMOTE of each `--port`).
     pub remotes: &'a [u16],
     pub agent_image: &'a str,
@@ -63,6 +67,9 @@ pub struct Intercept {
     /// The Deployment as intercepted; its pod template names the session's
     /// hostname, DNS and hosts.
     pub deployment: Deployment,
+    /// What the agents say the session got; the registrar writes it, each
+    /// renewal of the session's entry reads it.
+    pub traffic: Arc<watch::Sender<Traffic>>,
 }
 
 /// A random 128-bit secret in hex; its `Debug` shows nothing of it.
@@ -92,12 +99,18 @@ const ATTEMPTS: u32 = 3;
 /// `remotes` with `filter`: its container, its ports (those the agents
 /// already stand in for, when others intercept it), pods to intercept, not
 /// swapped, no live session taking the same requests.
-pub async fn check(cluster: &Cluster, target: &Target, remotes: &[u16], filter: &Filter) -> anyhow::Result<()> {
+pub async fn check(
+    cluster: &Cluster,
+    target: &Target,
+    remotes: &[u16],
+    filter: &Filter,
+    mirror: Option<Mirror>,
+) -> anyhow::Result<()> {
     let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let d = get(&api, &cluster.namespace, &target.name).await?;
     refuse_swapped(&d, target)?;
     let now = Timestamp::now();
-    let asked = Entry::new("", "", now, remotes, filter);
+    let asked = Entry::new("", "", now, remotes, filter).mirroring(mirror);
     if let Some(refusal) = plan::clash(target, &live_entries(&d, now, Grace::None), &asked) {
         return Err(refusal.into());
     }
@@ -128,6 +141,15 @@ pub struct Added {
     pub record: Record,
     /// The session's entry, whose lease the session renews from now on.
     pub entry: Entry,
+    /// What the agents say the session got, for each renewal of the entry.
+    pub traffic: Arc<watch::Sender<Traffic>>,
+}
+
+impl Added {
+    /// The entry as its renewals write it.
+    pub fn renewing(&self) -> Renewing {
+        Renewing { entry: self.entry.clone(), traffic: self.traffic.subscribe() }
+    }
 }
 
 /// Adds the session to the intercept of `req.target`: the first session
@@ -138,7 +160,7 @@ pub async fn add(cluster: &Cluster, req: &Request<'_>) -> anyhow::Result<Added> 
     let (ns, target) = (&cluster.namespace, req.target);
     let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), ns);
-    let entry = Entry::new(req.session, req.holder, Timestamp::now(), req.remotes, req.filter);
+    let entry = Entry::new(req.session, req.holder, Timestamp::now(), req.remotes, req.filter).mirroring(req.mirror);
     for attempt in 1..=ATTEMPTS {
         let current = get(&api, ns, &target.name).await?;
         refuse_swapped(&current, target)?;
@@ -174,7 +196,10 @@ pub async fn add(cluster: &Cluster, req: &Request<'_>) -> anyhow::Result<Added> 
             }
         };
         match api.patch(&target.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
-            Ok(_) => return Ok(Added { record, entry }),
+            Ok(_) => {
+                let traffic = Arc::new(watch::Sender::new(Traffic::default()));
+                return Ok(Added { record, entry, traffic });
+            }
             Err(e) if conflict(&e) => tracing::debug!(attempt, "{target} changed while tpd was intercepting it: {e}"),
             Err(e) => return Err(anyhow::Error::from(e).context(format!("cannot intercept {target}"))),
         }
@@ -208,7 +233,7 @@ pub async fn ready(
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), ns);
     retarget_services(&services, &current, &added.record).await?;
     let (mounts, neighbours) = plan::served(&current, &added.record.container);
-    let Added { record, entry } = added;
+    let Added { record, entry, traffic } = added;
     let intercept = Intercept {
         target: target.clone(),
         container: record.container,
@@ -220,6 +245,7 @@ pub async fn ready(
         mounts,
         neighbours,
         deployment: current,
+        traffic,
     };
     Ok((intercept, home))
 }
@@ -274,7 +300,7 @@ pub fn swap_refusal(d: &Deployment, target: &Target) -> Option<Hint> {
     Record::read(d).ok().flatten()?;
     let holders: Vec<String> = live_entries(d, Timestamp::now(), Grace::Repair)
         .iter()
-        .map(|e| format!("{} ({})", e.holder, e.filter))
+        .map(|e| format!("{} ({})", e.holder, e.describe()))
         .collect();
     let who = if holders.is_empty() { "sessions that stopped renewing".to_owned() } else { holders.join(", ") };
     Some(Hint::new(
@@ -522,7 +548,7 @@ pub async fn restore_by_hand(
     if Record::read(&current)?.is_none() {
         return Ok(None);
     }
-    let holders = Entry::all(&current).into_iter().map(|e| format!("{} ({})", e.holder, e.filter)).collect();
+    let holders = Entry::all(&current).into_iter().map(|e| format!("{} ({})", e.holder, e.describe())).collect();
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
     restore_if_unused(&api, &services, name, Grace::Nobody).await?;
     Ok(Some(holders))
@@ -606,7 +632,7 @@ mod tests {
         let hint = swap_refusal(&d, &target).expect("refused");
         assert_eq!(
             hint.message,
-            "deployment/api is intercepted by alice@laptop (x-dev=alice): a swap would take all of its traffic from them"
+            "deployment/api is intercepted by alice@laptop (requests with x-dev=alice): a swap would take all of its traffic from them"
         );
         assert!(swap_refusal(&Deployment::default(), &target).is_none());
     }

@@ -141,9 +141,11 @@ pub fn joinable(deployment: &str, record: &Record, container: &str, remotes: &[u
 
 /// The refusal of `mine` when a live session already takes the same
 /// requests (an equal filter on one of the same ports): the agents could
-/// not tell the two apart.
+/// not tell the two apart. Copies clash with nothing: every mirroring
+/// session gets its own.
 pub fn clash(target: &Target, live: &[Entry], mine: &Entry) -> Option<Hint> {
-    live.iter().filter(|e| e.session != mine.session && e.filter == mine.filter).find_map(|e| {
+    let takes = |e: &&Entry| e.mirror.is_none() && mine.mirror.is_none() && e.filter == mine.filter;
+    live.iter().filter(|e| e.session != mine.session).filter(takes).find_map(|e| {
         let port = mine.ports.iter().find(|p| e.ports.contains(p))?;
         let since = e.since.0.strftime("%H:%M UTC");
         Some(Hint::new(

@@ -6,7 +6,9 @@
 //!   stands beside, the agent's [`Config`] (its ports) and each retargeted
 //!   Service's original targetPorts.
 //! - `tpd.dev/intercept.<session>` ([`Entry`]), one per live session: who
-//!   holds it since when, its lease, its ports and filter.
+//!   holds it since when, its lease, its ports and filter (and whether it
+//!   mirrors), and what the agents last said it got, which `tpd status`
+//!   shows on any machine.
 //!
 //! One key per session, not one list, so that sessions renewing at the same
 //! moment each patch their own key (a JSON patch `test` of that key's value
@@ -20,7 +22,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
-use tpd_wire::intercept::{Config, Filter, Route};
+use tokio::sync::watch;
+use tpd_wire::intercept::{Config, Filter, Mirror, Route, Traffic};
 
 use crate::swap::lease::Leased;
 
@@ -73,6 +76,12 @@ pub struct Entry {
     /// The real container's ports whose matching requests go to the session.
     pub ports: Vec<u16>,
     pub filter: Filter,
+    /// Set when the session takes copies, not requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+    /// What the agents said the session got, as of the last renewal.
+    #[serde(default)]
+    pub traffic: Traffic,
 }
 
 pub use crate::swap::record::Error;
@@ -104,7 +113,19 @@ impl Entry {
             lease_seconds: tpd_wire::intercept::LEASE.as_secs().try_into().unwrap_or(15),
             ports: ports.to_vec(),
             filter: filter.clone(),
+            mirror: None,
+            traffic: Traffic::default(),
         }
+    }
+
+    /// The entry of a session that takes copies (`--mirror`) when `mirror` is set.
+    pub fn mirroring(self, mirror: Option<Mirror>) -> Self {
+        Entry { mirror, ..self }
+    }
+
+    /// What the session takes, as the user asked for it.
+    pub fn describe(&self) -> String {
+        tpd_wire::intercept::describe(&self.filter, self.mirror)
     }
 
     /// Every session entry on `deployment`, oldest first; one that does not
@@ -128,7 +149,7 @@ impl Entry {
 
     /// The routes the session registers with every agent.
     pub fn routes(&self) -> Vec<Route> {
-        self.ports.iter().map(|&port| Route { port, filter: self.filter.clone() }).collect()
+        self.ports.iter().map(|&port| Route { port, filter: self.filter.clone(), mirror: self.mirror }).collect()
     }
 
     /// When the lease runs out unless renewed.
@@ -157,6 +178,33 @@ impl Leased for Entry {
 
     fn renew_every(&self) -> std::time::Duration {
         tpd_wire::intercept::RENEW_EVERY
+    }
+}
+
+/// A session's entry as its session renews it: each renewal also writes
+/// what the agents last said the session got.
+#[derive(Debug, Clone)]
+pub struct Renewing {
+    pub entry: Entry,
+    pub traffic: watch::Receiver<Traffic>,
+}
+
+impl Leased for Renewing {
+    fn key(&self) -> String {
+        self.entry.key()
+    }
+
+    fn to_annotation(&self) -> String {
+        self.entry.to_annotation()
+    }
+
+    fn renewed(&self, now: Timestamp) -> Self {
+        let traffic = self.traffic.borrow().clone();
+        Renewing { entry: Entry { traffic, ..self.entry.renewed(now) }, traffic: self.traffic.clone() }
+    }
+
+    fn renew_every(&self) -> std::time::Duration {
+        self.entry.renew_every()
     }
 }
 
@@ -203,10 +251,25 @@ mod tests {
         assert_eq!(Record::read(&d).unwrap(), Some(record));
         assert_eq!(Entry::all(&d), vec![alice.clone(), bob]);
         assert_eq!(alice.expires(), now + SignedDuration::from_secs(15));
-        assert_eq!(alice.routes(), vec![Route { port: 8080, filter: filter("alice") }]);
+        assert_eq!(alice.routes(), vec![Route { port: 8080, filter: filter("alice"), mirror: None }]);
         let later = now + SignedDuration::from_secs(5);
         assert_eq!(alice.renewed(later).expires(), later + SignedDuration::from_secs(15));
         assert_eq!(alice.key(), "tpd.dev/intercept.s-alice");
+        // A mirroring session's routes copy; each renewal writes its latest figures.
+        let mirror = Some(Mirror { body_limit: 1024 });
+        let carol = Entry::new("s-carol", "carol@box", now, &[8080], &Filter::default()).mirroring(mirror);
+        assert_eq!(carol.routes(), vec![Route { port: 8080, filter: Filter::default(), mirror }]);
+        assert_eq!(carol.describe(), "copies of every request");
+        let (figures, traffic) = watch::channel(Traffic::default());
+        let renewing = Renewing { entry: carol, traffic };
+        figures.send_replace(Traffic { last_minute: 7, mirrored: 30, dropped: 2, tls_ports: vec![] });
+        let renewed = renewing.renewed(later);
+        assert_eq!(
+            (renewed.entry.traffic.mirrored, renewed.entry.expires()),
+            (30, later + SignedDuration::from_secs(15))
+        );
+        let read: Entry = serde_json::from_str(&renewed.to_annotation()).unwrap();
+        assert_eq!(read, renewed.entry);
     }
 
     #[test]

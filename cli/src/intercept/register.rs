@@ -12,9 +12,14 @@
 //! that is gone is replaced, which every agent is told. A session that
 //! stops renewing (tpd killed) is forgotten by the agents when its lease
 //! runs out; a session that ends unregisters at once.
+//!
+//! Every agent's reply says what it did for the session; the sum over the
+//! pods ([`Tally`]) goes into the session's entry at its next renewal, for
+//! `tpd status`, and a port where an agent saw TLS is said once here.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -24,7 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tpd_wire::intercept::{self, Reply, Request, Route};
+use tpd_wire::intercept::{self, Reply, Request, Route, Traffic};
 use tpd_wire::preamble::{self, Kind};
 use tracing::{debug, info};
 
@@ -101,6 +106,55 @@ pub struct Registrar {
     manager: JoinHandle<()>,
 }
 
+/// What every agent last said the session got, summed into the figures
+/// the session's entry carries.
+#[derive(Debug)]
+struct Tally {
+    by_pod: HashMap<String, Traffic>,
+    /// What pods that are gone counted (their copies; not the last minute).
+    gone: Traffic,
+    /// Ports whose TLS the user was told of.
+    warned: BTreeSet<u16>,
+    figures: Arc<watch::Sender<Traffic>>,
+}
+
+impl Tally {
+    fn new(figures: Arc<watch::Sender<Traffic>>) -> Self {
+        Tally { by_pod: HashMap::new(), gone: Traffic::default(), warned: BTreeSet::new(), figures }
+    }
+
+    fn heard(&mut self, pod: &str, traffic: Traffic) {
+        for &port in &traffic.tls_ports {
+            if self.warned.insert(port) {
+                progress(&format!(
+                    "warning: clients speak TLS to port {port}: no filter can read those requests, so they go to \
+                     the real container (and are not copied)"
+                ));
+            }
+        }
+        self.by_pod.insert(pod.to_owned(), traffic);
+        self.publish();
+    }
+
+    fn forget(&mut self, pod: &str) {
+        if let Some(last) = self.by_pod.remove(pod) {
+            self.gone.mirrored += last.mirrored;
+            self.gone.dropped += last.dropped;
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        let mut sum = self.gone.clone();
+        self.by_pod.values().for_each(|t| sum.add(t));
+        self.figures.send_replace(sum);
+    }
+}
+
+fn lock(tally: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    tally.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// What a registration task reports to the manager.
 enum News {
     Registered(String),
@@ -111,11 +165,13 @@ enum News {
 /// returns once the home agent has accepted it. A refusal (the same filter
 /// as a live session's) fails here with the agent's message; one later (a
 /// new pod whose agent knows a conflicting session) ends the session by
-/// cancelling `session_end`.
+/// cancelling `session_end`. What the agents say the session got goes to
+/// `figures`.
 pub async fn start(
     cluster: &Cluster,
     selector: String,
     reg: Registration,
+    figures: Arc<watch::Sender<Traffic>>,
     session_end: CancellationToken,
 ) -> anyhow::Result<Registrar> {
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
@@ -130,6 +186,7 @@ pub async fn start(
         reg,
         home: home_tx,
         news: news_tx,
+        tally: Arc::new(Mutex::new(Tally::new(figures))),
         stop: stop.clone(),
     };
     let manager = tokio::spawn(manager.run());
@@ -191,6 +248,7 @@ struct Manager {
     reg: Registration,
     home: watch::Sender<Option<AgentPod>>,
     news: mpsc::Sender<News>,
+    tally: Arc<Mutex<Tally>>,
     stop: CancellationToken,
 }
 
@@ -206,6 +264,7 @@ impl Manager {
                         let keep = ready.iter().any(|p| &p.name == name) && !task.is_finished();
                         if !keep {
                             task.abort();
+                            lock(&self.tally).forget(name);
                         }
                         keep
                     });
@@ -253,6 +312,7 @@ impl Manager {
             reg: self.reg.clone(),
             home: self.home.subscribe(),
             news: self.news.clone(),
+            tally: self.tally.clone(),
             stop: self.stop.clone(),
         };
         async move {
@@ -278,6 +338,7 @@ struct Agent {
     reg: Registration,
     home: watch::Receiver<Option<AgentPod>>,
     news: mpsc::Sender<News>,
+    tally: Arc<Mutex<Tally>>,
     stop: CancellationToken,
 }
 
@@ -302,11 +363,13 @@ impl Agent {
             };
             let registering = matches!(request, Request::Register { .. });
             match conn.ask(&request).await? {
-                Reply::Ok if registering => {
-                    debug!(pod = %self.pod.name, "intercept registered");
-                    let _ = self.news.send(News::Registered(self.pod.name.clone())).await;
+                Reply::Ok { traffic } => {
+                    lock(&self.tally).heard(&self.pod.name, traffic);
+                    if registering {
+                        debug!(pod = %self.pod.name, "intercept registered");
+                        let _ = self.news.send(News::Registered(self.pod.name.clone())).await;
+                    }
                 }
-                Reply::Ok => {}
                 Reply::Refused { message } if registering => {
                     let _ = self.news.send(News::Refused(message)).await;
                     return Ok(());
@@ -424,6 +487,23 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn the_figures_add_up_over_the_pods_and_keep_what_gone_pods_copied() {
+        let (figures, read) = watch::channel(Traffic::default());
+        let mut tally = Tally::new(Arc::new(figures));
+        let said = |last_minute, mirrored, dropped| Traffic { last_minute, mirrored, dropped, tls_ports: vec![] };
+        tally.heard("api-1", said(5, 10, 1));
+        tally.heard("api-2", said(2, 4, 0));
+        tally.heard("api-1", said(6, 12, 1));
+        assert_eq!(*read.borrow(), said(8, 16, 1));
+        tally.forget("api-1");
+        assert_eq!(*read.borrow(), said(2, 16, 1), "a replaced pod's copies still count");
+        tally.forget("api-9");
+        tally.heard("api-3", Traffic { tls_ports: vec![8443], ..said(0, 0, 0) });
+        assert_eq!(read.borrow().tls_ports, [8443]);
+        assert!(tally.warned.contains(&8443));
     }
 
     #[test]

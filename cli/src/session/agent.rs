@@ -55,12 +55,13 @@ pub async fn start(
         let request = intercept::apply::Request {
             target: &i.target,
             filter: &i.filter,
+            mirror: i.mirror,
             remotes: &remotes,
             agent_image: &images.agent,
             session: id,
             holder: &params.holder,
         };
-        progress(&format!("intercepting {} in namespace {}: requests with {}", i.target, cluster.namespace, i.filter));
+        progress(&format!("intercepting {} in namespace {}: {}", i.target, cluster.namespace, i.describe()));
         let interrupted = || anyhow::anyhow!("interrupted before the intercept agents were ready");
         let added = tokio::select! {
             added = intercept::apply::add(cluster, &request) => added?,
@@ -68,7 +69,7 @@ pub async fn start(
         };
         // Renewed from now on: a rollout may take longer than the lease.
         let what = format!("the intercept of {}", i.target);
-        tokio::spawn(renew_lease(api, i.target.name.clone(), added.entry.clone(), what, shutdown.clone()));
+        tokio::spawn(renew_lease(api, i.target.name.clone(), added.renewing(), what, shutdown.clone()));
         let (intercept, pod) = tokio::select! {
             ready = intercept::apply::ready(cluster, &i.target, added, timeout) => ready?,
             () = shutdown.cancelled() => return Err(interrupted()),

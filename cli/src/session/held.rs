@@ -176,7 +176,7 @@ async fn record_of(
             env: env.into_iter().collect(),
             mounts,
             local_ports: i.routes.iter().map(|r| local(&r.port)).collect(),
-            intercept: spec.intercept.as_ref().map(|s| s.filter.to_string()),
+            intercept: spec.intercept.as_ref().map(|s| s.describe()),
         }],
         _ => Vec::new(),
     };

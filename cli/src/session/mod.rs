@@ -53,7 +53,7 @@ pub async fn check_target(cluster: &Cluster, spec: &Spec) -> anyhow::Result<()> 
     }
     if let Some(i) = &spec.intercept {
         let remotes: Vec<u16> = spec.session.ports.iter().map(|p| p.remote).collect();
-        crate::intercept::apply::check(cluster, &i.target, &remotes, &i.filter).await?;
+        crate::intercept::apply::check(cluster, &i.target, &remotes, &i.filter, i.mirror).await?;
     }
     Ok(())
 }
@@ -202,7 +202,8 @@ pub async fn start(ctx: &Context<'_>, shutdown: &CancellationToken) -> anyhow::R
                 since: i.since.clone(),
                 routes: i.routes.clone(),
             };
-            Some(register::start(ctx.cluster, i.selector.clone(), registration, shutdown.clone()).await?)
+            let traffic = i.traffic.clone();
+            Some(register::start(ctx.cluster, i.selector.clone(), registration, traffic, shutdown.clone()).await?)
         }
         None => None,
     };

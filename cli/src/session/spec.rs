@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use tpd_wire::intercept::Filter;
+use tpd_wire::intercept::{Filter, Mirror};
 
 use crate::cli::{ConnectArgs, FilterArgs, RunArgs, SessionArgs, Transport};
 use crate::error::Hint;
@@ -32,6 +32,16 @@ pub struct Spec {
 pub struct InterceptSpec {
     pub target: Target,
     pub filter: Filter,
+    /// `--mirror`: copies of the requests, not the requests.
+    #[serde(default)]
+    pub mirror: Option<Mirror>,
+}
+
+impl InterceptSpec {
+    /// What the session takes, as the user asked for it.
+    pub fn describe(&self) -> String {
+        tpd_wire::intercept::describe(&self.filter, self.mirror)
+    }
 }
 
 impl Spec {
@@ -73,7 +83,7 @@ impl Spec {
     /// The spec with `--intercept` and its filter, once the flags make sense
     /// together (checked before anything changes anywhere).
     pub fn intercepting(mut self, target: Option<&Target>, filter: &FilterArgs) -> Result<Self, Hint> {
-        let filter = filter.filter();
+        let (mirror, filter) = (filter.mirror(), filter.filter());
         let ports = !self.session.ports.is_empty();
         let refusal = match (&self.swap, target) {
             (Some(swap), Some(intercept)) => Some(Hint::new(
@@ -81,18 +91,19 @@ impl Spec {
                 "a session takes all of a Deployment's traffic (--swap) or the requests that match a filter \
                  (--intercept with --header/--baggage/--path-prefix): drop one",
             )),
-            (_, None) if !filter.is_empty() => Some(Hint::new(
-                "--header, --baggage and --path-prefix choose the requests of an --intercept, and none was given",
+            (_, None) if !filter.is_empty() || mirror.is_some() => Some(Hint::new(
+                "--header, --baggage, --path-prefix and --mirror choose the requests of an --intercept, and none was given",
                 "add --intercept deployment/NAME",
             )),
             (None, None) if ports => Some(Hint::new(
                 "--port says where a Deployment's traffic arrives, and neither --swap nor --intercept was given",
                 "add --swap deployment/NAME (all its traffic) or --intercept deployment/NAME with a filter",
             )),
-            (None, Some(t)) if filter.is_empty() => Some(Hint::new(
+            (None, Some(t)) if filter.is_empty() && mirror.is_none() => Some(Hint::new(
                 format!("--intercept {t} needs a filter: which of its requests come to you"),
                 format!(
-                    "add --header NAME=VALUE, --baggage KEY=VALUE or --path-prefix /PATH; for all of its traffic use --swap {t}"
+                    "add --header NAME=VALUE, --baggage KEY=VALUE or --path-prefix /PATH; for copies of every request \
+                     add --mirror; for all of its traffic use --swap {t}"
                 ),
             )),
             (None, Some(t)) if !ports => Some(Hint::new(
@@ -111,7 +122,7 @@ impl Spec {
         if let Some(target) = target {
             // `auto` means the port-forward for an intercept.
             self.session.transport = Transport::Portforward;
-            self.intercept = Some(InterceptSpec { target: target.clone(), filter });
+            self.intercept = Some(InterceptSpec { target: target.clone(), filter, mirror });
         }
         Ok(self)
     }
@@ -132,6 +143,7 @@ mod tests {
                     path_prefix: Some("/api".into()),
                     ..Filter::default()
                 },
+                mirror: Some(Mirror { body_limit: 4096 }),
             }),
             session: SessionArgs {
                 force: true,
@@ -200,8 +212,12 @@ mod tests {
     fn intercept_flags_are_checked_before_anything_starts() {
         let ok = ["--intercept", "deployment/api", "--port", "8080:9000", "--header", "X-Dev=alice"];
         // (extra flags, what the refusal says; None: accepted)
-        let table: [(&[&str], &[&str], Option<&str>); 9] = [
+        let mirror = ["--intercept", "deployment/api", "--port", "8080:9000", "--mirror"];
+        let table: [(&[&str], &[&str], Option<&str>); 12] = [
             (&ok, &[], None),
+            (&mirror, &[], None),
+            (&mirror, &["--header", "x-dev=alice", "--mirror-body-limit", "64KiB"], None),
+            (&ok, &["--mirror-body-limit", "1MiB"], Some("--mirror")),
             (&ok, &["--path-prefix", "/api"], None),
             (&["--intercept", "deployment/api", "--port", "8080:9000", "--path-prefix", "/api"], &[], None),
             (
@@ -217,7 +233,7 @@ mod tests {
             (
                 &["--header", "x-dev=alice"],
                 &[],
-                Some("--header, --baggage and --path-prefix choose the requests of an --intercept"),
+                Some("--header, --baggage, --path-prefix and --mirror choose the requests of an --intercept"),
             ),
             (&["--intercept", "deployment/api", "--header", "x-dev=alice"], &[], Some("needs --port REMOTE:LOCAL")),
             (&ok, &["--transport", "udp"], Some("--transport udp cannot carry an intercept")),
@@ -232,6 +248,12 @@ mod tests {
                         assert_eq!(i.target.name, "api");
                         assert_eq!(spec.session.transport, Transport::Portforward);
                         assert!(i.filter.headers.is_empty() || i.filter.headers["x-dev"] == "alice", "{cmd:?}");
+                        let limit = match cmd.contains(&"64KiB") {
+                            true => 64 << 10,
+                            false => tpd_wire::intercept::MIRROR_BODY_LIMIT,
+                        };
+                        let mirror = cmd.contains(&"--mirror").then_some(Mirror { body_limit: limit });
+                        assert_eq!(i.mirror, mirror, "{cmd:?}");
                     }
                     (Err(e), Some(text)) => assert!(e.message.contains(text), "{cmd:?}: {}", e.message),
                     (got, want) => panic!("{cmd:?}: got {got:?}, want {want:?}"),

@@ -4,8 +4,10 @@
 //! a router on each of its listening ports ([`router`]) sends the requests
 //! that match a live session's route to that session's developer app
 //! ([`reach`]: through the session's tunnel on this agent, or relayed to
-//! the agent that holds it) and everything else to the real container.
+//! the agent that holds it) and everything else to the real container,
+//! copying on the way what mirroring sessions ask for ([`mirror`]).
 
+pub mod mirror;
 pub mod port;
 pub mod reach;
 pub mod registry;

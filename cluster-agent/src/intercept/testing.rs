@@ -20,7 +20,7 @@ pub fn register(session: &str, token: &str, home: SocketAddr, routes: Vec<Route>
 
 /// Every request to `port`, by a path prefix of `/`.
 pub fn every_request(port: u16) -> Route {
-    Route { port, filter: Filter { path_prefix: Some("/".into()), ..Filter::default() } }
+    Route { port, filter: Filter { path_prefix: Some("/".into()), ..Filter::default() }, mirror: None }
 }
 
 /// A TCP echo server on the loopback; its port.

@@ -284,6 +284,13 @@ fn a_session_is_refused_the_requests_a_live_session_takes() {
     }
     // A session never clashes with itself (its entry, read back).
     assert!(clash(&target, &live, &alice).is_none());
+    // Copies of alice's requests take nothing from her; two mirrors of
+    // every request each get their own.
+    let mirror = Some(tpd_wire::intercept::Mirror { body_limit: 1 << 20 });
+    let copies = Entry::new("s-m", "erin@box", now, &[8080], &dev("alice")).mirroring(mirror);
+    assert!(clash(&target, &live, &copies).is_none());
+    let every = |s: &str| Entry::new(s, "erin@box", now, &[8080], &Filter::default()).mirroring(mirror);
+    assert!(clash(&target, &[every("s-m1")], &every("s-m2")).is_none());
 }
 
 #[test]
