@@ -21,7 +21,11 @@ use tpd_wire::intercept::{MIRROR_HEADER, MIRROR_TRUNCATED_HEADER, Mirror};
 use super::registry::Target;
 
 /// Copies waiting for one session on one port; past it they are dropped.
-pub const QUEUE: usize = 16;
+/// Room for a burst: an app behind a tunnel answers slower than the pod's.
+pub const QUEUE: usize = 256;
+/// Bytes of copied bodies waiting on one port, all sessions together; past
+/// it copies are dropped (the memory a burst of large bodies may take).
+pub const QUEUED_BYTES: usize = 16 << 20;
 /// Copies of one session on one port in flight at once.
 pub const IN_FLIGHT: usize = 8;
 /// How long a session's app may take to answer a copy before it counts as dropped.

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -84,6 +84,8 @@ pub struct Router<C> {
     tls_seen: AtomicBool,
     /// The queue of copies for each mirroring session, which its copier reads.
     copiers: Mutex<HashMap<String, mpsc::Sender<Duplicate>>>,
+    /// Bytes of the bodies in those queues.
+    queued_bytes: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,6 +102,7 @@ impl<C: Connector> Router<C> {
             shared: Mutex::default(),
             tls_seen: AtomicBool::new(false),
             copiers: Mutex::default(),
+            queued_bytes: AtomicUsize::new(0),
         })
     }
 
@@ -231,14 +234,24 @@ impl<C: Connector> Router<C> {
         Request::from_parts(head, BodyExt::boxed(tee))
     }
 
-    /// Hands each copy to its session's copier; a full queue drops it.
+    /// Hands each copy to its session's copier; a full queue, or bodies
+    /// queued past [`mirror::QUEUED_BYTES`], drop it.
     fn queue(self: &Arc<Self>, copies: Vec<Duplicate>) {
         for copy in copies {
-            let session = copy.target.session.clone();
-            if self.copier(&copy.target).try_send(copy).is_err() {
+            let (session, size) = (copy.target.session.clone(), copy.request.body().len());
+            let room = self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size <= mirror::QUEUED_BYTES;
+            if !room || self.copier(&copy.target).try_send(copy).is_err() {
+                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
                 self.registry.copied(&session, Copied::Dropped);
             }
         }
+    }
+
+    /// The next copy of a copier's queue (none after [`mirror::IDLE`]).
+    async fn next_copy(&self, copies: &mut mpsc::Receiver<Duplicate>) -> Option<Duplicate> {
+        let copy = tokio::time::timeout(mirror::IDLE, copies.recv()).await.ok().flatten()?;
+        self.queued_bytes.fetch_sub(copy.request.body().len(), Ordering::Relaxed);
+        Some(copy)
     }
 
     /// The queue of `target`'s copier, started when there is none.
@@ -257,7 +270,7 @@ impl<C: Connector> Router<C> {
     /// or none came for a while; what is still queued then is dropped.
     async fn copy_to(self: Arc<Self>, session: String, mut copies: mpsc::Receiver<Duplicate>) {
         let in_flight = Arc::new(Semaphore::new(mirror::IN_FLIGHT));
-        while let Ok(Some(copy)) = tokio::time::timeout(mirror::IDLE, copies.recv()).await {
+        while let Some(copy) = self.next_copy(&mut copies).await {
             if !self.registry.is_live(&session) {
                 break;
             }
@@ -270,7 +283,8 @@ impl<C: Connector> Router<C> {
             });
         }
         copies.close();
-        while copies.recv().await.is_some() {
+        while let Some(copy) = copies.recv().await {
+            self.queued_bytes.fetch_sub(copy.request.body().len(), Ordering::Relaxed);
             self.registry.copied(&session, Copied::Dropped);
         }
     }

@@ -91,6 +91,9 @@ fn accept_loop(listener: TcpListener, serve: fn(TcpStream, SocketAddr) -> io::Re
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let Ok(peer) = conn.peer_addr() else { continue };
+        // Heads and bodies go out in separate writes; a client must not
+        // wait out Nagle's algorithm for the second.
+        let _ = conn.set_nodelay(true);
         thread::spawn(move || serve(conn, peer));
     }
 }
