@@ -16,7 +16,9 @@
 //! the cluster unchanged; a vanished laptop's requests go back to the real
 //! pods within the lease; the last session leaves everything as it was.
 //! A second test compares what intercepts starting and ending cost a
-//! client without the header with what rollout restarts cost it.
+//! client without the header with what rollout restarts cost it; others
+//! route gRPC calls per stream, mirror requests (issue #21), and
+//! intercept from a `tpd connect` session.
 
 // A failed unwrap is a failed test, with its message and line.
 #![allow(clippy::unwrap_used)]
@@ -684,8 +686,8 @@ fn copies_seen(container: &str) -> Vec<Value> {
 fn status_of(sb: &Sandbox, ns: &str, session: &str) -> anyhow::Result<Value> {
     let out = session::tpd_in(sb, &Home::new()?)?.args(["status", "-n", ns, "--output", "json"]).output()?;
     let status: Value = serde_json::from_slice(&out.stdout)?;
-    let listed = status["intercepts"].as_array().into_iter().flatten();
-    Ok(listed.filter(|i| i["session"] == session).cloned().next().unwrap_or_default())
+    let mut listed = status["intercepts"].as_array().into_iter().flatten();
+    Ok(listed.find(|i| i["session"] == session).cloned().unwrap_or_default())
 }
 
 /// Issue #21's mirror proof: 200 requests from a cluster pod all get the
