@@ -16,6 +16,11 @@
 //! - The same latency for gRPC unary calls on one channel (HTTP/2, routed
 //!   per stream), through the agent of an intercepted gRPC Deployment
 //!   against straight to the server's port.
+//! - What a mirror (`--mirror`, every request copied to a developer's app)
+//!   adds to the real requests: their latency and requests per second
+//!   through the agent with and without the mirror, in the same run; and
+//!   of the copies of that burst, how many the mirror's app answered and
+//!   how many were dropped, as `tpd status` reports them.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -112,6 +117,8 @@ pub fn run() -> Result<Vec<Figure>> {
     }
     super::go_on()?;
     figures.extend(through_the_agent(&sb)?);
+    super::go_on()?;
+    figures.extend(mirror_costs(&sb, &mut cleanup)?);
     super::go_on()?;
     figures.extend(grpc_through_the_agent(&sb, &mut cleanup)?);
     drop(cleanup);
@@ -212,6 +219,69 @@ fn through_the_agent(sb: &Sandbox) -> Result<Vec<Figure>> {
         Figure::new("intercept: requests/s through one agent", ms(&agent_rps, "rps"), "req/s")
             .against("straight to the app's port", ms(&direct_rps, "rps")),
     ])
+}
+
+/// The real requests' latency and rate through one agent without and with
+/// a mirror of every request, and the fate of the copies.
+fn mirror_costs(sb: &Sandbox, cleanup: &mut Cleanup) -> Result<Vec<Figure>> {
+    let (ip, agent_port) = agent_of(sb, "api", 8080)?;
+    let plain = from_a_pod(sb, "latency-no-mirror", LATENCY, &ip, &agent_port, "2000")?;
+    let plain_rps = from_a_pod(sb, "rps-no-mirror", THROUGHPUT, &ip, &agent_port, "5")?;
+    let home = Home::new()?;
+    let dev = format!("tpd-bench-mirror-{}", std::process::id());
+    let child = session::tpd_in(sb, &home)?
+        .args(["run", "-n", NS, "--image", images::DEBIAN, "--name", &dev])
+        .args(["--intercept", "deployment/api", "--port", "8080:9000", "--mirror"])
+        .args(["--", "sh", "-c", SERVE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tpd")?;
+    cleanup.children.push(child);
+    let started = Instant::now();
+    while !session::docker_exec(&dev, "true").0 {
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!("the mirror did not start within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Every agent registers the session within a second or two of the home's.
+    std::thread::sleep(Duration::from_secs(3));
+    let mirrored = from_a_pod(sb, "latency-mirror", LATENCY, &ip, &agent_port, "2000")?;
+    let mirrored_rps = from_a_pod(sb, "rps-mirror", THROUGHPUT, &ip, &agent_port, "5")?;
+    let sent = 2000.0 + ms(&mirrored_rps, "rps") * 5.0;
+    let (answered, dropped) = copies_counted(sb, &home, sent)?;
+    Ok(vec![
+        Figure::new("intercept: request through the agent, mirrored, p50", ms(&mirrored, "p50"), "ms")
+            .against("the same agent, no mirror", ms(&plain, "p50")),
+        Figure::new("intercept: request through the agent, mirrored, p99", ms(&mirrored, "p99"), "ms")
+            .against("the same agent, no mirror", ms(&plain, "p99")),
+        Figure::new("intercept: requests/s through one agent, mirrored", ms(&mirrored_rps, "rps"), "req/s")
+            .against("the same agent, no mirror", ms(&plain_rps, "rps")),
+        Figure::new("intercept: copies of that burst answered by the mirror's app", answered, "copies")
+            .against("requests sent", sent),
+        Figure::new("intercept: copies of that burst dropped", dropped, "copies").against("requests sent", sent),
+    ])
+}
+
+/// The mirroring session's copies answered and dropped, once `tpd status`
+/// accounts for `sent` of them or stops changing (its figures are written
+/// at each renewal, every 5 s).
+fn copies_counted(sb: &Sandbox, home: &Home, sent: f64) -> Result<(f64, f64)> {
+    let started = Instant::now();
+    let mut last = (0.0, 0.0);
+    loop {
+        let out = session::tpd_in(sb, home)?.args(["status", "-n", NS, "--output", "json"]).output()?;
+        let status: Value = serde_json::from_slice(&out.stdout).context("tpd status --output json")?;
+        let mirror = status["intercepts"].as_array().into_iter().flatten().find(|i| i["mirror"] == true);
+        let now = mirror.map_or((0.0, 0.0), |m| (ms(m, "mirrored"), ms(m, "dropped")));
+        let settled = now == last && now.0 > 0.0;
+        if now.0 + now.1 >= sent || settled || started.elapsed() > Duration::from_secs(60) {
+            return Ok(now);
+        }
+        last = now;
+        std::thread::sleep(Duration::from_secs(6));
+    }
 }
 
 /// gRPC unary latency through the agent of an intercepted gRPC Deployment
