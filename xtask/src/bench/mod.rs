@@ -13,6 +13,7 @@ pub use tpd_e2e::interrupt::go_on;
 
 mod cpu;
 mod intercept;
+mod probe;
 mod sandbox;
 mod sandbox_node;
 mod session;
