@@ -1,7 +1,8 @@
 //! UDP round trips over the link, as `ping` measures them but pipelined:
 //! requests leave at a fixed interval whatever the answers do, so a lost
 //! packet costs no waiting and thousands of round trips take seconds. Each
-//! request carries its sequence number; the echo sends it back.
+//! request carries its sequence number; the echo sends it back. The three
+//! threads (sender, echo, receiver) have the relay's real-time priority.
 
 use std::collections::HashSet;
 use std::io;
@@ -9,6 +10,8 @@ use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::relay;
 
 /// Bytes of each request and answer (UDP payload).
 const SIZE: usize = 64;
@@ -50,12 +53,13 @@ pub fn run(server: UdpSocket, client: UdpSocket, count: u32, interval: Duration,
     let done = Arc::new(AtomicBool::new(false));
     let answered = Arc::new(AtomicU32::new(0));
     std::thread::scope(|scope| {
-        let echo = scope.spawn(|| serve(&server, &done));
+        let echo = scope.spawn(|| realtime(|| serve(&server, &done)));
         let receiver = {
             let (client, done, answered) = (&client, &done, &answered);
-            scope.spawn(move || receive(client, done, answered))
+            scope.spawn(move || realtime(|| receive(client, done, answered)))
         };
-        let sent = send(&client, count, interval);
+        let sent = scope.spawn(|| realtime(|| send(&client, count, interval))).join();
+        let sent = sent.map_err(|_| io::Error::other("the echo sender panicked")).and_then(|sent| sent);
         if sent.is_ok() {
             let deadline = Instant::now() + rtt * 2 + Duration::from_secs(1);
             while answered.load(Ordering::Relaxed) < count && Instant::now() < deadline {
@@ -125,6 +129,14 @@ fn serve(server: &UdpSocket, done: &AtomicBool) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `f` with the relay's timing (see [`relay::realtime`]), so that the
+/// round trips measure the link, not a build that shares the cores.
+/// Without it (no CAP_SYS_NICE) they still measure, less steadily.
+fn realtime<T>(f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let _ = relay::realtime();
+    f()
 }
 
 fn is_timeout(e: &io::Error) -> bool {

@@ -10,7 +10,10 @@
 //! 50 µs would let the kernel batch its wake-ups), so a packet leaves within
 //! the machine's wake-up latency of its time (tens of µs here; counted in
 //! [`DirCounters::late`]). A thread rather than an async runtime: tokio's
-//! timer rounds to whole milliseconds.
+//! timer rounds to whole milliseconds. The thread has real-time priority
+//! ([`PRIORITY`]), as netem's timers run in softirq ahead of every
+//! process: a build on the same two cores would otherwise stretch the
+//! link's delays by milliseconds.
 
 use std::collections::VecDeque;
 use std::io::{self, PipeReader};
@@ -26,6 +29,10 @@ use rand::{Rng, SeedableRng};
 use crate::shaper::{Shaper, Verdict};
 use crate::{DirCounters, Spec};
 
+/// The relay's real-time priority (SCHED_FIFO, low): it runs before any
+/// ordinary process. The kernel's real-time throttling still leaves the
+/// others 5% of each core should it ever spin.
+const PRIORITY: libc::c_int = 10;
 /// A packet handed over this much after its time counts as late.
 pub const LATE: Duration = Duration::from_micros(200);
 /// The delay line of one direction holds at most this many bytes: without
@@ -88,16 +95,31 @@ struct Direction {
 /// until `stop` reads end-of-file, i.e. until its writer is dropped.
 pub fn spawn(tuns: [OwnedFd; 2], spec: Spec, shared: Arc<Shared>, stop: PipeReader) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("wanlink relay".into()).spawn(move || {
-        // SAFETY: prctl and gettid with plain integer arguments, on this thread.
-        unsafe {
-            libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
-            shared.tid.store(libc::gettid(), Ordering::Relaxed);
+        // SAFETY: gettid has no arguments and no failure.
+        shared.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+        if let Err(e) = realtime() {
+            eprintln!("wanlink: the relay runs without real-time priority: {e}");
         }
         let dirs = [0, 1].map(|_| Direction { shaper: Shaper::new(&spec), line: VecDeque::new(), line_bytes: 0 });
         if let Err(e) = run(&tuns, dirs, &shared, &stop) {
             eprintln!("wanlink relay stopped: {e}");
         }
     })
+}
+
+/// Gives the calling thread the relay's timing: real-time priority
+/// [`PRIORITY`] and a timer slack of 1 ns.
+pub fn realtime() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: PRIORITY };
+    // SAFETY: prctl with integer arguments; sched_setscheduler on this
+    // thread (0) with a live sched_param.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn run(tuns: &[OwnedFd; 2], mut dirs: [Direction; 2], shared: &Shared, stop: &PipeReader) -> io::Result<()> {

@@ -12,7 +12,8 @@
 //! - with the tunnel benchmark's probe (`probe.py`), the client on the
 //!   laptop side and the server on the cluster side: one TCP stream's
 //!   throughput (64 MiB, or what came in 20 s), against the rate where one
-//!   is set, with the relay's CPU time meanwhile; keep-alive request round
+//!   is set, with the relay's CPU time meanwhile (share of a core, and per
+//!   packet forwarded); keep-alive request round
 //!   trips (p50, p99) against the link's; and a new connection's first
 //!   response (connect + request) against two of the link's round trips.
 //!
@@ -102,10 +103,10 @@ fn profile(spec: Spec) -> Result<Vec<Figure>> {
     let (rtt_p50, rtt_p99) = (millis(rtt_p50), millis(rtt_p99));
 
     super::go_on()?;
-    let (cpu_before, started) = (link.relay_cpu(), Instant::now());
+    let (cpu_before, packets_before, started) = (link.relay_cpu(), packets(&link), Instant::now());
     let stream = figure(&probe(&link, "down", &[STREAM_MIB.to_string(), "1".into(), STREAM_SECONDS.to_string()])?)?;
+    let (elapsed, packets) = (started.elapsed(), packets(&link) - packets_before);
     let relay_cpu = link.relay_cpu().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
-    let relay_share = relay_cpu.map(|cpu| cpu.as_secs_f64() / started.elapsed().as_secs_f64() * 100.0);
     super::go_on()?;
     let http = sorted(&probe(&link, "http", &[HTTP_REQUESTS.to_string()])?)?;
     super::go_on()?;
@@ -125,8 +126,11 @@ fn profile(spec: Spec) -> Result<Vec<Figure>> {
         Some(rate) => tcp.against("link rate", rate),
         None => tcp,
     });
-    if let Some(share) = relay_share {
+    if let Some(cpu) = relay_cpu {
+        let share = cpu.as_secs_f64() / elapsed.as_secs_f64() * 100.0;
         figures.push(Figure::new(at("relay cpu during the stream"), share, "% core"));
+        let per_packet = cpu.as_secs_f64() * 1e6 / packets.max(1) as f64;
+        figures.push(Figure::new(at("relay cpu per packet"), per_packet, "us"));
     }
     figures.extend([
         Figure::new(at("http keep-alive p50"), percentile(&http, 0.5), "ms").against("link rtt p50", rtt_p50),
@@ -137,13 +141,25 @@ fn profile(spec: Spec) -> Result<Vec<Figure>> {
     Ok(figures)
 }
 
-/// What the relay did, on stderr beside the progress lines.
+/// Packets the relay forwarded, both ways.
+fn packets(link: &Link) -> u64 {
+    let c = link.counters();
+    c.laptop_to_cluster.forwarded + c.cluster_to_laptop.forwarded
+}
+
+/// What the relay did, on stderr beside the progress lines, with the TCP
+/// congestion control both sides use (a new namespace takes the host's).
 fn report(link: &Link, echo: &Echo) {
     let c = link.counters();
     let (out, back) = (c.laptop_to_cluster, c.cluster_to_laptop);
+    let cc = link
+        .enter(Side::Cluster, || std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control"))
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
     eprintln!(
         "  link: {} of {} UDP round trips; relay forwarded {}/{} packets (to cluster/back), lost {}/{}, \
-         queue drops {}/{}, handed over > {:?} late {}/{} (latest {:?})",
+         queue drops {}/{}, handed over > {:?} late {}/{} (latest {:?}); TCP congestion control {}",
         echo.received(),
         echo.sent,
         out.forwarded,
@@ -156,6 +172,7 @@ fn report(link: &Link, echo: &Echo) {
         out.late,
         back.late,
         out.max_late.max(back.max_late),
+        cc.trim(),
     );
 }
 
