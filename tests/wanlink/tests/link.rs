@@ -8,7 +8,7 @@
 //! them. One link at a time (see [`one_at_a_time`]): the figures are the
 //! relay's timing, not a contest for the machine's cores.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -83,10 +83,21 @@ fn one_tcp_stream_gets_the_rate_and_no_more() {
     let listener =
         link.enter(Side::Cluster, || TcpListener::bind(SocketAddr::from((Side::Cluster.addr(), 0)))).unwrap();
     let listener = listener.unwrap();
+    listener.set_nonblocking(true).unwrap();
     let server_addr = listener.local_addr().unwrap();
     std::thread::scope(|scope| {
         scope.spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut conn = loop {
+                match listener.accept() {
+                    Ok((conn, _)) => break conn,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                        std::thread::sleep(ms(10))
+                    }
+                    Err(e) => panic!("the client did not connect: {e}"),
+                }
+            };
+            conn.set_nonblocking(false).unwrap();
             conn.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
             let chunk = vec![0u8; 1 << 16];
             for _ in 0..BYTES / chunk.len() {
