@@ -4,12 +4,13 @@
 //!
 //! [`Link::up`] makes two fresh network namespaces, the laptop side and the
 //! cluster side, each with a TUN device [`DEVICE`] (MTU 1500) on a /30
-//! ([`Side::addr`]: 10.79.0.1 and 10.79.0.2), and a relay thread that moves
-//! every IP packet from one device to the other: `rtt / 2` late in each
-//! direction, lost at random with probability `loss` (each packet and each
-//! direction drawn on its own), and, with a rate, through a bottleneck of
-//! that rate whose queue holds the bandwidth-delay product plus 64 KiB and
-//! drops the tail (see [`shaper`]). TCP and UDP so meet real per-packet
+//! ([`Side::addr`]: 10.79.0.1 and 10.79.0.2), and a relay thread (real-time
+//! priority, see `relay.rs`) that moves every IP packet from one device to
+//! the other: `rtt / 2` late in each direction, lost at random with
+//! probability `loss` (each packet and each direction drawn on its own),
+//! and, with a rate, through a bottleneck of that rate whose queue holds
+//! the bandwidth-delay product plus 64 KiB and drops the tail (see
+//! [`shaper`]). TCP and UDP so meet real per-packet
 //! latency, loss and a bottleneck. Callers run programs on either side
 //! ([`Link::command`], `ip netns exec`), open sockets there
 //! ([`Link::enter`]), route more networks through the link
@@ -20,7 +21,8 @@
 //! Dropping the [`Link`] (also while a panic unwinds) stops the relay,
 //! which closes the devices, and deletes both namespaces; namespaces that a
 //! killed process left behind are deleted by the next [`Link::up`]. Needs
-//! root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `/dev/net/tun` and iproute2.
+//! root (CAP_NET_ADMIN, CAP_SYS_ADMIN; CAP_SYS_NICE for the priority),
+//! `/dev/net/tun` and iproute2.
 
 use std::fmt;
 use std::io;
