@@ -3,7 +3,7 @@
 //! - `images`: the sidecar and agent images (static binaries, FROM scratch).
 //! - `test`: everything the test suite needs, then the whole suite.
 //! - `demo`: the main job end to end on the sandbox cluster.
-//! - `bench <tunnel|volumes|session|intercept|sandbox|soak>`: printed figures, never a failure.
+//! - `bench <tunnel|volumes|session|intercept|sandbox|soak|wan>`: printed figures, never a failure.
 //! - `fuzz [TARGET]`: the `wire` decoders' fuzz targets, on the stable toolchain.
 
 mod bench;
@@ -55,6 +55,8 @@ enum Task {
         /// How long `soak` runs.
         #[arg(long, default_value_t = 30)]
         minutes: u64,
+        #[command(flatten)]
+        wan: bench::wan::Flags,
     },
     /// Fuzz the wire decoders (wire/fuzz) for a while each; fails on a crash.
     Fuzz {
@@ -84,7 +86,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::TestImages => test_images(&root),
         Task::Test { args } => test(&root, &args),
         Task::Demo => demo::run(&root),
-        Task::Bench { which, json, minutes } => bench::run(which, json, minutes, &root),
+        Task::Bench { which, json, minutes, wan } => bench::run(which, json, minutes, &wan, &root),
         Task::Fuzz { target, seconds, list } => fuzz::run(&root, target.as_deref(), seconds, list),
     }
 }

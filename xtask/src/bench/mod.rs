@@ -13,12 +13,14 @@ pub use tpd_e2e::interrupt::go_on;
 
 mod cpu;
 mod intercept;
+mod probe;
 mod sandbox;
 mod sandbox_node;
 mod session;
 mod soak;
 mod tunnel;
 mod volumes;
+pub mod wan;
 
 /// One measured figure and, where there is one, the baseline it is compared with.
 #[derive(Debug, Clone, Serialize)]
@@ -73,11 +75,16 @@ pub enum Which {
     Intercept,
     Sandbox,
     Soak,
+    /// Plain TCP over an emulated WAN link (`--rtt`, `--loss`, `--rate`).
+    Wan,
 }
 
-pub fn run(which: Which, json: bool, minutes: u64, root: &Path) -> anyhow::Result<()> {
+pub fn run(which: Which, json: bool, minutes: u64, wan: &wan::Flags, root: &Path) -> anyhow::Result<()> {
+    if wan.given() && !matches!(which, Which::Wan) {
+        anyhow::bail!("--rtt, --loss and --rate shape the link of `cargo xtask bench wan`, not of this suite");
+    }
     stop_on_signals()?;
-    let figures = measure(which, json, minutes, root).map_err(|e| {
+    let figures = measure(which, json, minutes, wan, root).map_err(|e| {
         if go_on().is_err() { anyhow::anyhow!("interrupted; what this run had started is removed") } else { e }
     })?;
     print(&figures, json);
@@ -112,13 +119,14 @@ fn stop_on_signals() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(which: Which, json: bool, minutes: u64, root: &Path) -> anyhow::Result<Vec<Figure>> {
+fn measure(which: Which, json: bool, minutes: u64, wan: &wan::Flags, root: &Path) -> anyhow::Result<Vec<Figure>> {
     Ok(match which {
         Which::Tunnel => tunnel::run()?,
         Which::Volumes => volumes::run()?,
         Which::Session => session::run(json)?,
         Which::Intercept => intercept::run()?,
         Which::Soak => soak::run(minutes)?,
+        Which::Wan => wan::run(wan)?,
         Which::Sandbox => {
             // A release build: the figures are the server's, not debug code's.
             crate::run(crate::cargo(root).args(["build", "--quiet", "--release", "-p", "tpd-sandbox"]))?;

@@ -36,12 +36,13 @@ mod wireguard;
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use tpd_e2e::dataplane::{Lab, Via, docker};
 use wireguard::{Gateway, NETNS_VETH, NetnsPair, Userspace, VETH_SERVER_IP};
 
 use super::Figure;
 use super::cpu::Processes;
+use super::probe::{PROBE, figure, numbers, percentile};
 
 /// Port of the benchmark server.
 const PORT: u16 = 5201;
@@ -54,95 +55,6 @@ const HTTP_ROUNDS: u32 = 10;
 const NEW_CONNECTIONS: u32 = 500;
 const DNS_QUERIES: u32 = 100;
 
-/// Client and server of every measurement.
-const PROBE: &str = r#"
-import socket, sys, time, threading
-mode = sys.argv[1]
-def serve(port):
-    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(('0.0.0.0', port)); srv.listen(512)
-    buf = b'\0' * 262144
-    def handle(c):
-        try:
-            head = b''
-            while len(head) < 16:
-                b = c.recv(16 - len(head))
-                if not b: return
-                head += b
-            if head[:1] == b'd':
-                left = int(head[1:])
-                while left > 0: left -= c.send(buf[:min(left, len(buf))])
-            elif head[:1] == b'e':
-                c.sendall(head)
-            elif head[:1] == b'h':
-                f = c.makefile('rb')
-                while True:
-                    line = f.readline()
-                    if not line: return
-                    c.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok')
-        finally:
-            c.close()
-    while True:
-        c, _ = srv.accept()
-        threading.Thread(target=handle, args=(c,), daemon=True).start()
-def down(host, port, mib, streams):
-    n = mib * 1048576
-    failed = []
-    def one():
-        try:
-            s = socket.create_connection((host, port)); s.sendall(b'd' + str(n).encode().rjust(15))
-            got = 0
-            while got < n:
-                b = s.recv(1048576)
-                if not b: raise EOFError('short read: %d of %d bytes' % (got, n))
-                got += len(b)
-            s.close()
-        except Exception as e:
-            failed.append(e)
-    # Daemon threads: an interrupted run must not wait for a stream whose
-    # tunnel is gone.
-    ts = [threading.Thread(target=one, daemon=True) for _ in range(streams)]
-    t = time.time(); [x.start() for x in ts]; [x.join() for x in ts]
-    if failed: raise SystemExit('download failed: %s' % failed[0])
-    print(n * streams * 8 / (time.time() - t) / 1e6)
-def http(host, port, count):
-    s = socket.create_connection((host, port)); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.sendall(b'h' + b' ' * 15)
-    f = s.makefile('rb'); lat = []
-    for _ in range(count):
-        t = time.perf_counter(); s.sendall(b'GET / HTTP/1.1\r\n')
-        while f.readline().strip(): pass
-        f.read(2); lat.append((time.perf_counter() - t) * 1000)
-    print(' '.join('%.4f' % x for x in lat))
-def conns(host, port, count):
-    t = time.time()
-    for _ in range(count):
-        s = socket.create_connection((host, port)); s.sendall(b'e' + b' ' * 15); s.recv(16); s.close()
-    print(count / (time.time() - t))
-def dns(server, names, skip=0):
-    # Raw A queries over UDP to `server`, one per name: the resolver's
-    # time, not the C library's. The first `skip` warm a cache.
-    import struct
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); s.connect((server, 53))
-    lat = []
-    for i, name in enumerate(names):
-        q = struct.pack('>6H', i, 0x0100, 1, 0, 0, 0) + b''.join(bytes([len(p)]) + p.encode() for p in name.split('.') if p)
-        q += b'\0' + struct.pack('>HH', 1, 1)
-        t = time.perf_counter(); s.send(q)
-        r = s.recv(4096)
-        while r[:2] != q[:2]: r = s.recv(4096)
-        lat.append((time.perf_counter() - t) * 1000)
-        if r[3] & 15 or r[6:8] == b'\0\0': raise SystemExit('no address for %s (rcode %d)' % (name, r[3] & 15))
-    lat = sorted(lat[skip:]); print(lat[len(lat) // 2])
-a = sys.argv[2:]
-if mode == 'serve': serve(int(a[0]))
-elif mode == 'down': down(a[0], int(a[1]), int(a[2]), int(a[3]))
-elif mode == 'http': http(a[0], int(a[1]), int(a[2]))
-elif mode == 'conns': conns(a[0], int(a[1]), int(a[2]))
-elif mode == 'dns': dns(a[0], [a[1]] * (int(a[2]) + 1), skip=1)
-elif mode == 'dnseach': dns(a[0], [a[1].replace('{}', str(i)) for i in range(int(a[2]))])
-"#;
-
 /// Where a client runs: `argv` prefix that runs `python3 -c PROBE args…` there.
 type Runner = dyn Fn(&[String]) -> Result<String>;
 
@@ -152,18 +64,6 @@ fn in_container(container: String) -> Box<Runner> {
         all.extend(args.iter().map(String::as_str));
         docker(&all)
     })
-}
-
-fn numbers(out: &str) -> Result<Vec<f64>> {
-    out.split_whitespace().map(|v| v.parse::<f64>().with_context(|| format!("probe printed {out:?}"))).collect()
-}
-
-/// The one figure a probe prints.
-fn figure(out: &str) -> Result<f64> {
-    match numbers(out)?[..] {
-        [value] => Ok(value),
-        _ => bail!("probe printed {out:?}, not one figure"),
-    }
 }
 
 /// Throughput (single, 4 streams) and new connections per second of one path.
@@ -229,10 +129,6 @@ fn interleaved_rtts(routes: &[Route]) -> Result<Vec<Rtt>> {
             Rtt { p50: percentile(s, 0.5), p99: percentile(s, 0.99), cpu_us }
         })
         .collect())
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
 }
 
 /// A path tpd is compared with.

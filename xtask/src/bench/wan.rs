@@ -1,0 +1,243 @@
+//! `cargo xtask bench wan [--rtt MS] [--loss PCT] [--rate MBIT]`: the WAN
+//! lab of issue #22, so far its emulated link ([`tpd_wanlink`]: two network
+//! namespaces, a userspace relay with delay, loss and a rate limit) and
+//! plain TCP over it, the link's own limit that the tunnel's figures over
+//! the same link will be read against.
+//!
+//! For each profile (by default the issue's three: 20 ms; 50 ms with 0.5%
+//! loss per packet; 80 ms at 100 Mbit/s), a fresh link and:
+//! - the link as measured: UDP round trips from the laptop side to the
+//!   cluster side, p50 and p99 against the RTT asked, and the share of
+//!   them lost against `1 - (1 - loss)²` (a round trip is two packets);
+//! - with the tunnel benchmark's probe (`probe.py`), the client on the
+//!   laptop side and the server on the cluster side: one TCP stream's
+//!   throughput (64 MiB, or what came in 20 s), against the rate where one
+//!   is set, with the relay's CPU time meanwhile (share of a core, and per
+//!   packet forwarded); keep-alive request round
+//!   trips (p50, p99) against the link's; and a new connection's first
+//!   response (connect + request) against two of the link's round trips.
+//!
+//! Needs root, /dev/net/tun, iproute2 and python3; no Docker, no cluster.
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tpd_wanlink::{Echo, Link, Side, Spec};
+
+use super::Figure;
+use super::probe::{PROBE, figure, numbers, percentile};
+
+/// The probe server's port on the cluster side.
+const PORT: u16 = 5201;
+/// UDP round trips that measure the link, one per [`ECHO_INTERVAL`].
+const ECHO_COUNT: u32 = 5000;
+const ECHO_INTERVAL: Duration = Duration::from_millis(1);
+/// One stream's download: this much, or what came in [`STREAM_SECONDS`].
+const STREAM_MIB: u64 = 64;
+const STREAM_SECONDS: u64 = 20;
+const HTTP_REQUESTS: u32 = 600;
+const NEW_CONNECTIONS: u32 = 200;
+
+/// `--rtt`, `--loss`, `--rate`: one profile of the link instead of the
+/// default ones.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Flags {
+    /// `bench wan`: round-trip time of the emulated link [default: 20].
+    #[arg(long, value_name = "MS")]
+    rtt: Option<f64>,
+    /// `bench wan`: packets lost in each direction, in percent [default: 0].
+    #[arg(long, value_name = "PCT")]
+    loss: Option<f64>,
+    /// `bench wan`: rate of each direction [default: no limit but the relay's].
+    #[arg(long, value_name = "MBIT")]
+    rate: Option<f64>,
+}
+
+impl Flags {
+    pub fn given(&self) -> bool {
+        self.rtt.is_some() || self.loss.is_some() || self.rate.is_some()
+    }
+
+    /// The profiles to measure: the flags' one, or the issue's defaults.
+    fn profiles(&self) -> Result<Vec<Spec>> {
+        let ms = Duration::from_millis;
+        if !self.given() {
+            return Ok(vec![
+                Spec { rtt: ms(20), loss: 0.0, rate_mbit: None },
+                Spec { rtt: ms(50), loss: 0.005, rate_mbit: None },
+                Spec { rtt: ms(80), loss: 0.0, rate_mbit: Some(100.0) },
+            ]);
+        }
+        let rtt = self.rtt.unwrap_or(20.0);
+        if !(rtt.is_finite() && (0.0..=10_000.0).contains(&rtt)) {
+            bail!("--rtt {rtt}: give the round trip in milliseconds, 0 to 10000");
+        }
+        let loss = self.loss.unwrap_or(0.0);
+        if !(0.0..100.0).contains(&loss) {
+            bail!("--loss {loss}: give a percentage, at least 0 and below 100");
+        }
+        Ok(vec![Spec { rtt: Duration::from_secs_f64(rtt / 1e3), loss: loss / 100.0, rate_mbit: self.rate }])
+    }
+}
+
+pub fn run(flags: &Flags) -> Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    for spec in flags.profiles()? {
+        super::go_on()?;
+        eprintln!("measuring plain TCP over the emulated link ({spec})…");
+        figures.extend(profile(spec)?);
+    }
+    Ok(figures)
+}
+
+fn profile(spec: Spec) -> Result<Vec<Figure>> {
+    let link = Link::up(spec).context("bringing the emulated link up (needs root and /dev/net/tun)")?;
+    // Declared after the link: it stops before the namespaces go.
+    let _server = Server::start(&link)?;
+    let echo = link.echo(ECHO_COUNT, ECHO_INTERVAL)?;
+    let (Some(rtt_p50), Some(rtt_p99)) = (echo.percentile(0.5), echo.percentile(0.99)) else {
+        bail!("no UDP round trip over the link came back ({} sent)", echo.sent)
+    };
+    let (rtt_p50, rtt_p99) = (millis(rtt_p50), millis(rtt_p99));
+
+    super::go_on()?;
+    let (cpu_before, packets_before, started) = (link.relay_cpu(), packets(&link), Instant::now());
+    let stream = figure(&probe(&link, "down", &[STREAM_MIB.to_string(), "1".into(), STREAM_SECONDS.to_string()])?)?;
+    let (elapsed, packets) = (started.elapsed(), packets(&link) - packets_before);
+    let relay_cpu = link.relay_cpu().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
+    super::go_on()?;
+    let http = sorted(&probe(&link, "http", &[HTTP_REQUESTS.to_string()])?)?;
+    super::go_on()?;
+    let first = sorted(&probe(&link, "first", &[NEW_CONNECTIONS.to_string()])?)?;
+    report(&link, &echo);
+
+    let asked_ms = millis(spec.rtt);
+    let at = |name: &str| format!("{name} [{spec}]");
+    let mut figures = vec![
+        Figure::new(at("link rtt p50"), rtt_p50, "ms").against("asked", asked_ms),
+        Figure::new(at("link rtt p99"), rtt_p99, "ms").against("asked", asked_ms),
+        Figure::new(at("link round trips lost"), echo.loss() * 100.0, "%")
+            .against("asked: 1 - (1 - loss)^2", spec.round_trip_loss() * 100.0),
+    ];
+    let tcp = Figure::new(at("tcp 1 stream"), stream, "Mbit/s");
+    figures.push(match spec.rate_mbit {
+        Some(rate) => tcp.against("link rate", rate),
+        None => tcp,
+    });
+    if let Some(cpu) = relay_cpu {
+        let share = cpu.as_secs_f64() / elapsed.as_secs_f64() * 100.0;
+        figures.push(Figure::new(at("relay cpu during the stream"), share, "% core"));
+        let per_packet = cpu.as_secs_f64() * 1e6 / packets.max(1) as f64;
+        figures.push(Figure::new(at("relay cpu per packet"), per_packet, "us"));
+    }
+    figures.extend([
+        Figure::new(at("http keep-alive p50"), percentile(&http, 0.5), "ms").against("link rtt p50", rtt_p50),
+        Figure::new(at("http keep-alive p99"), percentile(&http, 0.99), "ms").against("link rtt p99", rtt_p99),
+        Figure::new(at("connect + first response p50"), percentile(&first, 0.5), "ms")
+            .against("2 x link rtt p50", 2.0 * rtt_p50),
+    ]);
+    Ok(figures)
+}
+
+/// Packets the relay forwarded, both ways.
+fn packets(link: &Link) -> u64 {
+    let c = link.counters();
+    c.laptop_to_cluster.forwarded + c.cluster_to_laptop.forwarded
+}
+
+/// What the relay did, on stderr beside the progress lines, with the TCP
+/// congestion control both sides use (a new namespace takes the host's).
+fn report(link: &Link, echo: &Echo) {
+    let c = link.counters();
+    let (out, back) = (c.laptop_to_cluster, c.cluster_to_laptop);
+    let cc = link
+        .enter(Side::Cluster, || std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control"))
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    eprintln!(
+        "  link: {} of {} UDP round trips; relay forwarded {}/{} packets (to cluster/back), lost {}/{}, \
+         queue drops {}/{}, handed over > {:?} late {}/{} (latest {:?}); TCP congestion control {}",
+        echo.received(),
+        echo.sent,
+        out.forwarded,
+        back.forwarded,
+        out.lost,
+        back.lost,
+        out.queue_drops,
+        back.queue_drops,
+        tpd_wanlink::LATE,
+        out.late,
+        back.late,
+        out.max_late.max(back.max_late),
+        cc.trim(),
+    );
+}
+
+/// The probe server on the cluster side; stopped when dropped.
+struct Server(Child);
+
+impl Server {
+    fn start(link: &Link) -> Result<Server> {
+        let child = link
+            .command(Side::Cluster, "python3")
+            .args(["-c", PROBE, "serve", &PORT.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the probe server (python3) on the cluster side")?;
+        let server = Server(child);
+        // Asked from its own side, so that the link's loss cannot delay it.
+        let addr = SocketAddr::from((Side::Cluster.addr(), PORT));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = link.enter(Side::Cluster, || TcpStream::connect_timeout(&addr, Duration::from_secs(1)))?;
+            match up {
+                Ok(_) => return Ok(server),
+                Err(e) if Instant::now() > deadline => bail!("the probe server did not listen on {addr}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the probe's client `mode` on the laptop side against the server;
+/// returns what it printed. Bounded by a timeout that grows with the RTT.
+fn probe(link: &Link, mode: &str, args: &[String]) -> Result<String> {
+    let server = Side::Cluster.addr().to_string();
+    let round_trips = f64::from(HTTP_REQUESTS.max(2 * NEW_CONNECTIONS));
+    let timeout = 60 + STREAM_SECONDS + (round_trips * link.spec().rtt.as_secs_f64() * 3.0) as u64;
+    // `--foreground` keeps the probe in our process group, so Ctrl-C ends
+    // it with us instead of leaving it to its timeout.
+    let out = link
+        .command(Side::Laptop, "timeout")
+        .args(["--foreground", &timeout.to_string(), "python3", "-c", PROBE, mode, &server, &PORT.to_string()])
+        .args(args)
+        .output()
+        .context("running the probe (python3) on the laptop side")?;
+    if !out.status.success() {
+        bail!("probe {mode} on the laptop side ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn sorted(out: &str) -> Result<Vec<f64>> {
+    let mut values = numbers(out)?;
+    if values.is_empty() {
+        bail!("probe printed no samples");
+    }
+    values.sort_by(f64::total_cmp);
+    Ok(values)
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
