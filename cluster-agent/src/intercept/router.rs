@@ -4,8 +4,10 @@
 //! - an HTTP/1 request line: the agent serves HTTP/1.1 itself and routes
 //!   each request: the first live route that matches sends it to its
 //!   session, anything else goes to the real container on the pod's
-//!   loopback. An `Upgrade` (WebSocket, `h2c`) that gets `101` joins the two
-//!   upgraded connections.
+//!   loopback. An `Upgrade` (WebSocket) that gets `101` joins the two
+//!   upgraded connections; an `Upgrade: h2c` is declined (the request goes
+//!   on without it), so its connection stays HTTP/1.1 and every request on
+//!   it is routed on its own.
 //! - HTTP/2's connection preface (prior knowledge, as gRPC speaks in a
 //!   cluster): the agent serves HTTP/2 and routes each stream the same way,
 //!   over one multiplexed HTTP/2 connection per destination.
@@ -177,7 +179,8 @@ impl<C: Connector> Router<C> {
 
     /// The response to `req`; an error only for an HTTP/2 stream that the
     /// upstream reset, which hyper then resets with the same reason.
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, io::Error> {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, io::Error> {
+        decline_h2c(req.headers_mut());
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let headers = |name: &str| req.headers().get_all(name).iter().map(|v| v.as_bytes());
         let target = self.registry.route(self.remote, path, headers);
@@ -320,13 +323,10 @@ impl<C: Connector> Router<C> {
     }
 
     /// On an idle connection or a new one. An `Upgrade` answered `101`
-    /// joins the client's connection to the upstream's, raw. That includes
-    /// `Upgrade: h2c` (RFC 7540 3.2): the route of the upgrade request
-    /// decides where the whole connection goes, so every later HTTP/2
-    /// stream on it follows that route whatever its own headers say (a
-    /// limit; clients with prior knowledge, as gRPC's, are routed per
-    /// stream). An upstream that does not take the upgrade just answers the
-    /// request, and the connection goes on as HTTP/1.1.
+    /// joins the client's connection to the upstream's, raw (`h2c` never
+    /// gets here: see [`decline_h2c`]). An upstream that does not take the
+    /// upgrade just answers the request, and the connection goes on as
+    /// HTTP/1.1.
     async fn forward_http1(
         &self,
         upstream: &Upstream,
@@ -486,6 +486,37 @@ impl<C: Connector> Router<C> {
             (_, Some(c)) if c.is_closed() => true,
             (Upstream::Session(session), Some(_)) => !self.registry.is_live(session),
             (Upstream::Real, Some(_)) => false,
+        }
+    }
+}
+
+/// Takes `h2c` out of a request's `Upgrade` (with `HTTP2-Settings` and
+/// their `Connection` tokens), as a server that does not speak it would:
+/// the client goes on in HTTP/1.1 (RFC 9110 7.8). Were the upgrade joined
+/// raw, every later stream of the connection would go where this request's
+/// route sent it, whatever its own headers say; declined, each request is
+/// routed on its own. (RFC 9113 deprecated the upgrade; gRPC and other
+/// clients speak HTTP/2 with prior knowledge, routed per stream.)
+fn decline_h2c(headers: &mut header::HeaderMap) {
+    let tokens = |v: &header::HeaderValue| -> Vec<String> {
+        v.to_str().unwrap_or_default().split(',').map(|t| t.trim().to_ascii_lowercase()).collect()
+    };
+    let asks_h2c = headers.get_all(header::UPGRADE).iter().any(|v| tokens(v).iter().any(|t| t == "h2c"));
+    if !asks_h2c {
+        return;
+    }
+    let others: Vec<String> =
+        headers.get_all(header::UPGRADE).iter().flat_map(tokens).filter(|t| t != "h2c" && !t.is_empty()).collect();
+    headers.remove(header::UPGRADE);
+    headers.remove("http2-settings");
+    let mut connection: Vec<String> = headers.get_all(header::CONNECTION).iter().flat_map(tokens).collect();
+    connection.retain(|t| t != "http2-settings" && (t != "upgrade" || !others.is_empty()) && !t.is_empty());
+    headers.remove(header::CONNECTION);
+    for (name, values) in [(header::UPGRADE, others), (header::CONNECTION, connection)] {
+        if let Ok(value) = header::HeaderValue::from_str(&values.join(", "))
+            && !values.is_empty()
+        {
+            headers.insert(name, value);
         }
     }
 }

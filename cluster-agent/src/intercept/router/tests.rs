@@ -452,17 +452,17 @@ async fn read_head(sock: &mut TcpStream) -> String {
     String::from_utf8(head).unwrap()
 }
 
-/// A WebSocket's and an `h2c` upgrade alike: the upgrade request's
-/// route takes the whole connection, and after the `101` its bytes
-/// (here HTTP/2's preface, as the client's next) go there raw.
+/// A WebSocket upgrade: the upgrade request's route takes the whole
+/// connection, and after the `101` its bytes (here HTTP/2's preface, as
+/// the client's next) go there raw.
 #[tokio::test]
 async fn an_upgrade_joins_both_connections_after_101() {
     let real = fake_app("real").await;
     let addr = router(real).await;
-    let h2c = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n";
     let websocket = "Connection: upgrade\r\nUpgrade: websocket\r\n";
     for (dev, name) in [("alice", "alice"), ("nobody", "real")] {
-        for (protocol, upgrade) in [("websocket", websocket), ("h2c", h2c)] {
+        {
+            let (protocol, upgrade) = ("websocket", websocket);
             let mut sock = TcpStream::connect(addr).await.unwrap();
             let req = format!("GET /ws HTTP/1.1\r\nHost: app\r\nx-dev: {dev}\r\n{upgrade}\r\n");
             sock.write_all(req.as_bytes()).await.unwrap();
@@ -476,6 +476,41 @@ async fn an_upgrade_joins_both_connections_after_101() {
             assert_eq!(got, want, "{protocol} for {dev}");
         }
     }
+}
+
+/// An `Upgrade: h2c` is declined: the answer is the route's own, in
+/// HTTP/1.1, and every later request of the connection is routed on its own.
+#[tokio::test]
+async fn an_h2c_upgrade_is_declined_so_each_request_is_routed_on_its_own() {
+    let real = fake_app("real").await;
+    let addr = router(real).await;
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    let ask = |path: &str, dev: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: app\r\nx-dev: {dev}\r\n{extra}\r\n").into_bytes()
+    };
+    let h2c = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n";
+    for (path, dev, extra, want) in [
+        ("/a", "alice", h2c, "alice /a"),
+        ("/b", "nobody", "", "real /b"),
+        ("/c", "bob", h2c, "bob /c"),
+        ("/d", "alice", "", "alice /d"),
+    ] {
+        sock.write_all(&ask(path, dev, extra)).await.unwrap();
+        let head = read_head(&mut sock).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        let mut body = vec![0u8; want.len()];
+        within(sock.read_exact(&mut body)).await.unwrap();
+        assert_eq!(String::from_utf8(body).unwrap(), want);
+    }
+    // What the upstream got: no trace of the upgrade (a fake app would have said 101).
+    let mut headers = header::HeaderMap::new();
+    headers.insert(header::CONNECTION, header::HeaderValue::from_static("keep-alive, Upgrade, HTTP2-Settings"));
+    headers.insert(header::UPGRADE, header::HeaderValue::from_static("h2c, websocket"));
+    headers.insert("http2-settings", header::HeaderValue::from_static("AAMA"));
+    decline_h2c(&mut headers);
+    assert_eq!(headers[header::UPGRADE], "websocket");
+    assert_eq!(headers[header::CONNECTION], "keep-alive, upgrade");
+    assert!(!headers.contains_key("http2-settings"));
 }
 
 /// What is logged at warn on this thread (the test's runtime has one)
