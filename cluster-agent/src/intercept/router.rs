@@ -59,12 +59,18 @@ const POOL_MAX: usize = 8;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// The HTTP/2 connection to one destination, which every stream to it
-/// shares (HTTP/2 multiplexes them); locked while it is being opened, so
-/// that the streams arriving meanwhile wait for that one connection. All
-/// clients' streams to it then share its flow-control window and the
-/// upstream's limit on concurrent streams (past it, streams wait).
+/// The HTTP/2 connection to one destination, which the streams of one
+/// client connection to it share (HTTP/2 multiplexes them); locked while
+/// it is being opened, so that the streams arriving meanwhile wait for
+/// that one connection.
 type Shared = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
+
+/// A client connection's HTTP/2 connections, one per destination. Each
+/// client connection has its own, so its streams share a flow-control
+/// window and a limit on concurrent streams upstream only with each other,
+/// as they do on the client's own connection: a client that stops reading
+/// never stalls another's streams.
+type H2Upstreams = Mutex<HashMap<Upstream, Shared>>;
 
 /// Where a request goes: the real container, or a session.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -80,8 +86,8 @@ pub struct Router<C> {
     sessions: C,
     /// Idle HTTP/1 client connections, by destination.
     pool: Mutex<HashMap<Upstream, Vec<http1::SendRequest<Body>>>>,
-    /// The HTTP/2 connection to each destination.
-    shared: Mutex<HashMap<Upstream, Shared>>,
+    /// The HTTP/2 connection to each destination that copies go on.
+    copies_h2: H2Upstreams,
     /// Whether TLS was seen on this port: the warning is said once.
     tls_seen: AtomicBool,
     /// The queue of copies for each mirroring session, which its copier reads.
@@ -101,7 +107,7 @@ impl<C: Connector> Router<C> {
             registry,
             sessions,
             pool: Mutex::default(),
-            shared: Mutex::default(),
+            copies_h2: Mutex::default(),
             tls_seen: AtomicBool::new(false),
             copiers: Mutex::default(),
             queued_bytes: AtomicUsize::new(0),
@@ -131,7 +137,8 @@ impl<C: Connector> Router<C> {
         let kind = classify(&head).unwrap_or(FirstBytes::Other);
         let client = TokioIo::new(Prefixed::new(head, sock));
         let this = self.clone();
-        let service = hyper::service::service_fn(move |req| this.clone().handle(req));
+        let h2 = Arc::new(H2Upstreams::default());
+        let service = hyper::service::service_fn(move |req| this.clone().handle(req, h2.clone()));
         let served = match kind {
             // Header names as the client wrote them, to the upstream as they were.
             FirstBytes::Http1 => {
@@ -179,7 +186,11 @@ impl<C: Connector> Router<C> {
 
     /// The response to `req`; an error only for an HTTP/2 stream that the
     /// upstream reset, which hyper then resets with the same reason.
-    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, io::Error> {
+    async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        h2: Arc<H2Upstreams>,
+    ) -> Result<Response<Body>, io::Error> {
         decline_h2c(req.headers_mut());
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let headers = |name: &str| req.headers().get_all(name).iter().map(|v| v.as_bytes());
@@ -193,7 +204,7 @@ impl<C: Connector> Router<C> {
             tracing::debug!(session = target.session, port = self.remote, "a request to the session");
         }
         let req = self.copying(req, mirrors);
-        let err = match self.forward(target.as_ref(), req).await {
+        let err = match self.forward(target.as_ref(), req, &h2).await {
             Ok(resp) => return Ok(resp),
             Err(e) => e,
         };
@@ -297,7 +308,7 @@ impl<C: Connector> Router<C> {
         let Duplicate { target, request } = copy;
         let request = request.map(|b| http_body_util::Full::new(b).map_err(|never| match never {}).boxed());
         let answered = tokio::time::timeout(mirror::ANSWER_WITHIN, async {
-            let resp = self.forward(Some(&target), request).await?;
+            let resp = self.forward(Some(&target), request, &self.copies_h2).await?;
             resp.into_body().collect().await.map_err(io::Error::other)
         });
         let outcome = match answered.await {
@@ -314,10 +325,15 @@ impl<C: Connector> Router<C> {
     /// Sends `req` to the session of `target` (the real container without
     /// one) in the client's HTTP version, and returns the response as it
     /// arrives (its body streams on).
-    async fn forward(&self, target: Option<&Target>, req: Request<Body>) -> io::Result<Response<Body>> {
+    async fn forward(
+        &self,
+        target: Option<&Target>,
+        req: Request<Body>,
+        h2: &H2Upstreams,
+    ) -> io::Result<Response<Body>> {
         let upstream = target.map_or(Upstream::Real, |t| Upstream::Session(t.session.clone()));
         match req.version() {
-            Version::HTTP_2 => self.forward_http2(&upstream, target, req).await,
+            Version::HTTP_2 => self.forward_http2((h2, &upstream), target, req).await,
             _ => self.forward_http1(&upstream, target, req).await,
         }
     }
@@ -356,14 +372,14 @@ impl<C: Connector> Router<C> {
         Ok(resp.map(BodyExt::boxed))
     }
 
-    /// As a stream of the destination's shared connection. Trailers (a gRPC
+    /// As a stream of the destination's connection in `h2`. Trailers (a gRPC
     /// status) come as the body's last frame; dropping the response or its
     /// body, as hyper does when the client resets its stream, resets the
     /// upstream's, and a reset from the upstream ends the client's body
     /// with an error, which resets the client's stream.
     async fn forward_http2(
         &self,
-        upstream: &Upstream,
+        (h2, upstream): (&H2Upstreams, &Upstream),
         target: Option<&Target>,
         mut req: Request<Body>,
     ) -> io::Result<Response<Body>> {
@@ -374,14 +390,14 @@ impl<C: Connector> Router<C> {
             // `:scheme: http`, what a cleartext port carries.
             *req.version_mut() = Version::HTTP_11;
         }
-        let mut shared = self.shared(upstream, target).await?;
+        let mut shared = self.shared(h2, upstream, target).await?;
         let resp = match shared.try_send_request(req).await {
             Ok(resp) => resp,
             // The connection closed since it was looked up: the request
             // comes back unsent and goes on a new one.
             Err(e) => {
                 let req = unsent(e)?;
-                self.shared(upstream, target).await?.send_request(req).await.map_err(io::Error::other)?
+                self.shared(h2, upstream, target).await?.send_request(req).await.map_err(io::Error::other)?
             }
         };
         Ok(resp.map(BodyExt::boxed))
@@ -451,12 +467,17 @@ impl<C: Connector> Router<C> {
         }
     }
 
-    /// The HTTP/2 connection to `upstream`, opened when there is none or
-    /// it closed. A stream waits for the opening of another, and when that
-    /// fails, tries once itself: each stream gets its own answer.
-    async fn shared(&self, upstream: &Upstream, target: Option<&Target>) -> io::Result<http2::SendRequest<Body>> {
+    /// The HTTP/2 connection in `h2` to `upstream`, opened when there is
+    /// none or it closed. A stream waits for the opening of another, and
+    /// when that fails, tries once itself: each stream gets its own answer.
+    async fn shared(
+        &self,
+        h2: &H2Upstreams,
+        upstream: &Upstream,
+        target: Option<&Target>,
+    ) -> io::Result<http2::SendRequest<Body>> {
         let slot = {
-            let mut shared = lock(&self.shared);
+            let mut shared = lock(h2);
             shared.retain(|to, slot| !self.unused(to, slot));
             shared.entry(upstream.clone()).or_default().clone()
         };
