@@ -245,12 +245,16 @@ fn cluster_state(sb: &Sandbox) -> Value {
         services.push(serde_json::json!({"spec": svc["spec"], "annotations": svc["metadata"]["annotations"]}));
     }
     let mut deployment = user_owned(session::deployment_json(sb, NS, API).unwrap());
-    // Live sessions renew their leases meanwhile: that is not a change.
+    // Live sessions renew their leases, and with them what they got,
+    // meanwhile: that is not a change.
     if let Some(annotations) = deployment["metadata"]["annotations"].as_object_mut() {
         for (key, value) in annotations.iter_mut() {
             if key.starts_with("tpd.dev/intercept.") {
                 let mut entry: Value = serde_json::from_str(value.as_str().unwrap_or_default()).unwrap_or_default();
-                entry.as_object_mut().map(|e| e.remove("renewTime"));
+                if let Some(e) = entry.as_object_mut() {
+                    e.remove("renewTime");
+                    e.remove("traffic");
+                }
                 *value = entry;
             }
         }
@@ -299,6 +303,16 @@ fn two_developers_intercept_one_workload_by_header_and_leave_it_as_it_was() -> a
     assert_eq!(answered(&result, "alice"), serde_json::json!({"alice": 100}), "{result}");
     assert_eq!(answered(&result, "bob"), serde_json::json!({"bob": 100}), "{result}");
     assert_eq!(answered(&result, "none"), serde_json::json!({"real": 100}), "{result}");
+    // `tpd status` on another machine shows what reached each developer in
+    // the last minute (written at each renewal, within about 10 s).
+    let started = Instant::now();
+    let mut status = status_of(&sb, NS, &alice.session)?;
+    while status["last_minute"].as_u64() < Some(100) && started.elapsed() < Duration::from_secs(20) {
+        tpd_e2e::interrupt::pause(Duration::from_secs(1))?;
+        status = status_of(&sb, NS, &alice.session)?;
+    }
+    eprintln!("tpd status, alice's intercept: {status}");
+    assert!(status["last_minute"].as_u64() >= Some(100), "alice's 100 requests in the last minute: {status}");
 
     // The cluster replaces every pod under both sessions (a node drained):
     // each session moves its tunnel to a new home and registers with the
