@@ -446,30 +446,33 @@ pub async fn end(client: &kube::Client, namespace: &str, name: &str, session: &s
     if Record::read(&current)?.is_none() {
         return Ok(Ended::NotIntercepted);
     }
-    let had_entry = remove_entry(&api, &current, session).await?;
+    let had_entry = remove_own_entry(&api, name, session).await?;
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
-    for _ in 0..ATTEMPTS {
-        if restore_if_unused(&api, &services, name, Grace::None).await? {
-            return Ok(Ended::Restored);
-        }
-        let Some(current) = api.get_opt(name).await? else {
-            return Ok(Ended::NotIntercepted);
-        };
-        let Some(until) = stale_until(&live_entries(&current, Timestamp::now(), Grace::None), Timestamp::now()) else {
-            break;
-        };
+    if restore_if_unused(&api, &services, name, Grace::None).await? {
+        return Ok(Ended::Restored);
+    }
+    // Once at most: those sessions' leases end within a renewal period.
+    let Some(current) = api.get_opt(name).await? else {
+        return Ok(Ended::NotIntercepted);
+    };
+    if let Some(until) = stale_until(&live_entries(&current, Timestamp::now(), Grace::None), Timestamp::now()) {
         let wait = Duration::try_from(until.duration_since(Timestamp::now())).unwrap_or_default();
         tracing::info!("waiting {wait:?} for the lease of intercept sessions that stopped renewing");
         tokio::time::sleep(wait + Duration::from_millis(500)).await;
+        if restore_if_unused(&api, &services, name, Grace::None).await? {
+            return Ok(Ended::Restored);
+        }
     }
     Ok(if had_entry { Ended::Left } else { Ended::NotIntercepted })
 }
 
-/// When every one of the `live` entries has missed a renewal (its lease
-/// ends sooner than a renewing session's ever does): when the last of them
-/// runs out. `None` if one of them is renewing.
+/// When every one of the `live` entries has missed two renewals (one
+/// merely late, behind a slow API server, is still renewing): when the
+/// last of them runs out, within one renewal period. `None` if one of them
+/// is renewing.
 fn stale_until(live: &[Entry], now: Timestamp) -> Option<Timestamp> {
-    let renewing = k8s_openapi::jiff::SignedDuration::try_from(intercept::LEASE - intercept::RENEW_EVERY).ok()?;
+    let renewing = intercept::LEASE.saturating_sub(intercept::RENEW_EVERY * 2);
+    let renewing = k8s_openapi::jiff::SignedDuration::try_from(renewing).ok()?;
     let stale = |e: &Entry| e.expires() < now + renewing;
     if live.is_empty() || !live.iter().all(stale) {
         return None;
@@ -477,12 +480,20 @@ fn stale_until(live: &[Entry], now: Timestamp) -> Option<Timestamp> {
     live.iter().map(Entry::expires).max()
 }
 
-/// Removes `session`'s entry if `d` has it (and it was not changed
-/// meanwhile); returns whether it had one.
-async fn remove_entry(api: &Api<Deployment>, d: &Deployment, session: &str) -> anyhow::Result<bool> {
+/// What became of a session's entry.
+enum Removed {
+    Yes,
+    Absent,
+    /// It changed since it was read: renewed (its session lives) or
+    /// removed by someone else.
+    Changed,
+}
+
+/// Removes `session`'s entry as `d` shows it, guarded by its value.
+async fn remove_entry_as_read(api: &Api<Deployment>, d: &Deployment, session: &str) -> anyhow::Result<Removed> {
     let key = entry_key(session);
     let Some(value) = d.metadata.annotations.as_ref().and_then(|a| a.get(&key)) else {
-        return Ok(false);
+        return Ok(Removed::Absent);
     };
     let name = d.metadata.name.clone().unwrap_or_default();
     let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
@@ -490,11 +501,27 @@ async fn remove_entry(api: &Api<Deployment>, d: &Deployment, session: &str) -> a
         { "op": "remove", "path": annotation_pointer(&key) },
     ]))?;
     match api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
-        // Renewed or removed meanwhile (by this session's renewal, or a repair): read again next time.
-        Err(e) if conflict(&e) => Ok(true),
+        Ok(_) => Ok(Removed::Yes),
+        Err(e) if conflict(&e) => Ok(Removed::Changed),
         Err(e) => Err(anyhow::Error::from(e).context(format!("cannot remove the intercept of deployment/{name}"))),
-        Ok(_) => Ok(true),
     }
+}
+
+/// Removes the ending `session`'s own entry from deployment/`name`,
+/// reading it again when its last renewal landed meanwhile; returns
+/// whether it had one.
+async fn remove_own_entry(api: &Api<Deployment>, name: &str, session: &str) -> anyhow::Result<bool> {
+    for attempt in 1..=ATTEMPTS {
+        let Some(current) = api.get_opt(name).await? else {
+            return Ok(false);
+        };
+        match remove_entry_as_read(api, &current, session).await? {
+            Removed::Yes => return Ok(true),
+            Removed::Absent => return Ok(attempt > 1),
+            Removed::Changed => tracing::debug!(attempt, "the session's intercept entry changed while tpd removed it"),
+        }
+    }
+    anyhow::bail!("the intercept entry of session {session} changed {ATTEMPTS} times while tpd removed it")
 }
 
 /// Restores deployment/`name` when it is intercepted and no live session is
@@ -566,7 +593,10 @@ pub async fn repair(client: &kube::Client, d: &Deployment) -> anyhow::Result<boo
     let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let now = Timestamp::now();
     for gone in Entry::all(d).iter().filter(|e| lease::past_grace(e.expires(), now)) {
-        remove_entry(&api, d, &gone.session).await?;
+        // Renewed meanwhile: its session is back, and keeps its entry.
+        if !matches!(remove_entry_as_read(&api, d, &gone.session).await?, Removed::Yes) {
+            continue;
+        }
         eprintln!(
             "tpd: ended the intercept of deployment/{name} in {ns} by {} ({}): its session stopped renewing its lease at {}",
             gone.holder, gone.filter, gone.renew_time.0
@@ -596,12 +626,13 @@ mod tests {
     fn the_last_session_waits_out_only_sessions_that_missed_a_renewal() {
         let now: Timestamp = "2026-12-07T10:02:00Z".parse().unwrap();
         // (seconds since each other session renewed, what to wait for)
-        let table: [(&[i64], Option<i64>); 5] = [
-            (&[], None),         // nobody else: restore at once
-            (&[1], None),        // renewing: it keeps the intercept
-            (&[7], Some(8)),     // missed a renewal: its lease ends in 8 s
-            (&[7, 12], Some(8)), // the later of the two
-            (&[7, 2], None),     // one of them is renewing
+        let table: [(&[i64], Option<i64>); 6] = [
+            (&[], None),          // nobody else: restore at once
+            (&[1], None),         // renewing: it keeps the intercept
+            (&[7], None),         // a renewal late behind a slow API server: still renewing
+            (&[11], Some(4)),     // missed two renewals: its lease ends in 4 s
+            (&[11, 14], Some(4)), // the later of the two
+            (&[11, 2], None),     // one of them is renewing
         ];
         for (ago, want) in table {
             let live: Vec<Entry> = ago.iter().enumerate().map(|(i, s)| entry(&format!("s{i}"), *s, now)).collect();

@@ -183,7 +183,12 @@ pub fn session_containers(session: &str) -> Result<Vec<String>> {
 /// guardian runs detached, so its log is the only account of a cleanup that
 /// went wrong.
 pub fn session_logs(sb: &Sandbox, session: &str) -> String {
-    let dir = sb.home.cache().join("tpd");
+    session_logs_in(&sb.home, session)
+}
+
+/// [`session_logs`] of a session started from `home`.
+pub fn session_logs_in(home: &Home, session: &str) -> String {
+    let dir = home.cache().join("tpd");
     let mut out = String::new();
     for name in [format!("{session}.log"), format!("{session}-guardian.log")] {
         let text = std::fs::read_to_string(dir.join(&name)).unwrap_or_else(|e| format!("({e})"));

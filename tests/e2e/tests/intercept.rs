@@ -138,7 +138,7 @@ print(json.dumps({"register": stream(b"r", register),
 /// One developer's `tpd run --intercept`, from a home of their own.
 struct Developer {
     /// The developer's machine: held for the session's life.
-    _home: Home,
+    home: Home,
     container: String,
     child: Option<Child>,
     session: String,
@@ -175,7 +175,7 @@ impl Developer {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()?;
-        let mut dev = Developer { _home: home, container, child: Some(child), session: String::new() };
+        let mut dev = Developer { home, container, child: Some(child), session: String::new() };
         let deadline = started + Duration::from_secs(180);
         while !session::docker_exec(&dev.container, "true").0 {
             let child = dev.child.as_mut().unwrap();
@@ -191,9 +191,14 @@ impl Developer {
         Ok(dev)
     }
 
-    /// Ctrl-C, as the developer ends the session; what tpd said.
+    /// Ctrl-C, as the developer ends the session; what tpd said. Every
+    /// step of the cleanup must have succeeded.
     fn stop(&mut self) -> anyhow::Result<String> {
-        session::interrupt(self.child.take().unwrap())
+        let said = session::interrupt(self.child.take().unwrap())?;
+        if said.contains("cleanup could not") {
+            anyhow::bail!("{said}\n{}", session::session_logs_in(&self.home, &self.session));
+        }
+        Ok(said)
     }
 
     /// SIGKILL of tpd and its guardian: a laptop that vanished.
@@ -683,6 +688,21 @@ lat.sort()
 print(json.dumps({"p50_ms": lat[len(lat) // 2] * 1000 if lat else None, "errors": errors[:5], "not_real": not_real[:5]}))
 "#;
 
+/// Opens a TLS connection to `api.mirror` (the echo server behind it does
+/// not speak TLS, so the handshake fails after the ClientHello went out).
+const TLS_CLIENT: &str = r#"
+import socket, ssl
+try:
+    ssl.create_default_context().wrap_socket(socket.create_connection(("api.mirror", 80), timeout=5), server_hostname="api")
+except Exception as e:
+    print("handshake failed as expected:", type(e).__name__)
+"#;
+
+/// Long enough for a session to renew with every agent and hear back.
+fn intercept_renewal() -> Duration {
+    tpd_wire::intercept::RENEW_EVERY + Duration::from_secs(2)
+}
+
 /// Runs [`MIRROR_CLIENT`] in a pod: its JSON line.
 fn mirror_client(sb: &Sandbox, pod: &str) -> Value {
     let (phase, logs) = session::run_pod(sb, pod, images::DEBIAN, &["python3", "-c", MIRROR_CLIENT, "200"]).unwrap();
@@ -782,8 +802,15 @@ fn a_mirror_gets_a_copy_of_every_request_and_never_slows_or_fails_one() -> anyho
     assert_eq!(accounted(&status), 400, "every copy is counted, answered or dropped: {status}");
     assert!(status["mirrored"].as_u64() >= Some(200), "the running app's 200 copies were answered: {status}");
     assert!(status["dropped"].as_u64() >= Some(1), "the stopped app's copies in flight were dropped: {status}");
+    // A client speaking TLS to the port: its requests cannot be read, and
+    // the session's user is told so once (at the next renewal).
+    let (_, said) = session::run_pod(&sb, "tls-client", images::DEBIAN, &["python3", "-c", TLS_CLIENT])?;
+    eprintln!("a TLS client: {said}");
+    tpd_e2e::interrupt::pause(intercept_renewal())?;
     let output = erin.stop()?;
     eprintln!("erin's session ended: {output}");
+    let warned = output.matches("clients speak TLS to port 8080").count();
+    assert_eq!(warned, 1, "tpd tells the user once that a port carries TLS:\n{output}");
     other.stop()?;
     drop(cleanup);
     Ok(())
