@@ -302,16 +302,7 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     // left in flight, and still restores the Deployment and removes the
     // dead mounts (with the sidecar image's `release-volumes` helper) and
     // the volume directory.
-    let child =
-        tpd_spawn(&sb, &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &swap, "--", "sleep", "600"])?;
-    cleanup.children.push(child);
-    let (_, session_id) = session::wait_swapped(&sb, NS, DEPLOYMENT, Duration::from_secs(60))?;
-    cleanup.sessions.push(session_id.clone());
-    let started = Instant::now();
-    while !docker_exec(&dev, "cat /work/from-init").0 {
-        assert!(started.elapsed() < Duration::from_secs(90), "the second session's volumes never showed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let session_id = swapped_with_volumes(&sb, &mut cleanup, &dev, &swap)?;
     assert!(!host_mounts_of(&session_id).is_empty(), "the session's mounts show on the host");
     let sidecar = format!("tpd-sidecar-{session_id}");
     assert!(Command::new("docker").args(["kill", "-s", "KILL", &sidecar]).output()?.status.success());
@@ -361,16 +352,7 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     // nothing on this machine either, dead FUSE mounts included, and
     // `tpd restore` puts the Deployment back.
     let mut cleanup = Cleanup::default();
-    let child =
-        tpd_spawn(&sb, &["run", "--image", images::DEBIAN, "--name", &dev, "--swap", &swap, "--", "sleep", "600"])?;
-    cleanup.children.push(child);
-    let (_, session_id) = session::wait_swapped(&sb, NS, DEPLOYMENT, Duration::from_secs(60))?;
-    cleanup.sessions.push(session_id.clone());
-    let started = Instant::now();
-    while !docker_exec(&dev, "cat /work/from-init").0 {
-        assert!(started.elapsed() < Duration::from_secs(90), "the third session's volumes never showed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let session_id = swapped_with_volumes(&sb, &mut cleanup, &dev, &swap)?;
     session::kill_guardian(&session_id);
     let sidecar = format!("tpd-sidecar-{session_id}");
     assert!(Command::new("docker").args(["kill", "-s", "KILL", &sidecar]).output()?.status.success());
@@ -385,6 +367,23 @@ fn swapped_pods_volumes_and_env_in_the_local_container() -> anyhow::Result<()> {
     assert!(out.status.success(), "tpd restore: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(user_owned(session::deployment_json(&sb, NS, DEPLOYMENT)?), original, "restored by tpd restore");
     Ok(())
+}
+
+/// Starts `tpd run --swap SWAP -- sleep 600` as container `dev` and waits
+/// until the swap is made and the init container's file shows through the
+/// volumes; the session's id.
+fn swapped_with_volumes(sb: &Sandbox, cleanup: &mut Cleanup, dev: &str, swap: &str) -> anyhow::Result<String> {
+    let child =
+        tpd_spawn(sb, &["run", "--image", images::DEBIAN, "--name", dev, "--swap", swap, "--", "sleep", "600"])?;
+    cleanup.children.push(child);
+    let (_, session_id) = session::wait_swapped(sb, NS, DEPLOYMENT, Duration::from_secs(60))?;
+    cleanup.sessions.push(session_id.clone());
+    let started = Instant::now();
+    while !docker_exec(dev, "cat /work/from-init").0 {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(90), "session {session_id}'s volumes never showed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(session_id)
 }
 
 /// `KEY=VALUE` lines between the script's env markers.

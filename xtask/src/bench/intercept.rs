@@ -228,23 +228,8 @@ fn mirror_costs(sb: &Sandbox, cleanup: &mut Cleanup) -> Result<Vec<Figure>> {
     let plain = from_a_pod(sb, "latency-no-mirror", LATENCY, &ip, &agent_port, "2000")?;
     let plain_rps = from_a_pod(sb, "rps-no-mirror", THROUGHPUT, &ip, &agent_port, "5")?;
     let home = Home::new()?;
-    let dev = format!("tpd-bench-mirror-{}", std::process::id());
-    let child = session::tpd_in(sb, &home)?
-        .args(["run", "-n", NS, "--image", images::DEBIAN, "--name", &dev])
-        .args(["--intercept", "deployment/api", "--port", "8080:9000", "--mirror"])
-        .args(["--", "sh", "-c", SERVE])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting tpd")?;
-    cleanup.children.push(child);
-    let started = Instant::now();
-    while !session::docker_exec(&dev, "true").0 {
-        if started.elapsed() > Duration::from_secs(180) {
-            bail!("the mirror did not start within 180 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let run = ["--intercept", "deployment/api", "--port", "8080:9000", "--mirror", "--", "sh", "-c", SERVE];
+    start_session(sb, cleanup, &home, "mirror", &run)?;
     // Every agent registers the session within a second or two of the home's.
     std::thread::sleep(Duration::from_secs(3));
     let mirrored = from_a_pod(sb, "latency-mirror", LATENCY, &ip, &agent_port, "2000")?;
@@ -290,23 +275,9 @@ fn grpc_through_the_agent(sb: &Sandbox, cleanup: &mut Cleanup) -> Result<Vec<Fig
     sb.apply(&tpd_e2e::intercept::grpc_workload(NS))?;
     sb.rolled_out(NS, "grpc")?;
     let home = Home::new()?;
-    let dev = format!("tpd-bench-grpc-{}", std::process::id());
-    let child = session::tpd_in(sb, &home)?
-        .args(["run", "-n", NS, "--image", images::DEBIAN, "--name", &dev])
-        .args(["--intercept", "deployment/grpc", "--port", "50051:50051", "--header", "x-dev=bench"])
-        .args(["--", "python3", "-c", tpd_e2e::intercept::GRPC_SERVER, "bench", "127.0.0.1:50051"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting tpd")?;
-    cleanup.children.push(child);
-    let started = Instant::now();
-    while !session::docker_exec(&dev, "true").0 {
-        if started.elapsed() > Duration::from_secs(180) {
-            bail!("the gRPC intercept did not start within 180 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let intercept = ["--intercept", "deployment/grpc", "--port", "50051:50051", "--header", "x-dev=bench"];
+    let serve = ["--", "python3", "-c", tpd_e2e::intercept::GRPC_SERVER, "bench", "127.0.0.1:50051"];
+    start_session(sb, cleanup, &home, "grpc", &[&intercept[..], &serve[..]].concat())?;
     let (ip, agent_port) = agent_of(sb, "grpc", 50051)?;
     let direct = from_a_pod(sb, "grpc-direct", GRPC_LATENCY, &ip, "50051", "1000")?;
     let agent = from_a_pod(sb, "grpc-agent", GRPC_LATENCY, &ip, &agent_port, "1000")?;
@@ -316,6 +287,28 @@ fn grpc_through_the_agent(sb: &Sandbox, cleanup: &mut Cleanup) -> Result<Vec<Fig
         Figure::new("intercept: gRPC unary call through the agent, p99", ms(&agent, "p99"), "ms")
             .against("straight to the server's port", ms(&direct, "p99")),
     ])
+}
+
+/// Starts `tpd run -n NS --image DEBIAN --name tpd-bench-WHAT-PID ARGS`
+/// from `home` and waits until its local container runs.
+fn start_session(sb: &Sandbox, cleanup: &mut Cleanup, home: &Home, what: &str, args: &[&str]) -> Result<()> {
+    let dev = format!("tpd-bench-{what}-{}", std::process::id());
+    let child = session::tpd_in(sb, home)?
+        .args(["run", "-n", NS, "--image", images::DEBIAN, "--name", &dev])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tpd")?;
+    cleanup.children.push(child);
+    let started = Instant::now();
+    while !session::docker_exec(&dev, "true").0 {
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!("the {what} session did not start within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 fn epoch_ms() -> u128 {
