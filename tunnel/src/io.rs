@@ -15,8 +15,17 @@ use tokio::sync::mpsc;
 
 use tpd_wire::{control, frame, hello, inbound, preamble};
 
+/// How long a DNS query over UDP waits for its answer before it is sent
+/// again, then twice as long each time, within the exchange's timeout (as
+/// stub resolvers do): a datagram lost on a lossy link, or inside the
+/// tunnel, costs this much instead of the whole timeout. Several RTTs of
+/// a far cluster, so a slow answer is seldom asked twice (and a second
+/// answer to the same id is never read).
+pub const DNS_RESEND_AFTER: Duration = Duration::from_millis(400);
+
 /// Sends one DNS query to `server` over UDP and returns the answer carrying
-/// the same id, or a timeout after `timeout`.
+/// the same id, or a timeout after `timeout`; the query is sent again
+/// after [`DNS_RESEND_AFTER`], 2x, 4x... while no answer came.
 pub async fn dns_exchange(query: &[u8], server: std::net::SocketAddr, timeout: Duration) -> io::Result<Vec<u8>> {
     let sock = dns_socket(server).await?;
     dns_exchange_on(&sock, query, timeout).await
@@ -32,18 +41,25 @@ pub async fn dns_socket(server: std::net::SocketAddr) -> io::Result<tokio::net::
 
 /// [`dns_exchange`] on a socket already connected to the server.
 pub async fn dns_exchange_on(sock: &tokio::net::UdpSocket, query: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
-    sock.send(query).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut wait = DNS_RESEND_AFTER;
     let mut buf = vec![0u8; 4096];
     loop {
-        let n = tokio::time::timeout(timeout, sock.recv(&mut buf))
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-        // Only the answer to this query (same id); a late answer to an
-        // earlier one is skipped.
-        if n >= 2 && buf[..2] == query[..2] {
-            buf.truncate(n);
-            return Ok(buf);
+        sock.send(query).await?;
+        let resend_at = (tokio::time::Instant::now() + wait).min(deadline);
+        while let Ok(received) = tokio::time::timeout_at(resend_at, sock.recv(&mut buf)).await {
+            let n = received?;
+            // Only the answer to this query (same id); a late answer to an
+            // earlier one is skipped.
+            if n >= 2 && buf[..2] == query[..2] {
+                buf.truncate(n);
+                return Ok(buf);
+            }
         }
+        if resend_at >= deadline {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        wait *= 2;
     }
 }
 
@@ -281,6 +297,45 @@ pub async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
+
+    /// A nameserver that drops the first `drop` datagrams of every query id
+    /// and answers the next by echoing it; the datagrams it got.
+    async fn lossy_nameserver(drop: usize) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = got.clone();
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashMap::<[u8; 2], usize>::new();
+            let mut buf = vec![0u8; 512];
+            while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let times = seen.entry([buf[0], buf[1]]).or_default();
+                *times += 1;
+                if *times > drop {
+                    let _ = udp.send_to(&buf[..n], from).await;
+                }
+            }
+        });
+        (addr, got)
+    }
+
+    #[tokio::test]
+    async fn a_lost_dns_query_is_sent_again_long_before_the_timeout() {
+        let (server, got) = lossy_nameserver(1).await;
+        let answer = dns_exchange(b"\x12\x34query", server, Duration::from_secs(4)).await.unwrap();
+        assert_eq!(answer, b"\x12\x34query");
+        // The first one was dropped and never answered: the second got the answer.
+        assert_eq!(got.load(std::sync::atomic::Ordering::Relaxed), 2, "sent once more");
+        // Every datagram lost: sent at 0, 0.4 and 1.2 s, then a timeout at 1.5 s.
+        let (server, got) = lossy_nameserver(usize::MAX).await;
+        let started = tokio::time::Instant::now();
+        let err = dns_exchange(b"\x56\x78query", server, Duration::from_millis(1500)).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(got.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert!(started.elapsed() >= Duration::from_millis(1500), "gave up early: {:?}", started.elapsed());
+    }
+
     use super::*;
 
     /// A TCP DNS server that first answers with another id (a late answer
