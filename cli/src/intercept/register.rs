@@ -7,8 +7,8 @@
 //! registration names the home, so an agent that reads a matching request
 //! elsewhere relays it there.
 //!
-//! Pods come and go (a rollout, a replaced pod, a scale): the pod list is
-//! read every second, new ready agent pods are registered with, and a home
+//! Pods come and go (a rollout, a replaced pod, a scale): the workload's
+//! pods are watched, new ready agent pods are registered with, and a home
 //! that is gone is replaced, which every agent is told. A session that
 //! stops renewing (tpd killed) is forgotten by the agents when its lease
 //! runs out; a session that ends unregisters at once.
@@ -23,8 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -38,8 +40,8 @@ use crate::output::progress;
 use crate::rollout::is_ready;
 use crate::session::portforward;
 
-/// How often the pod list is read.
-const POLL: Duration = Duration::from_secs(1);
+/// How long a registration task waits before it dials a failed agent again.
+const REDIAL_AFTER: Duration = Duration::from_secs(1);
 /// How long one request to an agent may take before the stream is redialled.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 /// How long the first registration may take (a home pod must be ready).
@@ -255,28 +257,36 @@ struct Manager {
 impl Manager {
     async fn run(self) {
         let mut tasks: HashMap<String, JoinHandle<()>> = HashMap::new();
+        let (pods, writer) = reflector::store();
+        let config = watcher::Config::default().labels(&self.selector);
+        let mut events = std::pin::pin!(reflector(writer, watcher(self.pods.clone(), config)).default_backoff());
         loop {
-            match self.pods.list(&ListParams::default().labels(&self.selector)).await {
-                Ok(list) => {
-                    let ready: Vec<AgentPod> = list.items.iter().filter_map(AgentPod::of).collect();
-                    self.choose_home(&ready);
-                    tasks.retain(|name, task| {
-                        let keep = ready.iter().any(|p| &p.name == name) && !task.is_finished();
-                        if !keep {
-                            task.abort();
-                            lock(&self.tally).forget(name);
-                        }
-                        keep
-                    });
-                    for pod in ready {
-                        tasks.entry(pod.name.clone()).or_insert_with(|| tokio::spawn(self.keep_registered(pod)));
-                    }
-                }
-                Err(e) => debug!("cannot list the workload's pods: {}", crate::cluster::describe(&e)),
-            }
             tokio::select! {
-                () = tokio::time::sleep(POLL) => {}
+                event = events.next() => match event {
+                    // The watch retries with backoff; pods known so far stay.
+                    Some(Err(e)) => debug!("watching the workload's pods: {e}"),
+                    Some(Ok(_)) => {}
+                    // It never ends, as it retries; were it to, the
+                    // registrations go on as they are until the session ends.
+                    None => {
+                        self.stop.cancelled().await;
+                        break;
+                    }
+                },
                 () = self.stop.cancelled() => break,
+            }
+            let ready: Vec<AgentPod> = pods.state().iter().filter_map(|p| AgentPod::of(p)).collect();
+            self.choose_home(&ready);
+            tasks.retain(|name, task| {
+                let keep = ready.iter().any(|p| &p.name == name) && !task.is_finished();
+                if !keep {
+                    task.abort();
+                    lock(&self.tally).forget(name);
+                }
+                keep
+            });
+            for pod in ready {
+                tasks.entry(pod.name.clone()).or_insert_with(|| tokio::spawn(self.keep_registered(pod)));
             }
         }
         // Each task unregisters when it sees `stop`.
@@ -322,7 +332,7 @@ impl Manager {
                     Err(e) => info!(pod = %agent.pod.name, "intercept registration: {e:#}; dialling again"),
                 }
                 tokio::select! {
-                    () = tokio::time::sleep(POLL) => {}
+                    () = tokio::time::sleep(REDIAL_AFTER) => {}
                     () = agent.stop.cancelled() => return,
                 }
             }
