@@ -67,6 +67,12 @@ pub fn rolled_out(d: &Deployment) -> bool {
         && status.replicas.unwrap_or(0) == want
 }
 
+/// Whether a container waits because the kubelet cannot pull its image:
+/// waiting longer will not help.
+pub fn is_pull_failure(waiting_reason: &str) -> bool {
+    matches!(waiting_reason, "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")
+}
+
 /// Whether the pod runs and its readiness says so.
 pub fn is_ready(pod: &Pod) -> bool {
     let status = pod.status.as_ref();

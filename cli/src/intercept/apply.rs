@@ -373,7 +373,7 @@ fn agent_ready(pod: &Pod) -> bool {
 fn agent_cannot_pull(pod: &Pod) -> Option<String> {
     let status = agent_status(pod)?;
     let reason = status.state.as_ref()?.waiting.as_ref()?.reason.as_deref()?;
-    matches!(reason, "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName").then(|| status.image.clone())
+    crate::rollout::is_pull_failure(reason).then(|| status.image.clone())
 }
 
 /// Points the record's Services at the agents (each patch guarded by the

@@ -331,7 +331,7 @@ fn agent_gave_up(pod: &Pod) -> bool {
 
 /// Whether the kubelet cannot pull the pod's image: waiting will not help.
 fn cannot_pull(pod: &Pod) -> bool {
-    waiting_reasons(pod).any(|r| matches!(r, "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName"))
+    waiting_reasons(pod).any(crate::rollout::is_pull_failure)
 }
 
 /// Why the pod's containers wait, as the kubelet says it (`ErrImagePull`,
