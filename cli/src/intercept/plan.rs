@@ -8,17 +8,18 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Service,
+    Container, ContainerPort, PodSecurityContext, PodSpec, ResourceRequirements, Service,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tpd_wire::files::VolumeMount;
 use tpd_wire::intercept::{self, AGENT_CONTAINER, Config, PortMap};
-use tpd_wire::names::{self, agent_env};
+use tpd_wire::names::agent_env;
 use tpd_wire::neighbours::Declared;
 
 use super::record::{ANNOTATION, ENTRY_PREFIX, Entry, OriginalTarget, RECORD_VERSION, Record};
 use crate::error::Hint;
+use crate::swap::identity::agent_security_context;
 use crate::swap::plan::{self as swap_plan, Target, agent_env_of, choose_container, name_of, ready_when_listening};
 
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +116,8 @@ pub fn plan(
 
     let mut deployment = original.clone();
     if let Some(pod) = deployment.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
-        pod.containers.push(agent_container(real, agent_image, &record.config, &mounts));
+        let agent = agent_container(real, pod.security_context.as_ref(), agent_image, (&record.config, &mounts));
+        pod.containers.push(agent);
     }
     deployment.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(ANNOTATION.into(), record.to_annotation());
     Ok(Planned { deployment, record, services: retargeted })
@@ -187,10 +189,18 @@ pub fn pick_ports(pod: &PodSpec, n: usize) -> Vec<u16> {
     (FIRST_AGENT_PORT..=u16::MAX).filter(|p| !taken.contains(&i32::from(*p))).take(n).collect()
 }
 
-/// The agent beside `real`: its image, `real`'s env and volumes (which it
-/// serves to the session), its own named ports, and a securityContext that
-/// Pod Security's `restricted` profile admits.
-pub fn agent_container(real: &Container, agent_image: &str, config: &Config, mounts: &[VolumeMount]) -> Container {
+/// The agent beside `real` (in a pod with `pod_sc`): its image, `real`'s
+/// env and volumes (which it serves to the session), its own named ports,
+/// and `real`'s identity, as a swap's agent has
+/// (`swap::identity::agent_security_context`): the session reads and writes
+/// the volumes as the app does, and the agent never has more privilege
+/// than `real` (so any Pod Security level that admits the app admits it).
+pub fn agent_container(
+    real: &Container,
+    pod_sc: Option<&PodSecurityContext>,
+    agent_image: &str,
+    (config, mounts): (&Config, &[VolumeMount]),
+) -> Container {
     let json = serde_json::to_string(config).unwrap_or_default();
     let ours = [(agent_env::MOUNTS, tpd_wire::files::mounts_env_value(mounts)), (agent_env::INTERCEPT, json)];
     let port = |name: String, number: u16| ContainerPort {
@@ -216,23 +226,7 @@ pub fn agent_container(real: &Container, agent_image: &str, config: &Config, mou
         volume_mounts: real.volume_mounts.clone(),
         readiness_probe: Some(ready_when_listening(config.transport)),
         resources: Some(ResourceRequirements { requests: Some(requests), ..Default::default() }),
-        security_context: Some(restricted()),
-        ..Default::default()
-    }
-}
-
-/// What Pod Security's `restricted` profile asks of a container, as the
-/// agent image's own non-root user.
-pub fn restricted() -> SecurityContext {
-    let uid = i64::from(names::AGENT_UID);
-    SecurityContext {
-        run_as_non_root: Some(true),
-        run_as_user: Some(uid),
-        run_as_group: Some(uid),
-        allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
-        read_only_root_filesystem: Some(true),
-        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        security_context: Some(agent_security_context(pod_sc, real.security_context.as_ref())),
         ..Default::default()
     }
 }

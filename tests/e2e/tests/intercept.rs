@@ -876,3 +876,69 @@ fn a_connect_session_intercepts_until_quit() -> anyhow::Result<()> {
     drop(dana);
     Ok(())
 }
+
+/// A root app whose init container wrote its volume's files (root-owned,
+/// 0644), with a second container that reads the volume as the pod does.
+fn root_volume_workload(ns: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: {ns}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {API}, namespace: {ns}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {API}}}}}
+  template:
+    metadata: {{labels: {{app: {API}}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      initContainers:
+      - name: init
+        image: {busybox}
+        command: [sh, -c, "echo written-by-init > /work/from-init && chmod 644 /work/from-init"]
+        volumeMounts: [{{name: work, mountPath: /work}}]
+      containers:
+      - name: {API}
+        image: {echo}
+        ports: [{{name: http, containerPort: 8080}}]
+        volumeMounts: [{{name: work, mountPath: /work}}]
+      - name: watcher
+        image: {busybox}
+        command: [sleep, "3600"]
+        volumeMounts: [{{name: work, mountPath: /work}}]
+      volumes: [{{name: work, emptyDir: {{}}}}]
+"#,
+        busybox = images::BUSYBOX,
+        echo = images::ECHO,
+    )
+}
+
+/// A root app's developer edits, through an intercept, a file the pod's
+/// init container wrote as root: the agent serves the volume as the real
+/// container's user, as a swap's agent does, so the write lands and the
+/// pod reads it.
+#[test]
+#[ignore = "needs Docker; `cargo xtask test` runs it"]
+fn a_root_app_writes_its_volumes_through_an_intercept() -> anyhow::Result<()> {
+    const NS_ROOT: &str = "rootvol";
+    session::prerequisites()?;
+    let sb = Sandbox::up()?;
+    let mut cleanup = Cleanup::default();
+    sb.apply(&root_volume_workload(NS_ROOT))?;
+    sb.rolled_out(NS_ROOT, API)?;
+    let flags = ["--header", "x-dev=root"];
+    let mut dev = Developer::start_in(&sb, &mut cleanup, (NS_ROOT, "rooted"), &flags, LOCAL_SERVER)?;
+    let (ok, out, err) =
+        session::docker_exec(&dev.container, "echo appended-locally >> /work/from-init && cat /work/from-init");
+    assert!(ok, "a root app appends to its init container's file through the intercept: {out}{err}");
+    let pod = sb.kubectl_ok(&["get", "pods", "-n", NS_ROOT, "-l", &format!("app={API}"), "-o", "name"])?;
+    let pod = pod.lines().next().unwrap_or_default().trim_start_matches("pod/").to_owned();
+    let seen = sb.kubectl_ok(&["exec", "-n", NS_ROOT, &pod, "-c", "watcher", "--", "cat", "/work/from-init"])?;
+    assert_eq!(seen.trim(), "written-by-init\nappended-locally", "what the pod reads");
+    dev.stop()?;
+    drop(cleanup);
+    Ok(())
+}

@@ -1,5 +1,5 @@
 use super::*;
-use k8s_openapi::api::core::v1::ServicePort;
+use k8s_openapi::api::core::v1::{Capabilities, SeccompProfile, SecurityContext, ServicePort};
 
 fn fixture(name: &str) -> Deployment {
     let path = format!("{}/src/swap/testdata/{name}.json", env!("CARGO_MANIFEST_DIR"));
@@ -146,18 +146,41 @@ fn the_agents_ports_skip_every_port_the_pod_declares() {
 }
 
 #[test]
-fn the_agent_passes_pod_security_restricted() {
-    // The shop container runs as root with capabilities; the agent does not follow it.
-    let planned = plan(&fixture("shop"), &[], None, "a", &[8080]).unwrap();
-    let sc = agent(&planned.deployment).security_context.clone().unwrap();
-    assert_eq!(sc.run_as_non_root, Some(true));
-    assert_eq!(sc.run_as_user, Some(65532));
-    assert_eq!(sc.run_as_group, Some(65532));
-    assert_eq!(sc.allow_privilege_escalation, Some(false));
-    assert_eq!(sc.read_only_root_filesystem, Some(true));
-    assert_eq!(sc.capabilities, Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }));
+fn the_agent_runs_as_the_real_container_with_no_more_privilege() {
+    let agent_sc = |d: &Deployment| {
+        let planned = plan(d, &[], None, "a", &[8080]).unwrap();
+        agent(&planned.deployment).security_context.clone().unwrap()
+    };
+    let drop_all = |add: Option<Vec<String>>| Some(Capabilities { drop: Some(vec!["ALL".into()]), add });
+    // The shop container runs as 1000 with NET_BIND_SERVICE: the agent as
+    // 1000, and a non-root process has no capabilities to keep.
+    let sc = agent_sc(&fixture("shop"));
+    assert_eq!((sc.run_as_user, sc.capabilities.clone()), (Some(1000), drop_all(None)));
+    assert_eq!((sc.allow_privilege_escalation, sc.read_only_root_filesystem), (Some(false), Some(true)));
     assert_eq!(sc.seccomp_profile.map(|s| s.type_).as_deref(), Some("RuntimeDefault"));
     assert_eq!(sc.privileged, None);
+    // A root container (its image's default user): the agent is root too,
+    // with only the file capabilities the container had, so it writes the
+    // volumes' files as the app did.
+    let mut root = fixture("shop");
+    let pod = root.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+    pod.containers[0].security_context = None;
+    let sc = agent_sc(&root);
+    assert_eq!(sc.run_as_user, Some(0));
+    let caps = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "NET_BIND_SERVICE"].map(String::from).to_vec();
+    assert_eq!(sc.capabilities, drop_all(Some(caps)));
+    // An app that Pod Security `restricted` admits: so is the agent.
+    let pod = root.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+    pod.containers[0].security_context = Some(SecurityContext {
+        run_as_non_root: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: drop_all(None),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        ..Default::default()
+    });
+    let sc = agent_sc(&root);
+    assert_eq!((sc.run_as_non_root, sc.run_as_user), (Some(true), Some(65532)));
+    assert_eq!((sc.capabilities, sc.allow_privilege_escalation), (drop_all(None), Some(false)));
 }
 
 #[test]
