@@ -60,9 +60,15 @@ pub(super) type Runner = dyn Fn(&[String]) -> Result<String>;
 
 pub(super) fn in_container(container: String) -> Box<Runner> {
     Box::new(move |args: &[String]| {
-        let mut all = vec!["exec", container.as_str(), "timeout", "120", "python3", "-c", PROBE];
-        all.extend(args.iter().map(String::as_str));
-        docker(&all)
+        let out = std::process::Command::new("docker")
+            .args(["exec", &container, "timeout", "120", "python3", "-c", PROBE])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            anyhow::bail!("probe {} in {container} ({}): {}", args.join(" "), out.status, stderr.trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     })
 }
 

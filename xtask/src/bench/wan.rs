@@ -184,11 +184,15 @@ fn profile(spec: Spec) -> Result<Vec<Figure>> {
                 .against("target: link rtt p50 + 0.3 ms", rtt_p50 + 0.3),
             Figure::new(at(&format!("{name}: connect + first response p50")), p50(&measured.tpd.first), "ms")
                 .against("target: 2 x link rtt p50 + 0.5 ms", 2.0 * rtt_p50 + 0.5),
-            Figure::new(at(&format!("{name}: dns p50, cached cluster name")), measured.dns_cached, "ms")
+            Figure::new(at(&format!("{name}: dns p50, cached cluster name")), measured.dns_cached.p50, "ms")
                 .against("target", 0.1),
-            Figure::new(at(&format!("{name}: dns p50, uncached cluster name")), measured.dns_uncached, "ms")
+            Figure::new(at(&format!("{name}: dns p50, uncached cluster name")), measured.dns_uncached.p50, "ms")
                 .against("target: link rtt p50 + 0.3 ms", rtt_p50 + 0.3),
         ]);
+        for (which, dns) in [("cached", &measured.dns_cached), ("uncached", &measured.dns_uncached)] {
+            let failed = format!("{name}: dns {which} queries failed (of {})", super::tunnel::DNS_QUERIES);
+            figures.push(Figure::new(at(&failed), dns.failed, "queries"));
+        }
         if let Some(gateway) = &measured.gateway {
             figures.push(
                 Figure::new(at(&format!("{name}: tcp 1 stream")), measured.tpd.stream, "Mbit/s")
