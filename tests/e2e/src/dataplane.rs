@@ -201,13 +201,15 @@ impl Lab {
         docker(&all)
     }
 
-    /// The sidecar's transport (and, for UDP, hello stream) for `via`.
-    fn sidecar_config(&self, via: &Via) -> Result<Config> {
-        let forwarded: Endpoint = format!("stream:tcp:{}", self.agent_transport_addr()).parse().map_err(Error::msg)?;
+    /// The sidecar's transport (and, for UDP, hello stream) for `via`, to
+    /// the agent at `agent_ip`.
+    fn sidecar_config(&self, via: &Via, agent_ip: &str) -> Result<Config> {
+        let forwarded: Endpoint =
+            format!("stream:tcp:{agent_ip}:{LOOPBACK_FORWARD_PORT}").parse().map_err(Error::msg)?;
         Ok(match via {
             Via::StreamTcp => Config::new(Transport::Stream(forwarded)),
             Via::Udp => {
-                let at = SocketAddr::new(self.agent_laptop_ip.parse()?, tpd_wire::names::AGENT_TRANSPORT_PORT);
+                let at = SocketAddr::new(agent_ip.parse()?, tpd_wire::names::AGENT_TRANSPORT_PORT);
                 Config { hello: Some(forwarded), ..Config::new(Transport::Udp(at)) }
             }
             Via::StreamUnix => Config::new(Transport::Stream(Endpoint::Unix("/run/tpd/agent.sock".into()))),
@@ -228,33 +230,32 @@ impl Lab {
     /// Starts the sidecar as the CLI does and waits for its ready line;
     /// then the developer's container in its namespace. Returns the ready line.
     pub fn start_sidecar(&mut self, via: &Via) -> Result<serde_json::Value> {
-        let (sidecar, laptop_net) = (self.sidecar.clone(), self.laptop_net.clone());
-        let search = format!("{NAMESPACE}.svc.cluster.local");
+        let at = SidecarNet { network: self.laptop_net.clone(), agent_ip: self.agent_laptop_ip.clone() };
+        self.start_sidecar_on(via, &at)
+    }
+
+    /// [`Lab::start_sidecar`] on another path to the agent (e.g. one that
+    /// crosses an emulated WAN link).
+    pub fn start_sidecar_on(&mut self, via: &Via, at: &SidecarNet) -> Result<serde_json::Value> {
+        let sidecar = self.sidecar.clone();
         let session = format!("{}:/run/tpd", self.session_dir.path().display());
-        let mut config = self.sidecar_config(via)?;
+        let mut config = self.sidecar_config(via, &at.agent_ip)?;
         config.routes = vec![self.cluster_subnet.parse().map_err(Error::msg)?];
         config.ports = vec![PortMap { remote: INBOUND_PORT, local: LOCAL_APP_PORT }];
         let config = serde_json::to_string(&config)?;
         let image = crate::images::tpd_sidecar();
-        let args = vec![
-            "--name",
-            &sidecar,
-            "--network",
-            &laptop_net,
+        let dns = dns_options();
+        let mut args = vec!["--name", &sidecar, "--network", &at.network];
+        // Docker refuses DNS options beside `container:`: the namespace's
+        // owner has them (see [`Lab::start_netns_owner`]).
+        if !at.network.starts_with("container:") {
+            args.extend(dns.iter().map(String::as_str));
+        }
+        args.extend([
             "--cap-add",
             "NET_ADMIN",
             "--device",
             "/dev/net/tun",
-            "--dns",
-            "127.0.0.1",
-            "--dns-search",
-            &search,
-            "--dns-search",
-            "svc.cluster.local",
-            "--dns-search",
-            "cluster.local",
-            "--dns-option",
-            "ndots:5",
             "-e",
             // Not hickory's line per DNS request: the benchmark's queries would log it.
             "TPD_SIDECAR_LOG=tpd_sidecar=debug,hickory_server=warn,info",
@@ -264,13 +265,27 @@ impl Lab {
             "run",
             "--config",
             &config,
-        ];
+        ]);
         self.run(&args)?;
         let ready = self.wait_ready(Duration::from_secs(40))?;
         let dev = self.dev.clone();
         let netns = format!("container:{sidecar}");
         self.run(&["--name", &dev, "--network", &netns, crate::images::DEBIAN, "sleep", "infinity"])?;
         Ok(ready)
+    }
+
+    /// Starts a container with no network but loopback and the DNS
+    /// options of a session, whose network namespace a sidecar can then
+    /// share ([`SidecarNet`] `container:<name>`) once the caller has given it
+    /// a path to the agent; returns its name.
+    pub fn start_netns_owner(&mut self, role: &str) -> Result<String> {
+        let name = format!("tpd-dp-{role}-{}", self.id);
+        let mut args = vec!["--name", &name, "--network", "none"];
+        let dns = dns_options();
+        args.extend(dns.iter().map(String::as_str));
+        args.extend([crate::images::DEBIAN, "sleep", "infinity"]);
+        self.run(&args)?;
+        Ok(name)
     }
 
     fn wait_ready(&self, limit: Duration) -> Result<serde_json::Value> {
@@ -408,6 +423,36 @@ impl Drop for Lab {
             let _ = Command::new("docker").args(["network", "rm", n]).output();
         }
     }
+}
+
+/// Where a sidecar runs and the address it reaches the agent at.
+#[derive(Debug, Clone)]
+pub struct SidecarNet {
+    /// Its `docker run --network`: the lab's laptop network, or
+    /// `container:<name>` of a container from [`Lab::start_netns_owner`].
+    pub network: String,
+    /// The agent's address for the transport (UDP) and the forwarder (TCP).
+    pub agent_ip: String,
+}
+
+/// The DNS options a session gives the developer's container: the sidecar's
+/// resolver and the pod's search path.
+fn dns_options() -> Vec<String> {
+    let search = format!("{NAMESPACE}.svc.cluster.local");
+    [
+        "--dns",
+        "127.0.0.1",
+        "--dns-search",
+        &search,
+        "--dns-search",
+        "svc.cluster.local",
+        "--dns-search",
+        "cluster.local",
+        "--dns-option",
+        "ndots:5",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// The address of `container` on `network`.

@@ -57,12 +57,13 @@ pub fn print(figures: &[Figure], json: bool) {
         }
         return;
     }
-    println!("{:<44} {:>12} {:<8} {:>12}  {:<8} baseline", "figure", "value", "unit", "baseline", "ratio");
+    let width = figures.iter().map(|f| f.name.chars().count()).max().unwrap_or(0).max(44);
+    println!("{:<width$} {:>12} {:<8} {:>12}  {:<8} baseline", "figure", "value", "unit", "baseline", "ratio");
     for f in figures {
         let base = f.baseline_value.map(|v| format!("{v:.2}")).unwrap_or_default();
         let ratio = f.ratio.map(|r| format!("{r:.2}x")).unwrap_or_default();
         let what = f.baseline.as_deref().unwrap_or("");
-        println!("{:<44} {:>12.2} {:<8} {:>12}  {:<8} {}", f.name, f.value, f.unit, base, ratio, what);
+        println!("{:<width$} {:>12.2} {:<8} {:>12}  {:<8} {}", f.name, f.value, f.unit, base, ratio, what);
     }
 }
 
@@ -75,7 +76,7 @@ pub enum Which {
     Intercept,
     Sandbox,
     Soak,
-    /// Plain TCP over an emulated WAN link (`--rtt`, `--loss`, `--rate`).
+    /// Plain TCP and tpd over an emulated WAN link (`--rtt`, `--loss`, `--rate`).
     Wan,
 }
 

@@ -5,7 +5,8 @@
 #   http HOST PORT COUNT                  each keep-alive request's round trip, ms
 #   conns HOST PORT COUNT                 new connections (connect, 16-byte echo) per second
 #   first HOST PORT COUNT                 each new connection's first response (connect + echo), ms
-#   dns SERVER NAME COUNT / dnseach SERVER NAME{} COUNT   DNS p50, ms
+#   dns SERVER NAME COUNT / dnseach SERVER NAME{} COUNT [tolerate]   DNS p50, ms (and with
+#                                         `tolerate`, the queries that failed)
 import socket, sys, time, threading
 mode = sys.argv[1]
 def serve(port):
@@ -84,26 +85,36 @@ def first(host, port, count):
             got += b
         lat.append((time.perf_counter() - t) * 1000); s.close()
     print(' '.join('%.4f' % x for x in lat))
-def dns(server, names, skip=0):
+def dns(server, names, skip=0, tolerate=False):
     # Raw A queries over UDP to `server`, one per name: the resolver's
-    # time, not the C library's. The first `skip` warm a cache.
+    # time, not the C library's. The first `skip` warm a cache. With
+    # `tolerate`, a query answered with an error or not in 5 s is counted
+    # (printed after the p50) and left out of the p50 instead of failing.
     import struct
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); s.connect((server, 53))
-    lat = []
+    lat = []; failed = 0
     for i, name in enumerate(names):
         q = struct.pack('>6H', i, 0x0100, 1, 0, 0, 0) + b''.join(bytes([len(p)]) + p.encode() for p in name.split('.') if p)
         q += b'\0' + struct.pack('>HH', 1, 1)
         t = time.perf_counter(); s.send(q)
-        r = s.recv(4096)
-        while r[:2] != q[:2]: r = s.recv(4096)
-        lat.append((time.perf_counter() - t) * 1000)
-        if r[3] & 15 or r[6:8] == b'\0\0': raise SystemExit('no address for %s (rcode %d)' % (name, r[3] & 15))
-    lat = sorted(lat[skip:]); print(lat[len(lat) // 2])
+        try:
+            r = s.recv(4096)
+            while r[:2] != q[:2]: r = s.recv(4096)
+        except socket.timeout:
+            if not tolerate: raise SystemExit('no answer for %s in 5 s' % name)
+            failed += 1; continue
+        ms = (time.perf_counter() - t) * 1000
+        if r[3] & 15 or r[6:8] == b'\0\0':
+            if not tolerate: raise SystemExit('no address for %s (rcode %d)' % (name, r[3] & 15))
+            failed += 1; continue
+        if i >= skip: lat.append(ms)
+    lat = sorted(lat); p50 = lat[len(lat) // 2] if lat else float('nan')
+    print(p50, failed) if tolerate else print(p50)
 a = sys.argv[2:]
 if mode == 'serve': serve(int(a[0]))
 elif mode == 'down': down(a[0], int(a[1]), int(a[2]), int(a[3]), float(a[4]) if a[4:] else None)
 elif mode == 'http': http(a[0], int(a[1]), int(a[2]))
 elif mode == 'conns': conns(a[0], int(a[1]), int(a[2]))
 elif mode == 'first': first(a[0], int(a[1]), int(a[2]))
-elif mode == 'dns': dns(a[0], [a[1]] * (int(a[2]) + 1), skip=1)
-elif mode == 'dnseach': dns(a[0], [a[1].replace('{}', str(i)) for i in range(int(a[2]))])
+elif mode == 'dns': dns(a[0], [a[1]] * (int(a[2]) + 1), skip=1, tolerate=a[3:] == ['tolerate'])
+elif mode == 'dnseach': dns(a[0], [a[1].replace('{}', str(i)) for i in range(int(a[2]))], tolerate=a[3:] == ['tolerate'])

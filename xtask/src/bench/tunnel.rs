@@ -32,7 +32,7 @@
 //! when missing (a baseline that cannot be had is skipped with a note).
 //! Traffic stays inside the containers and namespaces made here.
 
-mod wireguard;
+pub(super) mod wireguard;
 
 use std::time::Duration;
 
@@ -53,16 +53,22 @@ const MULTI_MIB_EACH: u64 = 96;
 const HTTP_REQUESTS: u32 = 3000;
 const HTTP_ROUNDS: u32 = 10;
 const NEW_CONNECTIONS: u32 = 500;
-const DNS_QUERIES: u32 = 100;
+pub(super) const DNS_QUERIES: u32 = 100;
 
 /// Where a client runs: `argv` prefix that runs `python3 -c PROBE args…` there.
-type Runner = dyn Fn(&[String]) -> Result<String>;
+pub(super) type Runner = dyn Fn(&[String]) -> Result<String>;
 
-fn in_container(container: String) -> Box<Runner> {
+pub(super) fn in_container(container: String) -> Box<Runner> {
     Box::new(move |args: &[String]| {
-        let mut all = vec!["exec", container.as_str(), "timeout", "120", "python3", "-c", PROBE];
-        all.extend(args.iter().map(String::as_str));
-        docker(&all)
+        let out = std::process::Command::new("docker")
+            .args(["exec", &container, "timeout", "120", "python3", "-c", PROBE])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            anyhow::bail!("probe {} in {container} ({}): {}", args.join(" "), out.status, stderr.trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     })
 }
 
@@ -255,7 +261,7 @@ pub fn run() -> Result<Vec<Figure>> {
 }
 
 /// The `i`th name of the container that holds [`DNS_QUERIES`] cluster names.
-fn uncached_name(i: &str) -> String {
+pub(super) fn uncached_name(i: &str) -> String {
     format!("n{i}.{}.svc.cluster.local", tpd_e2e::dataplane::NAMESPACE)
 }
 
@@ -288,7 +294,7 @@ fn dns_p50s(tpd: &Runner, direct: &Runner) -> Result<DnsP50s> {
 /// lab's developer container has Docker's DNS in its resolv.conf instead
 /// (`--dns` on a user-defined network), which forwards to the sidecar: a
 /// hop of dockerd's that a session does not have (0.15-0.2 ms here).
-const SIDECAR_DNS: &str = "127.0.0.1";
+pub(super) const SIDECAR_DNS: &str = "127.0.0.1";
 /// Docker's DNS in a container on a user-defined network: the agent's
 /// resolver in the lab.
 const DOCKER_DNS_ADDR: &str = "127.0.0.11";

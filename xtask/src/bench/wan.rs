@@ -1,8 +1,8 @@
 //! `cargo xtask bench wan [--rtt MS] [--loss PCT] [--rate MBIT]`: the WAN
-//! lab of issue #22, so far its emulated link ([`tpd_wanlink`]: two network
-//! namespaces, a userspace relay with delay, loss and a rate limit) and
-//! plain TCP over it, the link's own limit that the tunnel's figures over
-//! the same link will be read against.
+//! lab of issue #22: its emulated link ([`tpd_wanlink`]: two network
+//! namespaces, a userspace relay with delay, loss and a rate limit), plain
+//! TCP over it, the link's own limit, and tpd's tunnel over the same link
+//! with both transports ([`tunnel`]), read against it.
 //!
 //! For each profile (by default the issue's three: 20 ms; 50 ms with 0.5%
 //! loss per packet; 80 ms at 100 Mbit/s), a fresh link and:
@@ -15,9 +15,17 @@
 //!   is set, with the relay's CPU time meanwhile (share of a core, and per
 //!   packet forwarded); keep-alive request round
 //!   trips (p50, p99) against the link's; and a new connection's first
-//!   response (connect + request) against two of the link's round trips.
+//!   response (connect + request) against two of the link's round trips;
+//! - the same three through tpd's tunnel, the port-forward transport and
+//!   UDP, each in a data-plane lab whose sidecar reaches the agent only
+//!   over the link, against plain TCP over the link between the same
+//!   client and server containers (measured in the first lab), with the
+//!   issue's targets for the round trips and DNS through the sidecar
+//!   (cached, and uncached: across the tunnel); and boringtun-cli as a
+//!   cluster gateway over the link beside the UDP transport.
 //!
-//! Needs root, /dev/net/tun, iproute2 and python3; no Docker, no cluster.
+//! Needs root, /dev/net/tun, iproute2, iptables and python3 for the link,
+//! and Docker with the tpd and test images for the tunnel; no cluster.
 
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Stdio};
@@ -28,6 +36,10 @@ use tpd_wanlink::{Echo, Link, Side, Spec};
 
 use super::Figure;
 use super::probe::{PROBE, figure, numbers, percentile};
+use super::tunnel::wireguard::Userspace;
+use tpd_e2e::dataplane::Via;
+
+mod tunnel;
 
 /// The probe server's port on the cluster side.
 const PORT: u16 = 5201;
@@ -86,7 +98,7 @@ pub fn run(flags: &Flags) -> Result<Vec<Figure>> {
     let mut figures = Vec::new();
     for spec in flags.profiles()? {
         super::go_on()?;
-        eprintln!("measuring plain TCP over the emulated link ({spec})…");
+        eprintln!("measuring plain TCP over the emulated link ({spec}), netns to netns…");
         figures.extend(profile(spec)?);
     }
     Ok(figures)
@@ -95,7 +107,7 @@ pub fn run(flags: &Flags) -> Result<Vec<Figure>> {
 fn profile(spec: Spec) -> Result<Vec<Figure>> {
     let link = Link::up(spec).context("bringing the emulated link up (needs root and /dev/net/tun)")?;
     // Declared after the link: it stops before the namespaces go.
-    let _server = Server::start(&link)?;
+    let server = Server::start(&link)?;
     let echo = link.echo(ECHO_COUNT, ECHO_INTERVAL)?;
     let (Some(rtt_p50), Some(rtt_p99)) = (echo.percentile(0.5), echo.percentile(0.99)) else {
         bail!("no UDP round trip over the link came back ({} sent)", echo.sent)
@@ -138,7 +150,79 @@ fn profile(spec: Spec) -> Result<Vec<Figure>> {
         Figure::new(at("connect + first response p50"), percentile(&first, 0.5), "ms")
             .against("2 x link rtt p50", 2.0 * rtt_p50),
     ]);
+    drop(server);
+    let plain = tunnel::Path { stream, http, first };
+
+    // tpd over the same link, each transport in a lab of its own; plain
+    // TCP between containers over the link in the first, boringtun-cli as
+    // a gateway in the UDP one.
+    let wan = tunnel::Wan::new(&link)?;
+    let mut direct = None;
+    for (via, label) in [(Via::StreamTcp, "port-forward"), (Via::Udp, "udp")] {
+        let udp = matches!(via, Via::Udp);
+        let before = link.counters();
+        let measured = tunnel::tpd(&wan, &via, label, udp, direct.is_none())?;
+        report_lost(&link, before);
+        if let Some(path) = measured.direct {
+            figures.extend(tunnel::against(&at, DIRECT, &path, PLAIN, &plain));
+            direct = Some(path);
+        }
+        let name = format!("tpd {label}");
+        let mut paths = vec![(&measured.tpd, name.clone())];
+        paths.extend(measured.gateway.iter().map(|g| (g, Userspace::Boringtun.as_gateway().to_string())));
+        // Against the same client and server without the tunnel.
+        let (baseline, plain) = match &direct {
+            Some(direct) => (DIRECT, direct),
+            None => (PLAIN, &plain),
+        };
+        for (path, name) in paths {
+            figures.extend(tunnel::against(&at, &name, path, baseline, plain));
+        }
+        let p50 = |v: &[f64]| percentile(v, 0.5);
+        figures.extend([
+            Figure::new(at(&format!("{name}: http keep-alive p50")), p50(&measured.tpd.http), "ms")
+                .against("target: link rtt p50 + 0.3 ms", rtt_p50 + 0.3),
+            Figure::new(at(&format!("{name}: connect + first response p50")), p50(&measured.tpd.first), "ms")
+                .against("target: 2 x link rtt p50 + 0.5 ms", 2.0 * rtt_p50 + 0.5),
+            Figure::new(at(&format!("{name}: dns p50, cached cluster name")), measured.dns_cached.p50, "ms")
+                .against("target", 0.1),
+            Figure::new(at(&format!("{name}: dns p50, uncached cluster name")), measured.dns_uncached.p50, "ms")
+                .against("target: link rtt p50 + 0.3 ms", rtt_p50 + 0.3),
+        ]);
+        for (which, dns) in [("cached", &measured.dns_cached), ("uncached", &measured.dns_uncached)] {
+            let failed = format!("{name}: dns {which} queries failed (of {})", super::tunnel::DNS_QUERIES);
+            figures.push(Figure::new(at(&failed), dns.failed, "queries"));
+        }
+        if let Some(gateway) = &measured.gateway {
+            figures.push(
+                Figure::new(at(&format!("{name}: tcp 1 stream")), measured.tpd.stream, "Mbit/s")
+                    .against(Userspace::Boringtun.as_gateway(), gateway.stream),
+            );
+        }
+    }
     Ok(figures)
+}
+
+/// The baselines without a tunnel: between the link's namespaces (the
+/// host's Python), and from a container joined to the link to the lab's
+/// cluster network (tpd's client and server).
+const PLAIN: &str = "plain TCP over the link, netns";
+const DIRECT: &str = "plain TCP over the link, containers";
+
+/// What the relay did to the packets of the last measurements, on stderr.
+fn report_lost(link: &Link, before: tpd_wanlink::Counters) {
+    let now = link.counters();
+    let (out, back) = (now.laptop_to_cluster, now.cluster_to_laptop);
+    let (out0, back0) = (before.laptop_to_cluster, before.cluster_to_laptop);
+    eprintln!(
+        "  link: forwarded {}/{} packets (to cluster/back), lost {}/{}, queue drops {}/{}",
+        out.forwarded - out0.forwarded,
+        back.forwarded - back0.forwarded,
+        out.lost - out0.lost,
+        back.lost - back0.lost,
+        out.queue_drops - out0.queue_drops,
+        back.queue_drops - back0.queue_drops,
+    );
 }
 
 /// Packets the relay forwarded, both ways.

@@ -321,19 +321,34 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The gateway on the lab's laptop network beside the client, as in
+    /// `bench tunnel`.
     pub fn start(which: Userspace, lab: &mut Lab) -> Result<Gateway> {
+        Gateway::start_over(which, lab, |lab, client, gateway| {
+            docker(&["network", "connect", &lab.laptop_net, gateway])?;
+            Ok([ip_on(client, &lab.laptop_net)?, ip_on(gateway, &lab.laptop_net)?])
+        })
+    }
+
+    /// The gateway with the path between the two ends that `underlay` gives
+    /// the client container and the gateway container (on the laptop and
+    /// the cluster network), returning their addresses on it.
+    pub fn start_over(
+        which: Userspace,
+        lab: &mut Lab,
+        underlay: impl FnOnce(&mut Lab, &str, &str) -> Result<[String; 2]>,
+    ) -> Result<Gateway> {
         let sleeper = ["sleep", "infinity"];
         let image = tpd_e2e::images::DEBIAN;
         let laptop_net = lab.laptop_net.clone();
         let client = lab.run_on(&laptop_net, &format!("{}-client", which.tag()), image, &sleeper)?;
         let gateway = lab.run_on_cluster(&format!("{}-gateway", which.tag()), image, &sleeper)?;
-        docker(&["network", "connect", &laptop_net, &gateway])?;
         let enter = |container: &str| -> Result<Netns> {
             let pid = docker(&["inspect", "-f", "{{.State.Pid}}", container])?;
             Ok(Netns(format!("nsenter -t {pid} -n")))
         };
         let ns = [enter(&client)?, enter(&gateway)?];
-        let underlay = [ip_on(&client, &laptop_net)?, ip_on(&gateway, &laptop_net)?];
+        let underlay = underlay(lab, &client, &gateway)?;
         let routed = [format!("{}/32,{}", GATEWAY_TUNNEL[1], lab.cluster_subnet), format!("{}/32", GATEWAY_TUNNEL[0])];
         let keys = [keypair()?, keypair()?];
         let mut this = Gateway { client, daemons: Vec::new() };
