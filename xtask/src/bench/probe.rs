@@ -4,8 +4,22 @@
 //! what it prints.
 
 use anyhow::{Context, Result, bail};
+use tpd_e2e::dataplane::{Lab, docker};
 
 pub const PROBE: &str = include_str!("probe.py");
+
+/// A fresh data-plane lab with the probe serving on `port` on its cluster
+/// network; the lab and the server's address.
+pub fn lab_with_server(port: u16) -> Result<(Lab, String)> {
+    let mut lab = Lab::start()?;
+    let server = lab.run_on_cluster(
+        "bench-server",
+        tpd_e2e::images::DEBIAN,
+        &["python3", "-c", PROBE, "serve", &port.to_string()],
+    )?;
+    let ip = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &server])?;
+    Ok((lab, ip))
+}
 
 /// Every number the probe printed.
 pub fn numbers(out: &str) -> Result<Vec<f64>> {

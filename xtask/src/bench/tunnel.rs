@@ -37,7 +37,7 @@ pub(super) mod wireguard;
 use std::time::Duration;
 
 use anyhow::Result;
-use tpd_e2e::dataplane::{Lab, Via, docker};
+use tpd_e2e::dataplane::{Lab, Via};
 use wireguard::{Gateway, NETNS_VETH, NetnsPair, Userspace, VETH_SERVER_IP};
 
 use super::Figure;
@@ -179,14 +179,7 @@ pub fn run() -> Result<Vec<Figure>> {
     let mut figures = Vec::new();
     for (via, label) in [(Via::StreamTcp, "stream"), (Via::Udp, "udp")] {
         super::go_on()?;
-        let mut lab = Lab::start()?;
-        let server = lab.run_on_cluster(
-            "bench-server",
-            tpd_e2e::images::DEBIAN,
-            &["python3", "-c", PROBE, "serve", &PORT.to_string()],
-        )?;
-        let server_ip =
-            docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &server])?;
+        let (mut lab, server_ip) = super::probe::lab_with_server(PORT)?;
         lab.start_sidecar(&via)?;
         std::thread::sleep(Duration::from_secs(2));
         let (sidecar_rss, agent_rss) = (Lab::rss_kib(&lab.sidecar)?, Lab::rss_kib(&lab.agent)?);

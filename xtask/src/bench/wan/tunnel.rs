@@ -37,7 +37,7 @@ use tpd_wanlink::{Link, Side};
 
 use super::{HTTP_REQUESTS, NEW_CONNECTIONS, PORT, STREAM_MIB, STREAM_SECONDS, sorted};
 use crate::bench::Figure;
-use crate::bench::probe::{PROBE, figure, percentile};
+use crate::bench::probe::{figure, lab_with_server, percentile};
 use crate::bench::tunnel::wireguard::{Gateway, Userspace};
 use crate::bench::tunnel::{DNS_QUERIES, Runner, SIDECAR_DNS, in_container, uncached_name};
 
@@ -212,13 +212,7 @@ pub struct Measured {
 
 pub fn tpd(wan: &Wan, via: &Via, label: &str, with_gateway: bool, with_direct: bool) -> Result<Measured> {
     crate::bench::go_on()?;
-    let mut lab = Lab::start()?;
-    let server = lab.run_on_cluster(
-        "bench-server",
-        tpd_e2e::images::DEBIAN,
-        &["python3", "-c", PROBE, "serve", &PORT.to_string()],
-    )?;
-    let server_ip = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &server])?;
+    let (mut lab, server_ip) = lab_with_server(PORT)?;
     // Cluster names Docker's DNS answers, each asked once through the tunnel (uncached).
     let names: Vec<String> = (0..DNS_QUERIES).map(|i| uncached_name(&i.to_string())).collect();
     lab.run_on_cluster_as("bench-names", &names, tpd_e2e::images::DEBIAN, &["sleep", "infinity"])?;
