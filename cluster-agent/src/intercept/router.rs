@@ -21,11 +21,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -34,7 +31,6 @@ use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper::{Request, Response, StatusCode, Version, header};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tpd_wire::intercept::Mirror;
@@ -44,16 +40,10 @@ use super::reach::Connector;
 use super::registry::{Copied, Registry, Target};
 use crate::neighbours::dial_loopback;
 use crate::services::BoxConn;
+use sniff::{FirstBytes, Prefixed, classify, first_bytes};
 
-/// How long a connection may stay silent before its first bytes: clients
-/// speak first on an HTTP port, but may open a connection well ahead.
-const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(300);
-/// Longest method token looked at; longer is not HTTP/1.
-const MAX_METHOD: usize = 32;
-/// What a client with prior knowledge of HTTP/2 sends first (RFC 9113 3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// A TLS record's first byte when it carries a handshake (a ClientHello).
-const TLS_HANDSHAKE: u8 = 0x16;
+mod sniff;
+
 /// Idle upstream HTTP/1 connections kept per destination.
 const POOL_MAX: usize = 8;
 
@@ -579,107 +569,6 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
-}
-
-/// What a connection's first bytes say it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FirstBytes {
-    /// A method token and a space: an HTTP/1.x request line.
-    Http1,
-    /// HTTP/2's whole connection preface.
-    Http2,
-    /// A TLS handshake record (a type of 22 and a 3.x version).
-    Tls,
-    /// Anything else.
-    Other,
-}
-
-/// `None` until the bytes so far decide.
-fn classify(head: &[u8]) -> Option<FirstBytes> {
-    // Only the whole preface is HTTP/2: `PRI` is no HTTP/1 method either.
-    let n = head.len().min(H2_PREFACE.len());
-    if head[..n] == H2_PREFACE[..n] {
-        return (n == H2_PREFACE.len()).then_some(FirstBytes::Http2);
-    }
-    match head {
-        [TLS_HANDSHAKE] => return None,
-        [TLS_HANDSHAKE, 3, ..] => return Some(FirstBytes::Tls),
-        _ => {}
-    }
-    for (i, &b) in head.iter().enumerate() {
-        if b == b' ' {
-            let method = &head[..i];
-            return Some(match !method.is_empty() && method != b"PRI" {
-                true => FirstBytes::Http1,
-                false => FirstBytes::Other,
-            });
-        }
-        if !is_tchar(b) || i >= MAX_METHOD {
-            return Some(FirstBytes::Other);
-        }
-    }
-    None
-}
-
-/// A token character (RFC 9110), of which a method is made.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// Reads until the first bytes decide what the connection is; `None` when
-/// it closes before sending anything.
-async fn first_bytes(sock: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
-    let mut head = Vec::with_capacity(MAX_METHOD + 1);
-    let read = async {
-        while classify(&head).is_none() {
-            if sock.read_buf(&mut head).await? == 0 {
-                break;
-            }
-        }
-        io::Result::Ok(())
-    };
-    tokio::time::timeout(FIRST_BYTES_TIMEOUT, read).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-    Ok((!head.is_empty()).then_some(head))
-}
-
-/// A connection whose first bytes were already read: they are read again first.
-struct Prefixed<S> {
-    head: Vec<u8>,
-    at: usize,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    fn new(head: Vec<u8>, inner: S) -> Self {
-        Prefixed { head, at: 0, inner }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let rest = &self.head[self.at..];
-        if rest.is_empty() {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
-        }
-        let n = rest.len().min(buf.remaining());
-        buf.put_slice(&rest[..n]);
-        self.at += n;
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The router through real sockets: fake apps on the loopback stand for the
 //! real container and the sessions' apps, clients speak HTTP/1.1 and HTTP/2.
 
+use super::sniff::H2_PREFACE;
 use super::*;
 use crate::intercept::registry::RegisterStream;
 use crate::intercept::testing;
@@ -8,7 +9,8 @@ use http_body_util::channel::Channel;
 use hyper::body::Frame;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use tokio::io::AsyncWriteExt;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tpd_wire::intercept::{
     Filter, MIRROR_HEADER, MIRROR_TRUNCATED_HEADER, Reply, Request as Registration, Route, Traffic,
@@ -582,25 +584,6 @@ async fn the_real_container_gets_the_request_as_sent() {
     let mut got = vec![0u8; sent.len()];
     within(sock.read_exact(&mut got)).await.unwrap();
     assert_eq!(String::from_utf8(got).unwrap(), sent);
-}
-
-#[test]
-fn first_bytes_tell_http1_http2_and_tls_from_the_rest() {
-    assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(FirstBytes::Http1));
-    assert_eq!(classify(b"PROPFIND "), Some(FirstBytes::Http1));
-    assert_eq!(classify(b"GE"), None);
-    assert_eq!(classify(b""), None);
-    assert_eq!(classify(H2_PREFACE), Some(FirstBytes::Http2));
-    assert_eq!(classify(&[H2_PREFACE, b"\x00\x00\x12\x04"].concat()), Some(FirstBytes::Http2));
-    assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), None, "HTTP/2 only on the whole preface");
-    assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"), Some(FirstBytes::Other));
-    assert_eq!(classify(b"PRI / HTTP/1.1"), Some(FirstBytes::Other));
-    assert_eq!(classify(b"\x16"), None);
-    assert_eq!(classify(b"\x16\x03\x01"), Some(FirstBytes::Tls));
-    assert_eq!(classify(b"\x16\x00"), Some(FirstBytes::Other));
-    assert_eq!(classify(b" GET"), Some(FirstBytes::Other));
-    assert_eq!(classify(b"SSH-2.0-OpenSSH\r\n"), Some(FirstBytes::Other));
-    assert_eq!(classify(&[b'A'; 40]), Some(FirstBytes::Other));
 }
 
 /// What reached a recording app: path, body, and the copy's truncation mark.
