@@ -17,7 +17,7 @@ use kube::api::Api;
 use tpd_wire::names;
 use tracing::info;
 
-use crate::intercept::{self, apply::Ended};
+use crate::intercept::{self, end::Ended};
 use crate::output::progress;
 use crate::swap::apply::{self, Restored};
 
@@ -36,7 +36,7 @@ pub struct Outcome {
 const STEP_DEADLINE: Duration = Duration::from_secs(8);
 /// How long the restore may take: an intercept's last session waits out, at
 /// most a lease, the entries of sessions that stopped renewing before it
-/// restores (`intercept::apply::end`).
+/// restores (`intercept::end::end`).
 const RESTORE_DEADLINE: Duration = STEP_DEADLINE.saturating_add(tpd_wire::intercept::LEASE);
 /// How long the local step may take: stopping the sidecar, removing the
 /// containers and, after a killed sidecar, the volume release (up to 30 s
@@ -113,7 +113,7 @@ impl Cleanup {
     /// Removes the session's intercept of deployment/`name`, and the
     /// intercept itself when it was the last.
     async fn end_intercept(&self, name: &str, restored: &AtomicBool) -> anyhow::Result<()> {
-        match intercept::apply::end(&self.client, &self.namespace, name, &self.session).await? {
+        match intercept::end::end(&self.client, &self.namespace, name, &self.session).await? {
             Ended::Restored => {
                 progress(&format!("restored deployment/{name} (its last intercept ended)"));
                 restored.store(true, Ordering::Relaxed);

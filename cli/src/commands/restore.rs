@@ -43,7 +43,7 @@ pub async fn run(global: &GlobalArgs, args: &RestoreArgs) -> anyhow::Result<Exit
                 println!("restored deployment/{name} in {ns} (was swapped by {holder})")
             }
             Restored::NotSwapped | Restored::TakenOver { .. } => {
-                match intercept::apply::restore_by_hand(&cluster.client, &ns, &name).await? {
+                match intercept::end::restore_by_hand(&cluster.client, &ns, &name).await? {
                     Some(holders) if holders.is_empty() => {
                         println!("restored deployment/{name} in {ns} (was intercepted)")
                     }

@@ -4,11 +4,12 @@
 //! request by the sessions' filters: a session's matching requests reach it
 //! while the real container serves the rest. The planning (`plan`,
 //! `record`) is pure and tested in memory; `apply` is the thin kube-rs
-//! layer that reads, patches, waits, renews and restores, as `crate::swap`
-//! is for swaps; `register` keeps the session's routes registered with
+//! layer that reads, patches, waits and renews, and `end` the one that
+//! restores, as `crate::swap` is for swaps; `register` keeps the session's routes registered with
 //! every agent.
 
 pub mod apply;
+pub mod end;
 pub mod plan;
 pub mod record;
 pub mod register;

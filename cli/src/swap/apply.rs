@@ -365,7 +365,7 @@ pub async fn repair_abandoned(client: &kube::Client, namespace: Option<&str>) ->
     let now = Timestamp::now();
     let mut repaired = Vec::new();
     for d in api.list(&ListParams::default()).await.context("cannot list deployments")?.items {
-        if crate::intercept::apply::repair(client, &d).await? {
+        if crate::intercept::end::repair(client, &d).await? {
             repaired.push(format!("{}/{}", d.metadata.namespace.as_deref().unwrap_or_default(), name_of(&d)));
         }
         let Ok(Some(record)) = Record::read(&d) else {
