@@ -156,7 +156,7 @@ impl Baseline {
     }
 }
 
-const USERSPACE: [Userspace; 2] = [Userspace::Boringtun, Userspace::WireguardGo];
+pub const USERSPACE: [Userspace; 2] = [Userspace::Boringtun, Userspace::WireguardGo];
 
 pub fn run() -> Result<Vec<Figure>> {
     // The namespace pairs stay up for the whole run, so their round trips

@@ -21,8 +21,8 @@
 //!   over the link, against plain TCP over the link between the same
 //!   client and server containers (measured in the first lab), with the
 //!   issue's targets for the round trips and DNS through the sidecar
-//!   (cached, and uncached: across the tunnel); and boringtun-cli as a
-//!   cluster gateway over the link beside the UDP transport.
+//!   (cached, and uncached: across the tunnel); and boringtun-cli and
+//!   wireguard-go as cluster gateways over the link beside the UDP transport.
 //!
 //! Needs root, /dev/net/tun, iproute2, iptables and python3 for the link,
 //! and Docker with the tpd and test images for the tunnel; no cluster.
@@ -36,7 +36,6 @@ use tpd_wanlink::{Echo, Link, Side, Spec};
 
 use super::Figure;
 use super::probe::{PROBE, figure, numbers, percentile};
-use super::tunnel::wireguard::Userspace;
 use tpd_e2e::dataplane::Via;
 
 mod tunnel;
@@ -155,7 +154,7 @@ fn profile(spec: Spec) -> Result<Vec<Figure>> {
 
     // tpd over the same link, each transport in a lab of its own; plain
     // TCP between containers over the link in the first, boringtun-cli as
-    // a gateway in the UDP one.
+    // gateways in the UDP one.
     let wan = tunnel::Wan::new(&link)?;
     let mut direct = None;
     for (via, label) in [(Via::StreamTcp, "port-forward"), (Via::Udp, "udp")] {
@@ -169,7 +168,7 @@ fn profile(spec: Spec) -> Result<Vec<Figure>> {
         }
         let name = format!("tpd {label}");
         let mut paths = vec![(&measured.tpd, name.clone())];
-        paths.extend(measured.gateway.iter().map(|g| (g, Userspace::Boringtun.as_gateway().to_string())));
+        paths.extend(measured.gateways.iter().map(|(which, g)| (g, which.as_gateway().to_string())));
         // Against the same client and server without the tunnel.
         let (baseline, plain) = match &direct {
             Some(direct) => (DIRECT, direct),
@@ -193,10 +192,10 @@ fn profile(spec: Spec) -> Result<Vec<Figure>> {
             let failed = format!("{name}: dns {which} queries failed (of {})", super::tunnel::DNS_QUERIES);
             figures.push(Figure::new(at(&failed), dns.failed, "queries"));
         }
-        if let Some(gateway) = &measured.gateway {
+        for (which, gateway) in &measured.gateways {
             figures.push(
                 Figure::new(at(&format!("{name}: tcp 1 stream")), measured.tpd.stream, "Mbit/s")
-                    .against(Userspace::Boringtun.as_gateway(), gateway.stream),
+                    .against(which.as_gateway(), gateway.stream),
             );
         }
     }

@@ -1,5 +1,5 @@
 //! tpd's tunnel over the emulated link, both transports, and boringtun-cli
-//! as a cluster gateway over the same link: the data-plane lab
+//! and wireguard-go as cluster gateways over the same link: the data-plane lab
 //! ([`Lab`]) with the link put on the path between its laptop side and its
 //! cluster side.
 //!
@@ -22,7 +22,7 @@
 //! Either way every packet of the tunnel meets the link's delay, loss and
 //! rate, and the connections inside the tunnel meet them through it.
 //!
-//! The gateway baseline is `bench tunnel`'s ([`Gateway`]), its client on
+//! The gateway baselines are `bench tunnel`'s ([`Gateway`]), each client on
 //! the laptop network and its gateway on the cluster network as there,
 //! their WireGuard datagrams over veths into the link instead of the
 //! laptop network.
@@ -199,18 +199,19 @@ fn congestion_control(container: &str) -> String {
     read().unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
-/// tpd over the link with `via`, and (`with_gateway`) boringtun-cli as a
-/// gateway over it in the same lab.
+/// tpd over the link with `via`, and (`with_gateways`) boringtun-cli and
+/// wireguard-go as gateways over it in the same lab.
 pub struct Measured {
     pub tpd: Path,
     pub dns_cached: Dns,
     pub dns_uncached: Dns,
-    pub gateway: Option<Path>,
+    /// Each userspace WireGuard gateway that started, with what it carried.
+    pub gateways: Vec<(Userspace, Path)>,
     /// [`direct`], measured in the same lab.
     pub direct: Option<Path>,
 }
 
-pub fn tpd(wan: &Wan, via: &Via, label: &str, with_gateway: bool, with_direct: bool) -> Result<Measured> {
+pub fn tpd(wan: &Wan, via: &Via, label: &str, with_gateways: bool, with_direct: bool) -> Result<Measured> {
     crate::bench::go_on()?;
     let (mut lab, server_ip) = lab_with_server(PORT)?;
     // Cluster names Docker's DNS answers, each asked once through the tunnel (uncached).
@@ -243,22 +244,21 @@ pub fn tpd(wan: &Wan, via: &Via, label: &str, with_gateway: bool, with_direct: b
     let dns_cached = dns(&run(&cached)?)?;
 
     let direct = if with_direct { Some(direct(wan, &mut lab, &server_ip)?) } else { None };
-    let mut gateway = None;
-    if with_gateway {
+    let mut gateways = Vec::new();
+    for which in crate::bench::tunnel::USERSPACE.into_iter().filter(|_| with_gateways) {
         crate::bench::go_on()?;
-        let which = Userspace::Boringtun;
         let started = Gateway::start_over(which, &mut lab, |_, client, gateway| {
             Ok([wan.attach(Side::Laptop, client)?.to_string(), wan.attach(Side::Cluster, gateway)?.to_string()])
         });
         match started {
             Ok(gw) => {
                 eprintln!("measuring {} over the emulated link…", which.as_gateway());
-                gateway = Some(measure(&*gw.runner(), &server_ip)?);
+                gateways.push((which, measure(&*gw.runner(), &server_ip)?));
             }
             Err(e) => eprintln!("{} baseline skipped: {e:#}", which.as_gateway()),
         }
     }
-    Ok(Measured { tpd, dns_cached, dns_uncached, gateway, direct })
+    Ok(Measured { tpd, dns_cached, dns_uncached, gateways, direct })
 }
 
 /// DNS through the sidecar: the p50 of the queries answered, and how many
