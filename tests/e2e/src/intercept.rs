@@ -1,7 +1,22 @@
 //! What the intercept tests and benchmark share: the intercepted workloads
-//! (HTTP and gRPC) and the gRPC server.
+//! (HTTP and gRPC), the gRPC server, and `tpd status` as another machine
+//! reads it.
 
+use anyhow::Context as _;
+use serde_json::Value;
+
+use crate::home::Home;
 use crate::images;
+use crate::sandbox::Sandbox;
+use crate::session;
+
+/// The intercepts of namespace `ns` as `tpd status --output json` lists
+/// them on another machine (a fresh home, no session of its own).
+pub fn listed(sb: &Sandbox, ns: &str) -> anyhow::Result<Vec<Value>> {
+    let out = session::tpd_in(sb, &Home::new()?)?.args(["status", "-n", ns, "--output", "json"]).output()?;
+    let status: Value = serde_json::from_slice(&out.stdout).context("tpd status --output json")?;
+    Ok(status["intercepts"].as_array().cloned().unwrap_or_default())
+}
 
 /// Namespace `ns` with `deployment/api`: `replicas` pods of the echo server
 /// (whose answers name the pod), behind two Services: `api`, port 80 to the

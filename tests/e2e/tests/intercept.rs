@@ -282,21 +282,25 @@ fn two_developers_intercept_one_workload_by_header_and_leave_it_as_it_was() -> a
 
     let mut alice = Developer::start(&sb, &mut cleanup, "alice")?;
     let mut bob = Developer::start(&sb, &mut cleanup, "bob")?;
-    let status = session::tpd_in(&sb, &Home::new()?)?.args(["status", "-n", NS, "--output", "json"]).output()?;
-    let status: Value = serde_json::from_slice(&status.stdout)?;
-    let listed: Vec<(String, String)> = status["intercepts"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let intercepts = intercept::listed(&sb, NS)?;
+    let listed: Vec<(String, String)> = intercepts
+        .iter()
         .map(|i| {
             (i["filter"].as_str().unwrap_or_default().to_owned(), i["session"].as_str().unwrap_or_default().to_owned())
         })
         .collect();
     eprintln!("tpd status from another machine: {listed:?}");
     for dev in [&alice, &bob] {
-        assert!(listed.iter().any(|(_, s)| *s == dev.session), "tpd status lists session {}: {status}", dev.session);
+        assert!(
+            listed.iter().any(|(_, s)| *s == dev.session),
+            "tpd status lists session {}: {intercepts:?}",
+            dev.session
+        );
     }
-    assert!(listed.iter().any(|(f, _)| f == "x-dev=alice") && listed.iter().any(|(f, _)| f == "x-dev=bob"), "{status}");
+    assert!(
+        listed.iter().any(|(f, _)| f == "x-dev=alice") && listed.iter().any(|(f, _)| f == "x-dev=bob"),
+        "{intercepts:?}"
+    );
     let pods = sb.kubectl_ok(&["get", "pods", "-n", NS, "-l", "app=api", "-o", "name"])?;
     assert_eq!(pods.lines().count(), 3, "the replica count is untouched:\n{pods}");
 
@@ -718,10 +722,7 @@ fn copies_seen(container: &str) -> Vec<Value> {
 
 /// `session`'s intercept as `tpd status --output json` on another machine lists it.
 fn status_of(sb: &Sandbox, ns: &str, session: &str) -> anyhow::Result<Value> {
-    let out = session::tpd_in(sb, &Home::new()?)?.args(["status", "-n", ns, "--output", "json"]).output()?;
-    let status: Value = serde_json::from_slice(&out.stdout)?;
-    let mut listed = status["intercepts"].as_array().into_iter().flatten();
-    Ok(listed.find(|i| i["session"] == session).cloned().unwrap_or_default())
+    Ok(intercept::listed(sb, ns)?.into_iter().find(|i| i["session"] == session).unwrap_or_default())
 }
 
 /// Issue #21's mirror proof: 200 requests from a cluster pod all get the

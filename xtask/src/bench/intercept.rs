@@ -235,7 +235,7 @@ fn mirror_costs(sb: &Sandbox, cleanup: &mut Cleanup) -> Result<Vec<Figure>> {
     let mirrored = from_a_pod(sb, "latency-mirror", LATENCY, &ip, &agent_port, "2000")?;
     let mirrored_rps = from_a_pod(sb, "rps-mirror", THROUGHPUT, &ip, &agent_port, "5")?;
     let sent = 2000.0 + ms(&mirrored_rps, "rps") * 5.0;
-    let (answered, dropped) = copies_counted(sb, &home, sent)?;
+    let (answered, dropped) = copies_counted(sb, sent)?;
     Ok(vec![
         Figure::new("intercept: request through the agent, mirrored, p50", ms(&mirrored, "p50"), "ms")
             .against("the same agent, no mirror", ms(&plain, "p50")),
@@ -252,13 +252,12 @@ fn mirror_costs(sb: &Sandbox, cleanup: &mut Cleanup) -> Result<Vec<Figure>> {
 /// The mirroring session's copies answered and dropped, once `tpd status`
 /// accounts for `sent` of them or stops changing (its figures are written
 /// at each renewal, every 5 s).
-fn copies_counted(sb: &Sandbox, home: &Home, sent: f64) -> Result<(f64, f64)> {
+fn copies_counted(sb: &Sandbox, sent: f64) -> Result<(f64, f64)> {
     let started = Instant::now();
     let mut last = (0.0, 0.0);
     loop {
-        let out = session::tpd_in(sb, home)?.args(["status", "-n", NS, "--output", "json"]).output()?;
-        let status: Value = serde_json::from_slice(&out.stdout).context("tpd status --output json")?;
-        let mirror = status["intercepts"].as_array().into_iter().flatten().find(|i| i["mirror"] == true);
+        let intercepts = tpd_e2e::intercept::listed(sb, NS)?;
+        let mirror = intercepts.iter().find(|i| i["mirror"] == true);
         let now = mirror.map_or((0.0, 0.0), |m| (ms(m, "mirrored"), ms(m, "dropped")));
         let settled = now == last && now.0 > 0.0;
         if now.0 + now.1 >= sent || settled || started.elapsed() > Duration::from_secs(60) {
