@@ -2,7 +2,8 @@
 //! WireGuard frames; what a port-forward carries) and plain UDP datagrams.
 //! A stream is admitted only when it arrives on the pod's loopback, where a
 //! kubelet's port-forward lands; anyone else on the pod network is closed
-//! on at once, before the agent says anything. A swapped or outbound-only
+//! on at once, before the agent says anything. The agent says its hello
+//! after the sidecar's, once it has admitted the sidecar's key. A swapped or outbound-only
 //! agent locks to the first admitted sidecar's key; an intercept agent
 //! serves each key with its own instance ([`Instances`]). Every new stream
 //! from a key becomes the route for its replies, so a redialled stream
@@ -65,12 +66,17 @@ fn admitted(local: IpAddr, peer: IpAddr) -> bool {
 async fn serve_stream(sock: TcpStream, instances: &Arc<Instances>) -> anyhow::Result<()> {
     sock.set_nodelay(true)?;
     let (mut rd, mut wr) = sock.into_split();
-    wr.write_all(&Hello { role: Role::Agent, public_key: instances.public_key() }.encode()).await?;
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let hello = wio::read_hello(&mut rd, &mut buf).await?;
     anyhow::ensure!(hello.role == Role::Sidecar, "the peer introduced itself as {:?}, not a sidecar", hello.role);
     // Held until the stream ends: an intercept agent counts its sessions' streams.
     let admitted = instances.admit(hello.public_key)?;
+    // Said only now that the key is admitted: a sidecar on the UDP transport
+    // sends its first handshake as soon as it has this hello, and over UDP
+    // that handshake can overtake the sidecar's own hello on the stream (the
+    // port-forward crosses the API server); sent earlier, it met an unknown
+    // key, was dropped, and WireGuard tried again only 5 s later.
+    wr.write_all(&Hello { role: Role::Agent, public_key: instances.public_key() }.encode()).await?;
     let (wg, window) = (&admitted.instance.wg, &admitted.instance.window);
     tracing::info!("transport stream up");
 
@@ -118,9 +124,10 @@ mod tests {
         assert!(!admitted(ip("127.0.0.1"), ip("10.244.2.9")));
     }
 
-    /// Over the loopback the agent introduces itself; the stream is served.
+    /// Over the loopback the agent introduces itself, after the sidecar did
+    /// (never before: see `serve_stream`); the stream is served.
     #[tokio::test]
-    async fn a_loopback_stream_gets_the_agents_hello() {
+    async fn a_loopback_stream_gets_the_agents_hello_after_its_own() {
         use tokio::io::AsyncReadExt;
         let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -128,20 +135,25 @@ mod tests {
         let server = tokio::spawn(serve_streams(listener, instances.clone()));
         let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let mut hello = [0u8; tpd_wire::hello::LEN];
+        let early = tokio::time::timeout(std::time::Duration::from_millis(200), conn.read(&mut hello)).await;
+        assert!(early.is_err(), "the agent spoke before the sidecar's hello: {early:?}");
+        conn.write_all(&Hello { role: Role::Sidecar, public_key: [7; 32] }.encode()).await.unwrap();
         conn.read_exact(&mut hello).await.unwrap();
         assert_eq!(Hello::decode(&hello).unwrap().map(|h| h.public_key), Some(instances.public_key()));
         server.abort();
     }
 
-    /// A sidecar's side of a transport stream: reads the agent's hello,
-    /// says its own with `key`, and reports whether the agent kept the
+    /// A sidecar's side of a transport stream: says its hello with `key`,
+    /// reads the agent's (none if refused), and reports whether the agent kept the
     /// stream open (admitted) or closed it (refused).
     async fn kept_open(port: u16, key: [u8; 32]) -> bool {
         use tokio::io::AsyncReadExt;
         let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut hello = [0u8; tpd_wire::hello::LEN];
-        conn.read_exact(&mut hello).await.unwrap();
         conn.write_all(&Hello { role: Role::Sidecar, public_key: key }.encode()).await.unwrap();
+        let mut hello = [0u8; tpd_wire::hello::LEN];
+        if conn.read_exact(&mut hello).await.is_err() {
+            return false;
+        }
         let mut byte = [0u8];
         let read = tokio::time::timeout(std::time::Duration::from_millis(300), conn.read(&mut byte)).await;
         // Refused: the agent closes (end of stream, or a reset). Admitted: it waits for frames.

@@ -2,7 +2,8 @@
 //! who is speaking, and the session's WireGuard public key. Public keys travel
 //! only here, on the stream that Kubernetes authenticates (the port-forward),
 //! never in a Deployment, env var or log. Even the UDP transport opens the
-//! stream first for this exchange.
+//! stream first for this exchange. The sidecar speaks first; the agent
+//! answers once it has admitted the sidecar's key.
 
 use crate::preamble::{self, Kind};
 

@@ -33,9 +33,8 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     checks::ports_free(args.session.publish.iter().map(|p| p.host))?;
     // The env files and -e flags are read again once the remote env is known.
     session::env::merge(Default::default(), &args.env, &args.env_file)?;
-    let cluster = crate::session::cluster(global).await?;
     // Unknown Deployment, ambiguous container, undeclared port: fail before the guardian exists.
-    session::check_target(&cluster, &spec).await?;
+    let (cluster, checked) = session::cluster_with_target(global, &spec).await?;
     let id = session::new_id();
     let log = crate::logging::to_file(&id)?;
     info!(session = %id, log = %log.display(), "session starting");
@@ -45,7 +44,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
 
     let shutdown = CancellationToken::new();
     tokio::spawn(ctrl_c(shutdown.clone()));
-    let result = session_body(&cluster, &spec, &args, &images, &id, &shutdown).await;
+    let result = session_body(&cluster, &spec, &args, &images, &id, checked, &shutdown).await;
     shutdown.cancel();
     let outcome = cleanup.run().await;
     if outcome.ok {
@@ -70,9 +69,14 @@ async fn session_body(
     args: &RunArgs,
     images: &Images,
     id: &str,
+    checked: session::Checked,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<i64> {
-    let agent = session::agent::start(cluster, spec, images, id, shutdown).await?;
+    let (agent, routes) = tokio::join!(
+        session::agent::start(cluster, spec, images, id, checked, shutdown),
+        session::ranges(cluster, spec)
+    );
+    let (agent, routes) = (agent?, routes?);
     let ctx = session::Context {
         cluster,
         spec,
@@ -81,6 +85,7 @@ async fn session_body(
         agent_pod: agent.pod,
         swap: agent.swap.as_ref(),
         intercept: agent.intercept.as_ref(),
+        routes,
     };
     session::run(ctx, args, shutdown).await
 }

@@ -32,12 +32,14 @@ pub struct Agent {
 
 /// The cluster half of a session (also `tpd connect`'s): the swap or the
 /// intercept, whose lease is renewed until `shutdown`, or the outbound-only
-/// agent pod; returns once the agent pod is ready.
+/// agent pod; returns once the agent pod is ready. `checked` is what the
+/// target check read.
 pub async fn start(
     cluster: &Cluster,
     spec: &Spec,
     images: &Images,
     id: &str,
+    checked: super::Checked,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Agent> {
     let params = Params {
@@ -83,7 +85,7 @@ pub async fn start(
         Some(target) => {
             let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
             progress(&format!("swapping {target} in namespace {} for tpd's agent", cluster.namespace));
-            let swap = apply::swap(&api, &cluster.namespace, target, &params, spec.session.force).await?;
+            let swap = apply::swap(&api, &cluster.namespace, target, &params, spec.session.force, checked).await?;
             let what = format!("the swap of {target}");
             tokio::spawn(renew_lease(api.clone(), target.name.clone(), swap.record.clone(), what, shutdown.clone()));
             swapped = Some((api, target.name.clone()));

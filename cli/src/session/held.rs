@@ -57,7 +57,7 @@ pub async fn establish(
     checks::image_present(&docker, &images.sidecar, checks::TPD_IMAGE_FIX).await?;
     checks::ports_free(spec.session.publish.iter().map(|p| p.host))?;
     // Unknown Deployment, ambiguous container, undeclared port: fail before the guardian exists.
-    super::check_target(cluster, spec).await?;
+    let checked = super::check_target(cluster, spec).await?;
     let id = super::new_id();
     info!(session = %id, name, "connect session starting");
     let deployment = spec.deployment().map(|t| t.name.clone());
@@ -65,7 +65,7 @@ pub async fn establish(
     let cleanup = Cleanup::new(cluster, &id, deployment);
     let tasks = shutdown.child_token();
     let network = format!("tpd-{id}");
-    match start(&docker, cluster, images, name, &id, &network, spec, &tasks).await {
+    match start(&docker, cluster, images, name, &id, &network, spec, checked, &tasks).await {
         Ok((record, registrar)) => Ok(Held { record, cleanup, guardian, cluster: cluster.clone(), tasks, registrar }),
         Err(e) => {
             progress("removing what the session had started");
@@ -87,9 +87,12 @@ async fn start(
     id: &str,
     network: &str,
     spec: &Spec,
+    checked: super::Checked,
     tasks: &CancellationToken,
 ) -> anyhow::Result<(Record, Option<Registrar>)> {
-    let agent = super::agent::start(cluster, spec, images, id, tasks).await?;
+    let (agent, routes) =
+        tokio::join!(super::agent::start(cluster, spec, images, id, checked, tasks), super::ranges(cluster, spec));
+    let (agent, routes) = (agent?, routes?);
     let request = NetworkCreateRequest {
         name: network.to_owned(),
         labels: Some(super::sidecar::labels(id)),
@@ -107,6 +110,7 @@ async fn start(
         agent_pod: agent.pod.clone(),
         swap: agent.swap.as_ref(),
         intercept: agent.intercept.as_ref(),
+        routes,
     };
     let mut started = super::start(&ctx, tasks).await?;
     let registrar = started.registrar.take();

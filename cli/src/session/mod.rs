@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, SecurityContext};
 use kube::api::ObjectMeta;
 use tokio_util::sync::CancellationToken;
 use tpd_wire::names;
-use tpd_wire::sidecar::{Carrier, Status};
+use tpd_wire::sidecar::{Carrier, Cidr, Status};
 
 use crate::cli::{GlobalArgs, RunArgs};
 use crate::cluster::Cluster;
@@ -40,22 +40,50 @@ use transport::Plan;
 /// swaps whose session vanished (a laptop closed mid-session) repaired first.
 pub async fn cluster(global: &GlobalArgs) -> anyhow::Result<Cluster> {
     let cluster = crate::cluster::connect(global).await?;
-    crate::checks::namespace_exists(&cluster).await?;
-    crate::swap::apply::repair_abandoned(&cluster.client, Some(&cluster.namespace)).await?;
+    checked(&cluster).await?;
     Ok(cluster)
 }
 
+/// The namespace checked and the abandoned swaps repaired, in one round trip
+/// when there is nothing to repair: the namespace is read while the
+/// Deployments are listed. Returns the repaired Deployments (`ns/name`).
+async fn checked(cluster: &Cluster) -> anyhow::Result<Vec<String>> {
+    let (exists, repaired) = tokio::join!(
+        crate::checks::namespace_exists(cluster),
+        crate::swap::apply::repair_abandoned(&cluster.client, Some(&cluster.namespace)),
+    );
+    exists?;
+    repaired
+}
+
+/// [`cluster`] and [`check_target`] together: the target is read while the
+/// namespace and the Deployments are, and read again only if the repair
+/// restored it meanwhile. What fails is said in the same order as one
+/// after the other.
+pub async fn cluster_with_target(global: &GlobalArgs, spec: &Spec) -> anyhow::Result<(Cluster, Checked)> {
+    let cluster = crate::cluster::connect(global).await?;
+    let (repaired, target) = tokio::join!(checked(&cluster), check_target(&cluster, spec));
+    let repaired = repaired?;
+    let stale = spec.deployment().is_some_and(|t| repaired.contains(&format!("{}/{}", cluster.namespace, t.name)));
+    let target = if stale { check_target(&cluster, spec).await? } else { target? };
+    Ok((cluster, target))
+}
+
+/// The Deployment a swap's target check read, for the swap itself.
+pub type Checked = Option<k8s_openapi::api::apps::v1::Deployment>;
+
 /// Checks, before anything changes, the Deployment the session swaps or
 /// intercepts: that it exists, its container, and for an intercept its ports.
-pub async fn check_target(cluster: &Cluster, spec: &Spec) -> anyhow::Result<()> {
+pub async fn check_target(cluster: &Cluster, spec: &Spec) -> anyhow::Result<Checked> {
+    let mut read = None;
     if let Some(target) = &spec.swap {
-        crate::swap::apply::check_target(cluster, target).await?;
+        read = Some(crate::swap::apply::check_target(cluster, target).await?);
     }
     if let Some(i) = &spec.intercept {
         let remotes: Vec<u16> = spec.session.ports.iter().map(|p| p.remote).collect();
         crate::intercept::apply::check(cluster, &i.target, &remotes, &i.filter, i.mirror).await?;
     }
-    Ok(())
+    Ok(read)
 }
 
 /// What the session machinery works from.
@@ -69,6 +97,22 @@ pub struct Context<'a> {
     pub swap: Option<&'a Swap>,
     /// The session's intercept, for the registrar and the sidecar.
     pub intercept: Option<&'a Intercept>,
+    /// The cluster's ranges the tunnel routes ([`ranges`]).
+    pub routes: Vec<Cidr>,
+}
+
+/// The cluster's ranges the tunnel routes. Callers find them while the
+/// agent pod starts: they do not depend on it. Without them the session
+/// goes on with `--also-proxy` alone, if the user named ranges.
+pub async fn ranges(cluster: &Cluster, spec: &Spec) -> anyhow::Result<Vec<Cidr>> {
+    match cidrs::discover(&cluster.client).await {
+        // The user named ranges: go on with those.
+        Err(e) if !spec.session.also_proxy.is_empty() => {
+            crate::output::warning(&format!("{}; routing only --also-proxy", crate::error::one_line(&e)));
+            Ok(Vec::new())
+        }
+        found => found,
+    }
 }
 
 impl Context<'_> {
@@ -228,28 +272,15 @@ async fn start_tunnel(
     agents: relay::Agents,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Started> {
-    let discovered = async {
-        match cidrs::discover(&ctx.cluster.client).await {
-            // The user named ranges: go on with those.
-            Err(e) if !ctx.spec.session.also_proxy.is_empty() => {
-                crate::output::warning(&format!("{}; routing only --also-proxy", crate::error::one_line(&e)));
-                Ok(Vec::new())
-            }
-            found => found,
-        }
-    };
-    let (routes, plan) = tokio::try_join!(
-        discovered,
-        transport::prepare(ctx.cluster, ctx.spec.session.transport, ctx.id, &ctx.agent_pod),
-    )?;
-    let shown: Vec<String> = routes.iter().chain(&ctx.spec.session.also_proxy).map(ToString::to_string).collect();
+    let plan = transport::prepare(ctx.cluster, ctx.spec.session.transport, ctx.id, &ctx.agent_pod).await?;
+    let shown: Vec<String> = ctx.routes.iter().chain(&ctx.spec.session.also_proxy).map(ToString::to_string).collect();
     progress(&format!("cluster ranges routed through the tunnel: {}", shown.join(", ")));
     let dir = session_dir(ctx.id)?;
     let relay = relay::start(&dir, ctx.cluster, agents, shutdown.clone())?;
     let docker = crate::docker::connect().await?;
     let volumes = if ctx.spec.session.no_mounts { Vec::new() } else { ctx.volumes() };
     progress("starting the sidecar");
-    let sidecar = sidecar::start(&docker, ctx, &dir, &relay, &plan, &routes, &volumes).await?;
+    let sidecar = sidecar::start(&docker, ctx, &dir, &relay, &plan, &volumes).await?;
     let mut status = tokio::select! {
         s = sidecar::ready(&docker, &sidecar, &dir, Duration::from_secs(30)) => s.map_err(|e| not_ready(e, &plan))?,
         () = shutdown.cancelled() => anyhow::bail!("interrupted before the sidecar was ready"),

@@ -4,7 +4,10 @@
 //! port-forward drops, the sidecar's connection ends and it dials again,
 //! which opens a new port-forward: the session (and WireGuard) live on.
 //!
-//! The agent pod is looked up again for every connection: when it is
+//! The first connection goes to the agent pod the session just saw ready
+//! (looking it up again would cost a round trip to the API server on the
+//! way to the first request served). The agent pod is looked up again for
+//! every later connection: when it is
 //! deleted (a node drained, an eviction, `kubectl delete pod`), its
 //! ReplicaSet starts another, and the next connection waits until that one
 //! is ready and goes there. The sidecar then meets a new agent key in the
@@ -60,12 +63,14 @@ pub fn start(dir: &Path, cluster: &Cluster, agents: Agents, shutdown: Cancellati
         Agents::Session { session, first } => (format!("{}={session}", names::LABEL_SESSION), first, None),
         Agents::Home(home) => (String::new(), String::new(), Some(home)),
     };
+    let first = (!current.is_empty()).then(|| current.clone());
     let agent = Arc::new(AgentPod {
         pods: Api::namespaced(cluster.client.clone(), &cluster.namespace),
         client: cluster.client.clone(),
         namespace: cluster.namespace.clone(),
         selector,
         current: Mutex::new(current),
+        first: Mutex::new(first),
         home,
     });
     tokio::spawn(async move {
@@ -93,6 +98,8 @@ struct AgentPod {
     selector: String,
     /// The pod the last connection went to.
     current: Mutex<String>,
+    /// The ready pod the session started with, until the first connection takes it.
+    first: Mutex<Option<String>>,
     /// For an intercept: the home pod, which replaces the lookup by label.
     home: Option<watch::Receiver<Option<register::AgentPod>>>,
 }
@@ -124,7 +131,12 @@ impl AgentPod {
     /// The pod and port the next connection goes to, waiting for one.
     async fn target(&self) -> (String, u16) {
         let Some(home) = &self.home else {
-            return (self.ready().await, names::AGENT_TRANSPORT_PORT);
+            let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let pod = match first {
+                Some(pod) => pod,
+                None => self.ready().await,
+            };
+            return (pod, names::AGENT_TRANSPORT_PORT);
         };
         // The registrar says when the home moves.
         let mut home = home.clone();

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use tpd_wire::files::VolumeMount;
 use tpd_wire::names;
 use tpd_wire::neighbours::Declared;
-use tpd_wire::sidecar::{Carrier, Cidr, Config, Endpoint, Event, PortMap, Status, Transport, Volumes};
+use tpd_wire::sidecar::{Carrier, Config, Endpoint, Event, PortMap, Status, Transport, Volumes};
 
 use super::Context;
 use super::relay::Relay;
@@ -53,7 +53,7 @@ pub fn labels(session: &str) -> HashMap<String, String> {
 /// The sidecar's configuration: the transport (the relay's socket carries
 /// the hello, and WireGuard too unless it goes over UDP), the routes, the
 /// inbound port map, and the host's resolver for names outside the cluster.
-fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[Cidr], volumes: &[VolumeMount]) -> Config {
+fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, volumes: &[VolumeMount]) -> Config {
     let stream = Endpoint::Unix(relay.socket_in_sidecar.clone().into());
     let mut config = match plan {
         Plan::PortForward => Config::new(Transport::Stream(stream)),
@@ -61,7 +61,7 @@ fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, routes: &[Cidr], volume
             Config { hello: Some(stream), udp_fallback: *fallback, ..Config::new(Transport::Udp(*at)) }
         }
     };
-    config.routes = routes.iter().chain(&ctx.spec.session.also_proxy).copied().collect();
+    config.routes = ctx.routes.iter().chain(&ctx.spec.session.also_proxy).copied().collect();
     config.ports = ctx.spec.session.ports.iter().map(|p| PortMap { remote: p.remote, local: p.local }).collect();
     config.pod_ports = pod_ports(ctx);
     config.session = Some(ctx.id.to_owned());
@@ -102,10 +102,9 @@ pub async fn start(
     dir: &Path,
     relay: &Relay,
     plan: &Plan,
-    routes: &[Cidr],
     volumes: &[VolumeMount],
 ) -> anyhow::Result<Sidecar> {
-    let config = serde_json::to_string(&config(ctx, relay, plan, routes, volumes))?;
+    let config = serde_json::to_string(&config(ctx, relay, plan, volumes))?;
     // The developer's container joins this network namespace and gets the
     // sidecar's hostname, /etc/hosts and /etc/resolv.conf with it.
     let deployment = ctx.swap.map(|s| &s.deployment).or(ctx.intercept.map(|i| &i.deployment));

@@ -128,10 +128,11 @@ async fn delete_service(cluster: &Cluster, session: &str) {
 async fn node_port(cluster: &Cluster, session: &str, agent_pod: &str) -> anyhow::Result<(String, SocketAddr)> {
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let name = service_name(session);
-    let created = services
-        .create(&PostParams::default(), &node_port_service(&cluster.namespace, session))
-        .await
-        .with_context(|| format!("cannot create service/{name}"))?;
+    // The node's address is read while the Service is created: two round
+    // trips to the API server instead of three.
+    let (service, post) = (node_port_service(&cluster.namespace, session), PostParams::default());
+    let (created, ip) = tokio::join!(services.create(&post, &service), node_address(cluster, agent_pod));
+    let created = created.with_context(|| format!("cannot create service/{name}"))?;
     let port = created
         .spec
         .and_then(|s| s.ports)
@@ -140,7 +141,7 @@ async fn node_port(cluster: &Cluster, session: &str, agent_pod: &str) -> anyhow:
         .find_map(|p| p.node_port)
         .and_then(|p| u16::try_from(p).ok())
         .with_context(|| format!("service/{name} got no nodePort"))?;
-    let ip = node_address(cluster, agent_pod).await?;
+    let ip = ip?;
     wait_for_endpoint(cluster, &name).await?;
     Ok((name, SocketAddr::new(ip, port)))
 }

@@ -22,8 +22,9 @@ use crate::output::progress;
 use crate::rollout::{admit_agent_pod, conflict, get, is_ready, replica_failure, rolled_out};
 
 /// Checks, before anything changes, that `target` names a Deployment in
-/// the cluster's namespace and one of its containers unambiguously.
-pub async fn check_target(cluster: &Cluster, target: &Target) -> anyhow::Result<()> {
+/// the cluster's namespace and one of its containers unambiguously;
+/// returns the Deployment as read, for the swap's first attempt.
+pub async fn check_target(cluster: &Cluster, target: &Target) -> anyhow::Result<Deployment> {
     let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let d = get(&api, &cluster.namespace, &target.name).await?;
     if let Some(refusal) = crate::intercept::apply::swap_refusal(&d, target) {
@@ -35,7 +36,7 @@ pub async fn check_target(cluster: &Cluster, target: &Target) -> anyhow::Result<
             format!("`kubectl get deployment/{} -n {} -o yaml` shows its containers", target.name, cluster.namespace),
         )
     })?;
-    Ok(())
+    Ok(d)
 }
 
 /// How many times a swap is planned again when the Deployment's spec
@@ -45,16 +46,20 @@ const SWAP_ATTEMPTS: u32 = 3;
 
 /// Swaps `target` for the agent: refuses a live holder, restores an
 /// abandoned swap first, warns about GitOps controllers, then patches. A
-/// spec changed meanwhile means reading and planning again.
+/// spec changed meanwhile means reading and planning again. `read` is the
+/// Deployment as the caller just read it (saving the first attempt a round
+/// trip): the patch's generation guard refuses it if it changed since,
+/// and the next attempt reads it again.
 pub async fn swap(
     api: &Api<Deployment>,
     namespace: &str,
     target: &Target,
     params: &Params,
     force: bool,
+    mut read: Option<Deployment>,
 ) -> anyhow::Result<Swap> {
     for attempt in 1..=SWAP_ATTEMPTS {
-        let current = claim(api, namespace, target, force).await?;
+        let current = claim(api, namespace, target, force, read.take()).await?;
         let swap = plan::plan(&current, target.container.as_deref(), params)?;
         if attempt == 1 {
             let help = format!(
@@ -82,10 +87,20 @@ pub async fn swap(
     .into())
 }
 
-/// Reads `target` and makes sure tpd may swap it: free, or abandoned (then
-/// restored first), or held by someone else (an error naming them).
-async fn claim(api: &Api<Deployment>, namespace: &str, target: &Target, force: bool) -> anyhow::Result<Deployment> {
-    let current = get(api, namespace, &target.name).await?;
+/// Reads `target` (unless `read` is given) and makes sure tpd may swap it:
+/// free, or abandoned (then restored first), or held by someone else (an
+/// error naming them).
+async fn claim(
+    api: &Api<Deployment>,
+    namespace: &str,
+    target: &Target,
+    force: bool,
+    read: Option<Deployment>,
+) -> anyhow::Result<Deployment> {
+    let current = match read {
+        Some(d) => d,
+        None => get(api, namespace, &target.name).await?,
+    };
     if let Some(refusal) = crate::intercept::apply::swap_refusal(&current, target) {
         return Err(refusal.into());
     }
@@ -204,7 +219,9 @@ pub enum RenewError {
 /// ReplicaSet cannot create (Pod Security, a quota) is said at once.
 ///
 /// The pods are watched; the Deployment's `ReplicaFailure` is not a pod
-/// event, so it is read again each second while there is no pod.
+/// event, so it is read again each second while there is no pod (on the
+/// second's tick only: read on every event, it held the watch's next event
+/// back by a round trip to the API server).
 pub async fn wait_for_agent(
     pods: &Api<Pod>,
     swapped: Option<(&Api<Deployment>, &str)>,
@@ -216,21 +233,23 @@ pub async fn wait_for_agent(
     let (reader, writer) = reflector::store();
     let watch = reflector(writer, watcher(pods.clone(), watcher::Config::default().labels(&selector)));
     let mut events = std::pin::pin!(watch.default_backoff());
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let second = Duration::from_secs(1);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
     let started = Instant::now();
     let mut last = String::new();
     loop {
-        tokio::select! {
+        let ticked = tokio::select! {
             event = events.next() => match event {
                 // The watch retries with backoff; the timeout below bounds it.
-                Some(Err(e)) => tracing::debug!("watching the agent's pod: {e}"),
-                Some(Ok(_)) => {}
+                Some(Err(e)) => { tracing::debug!("watching the agent's pod: {e}"); false }
+                Some(Ok(_)) => false,
                 None => anyhow::bail!("the watch of the agent's pod ended"),
             },
-            _ = tick.tick() => {}
-        }
+            _ = tick.tick() => true,
+        };
         let pod = reader.state().into_iter().find(|p| p.metadata.deletion_timestamp.is_none());
-        if pod.is_none()
+        if ticked
+            && pod.is_none()
             && let Some((api, name)) = swapped
             && let Some(why) = api.get_opt(name).await.ok().flatten().as_ref().and_then(replica_failure)
         {

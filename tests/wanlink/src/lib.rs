@@ -23,6 +23,11 @@
 //! killed process left behind are deleted by the next [`Link::up`]. Needs
 //! root (CAP_NET_ADMIN, CAP_SYS_ADMIN; CAP_SYS_NICE for the priority),
 //! `/dev/net/tun` and iproute2.
+//!
+//! [`TcpDelay`] is the link's little sibling for one TCP server that stays
+//! where it is (the sandbox's API server): a loopback relay, no root, that
+//! delays every chunk by `rtt / 2` each way and notes the HTTP requests it
+//! relays.
 
 use std::fmt;
 use std::io;
@@ -37,10 +42,12 @@ mod echo;
 mod netns;
 mod relay;
 pub mod shaper;
+mod tcpdelay;
 mod tun;
 
 pub use echo::Echo;
 pub use relay::LATE;
+pub use tcpdelay::{Request, TcpDelay};
 
 /// The TUN device on each side.
 pub const DEVICE: &str = "wan0";

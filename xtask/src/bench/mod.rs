@@ -81,11 +81,14 @@ pub enum Which {
 }
 
 pub fn run(which: Which, json: bool, minutes: u64, wan: &wan::Flags, root: &Path) -> anyhow::Result<()> {
-    if wan.given() && !matches!(which, Which::Wan) {
-        anyhow::bail!("--rtt, --loss and --rate shape the link of `cargo xtask bench wan`, not of this suite");
+    let session_rtt_only = matches!(which, Which::Session) && !wan.shapes_more_than_rtt();
+    if wan.given() && !matches!(which, Which::Wan) && !session_rtt_only {
+        anyhow::bail!(
+            "--rtt, --loss and --rate shape the link of `cargo xtask bench wan` (and --rtt the API server's of `bench session`), not of this suite"
+        );
     }
     stop_on_signals()?;
-    let figures = measure(which, json, minutes, wan, root).map_err(|e| {
+    let figures = measure(which, minutes, wan, root).map_err(|e| {
         if go_on().is_err() { anyhow::anyhow!("interrupted; what this run had started is removed") } else { e }
     })?;
     print(&figures, json);
@@ -120,11 +123,11 @@ fn stop_on_signals() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(which: Which, json: bool, minutes: u64, wan: &wan::Flags, root: &Path) -> anyhow::Result<Vec<Figure>> {
+fn measure(which: Which, minutes: u64, wan: &wan::Flags, root: &Path) -> anyhow::Result<Vec<Figure>> {
     Ok(match which {
         Which::Tunnel => tunnel::run()?,
         Which::Volumes => volumes::run()?,
-        Which::Session => session::run(json)?,
+        Which::Session => session::run(wan.rtt())?,
         Which::Intercept => intercept::run()?,
         Which::Soak => soak::run(minutes)?,
         Which::Wan => wan::run(wan)?,

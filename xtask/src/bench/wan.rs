@@ -55,7 +55,8 @@ const NEW_CONNECTIONS: u32 = 200;
 /// default ones.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Flags {
-    /// `bench wan`: round-trip time of the emulated link [default: 20].
+    /// `bench wan`: round-trip time of the emulated link [default: 20];
+    /// `bench session`: of the API server [default: 0, 20, 50 and 80].
     #[arg(long, value_name = "MS")]
     rtt: Option<f64>,
     /// `bench wan`: packets lost in each direction, in percent [default: 0].
@@ -69,6 +70,16 @@ pub struct Flags {
 impl Flags {
     pub fn given(&self) -> bool {
         self.rtt.is_some() || self.loss.is_some() || self.rate.is_some()
+    }
+
+    /// `--loss` or `--rate`: what only the WAN link can do.
+    pub fn shapes_more_than_rtt(&self) -> bool {
+        self.loss.is_some() || self.rate.is_some()
+    }
+
+    /// `--rtt`, which `bench session` also takes (the API server's RTT).
+    pub fn rtt(&self) -> Option<f64> {
+        self.rtt
     }
 
     /// The profiles to measure: the flags' one, or the defaults.
