@@ -20,8 +20,10 @@ pub fn listed(sb: &Sandbox, ns: &str) -> anyhow::Result<Vec<Value>> {
 
 /// Namespace `ns` with `deployment/api`: `replicas` pods of the echo server
 /// (whose answers name the pod), behind two Services: `api`, port 80 to the
-/// named port `http`, and `api-num`, port 8081 to the number 8080. Its pods
-/// pass Pod Security `restricted`.
+/// named port `http`, and `api-num`, port 8081 to the number 8080. Each pod
+/// is what apps have: an init container, and a helper container beside the
+/// app (`cache`, listening on the pod's 127.0.0.1:6379). Its pods pass Pod
+/// Security `restricted`.
 pub fn workload(ns: &str, replicas: usize) -> String {
     format!(
         r#"apiVersion: v1
@@ -38,12 +40,26 @@ spec:
     metadata: {{labels: {{app: api}}}}
     spec:
       terminationGracePeriodSeconds: 1
+      initContainers:
+      - name: init
+        image: {busybox}
+        command: [sh, -c, "echo ready > /work/init"]
+        volumeMounts: [{{name: work, mountPath: /work}}]
+        securityContext: {restricted}
       containers:
       - name: api
         image: {echo}
         ports: [{{name: http, containerPort: 8080}}]
         readinessProbe: {{httpGet: {{path: /, port: http}}, periodSeconds: 1}}
+        volumeMounts: [{{name: work, mountPath: /work}}]
         securityContext: {restricted}
+      - name: cache
+        image: {busybox}
+        command: [busybox, httpd, -f, -p, "127.0.0.1:6379", -h, /work]
+        ports: [{{name: cache, containerPort: 6379}}]
+        volumeMounts: [{{name: work, mountPath: /work}}]
+        securityContext: {restricted}
+      volumes: [{{name: work, emptyDir: {{}}}}]
 ---
 apiVersion: v1
 kind: Service
@@ -60,6 +76,7 @@ spec:
   ports: [{{port: 8081, targetPort: 8080}}]
 "#,
         echo = images::ECHO,
+        busybox = images::BUSYBOX,
         restricted = RESTRICTED,
     )
 }

@@ -312,6 +312,12 @@ fn two_developers_intercept_one_workload_by_header_and_leave_it_as_it_was() -> a
     assert_eq!(answered(&result, "alice"), serde_json::json!({"alice": 100}), "{result}");
     assert_eq!(answered(&result, "bob"), serde_json::json!({"bob": 100}), "{result}");
     assert_eq!(answered(&result, "none"), serde_json::json!({"real": 100}), "{result}");
+    // Like a swap, the developer's container sees the pod: its helper
+    // container on localhost, and the volume the init container filled.
+    let neighbour =
+        "python3 -c 'import urllib.request as u; print(u.urlopen(\"http://127.0.0.1:6379/init\").read().decode())'";
+    assert_eq!(session::local(&alice.container, neighbour), "ready", "the pod's cache container on localhost");
+    assert_eq!(session::local(&alice.container, "cat /work/init"), "ready", "the pod's volume");
     // `tpd status` on another machine shows what reached each developer in
     // the last minute (written at each renewal, within about 10 s).
     let started = Instant::now();
