@@ -153,6 +153,7 @@ mod tests {
                 also_proxy: vec!["10.0.0.0/8".parse().unwrap()],
                 transport: Transport::Auto,
                 no_mounts: true,
+                volume_cache: crate::cli::VolumeCache::Off,
                 ready_timeout: 7,
             },
             mount_root: Some("/remote".into()),
