@@ -82,7 +82,7 @@ pub enum Which {
 
 pub fn run(which: Which, json: bool, minutes: u64, wan: &wan::Flags, root: &Path) -> anyhow::Result<()> {
     if wan.given() && !matches!(which, Which::Wan) {
-        anyhow::bail!("--rtt, --loss and --rate shape the link of `cargo xtask bench wan`, not of this suite");
+        anyhow::bail!("--rtt, --loss, --rate and --volumes belong to `cargo xtask bench wan`, not to this suite");
     }
     stop_on_signals()?;
     let figures = measure(which, json, minutes, wan, root).map_err(|e| {

@@ -24,6 +24,9 @@
 //!   (cached, and uncached: across the tunnel); and boringtun-cli as a
 //!   cluster gateway over the link beside the UDP transport.
 //!
+//! With `--volumes`, the volume workloads instead ([`volumes`]): tpd's
+//! volume bridge across the link against sshfs over it.
+//!
 //! Needs root, /dev/net/tun, iproute2, iptables and python3 for the link,
 //! and Docker with the tpd and test images for the tunnel; no cluster.
 
@@ -40,6 +43,7 @@ use super::tunnel::wireguard::Userspace;
 use tpd_e2e::dataplane::Via;
 
 mod tunnel;
+mod volumes;
 
 /// The probe server's port on the cluster side.
 const PORT: u16 = 5201;
@@ -65,17 +69,27 @@ pub struct Flags {
     /// `bench wan`: rate of each direction [default: no limit but the relay's].
     #[arg(long, value_name = "MBIT")]
     rate: Option<f64>,
+    /// `bench wan`: measure the volume workloads (tpd's volume bridge
+    /// against sshfs over the same link) instead of the tunnel's figures.
+    /// Long: sshfs pays a round trip per file (minutes per profile).
+    #[arg(long)]
+    volumes: bool,
 }
 
 impl Flags {
     pub fn given(&self) -> bool {
+        self.rtt.is_some() || self.loss.is_some() || self.rate.is_some() || self.volumes
+    }
+
+    /// Whether the profiles were chosen (else the defaults run).
+    fn profile_given(&self) -> bool {
         self.rtt.is_some() || self.loss.is_some() || self.rate.is_some()
     }
 
     /// The profiles to measure: the flags' one, or the defaults.
     fn profiles(&self) -> Result<Vec<Spec>> {
         let ms = Duration::from_millis;
-        if !self.given() {
+        if !self.profile_given() {
             return Ok(vec![
                 Spec { rtt: ms(20), loss: 0.0, rate_mbit: None },
                 Spec { rtt: ms(50), loss: 0.005, rate_mbit: None },
@@ -95,6 +109,9 @@ impl Flags {
 }
 
 pub fn run(flags: &Flags) -> Result<Vec<Figure>> {
+    if flags.volumes {
+        return volumes::run(&flags.profiles()?);
+    }
     let mut figures = Vec::new();
     for spec in flags.profiles()? {
         super::go_on()?;
