@@ -32,7 +32,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use fuser::{
@@ -179,8 +179,22 @@ impl VolumeFs {
 
     /// Asks for something whose answer is an entry (lookup, mkdir, symlink).
     fn entry(&self, path: Vec<u8>, req: Req, reply: ReplyEntry) {
-        let lifetimes = self.lifetimes;
-        self.spawn(move |c, inodes| async move { answer_entry(c.call(req).await, &path, &inodes, lifetimes, reply) });
+        let (lifetimes, listings) = (self.lifetimes, self.listings.clone());
+        let generation = lock(&listings).generation();
+        self.spawn(move |c, inodes| async move {
+            let answer = c.call(req).await;
+            // An answer that may predate a change reported meanwhile is not kept.
+            let lifetimes = Lifetimes { entry: lock(&listings).lifetime_since(generation), ..lifetimes };
+            answer_entry(answer, &path, &inodes, lifetimes, reply)
+        });
+    }
+
+    /// A lookup or readdir was answered from `dir`'s listing: if that
+    /// listing was fetched ahead, its subdirectories are fetched ahead now.
+    fn used(&self, dir: &[u8]) {
+        if let Some(entries) = lock(&self.listings).first_use(dir) {
+            prefetch(&self.client, &self.listings, &self.rt, self.mount, dir, &entries);
+        }
     }
 
     /// Something is about to change through this mount: listings and kept
@@ -279,25 +293,34 @@ impl Filesystem for VolumeFs {
         };
         let path = join(&dir, name);
         let mount = self.mount;
-        match lock(&self.listings).lookup(&dir, name.as_bytes(), Instant::now()) {
+        // Bound first: the guard must not live through the arms, which lock again.
+        let found = lock(&self.listings).lookup(&dir, name.as_bytes(), Instant::now());
+        match found {
             Lookup::Hit(attr, ttl) => {
                 let ino = lock(&self.inodes).ino(&path);
                 reply.entry(&ttl, &file_attr(ino, &attr), Generation(0));
+                self.used(&dir);
             }
-            Lookup::Missing(ttl) => missing(&ttl, reply),
+            Lookup::Missing(ttl) => {
+                missing(&ttl, reply);
+                self.used(&dir);
+            }
             Lookup::Ask => self.entry(path.clone(), Req::Stat { mount, path }, reply),
             Lookup::Fetch => {
                 let (listings, name, lifetimes) = (self.listings.clone(), name.as_bytes().to_vec(), self.lifetimes);
                 self.spawn(move |c, inodes| async move {
-                    let at = Instant::now();
+                    let (at, generation) = (Instant::now(), lock(&listings).generation());
                     let (found, listed) = match c.list(mount, dir.clone()).await {
                         Ok(entries) => {
                             let found = entries.iter().find(|e| e.name == name).map(|e| e.attr);
-                            lock(&listings).store(dir, &entries, at);
+                            let entries = Arc::new(entries);
+                            lock(&listings).store(dir.clone(), entries.clone(), at, generation, false);
+                            prefetch(&c, &listings, &Handle::current(), mount, &dir, &entries);
                             (found, true)
                         }
                         Err(_) => (None, false),
                     };
+                    let lifetimes = Lifetimes { entry: lock(&listings).lifetime_since(generation), ..lifetimes };
                     let answer = match (found, listed) {
                         (Some(a), _) => Response::Attr(a),
                         // Listed just now without it: missing.
@@ -612,7 +635,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        self.with_listing(ino, fh, offset, move |listing, inodes, dir| {
+        self.with_listing(ino, fh, offset, move |listing, inodes, dir, _| {
             let entries = match listing {
                 Ok(l) => l,
                 Err(e) => return reply.error(e),
@@ -630,8 +653,7 @@ impl Filesystem for VolumeFs {
     /// Entries with their attributes, so `ls -l` and `find` need no lookup
     /// per file while the entries are cached.
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let ttl = self.lifetimes.entry;
-        self.with_listing(ino, fh, offset, move |listing, inodes, dir| {
+        self.with_listing(ino, fh, offset, move |listing, inodes, dir, ttl| {
             let entries = match listing {
                 Ok(l) => l,
                 Err(e) => return reply.error(e),
@@ -666,33 +688,66 @@ impl Filesystem for VolumeFs {
 }
 
 impl VolumeFs {
-    /// Hands `fill` the listing of this opendir: fetched whole (with
-    /// attributes, one round trip per page) at offset 0, kept for the
-    /// following offsets until releasedir.
+    /// Hands `fill` the listing of this opendir and how long the kernel may
+    /// keep its entries: at offset 0 a fresh listing kept or fetched ahead
+    /// (the cache on), else fetched whole (with attributes, one round trip
+    /// per page); kept for the following offsets until releasedir.
     fn with_listing<F>(&self, ino: INodeNo, fh: FileHandle, offset: u64, fill: F)
     where
-        F: FnOnce(Result<Arc<Vec<DirEntry>>, Errno>, &Mutex<Inodes>, &[u8]) + Send + 'static,
+        F: FnOnce(Result<Arc<Vec<DirEntry>>, Errno>, &Mutex<Inodes>, &[u8], Duration) + Send + 'static,
     {
         let dir = match self.path(ino) {
             Ok(p) => p,
-            Err(e) => return fill(Err(e), &self.inodes, &[]),
+            Err(e) => return fill(Err(e), &self.inodes, &[], Duration::ZERO),
         };
-        let cached = if offset > 0 { lock(&self.dirs).get(&fh.0).cloned() } else { None };
-        // Later pages of a listing we hold are answered on this thread.
-        if let Some(listing) = cached {
-            return fill(Ok(listing), &self.inodes, &dir);
+        let now = Instant::now();
+        let cached = match offset {
+            0 => lock(&self.listings).entries(&dir, now),
+            _ => lock(&self.dirs).get(&fh.0).cloned().map(|l| (l, self.lifetimes.entry)),
+        };
+        // Listings we hold are answered on this thread.
+        if let Some((listing, ttl)) = cached {
+            lock(&self.dirs).insert(fh.0, listing.clone());
+            self.used(&dir);
+            return fill(Ok(listing), &self.inodes, &dir, ttl);
         }
         let (mount, dirs, listings) = (self.mount, self.dirs.clone(), self.listings.clone());
         self.spawn(move |c, inodes| async move {
-            let at = Instant::now();
+            let (at, generation) = (Instant::now(), lock(&listings).generation());
             let listing = c.list(mount, dir.clone()).await.map(Arc::new).map_err(Errno::from_i32);
             if let Ok(l) = &listing {
-                lock(&listings).store(dir.clone(), l, at);
-            }
-            if let Ok(l) = &listing {
+                lock(&listings).store(dir.clone(), l.clone(), at, generation, false);
                 lock(&dirs).insert(fh.0, l.clone());
+                prefetch(&c, &listings, &Handle::current(), mount, &dir, l);
             }
-            fill(listing, &inodes, &dir);
+            let ttl = lock(&listings).lifetime_since(generation);
+            fill(listing, &inodes, &dir, ttl);
+        });
+    }
+}
+
+/// Lists the subdirectories of `dir` (with `entries`) ahead of use, all at
+/// once, when the cache is on (see `listing`).
+fn prefetch(
+    client: &FileClient,
+    listings: &Arc<Mutex<Listings>>,
+    rt: &Handle,
+    mount: u16,
+    dir: &[u8],
+    entries: &[DirEntry],
+) {
+    let now = Instant::now();
+    let (paths, generation) = {
+        let mut l = lock(listings);
+        (l.ahead(dir, entries, now), l.generation())
+    };
+    for path in paths {
+        let (client, listings) = (client.clone(), listings.clone());
+        rt.spawn(async move {
+            match client.list(mount, path.clone()).await {
+                Ok(entries) => lock(&listings).store(path, Arc::new(entries), now, generation, true),
+                Err(_) => lock(&listings).failed(&path),
+            }
         });
     }
 }
