@@ -490,6 +490,10 @@ pub struct Choice {
     /// For `up`'s own session: also reach this port of the pod's loopback on 127.0.0.1 (N or N/udp).
     #[arg(long = "pod-port", value_name = "N[/udp]", conflicts_with = "session")]
     pub pod_ports: Vec<tpd_wire::neighbours::PodPort>,
+    /// For `up`'s own session: `off` makes every file operation on the
+    /// remote volumes ask the pod (see `tpd run --help`).
+    #[arg(long, value_enum, default_value_t = VolumeCache::On, value_name = "on|off", conflicts_with = "session")]
+    pub volume_cache: VolumeCache,
 }
 
 impl Choice {
