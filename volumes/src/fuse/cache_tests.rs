@@ -3,7 +3,7 @@
 //! the pod's side directly (not through a mount, as the pod's own
 //! containers do) shows locally, with the cache on and off.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::tests::{REPORTED, blocking, errno, mount_fixture_with, within};
 
@@ -84,4 +84,46 @@ async fn with_the_cache_off_a_change_in_the_pod_shows_at_once() {
         assert_eq!(errno(std::fs::metadata(rw.join("later"))), ENOENT);
     })
     .await;
+}
+
+/// Every path under `root`, as `find` lists them, by readdir alone.
+fn walk(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(root).expect("readdir") {
+        let entry = entry.expect("entry");
+        if entry.file_type().expect("type").is_dir() {
+            found.extend(walk(&entry.path()));
+        }
+        found.push(entry.path());
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root and /dev/fuse; `cargo xtask test` runs it"]
+async fn a_walk_uses_listings_fetched_ahead_and_sees_the_pods_changes_in_them() {
+    let m = mount_fixture_with(true).await;
+    let (rw, pod) = (m.rw(), m.pod_rw());
+    for a in 0..3 {
+        for b in 0..4 {
+            let d = pod.join(format!("t/a{a}/b{b}"));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(d.join("f"), "x").expect("write");
+        }
+    }
+    m.requests.take();
+    let requests = m.requests.clone();
+    let walked = blocking(move || {
+        let first = walk(&rw.join("t"));
+        // Each directory listed at most twice: ahead of use, and on demand
+        // when the walk gets there before the listing asked for ahead.
+        let lists = requests.take().get("readdir").copied().unwrap_or(0);
+        assert!(lists <= 2 * 16, "{lists} listings for 16 directories");
+        // Made in a directory whose listing was fetched ahead: shows once reported.
+        std::fs::write(pod.join("t/a2/b3/new"), "n").expect("write");
+        within(REPORTED, || walk(&rw.join("t")).iter().any(|p| p.ends_with("a2/b3/new")).then_some(()));
+        first.len()
+    });
+    let walked = tokio::time::timeout(Duration::from_secs(20), walked).await.expect("the walk finished");
+    assert_eq!(walked, 3 + 3 * 4 * 2);
 }

@@ -192,7 +192,9 @@ impl VolumeFs {
     /// A lookup or readdir was answered from `dir`'s listing: if that
     /// listing was fetched ahead, its subdirectories are fetched ahead now.
     fn used(&self, dir: &[u8]) {
-        if let Some(entries) = lock(&self.listings).first_use(dir) {
+        // Bound first: `prefetch` locks the listings again.
+        let first = lock(&self.listings).first_use(dir);
+        if let Some(entries) = first {
             prefetch(&self.client, &self.listings, &self.rt, self.mount, dir, &entries);
         }
     }

@@ -74,6 +74,10 @@ pub struct Flags {
     /// Long: sshfs pays a round trip per file (minutes per profile).
     #[arg(long)]
     volumes: bool,
+    /// `bench wan --volumes`: only the workloads whose name contains this
+    /// (e.g. `find`, `npm`).
+    #[arg(long, value_name = "TEXT", requires = "volumes")]
+    only: Option<String>,
 }
 
 impl Flags {
@@ -110,7 +114,7 @@ impl Flags {
 
 pub fn run(flags: &Flags) -> Result<Vec<Figure>> {
     if flags.volumes {
-        return volumes::run(&flags.profiles()?);
+        return volumes::run(&flags.profiles()?, flags.only.as_deref());
     }
     let mut figures = Vec::new();
     for spec in flags.profiles()? {

@@ -31,8 +31,9 @@ use crate::bench::volumes::{SshAt, Sshd, WORKLOADS, Workload, make_tree, tunnel_
 /// Workloads whose target is a time of at most this share of sshfs's.
 const TARGET_SHARE: f64 = 0.3;
 
-/// Measures every profile in `specs` on one generated tree.
-pub fn run(specs: &[Spec]) -> Result<Vec<Figure>> {
+/// Measures every profile in `specs` on one generated tree; only the
+/// workloads whose name contains `only`, when given.
+pub fn run(specs: &[Spec], only: Option<&str>) -> Result<Vec<Figure>> {
     let work = tempfile::Builder::new().prefix("tpd-bench-wan-volumes").tempdir()?;
     let src = work.path().join("src");
     eprintln!("making the volume benchmark's tree…");
@@ -42,12 +43,12 @@ pub fn run(specs: &[Spec]) -> Result<Vec<Figure>> {
     let mut figures = Vec::new();
     for spec in specs {
         crate::bench::go_on()?;
-        figures.extend(profile(*spec, work.path(), &src)?);
+        figures.extend(profile(*spec, work.path(), &src, only)?);
     }
     Ok(figures)
 }
 
-fn profile(spec: Spec, work: &Path, src: &Path) -> Result<Vec<Figure>> {
+fn profile(spec: Spec, work: &Path, src: &Path, only: Option<&str>) -> Result<Vec<Figure>> {
     let link = Link::up(spec).context("bringing the emulated link up (needs root and /dev/net/tun)")?;
     let wan = Wan::new(&link)?;
     let at = SshAt {
@@ -58,7 +59,7 @@ fn profile(spec: Spec, work: &Path, src: &Path) -> Result<Vec<Figure>> {
     let sshd = Sshd::start_at(work, Some(at))?;
     let rtt = spec.rtt.as_secs_f64();
     let mut figures = Vec::new();
-    for w in WORKLOADS {
+    for w in WORKLOADS.iter().filter(|w| only.is_none_or(|o| w.name.contains(o))) {
         let at = |what: &str| format!("volumes {} {what} [{spec}]", w.name);
         crate::bench::go_on()?;
         eprintln!("volumes over the emulated link ({spec}): {}, sshfs…", w.name);
