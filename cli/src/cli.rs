@@ -185,6 +185,13 @@ pub struct SessionArgs {
     /// Do not mount the swapped Deployment's volumes.
     #[arg(long)]
     pub no_mounts: bool,
+    /// `off`: every file operation on the remote volumes asks the pod, so a
+    /// change made there shows at once (slow over a distant cluster). `on`:
+    /// names, attributes and missing names are kept until the agent says
+    /// they changed (see docs/volumes.md for how stale they can be).
+    #[arg(long, value_enum, default_value_t = VolumeCache::On, value_name = "on|off")]
+    #[serde(default)]
+    pub volume_cache: VolumeCache,
     /// How long to wait for the agent pod to become ready.
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub ready_timeout: u64,
@@ -297,6 +304,15 @@ impl std::fmt::Display for Publish {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.host, self.container)
     }
+}
+
+/// `--volume-cache`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeCache {
+    #[default]
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -474,6 +490,10 @@ pub struct Choice {
     /// For `up`'s own session: also reach this port of the pod's loopback on 127.0.0.1 (N or N/udp).
     #[arg(long = "pod-port", value_name = "N[/udp]", conflicts_with = "session")]
     pub pod_ports: Vec<tpd_wire::neighbours::PodPort>,
+    /// For `up`'s own session: `off` makes every file operation on the
+    /// remote volumes ask the pod (see `tpd run --help`).
+    #[arg(long, value_enum, default_value_t = VolumeCache::On, value_name = "on|off", conflicts_with = "session")]
+    pub volume_cache: VolumeCache,
 }
 
 impl Choice {

@@ -33,7 +33,7 @@ pub struct Control {
     /// Set when the volumes are to be mounted before ready: they unmount
     /// when the token fires, and their requests wait this long for a lost
     /// agent to come back.
-    pub volumes: Option<(tokio_util::sync::CancellationToken, Duration)>,
+    pub volumes: Option<(tokio_util::sync::CancellationToken, tpd_wire::sidecar::Volumes)>,
     /// The transport's news: the carrier, a replaced agent.
     pub link: crate::transport::Link,
     /// The mounted volumes, held for the session's life.
@@ -97,9 +97,10 @@ impl Control {
         while let Some(msg) = wio::read_message(rd, buf).await? {
             match msg {
                 Message::Info { version, env } if !*announced => {
-                    if let Some((shutdown, retry_for)) = &self.volumes {
+                    if let Some((shutdown, volumes)) = &self.volumes {
                         let cfg = tpd_volumes::fuse::MountConfig {
-                            retry_for: *retry_for,
+                            retry_for: volumes.retry_for,
+                            cache: volumes.cache,
                             agents: Some(self.link.agents()),
                             ..tpd_volumes::fuse::MountConfig::in_tunnel()
                         };

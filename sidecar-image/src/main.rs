@@ -126,7 +126,7 @@ async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> 
     let control = Arc::new(Control {
         session_dir: config.session_dir.clone(),
         ports: config.port_map(),
-        volumes: config.volumes.as_ref().map(|v| (shutdown.clone(), v.retry_for)),
+        volumes: config.volumes.clone().map(|v| (shutdown.clone(), v)),
         link: link.clone(),
         mounted: Default::default(),
         neighbours,

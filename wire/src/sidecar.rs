@@ -125,6 +125,14 @@ pub struct Volumes {
     /// (its pod replaced) to come back before the program gets EIO.
     #[serde(with = "seconds::required")]
     pub retry_for: Duration,
+    /// Keep names, attributes and missing names until the agent reports a
+    /// change (`--volume-cache`, on by default); off, every operation asks.
+    #[serde(default = "cache_on")]
+    pub cache: bool,
+}
+
+fn cache_on() -> bool {
+    true
 }
 
 /// Where the sidecar dials the byte stream to the agent:
@@ -398,7 +406,7 @@ mod tests {
         config.udp_fallback = Some(Duration::from_millis(1500));
         config.routes = vec!["10.96.0.0/12".parse().unwrap()];
         config.ports = vec!["8080:3000".parse().unwrap()];
-        config.volumes = Some(Volumes { retry_for: Duration::from_secs(30) });
+        config.volumes = Some(Volumes { retry_for: Duration::from_secs(30), cache: false });
         config.pod_ports = vec![Declared { port: "53/udp".parse().unwrap(), owner: "container dns".into() }];
         let json = serde_json::to_value(&config).unwrap();
         assert_eq!(json["pod_ports"][0], serde_json::json!({"port": "53/udp", "owner": "container dns"}));

@@ -138,6 +138,7 @@ async fn up_in_own_session(
     let mut spec = Spec::new(swaps)?;
     spec.session.ports = choice.ports.clone();
     spec.session.pod_ports = choice.pod_ports.clone();
+    spec.session.volume_cache = choice.volume_cache;
     let spec = spec.intercepting(intercept, &choice.filter)?;
     // The choice is checked against a provisional session before anything starts.
     let provisional = Record {

@@ -22,6 +22,7 @@ use tpd_wire::sidecar::{Carrier, Config, Endpoint, Event, PortMap, Status, Trans
 use super::Context;
 use super::relay::Relay;
 use super::transport::Plan;
+use crate::cli::VolumeCache;
 use crate::error::Hint;
 use crate::mounts::{self, VolumeMounts};
 
@@ -66,8 +67,10 @@ fn config(ctx: &Context<'_>, relay: &Relay, plan: &Plan, volumes: &[VolumeMount]
     config.pod_ports = pod_ports(ctx);
     config.session = Some(ctx.id.to_owned());
     config.dns.upstream = host_resolver();
-    config.volumes = (!volumes.is_empty())
-        .then(|| Volumes { retry_for: ctx.spec.volume_timeout.map_or(VOLUME_RETRY_FOR, Duration::from_secs) });
+    config.volumes = (!volumes.is_empty()).then(|| Volumes {
+        retry_for: ctx.spec.volume_timeout.map_or(VOLUME_RETRY_FOR, Duration::from_secs),
+        cache: ctx.spec.session.volume_cache == VolumeCache::On,
+    });
     config
 }
 

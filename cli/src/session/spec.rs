@@ -153,6 +153,7 @@ mod tests {
                 also_proxy: vec!["10.0.0.0/8".parse().unwrap()],
                 transport: Transport::Auto,
                 no_mounts: true,
+                volume_cache: crate::cli::VolumeCache::Off,
                 ready_timeout: 7,
             },
             mount_root: Some("/remote".into()),
@@ -177,7 +178,17 @@ mod tests {
     #[test]
     fn run_and_connect_share_the_session_flags() {
         use clap::Parser as _;
-        let flags = ["--swap", "deployment/api", "--port", "8080:9000", "--pod-port", "6379", "-p", "18080:9000"];
+        let flags = [
+            "--swap",
+            "deployment/api",
+            "--port",
+            "8080:9000",
+            "--pod-port",
+            "6379",
+            "-p",
+            "18080:9000",
+            "--volume-cache=off",
+        ];
         let parse = |cmd: &[&str]| crate::cli::Cli::try_parse_from(["tpd"].iter().chain(cmd).chain(&flags));
         let run = match parse(&["run", "--image", "app"]).unwrap().command {
             crate::cli::Command::Run(args) => Spec::from_run(&args).unwrap(),
@@ -189,6 +200,7 @@ mod tests {
         };
         assert_eq!(run.session, connect.session);
         assert_eq!(run.session.ready_timeout, 120);
+        assert_eq!(run.session.volume_cache, crate::cli::VolumeCache::Off);
         for cmd in [&["run", "--image", "app", "--port", "1:2"][..], &["connect", "--port", "1:2"]] {
             let err = spec_of(cmd).unwrap_err();
             assert!(err.message.contains("neither --swap nor --intercept"), "{cmd:?}: {}", err.message);

@@ -157,6 +157,24 @@ pub struct TunnelMount {
     pub guard: DockerGuard,
 }
 
+/// Gives the agent (first name) and the sidecar's network-less container
+/// (second) a path to each other; returns the agent's address on it.
+pub type Join<'a> = dyn Fn(&str, &str) -> Result<String> + 'a;
+
+/// Where a [`TunnelMount`]'s sidecar runs and how it reaches the agent.
+pub struct Placement<'a> {
+    /// Given the agent's and a network-less container's names, gives them
+    /// a path to each other (e.g. across an emulated WAN link) and returns
+    /// the agent's address on it; the sidecar then runs in that container's
+    /// network namespace. Without it, both share a private Docker network.
+    pub join: Option<&'a Join<'a>>,
+    /// The UDP transport (its hello over the forwarder's TCP stream)
+    /// instead of the framed stream.
+    pub udp: bool,
+    /// The sidecar's `--volume-cache`.
+    pub cache: bool,
+}
+
 /// Labels of every Docker object a [`TunnelMount`] creates.
 const TUNNEL_LABELS: [&str; 4] = ["--label", "tpd.test=1", "--label", "tpd.test.volumes=1"];
 
@@ -165,6 +183,17 @@ impl TunnelMount {
     /// the images `agent_image` and `sidecar_image`, and returns once the
     /// sidecar reports ready (its volumes are mounted by then).
     pub fn start(volumes: &[(PathBuf, VolumeMount)], agent_image: &str, sidecar_image: &str) -> Result<Self> {
+        let placement = Placement { join: None, udp: false, cache: true };
+        TunnelMount::start_placed(volumes, agent_image, sidecar_image, &placement)
+    }
+
+    /// [`TunnelMount::start`] with the sidecar where `placement` says.
+    pub fn start_placed(
+        volumes: &[(PathBuf, VolumeMount)],
+        agent_image: &str,
+        sidecar_image: &str,
+        placement: &Placement,
+    ) -> Result<Self> {
         // The forwarder onto the agent's loopback runs the echo image.
         crate::images::ensure()?;
         let mut guard = DockerGuard::default();
@@ -221,26 +250,40 @@ impl TunnelMount {
         guard.mount_dirs.push(shared.clone());
         let plan = mounts::plan(&shared.to_string_lossy(), &mounts, mounts::DEFAULT_MOUNT_ROOT);
 
+        let (network, agent_ip) = match placement.join {
+            Some(join) => {
+                let owner = format!("tpd-vol-towner-{tag}");
+                let mut o: Vec<&str> = vec!["run", "-d", "--name", &owner, "--network", "none"];
+                o.extend(TUNNEL_LABELS);
+                o.extend([crate::images::DEBIAN, "sleep", "infinity"]);
+                guard.containers.push(owner.clone());
+                docker(&o)?;
+                (format!("container:{owner}"), join(&agent, &owner)?)
+            }
+            None => (net.clone(), agent_ip),
+        };
         let sidecar = format!("tpd-vol-tsidecar-{tag}");
         let session = tempfile::tempdir()?;
-        let mut s: Vec<String> = ["run", "-d", "--name", &sidecar, "--network", &net].map(String::from).to_vec();
+        let mut s: Vec<String> = ["run", "-d", "--name", &sidecar, "--network", &network].map(String::from).to_vec();
         s.extend(TUNNEL_LABELS.map(String::from));
         s.extend(
             ["--cap-add", "NET_ADMIN", "--cap-add", "SYS_ADMIN", "--device", "/dev/net/tun", "--device", "/dev/fuse"]
                 .map(String::from),
         );
         s.extend(["--security-opt".into(), "apparmor=unconfined".into()]);
+        // With the volumes' info lines: [`TunnelMount::requests`] reads one.
+        s.extend(["-e".into(), "TPD_SIDECAR_LOG=tpd_sidecar=info,tpd_volumes=info,warn".into()]);
         s.extend(["-v".into(), format!("{}:{}", session.path().display(), tpd_wire::names::SESSION_DIR)]);
         for m in &plan.sidecar {
             s.extend(["--mount".into(), mount_flag(m)]);
         }
         s.push(sidecar_image.into());
-        let transport = format!("stream:tcp:{agent_ip}:{}", crate::dataplane::LOOPBACK_FORWARD_PORT);
-        let mut config = tpd_wire::sidecar::Config::new(transport.parse().map_err(anyhow::Error::msg)?);
+        let mut config = sidecar_config(&agent_ip, placement.udp)?;
         // The file service is on the agent's tunnel address; the Docker
         // network must stay out of the tunnel (it carries it).
         config.routes = vec!["10.96.0.0/12".parse().map_err(anyhow::Error::msg)?];
-        config.volumes = Some(tpd_wire::sidecar::Volumes { retry_for: std::time::Duration::from_secs(30) });
+        config.volumes =
+            Some(tpd_wire::sidecar::Volumes { retry_for: std::time::Duration::from_secs(30), cache: placement.cache });
         s.extend(["run".into(), "--config".into(), serde_json::to_string(&config)?]);
         guard.containers.push(sidecar.clone());
         docker(&s.iter().map(String::as_str).collect::<Vec<_>>())
@@ -250,6 +293,47 @@ impl TunnelMount {
             mounts.iter().enumerate().map(|(i, v)| shared.join(tpd_wire::files::mount_dir_name(i, &v.name))).collect();
         Ok(TunnelMount { paths, agent, sidecar, shared, guard })
     }
+}
+
+impl TunnelMount {
+    /// Stops the sidecar (which unmounts) and returns how many file
+    /// requests its mounts sent, from the line it logs on unmounting (an
+    /// error when it exited before logging it).
+    pub fn requests(&self) -> Result<u64> {
+        docker(&["stop", "-t", "10", &self.sidecar])?;
+        let out = Command::new("docker").args(["logs", &self.sidecar]).output().context("docker logs")?;
+        let logs = strip_ansi(&String::from_utf8_lossy(&out.stderr));
+        let line = logs.lines().rev().find(|l| l.contains("file requests sent")).context("no request count logged")?;
+        let count = line.split("requests=").nth(1).and_then(|r| r.split_whitespace().next());
+        count.and_then(|c| c.parse().ok()).with_context(|| format!("no count in {line:?}"))
+    }
+}
+
+/// `text` without the terminal's colour sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The sidecar's transport to the agent at `agent_ip`: the framed stream
+/// through the forwarder, or UDP with its hello through the forwarder.
+fn sidecar_config(agent_ip: &str, udp: bool) -> Result<tpd_wire::sidecar::Config> {
+    use tpd_wire::sidecar::{Config, Transport};
+    let forwarded = format!("stream:tcp:{agent_ip}:{}", crate::dataplane::LOOPBACK_FORWARD_PORT);
+    let forwarded: tpd_wire::sidecar::Endpoint = forwarded.parse().map_err(anyhow::Error::msg)?;
+    if !udp {
+        return Ok(Config::new(Transport::Stream(forwarded)));
+    }
+    let at = SocketAddr::new(agent_ip.parse()?, tpd_wire::names::AGENT_TRANSPORT_PORT);
+    Ok(Config { hello: Some(forwarded), ..Config::new(Transport::Udp(at)) })
 }
 
 /// Waits until `container`'s log contains `needle`.

@@ -221,7 +221,7 @@ fn volumes_reach_the_developers_container() {
     assert_eq!(sh(app, "cat /data/pod.txt"), "from-pod");
     sh(agent, "echo changed > /data/pod.txt");
     std::thread::sleep(files_ttl());
-    assert_eq!(sh(app, "cat /data/pod.txt"), "changed", "a change in the pod shows after the attribute TTL");
+    assert_eq!(sh(app, "cat /data/pod.txt"), "changed", "a change in the pod shows once reported");
     sh(app, "mkdir /data/dir && mv /data/local.txt /data/dir/ && ls /data/dir");
     assert_eq!(sh(agent, "ls /data/dir"), "local.txt");
 
@@ -250,7 +250,9 @@ fn volumes_reach_the_developers_container() {
     assert_eq!(std::fs::read_to_string(pod.host("secret/token")).expect("host"), "tok-123");
 }
 
-/// The attribute-cache lifetime plus a margin.
+/// How long a change made in the pod may take to show locally: the
+/// agent's change report (docs/volumes.md, "Cache lifetimes"), with a wide
+/// margin for a busy machine.
 fn files_ttl() -> std::time::Duration {
     std::time::Duration::from_millis(1500)
 }

@@ -1,15 +1,10 @@
-//! The file protocol's attributes as the kernel sees them, and for how
-//! long it may trust them.
+//! The file protocol's attributes as the kernel sees them (for how long it
+//! may trust them: see `cache`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
 use tpd_wire::files::{self, Attr, TimeSet, Timespec};
-
-/// How long the kernel trusts attributes and names it got from us. Short, so
-/// that a change made in the pod shows up locally within a second, yet long
-/// enough that `ls -l`, `find` and builds do not ask twice per file.
-pub const ATTR_TTL: Duration = Duration::from_secs(1);
 
 fn time(t: Timespec) -> SystemTime {
     let nanos = Duration::new(t.sec.unsigned_abs(), t.nsec);

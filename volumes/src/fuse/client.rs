@@ -19,6 +19,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,9 @@ const O_TRUNC: u32 = 0o1000;
 
 /// How long a redial waits at most between tries.
 const REDIAL_MAX: Duration = Duration::from_secs(1);
+
+/// A change the agent reported ([`Response::Changed`]): `(mount, dir, name)`.
+pub type Change = (u16, Vec<u8>, Vec<u8>);
 
 /// An answer, or `None` when the connection was lost before it came.
 type Waiter = oneshot::Sender<Option<Response>>;
@@ -60,7 +65,7 @@ struct Connection {
 impl Connection {
     /// Starts the connection's tasks on `stream` and says hello; returns the
     /// mounts the agent serves.
-    async fn start<S>(stream: S) -> Result<(Self, Vec<MountInfo>), FuseError>
+    async fn start<S>(stream: S, changes: std_mpsc::Sender<Change>) -> Result<(Self, Vec<MountInfo>), FuseError>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -69,7 +74,7 @@ impl Connection {
         let ended = CancellationToken::new();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_requests(wr, rx, pending.clone(), ended.clone()));
-        tokio::spawn(read_responses(rd, pending, ended.clone()));
+        tokio::spawn(read_responses(rd, pending, changes, ended.clone()));
         let conn = Connection { tx, ended };
         match conn.send(Request::Hello { version: FILES_VERSION }).await {
             Some(Response::Welcome { version: FILES_VERSION, mounts }) => Ok((conn, mounts)),
@@ -138,10 +143,19 @@ fn register(pending: &Pending, next_id: &mut u64, (req, done): (Request, Waiter)
     }
 }
 
-async fn read_responses<R: AsyncRead + Unpin>(mut rd: R, pending: Pending, ended: CancellationToken) {
+async fn read_responses<R: AsyncRead + Unpin>(
+    mut rd: R,
+    pending: Pending,
+    changes: std_mpsc::Sender<Change>,
+    ended: CancellationToken,
+) {
     let mut buf = BytesMut::with_capacity(2 * files::MAX_IO as usize);
     loop {
         match files::decode::<Response>(&mut buf) {
+            Ok(Some((files::PUSHED, Response::Changed { mount, dir, name }))) => {
+                // Nobody listens when the mounts keep nothing (`--volume-cache=off`).
+                let _ = changes.send((mount, dir, name));
+            }
             Ok(Some((id, resp))) => {
                 let waiter = lock(&pending).as_mut().and_then(|m| m.remove(&id));
                 if let Some(w) = waiter {
@@ -205,6 +219,13 @@ struct Shared {
     generation: watch::Sender<u64>,
     /// How long a request waits for a connection before it fails with EIO.
     retry_for: Duration,
+    /// Requests sent so far (each once, however often it was resent): what
+    /// the benchmarks count a workload's round trips by.
+    sent: AtomicU64,
+    /// Where every connection's reader puts the changes the agent reports,
+    /// and their receiver until the mounts take it.
+    changes: std_mpsc::Sender<Change>,
+    changes_rx: Mutex<Option<std_mpsc::Receiver<Change>>>,
 }
 
 /// The mounts' client of the file service; cheap to clone.
@@ -227,12 +248,17 @@ impl FileClient {
     /// Dials the file service and says hello; returns the client and the
     /// mounts the agent serves. The client redials for as long as it lives.
     pub async fn connect(redial: Redial, timeout: Duration) -> Result<(Self, Vec<MountInfo>), FuseError> {
-        let (conn, mounts) =
-            tokio::time::timeout(timeout, dial(redial.server)).await.map_err(|_| FuseError::Timeout(timeout))??;
+        let (changes, changes_rx) = std_mpsc::channel();
+        let (conn, mounts) = tokio::time::timeout(timeout, dial(redial.server, changes.clone()))
+            .await
+            .map_err(|_| FuseError::Timeout(timeout))??;
         let shared = Arc::new(Shared {
             state: Mutex::new(State { conn: Some((0, conn.clone())), ..Default::default() }),
             generation: watch::Sender::new(0),
             retry_for: redial.retry_for,
+            sent: AtomicU64::new(0),
+            changes,
+            changes_rx: Mutex::new(Some(changes_rx)),
         });
         tokio::spawn(keep_connected(Arc::downgrade(&shared), conn, redial, mounts.clone()));
         Ok((FileClient { shared }, mounts))
@@ -247,6 +273,7 @@ impl FileClient {
     /// is up; the future waits for its answer (sending it again on a new
     /// connection if this one is lost).
     pub fn send(&self, req: Request) -> impl Future<Output = Response> + Send + 'static {
+        self.shared.sent.fetch_add(1, Ordering::Relaxed);
         let queued = self.queue(&req);
         let this = self.clone();
         async move {
@@ -357,6 +384,16 @@ impl FileClient {
         }
     }
 
+    /// The changes the agent reports, for whoever takes them first (the mounts).
+    pub fn take_changes(&self) -> Option<std_mpsc::Receiver<Change>> {
+        lock(&self.shared.changes_rx).take()
+    }
+
+    /// How many requests were sent so far.
+    pub fn requests(&self) -> u64 {
+        self.shared.sent.load(Ordering::Relaxed)
+    }
+
     /// Lists a whole directory with attributes, page by page.
     pub async fn list(&self, mount: u16, path: Vec<u8>) -> Result<Vec<DirEntry>, i32> {
         let mut all = Vec::new();
@@ -409,11 +446,14 @@ fn translate(req: &Request, handles: &HashMap<u64, Handle>, generation: u64) -> 
     Some(req)
 }
 
-async fn dial(server: SocketAddr) -> Result<(Connection, Vec<MountInfo>), FuseError> {
+async fn dial(
+    server: SocketAddr,
+    changes: std_mpsc::Sender<Change>,
+) -> Result<(Connection, Vec<MountInfo>), FuseError> {
     let stream = TcpStream::connect(server).await.map_err(|source| FuseError::Connect { addr: server, source })?;
     // Small requests (lookups, stats) must not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    Connection::start(stream).await
+    Connection::start(stream, changes).await
 }
 
 /// Redials whenever the connection ends or the agent is replaced, until
@@ -436,10 +476,8 @@ async fn keep_connected(shared: Weak<Shared>, mut conn: Connection, mut redial: 
         }
         let mut wait = Duration::from_millis(50);
         conn = loop {
-            if shared.strong_count() == 0 {
-                return;
-            }
-            match tokio::time::timeout(Duration::from_secs(10), dial(redial.server)).await {
+            let Some(changes) = shared.upgrade().map(|s| s.changes.clone()) else { return };
+            match tokio::time::timeout(Duration::from_secs(10), dial(redial.server, changes)).await {
                 Ok(Ok((c, served))) if served == mounts => break c,
                 Ok(Ok(_)) => tracing::warn!("the agent now serves other volumes than were mounted; dialling again"),
                 Ok(Err(e)) => tracing::debug!("dialling the file service: {e}"),

@@ -11,12 +11,14 @@
 //! cannot be turned back into paths). The table only grows with the paths a
 //! session touches; renames move the numbers with the files.
 //!
-//! Caching: attributes and directory entries are cached by the kernel for
-//! [`ATTR_TTL`]; file data is not kept across opens (no FOPEN_KEEP_CACHE), so
+//! Caching: names, attributes and (with the cache on) missing names are
+//! kept by the kernel for the mount's [`Lifetimes`], until the agent reports
+//! a change (see `cache`); file data is not kept across opens (no FOPEN_KEEP_CACHE), so
 //! reopening a file shows the pod's latest content, and within an open the
 //! kernel drops cached pages when it sees the size or mtime change
 //! (FUSE_AUTO_INVAL_DATA). A small file's content comes with its open and
-//! answers its reads for at most [`ATTR_TTL`] (see `heads`). Writes are
+//! answers its reads for at most `heads::HEAD_TTL`, and not at
+//! all with the cache off. Writes are
 //! answered once sent and any other request waits until they are done (see
 //! `writes`). Closing a file opened read-only costs no round trip: its open
 //! says FOPEN_NOFLUSH, and a release is answered at once, its request
@@ -30,7 +32,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use fuser::{
@@ -41,7 +43,8 @@ use fuser::{
 use tokio::runtime::Handle;
 use tpd_wire::files::{self, DirEntry, Request as Req, Response, SetAttr};
 
-use super::attr::{ATTR_TTL, file_attr, kind, timeset};
+use super::attr::{file_attr, kind, timeset};
+use super::cache::{InodeOf, Invalidator, Lifetimes};
 use super::client::FileClient;
 use super::heads::Heads;
 use super::listing::{Listings, Lookup};
@@ -50,6 +53,7 @@ use super::writes::{self, WriteBehind};
 
 const ROOT: u64 = 1;
 const EIO: i32 = 5;
+const ENOENT: i32 = 2;
 
 /// Mount-relative paths by inode number, and back.
 #[derive(Debug)]
@@ -96,7 +100,13 @@ impl Inodes {
     }
 }
 
-fn join(parent: &[u8], name: &OsStr) -> Vec<u8> {
+impl InodeOf for Mutex<Inodes> {
+    fn inode_of(&self, path: &[u8]) -> Option<u64> {
+        lock(self).inos.get(path).copied()
+    }
+}
+
+pub(super) fn join(parent: &[u8], name: &OsStr) -> Vec<u8> {
     let mut p = parent.to_vec();
     if !p.is_empty() {
         p.push(b'/');
@@ -121,21 +131,28 @@ pub struct VolumeFs {
     heads: Arc<Mutex<Heads>>,
     writes: Arc<WriteBehind>,
     next_dir: AtomicU64,
+    lifetimes: Lifetimes,
 }
 
 impl VolumeFs {
-    pub fn new(mount: u16, client: FileClient, heads: Arc<Mutex<Heads>>, rt: Handle) -> Self {
+    pub fn new(mount: u16, client: FileClient, heads: Arc<Mutex<Heads>>, rt: Handle, lifetimes: Lifetimes) -> Self {
         VolumeFs {
+            lifetimes,
             mount,
             client,
             rt,
             inodes: Arc::new(Mutex::new(Inodes::new())),
             dirs: Arc::new(Mutex::new(HashMap::new())),
-            listings: Arc::new(Mutex::new(Listings::default())),
+            listings: Arc::new(Mutex::new(Listings::new(lifetimes))),
             heads,
             writes: Arc::default(),
             next_dir: AtomicU64::new(1),
         }
+    }
+
+    /// What drops this mount's cached entries when the agent reports a change.
+    pub fn invalidator(&self) -> Invalidator {
+        Invalidator { inodes: self.inodes.clone(), listings: self.listings.clone(), heads: self.heads.clone() }
     }
 
     fn path(&self, ino: INodeNo) -> Result<Vec<u8>, Errno> {
@@ -162,15 +179,24 @@ impl VolumeFs {
 
     /// Asks for something whose answer is an entry (lookup, mkdir, symlink).
     fn entry(&self, path: Vec<u8>, req: Req, reply: ReplyEntry) {
+        let (lifetimes, listings) = (self.lifetimes, self.listings.clone());
+        let generation = lock(&listings).generation();
         self.spawn(move |c, inodes| async move {
-            match c.call(req).await {
-                Response::Attr(a) => {
-                    let ino = lock(&inodes).ino(&path);
-                    reply.entry(&ATTR_TTL, &file_attr(ino, &a), Generation(0));
-                }
-                other => reply.error(errno(other)),
-            }
+            let answer = c.call(req).await;
+            // An answer that may predate a change reported meanwhile is not kept.
+            let lifetimes = Lifetimes { entry: lock(&listings).lifetime_since(generation), ..lifetimes };
+            answer_entry(answer, &path, &inodes, lifetimes, reply)
         });
+    }
+
+    /// A lookup or readdir was answered from `dir`'s listing: if that
+    /// listing was fetched ahead, its subdirectories are fetched ahead now.
+    fn used(&self, dir: &[u8]) {
+        // Bound first: `prefetch` locks the listings again.
+        let first = lock(&self.listings).first_use(dir);
+        if let Some(entries) = first {
+            prefetch(&self.client, &self.listings, &self.rt, self.mount, dir, &entries);
+        }
     }
 
     /// Something is about to change through this mount: listings and kept
@@ -203,6 +229,26 @@ impl VolumeFs {
             }
         });
     }
+}
+
+/// Answers a lookup (or mkdir, symlink) of `path` with the agent's
+/// `answer`; a missing name is kept as a negative entry when the lifetimes
+/// say so (only a lookup can be answered ENOENT).
+fn answer_entry(answer: Response, path: &[u8], inodes: &Mutex<Inodes>, lifetimes: Lifetimes, reply: ReplyEntry) {
+    match answer {
+        Response::Attr(a) => {
+            let ino = lock(inodes).ino(path);
+            reply.entry(&lifetimes.entry, &file_attr(ino, &a), Generation(0));
+        }
+        Response::Error(ENOENT) if lifetimes.negative => missing(&lifetimes.entry, reply),
+        other => reply.error(errno(other)),
+    }
+}
+
+/// A negative entry: the kernel answers ENOENT for the name for `ttl`
+/// (inode number 0 is FUSE's "no such entry, but cache that").
+fn missing(ttl: &std::time::Duration, reply: ReplyEntry) {
+    reply.entry(ttl, &file_attr(0, &files::Attr::default()), Generation(0));
 }
 
 /// The errno for an unexpected answer.
@@ -249,35 +295,41 @@ impl Filesystem for VolumeFs {
         };
         let path = join(&dir, name);
         let mount = self.mount;
-        match lock(&self.listings).lookup(&dir, name.as_bytes(), Instant::now()) {
+        // Bound first: the guard must not live through the arms, which lock again.
+        let found = lock(&self.listings).lookup(&dir, name.as_bytes(), Instant::now());
+        match found {
             Lookup::Hit(attr, ttl) => {
                 let ino = lock(&self.inodes).ino(&path);
                 reply.entry(&ttl, &file_attr(ino, &attr), Generation(0));
+                self.used(&dir);
+            }
+            Lookup::Missing(ttl) => {
+                missing(&ttl, reply);
+                self.used(&dir);
             }
             Lookup::Ask => self.entry(path.clone(), Req::Stat { mount, path }, reply),
             Lookup::Fetch => {
-                let (listings, name) = (self.listings.clone(), name.as_bytes().to_vec());
+                let (listings, name, lifetimes) = (self.listings.clone(), name.as_bytes().to_vec(), self.lifetimes);
                 self.spawn(move |c, inodes| async move {
-                    let at = Instant::now();
-                    let found = match c.list(mount, dir.clone()).await {
+                    let (at, generation) = (Instant::now(), lock(&listings).generation());
+                    let (found, listed) = match c.list(mount, dir.clone()).await {
                         Ok(entries) => {
                             let found = entries.iter().find(|e| e.name == name).map(|e| e.attr);
-                            lock(&listings).store(dir, &entries, at);
-                            found
+                            let entries = Arc::new(entries);
+                            lock(&listings).store(dir.clone(), entries.clone(), at, generation, false);
+                            prefetch(&c, &listings, &Handle::current(), mount, &dir, &entries);
+                            (found, true)
                         }
-                        Err(_) => None,
+                        Err(_) => (None, false),
                     };
-                    let answer = match found {
-                        Some(a) => Response::Attr(a),
-                        None => c.call(Req::Stat { mount, path: path.clone() }).await,
+                    let lifetimes = Lifetimes { entry: lock(&listings).lifetime_since(generation), ..lifetimes };
+                    let answer = match (found, listed) {
+                        (Some(a), _) => Response::Attr(a),
+                        // Listed just now without it: missing.
+                        (None, true) => Response::Error(ENOENT),
+                        (None, false) => c.call(Req::Stat { mount, path: path.clone() }).await,
                     };
-                    match answer {
-                        Response::Attr(a) => {
-                            let ino = lock(&inodes).ino(&path);
-                            reply.entry(&ATTR_TTL, &file_attr(ino, &a), Generation(0));
-                        }
-                        other => reply.error(errno(other)),
-                    }
+                    answer_entry(answer, &path, &inodes, lifetimes, reply);
                 });
             }
         }
@@ -288,10 +340,10 @@ impl Filesystem for VolumeFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
-        let mount = self.mount;
+        let (mount, ttl) = (self.mount, self.lifetimes.entry);
         self.spawn(move |c, _| async move {
             match c.call(Req::Stat { mount, path }).await {
-                Response::Attr(a) => reply.attr(&ATTR_TTL, &file_attr(ino.0, &a)),
+                Response::Attr(a) => reply.attr(&ttl, &file_attr(ino.0, &a)),
                 other => reply.error(errno(other)),
             }
         });
@@ -322,8 +374,9 @@ impl Filesystem for VolumeFs {
         };
         let set = SetAttr { mode, uid, gid, size, atime: atime.map(timeset), mtime: mtime.map(timeset) };
         let req = Req::SetAttr { mount: self.mount, path, handle: fh.map(|h| h.0), set };
+        let ttl = self.lifetimes.entry;
         self.changing_content(req, move |resp, _| match resp {
-            Response::Attr(a) => reply.attr(&ATTR_TTL, &file_attr(ino.0, &a)),
+            Response::Attr(a) => reply.attr(&ttl, &file_attr(ino.0, &a)),
             other => reply.error(errno(other)),
         });
     }
@@ -420,12 +473,13 @@ impl Filesystem for VolumeFs {
                 other => reply.error(errno(other)),
             });
         }
-        let heads = self.heads.clone();
-        let (generation, sent) = (lock(&heads).generation(), Instant::now());
+        // With the cache off, reads go to the agent however recent the open.
+        let heads = (!self.lifetimes.entry.is_zero()).then(|| self.heads.clone());
+        let (generation, sent) = (lock(&self.heads).generation(), Instant::now());
         self.spawn(move |c, _| async move {
             match c.call(req).await {
                 Response::Opened { handle, data, .. } => {
-                    if let Some(data) = data {
+                    if let (Some(data), Some(heads)) = (data, heads) {
                         lock(&heads).store(handle, generation, sent, data);
                     }
                     reply.opened(FileHandle(handle), open_flags(flags));
@@ -450,11 +504,12 @@ impl Filesystem for VolumeFs {
             Err(e) => return reply.error(e),
         };
         let req = Req::Create { mount: self.mount, path: path.clone(), mode: mode & !umask, flags: flags as u32 };
+        let ttl = self.lifetimes.entry;
         self.changing_content(req, move |resp, inodes| match resp {
             Response::Opened { handle, attr, .. } => {
                 let ino = lock(inodes).ino(&path);
                 let fa = file_attr(ino, &attr);
-                reply.created(&ATTR_TTL, &fa, Generation(0), FileHandle(handle), FopenFlags::empty());
+                reply.created(&ttl, &fa, Generation(0), FileHandle(handle), FopenFlags::empty());
             }
             other => reply.error(errno(other)),
         });
@@ -582,7 +637,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        self.with_listing(ino, fh, offset, move |listing, inodes, dir| {
+        self.with_listing(ino, fh, offset, move |listing, inodes, dir, _| {
             let entries = match listing {
                 Ok(l) => l,
                 Err(e) => return reply.error(e),
@@ -600,7 +655,7 @@ impl Filesystem for VolumeFs {
     /// Entries with their attributes, so `ls -l` and `find` need no lookup
     /// per file while the entries are cached.
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        self.with_listing(ino, fh, offset, move |listing, inodes, dir| {
+        self.with_listing(ino, fh, offset, move |listing, inodes, dir, ttl| {
             let entries = match listing {
                 Ok(l) => l,
                 Err(e) => return reply.error(e),
@@ -608,7 +663,7 @@ impl Filesystem for VolumeFs {
             for (i, e) in entries.iter().enumerate().skip(offset as usize) {
                 let ino = lock(inodes).ino(&join(dir, OsStr::from_bytes(&e.name)));
                 let attr = file_attr(ino, &e.attr);
-                if reply.add(INodeNo(ino), i as u64 + 1, OsStr::from_bytes(&e.name), &ATTR_TTL, &attr, Generation(0)) {
+                if reply.add(INodeNo(ino), i as u64 + 1, OsStr::from_bytes(&e.name), &ttl, &attr, Generation(0)) {
                     break;
                 }
             }
@@ -635,33 +690,66 @@ impl Filesystem for VolumeFs {
 }
 
 impl VolumeFs {
-    /// Hands `fill` the listing of this opendir: fetched whole (with
-    /// attributes, one round trip per page) at offset 0, kept for the
-    /// following offsets until releasedir.
+    /// Hands `fill` the listing of this opendir and how long the kernel may
+    /// keep its entries: at offset 0 a fresh listing kept or fetched ahead
+    /// (the cache on), else fetched whole (with attributes, one round trip
+    /// per page); kept for the following offsets until releasedir.
     fn with_listing<F>(&self, ino: INodeNo, fh: FileHandle, offset: u64, fill: F)
     where
-        F: FnOnce(Result<Arc<Vec<DirEntry>>, Errno>, &Mutex<Inodes>, &[u8]) + Send + 'static,
+        F: FnOnce(Result<Arc<Vec<DirEntry>>, Errno>, &Mutex<Inodes>, &[u8], Duration) + Send + 'static,
     {
         let dir = match self.path(ino) {
             Ok(p) => p,
-            Err(e) => return fill(Err(e), &self.inodes, &[]),
+            Err(e) => return fill(Err(e), &self.inodes, &[], Duration::ZERO),
         };
-        let cached = if offset > 0 { lock(&self.dirs).get(&fh.0).cloned() } else { None };
-        // Later pages of a listing we hold are answered on this thread.
-        if let Some(listing) = cached {
-            return fill(Ok(listing), &self.inodes, &dir);
+        let now = Instant::now();
+        let cached = match offset {
+            0 => lock(&self.listings).entries(&dir, now),
+            _ => lock(&self.dirs).get(&fh.0).cloned().map(|l| (l, self.lifetimes.entry)),
+        };
+        // Listings we hold are answered on this thread.
+        if let Some((listing, ttl)) = cached {
+            lock(&self.dirs).insert(fh.0, listing.clone());
+            self.used(&dir);
+            return fill(Ok(listing), &self.inodes, &dir, ttl);
         }
         let (mount, dirs, listings) = (self.mount, self.dirs.clone(), self.listings.clone());
         self.spawn(move |c, inodes| async move {
-            let at = Instant::now();
+            let (at, generation) = (Instant::now(), lock(&listings).generation());
             let listing = c.list(mount, dir.clone()).await.map(Arc::new).map_err(Errno::from_i32);
             if let Ok(l) = &listing {
-                lock(&listings).store(dir.clone(), l, at);
-            }
-            if let Ok(l) = &listing {
+                lock(&listings).store(dir.clone(), l.clone(), at, generation, false);
                 lock(&dirs).insert(fh.0, l.clone());
+                prefetch(&c, &listings, &Handle::current(), mount, &dir, l);
             }
-            fill(listing, &inodes, &dir);
+            let ttl = lock(&listings).lifetime_since(generation);
+            fill(listing, &inodes, &dir, ttl);
+        });
+    }
+}
+
+/// Lists the subdirectories of `dir` (with `entries`) ahead of use, all at
+/// once, when the cache is on (see `listing`).
+fn prefetch(
+    client: &FileClient,
+    listings: &Arc<Mutex<Listings>>,
+    rt: &Handle,
+    mount: u16,
+    dir: &[u8],
+    entries: &[DirEntry],
+) {
+    let now = Instant::now();
+    let (paths, generation) = {
+        let mut l = lock(listings);
+        (l.ahead(dir, entries, now), l.generation())
+    };
+    for path in paths {
+        let (client, listings) = (client.clone(), listings.clone());
+        rt.spawn(async move {
+            match client.list(mount, path.clone()).await {
+                Ok(entries) => lock(&listings).store(path, Arc::new(entries), now, generation, true),
+                Err(_) => lock(&listings).failed(&path),
+            }
         });
     }
 }

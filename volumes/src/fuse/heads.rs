@@ -6,8 +6,8 @@
 //! while it cannot be staler than what the kernel's attribute cache already
 //! allows:
 //!
-//! - for [`ATTR_TTL`] after the open: a change made in the pod shows within
-//!   that lifetime, as for attributes;
+//! - for [`HEAD_TTL`] after the open: a change made in the pod shows within
+//!   that lifetime (a change the agent reports drops it sooner);
 //! - until anything changes through the mounts: a local `write` that
 //!   returned must be seen by every later read, whichever handle it came
 //!   through. Every change bumps a generation when it starts and when it
@@ -19,11 +19,12 @@
 //! Pure: time comes in as an argument.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::attr::ATTR_TTL;
+/// How long after its open a small file's content answers its reads.
+pub const HEAD_TTL: Duration = Duration::from_secs(1);
 
 /// Most content kept at once: a program holding many small files open must
 /// not grow the sidecar without bound; past it, reads go to the agent.
@@ -59,7 +60,7 @@ impl Heads {
         }
         if self.kept + data.len() > MAX_KEPT {
             // Content past its lifetime answers nothing any more.
-            self.open.retain(|_, (at, _)| sent.saturating_duration_since(*at) < ATTR_TTL);
+            self.open.retain(|_, (at, _)| sent.saturating_duration_since(*at) < HEAD_TTL);
             self.kept = self.open.values().map(|(_, d)| d.len()).sum();
             if self.kept + data.len() > MAX_KEPT {
                 return;
@@ -75,7 +76,7 @@ impl Heads {
     /// so a read past its end is answered short, as at end of file.
     pub fn read(&mut self, handle: u64, offset: u64, size: u32, now: Instant) -> Option<Bytes> {
         let (sent, data) = self.open.get(&handle)?;
-        if now.saturating_duration_since(*sent) >= ATTR_TTL {
+        if now.saturating_duration_since(*sent) >= HEAD_TTL {
             self.forget(handle);
             return None;
         }
@@ -111,7 +112,7 @@ mod tests {
         assert_eq!(h.read(7, 11, 4096, t0), Some(Bytes::new()), "end of file");
         assert_eq!(h.read(7, u64::MAX, u32::MAX, t0), Some(Bytes::new()));
         assert_eq!(h.read(8, 0, 1, t0), None, "another handle");
-        assert_eq!(h.read(7, 0, 1, t0 + ATTR_TTL), None, "older than the attribute lifetime");
+        assert_eq!(h.read(7, 0, 1, t0 + HEAD_TTL), None, "older than the attribute lifetime");
         assert_eq!(h.read(7, 0, 1, t0), None, "and forgotten");
     }
 
@@ -148,7 +149,7 @@ mod tests {
         h.store(n, h.generation(), t0, mib.clone());
         assert_eq!(h.read(n, 0, 1, t0), Some(Bytes::from(vec![1u8])));
         // Content past its lifetime makes room.
-        let later = t0 + ATTR_TTL;
+        let later = t0 + HEAD_TTL;
         h.store(n + 1, h.generation(), later, mib.clone());
         assert_eq!(h.read(n + 1, 0, 1, later), Some(Bytes::from(vec![1u8])));
         assert_eq!(h.read(1, 0, 1, t0), None, "dropped to make room");

@@ -16,6 +16,9 @@
 //! in a helper container.
 
 mod attr;
+mod cache;
+#[cfg(test)]
+mod cache_tests;
 mod client;
 mod fs;
 mod heads;
@@ -34,10 +37,11 @@ use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use tokio_util::sync::CancellationToken;
 use tpd_wire::{files, names};
 
-#[cfg(test)]
-use attr::ATTR_TTL;
+use cache::Lifetimes;
 pub use client::FileClient;
 use fs::VolumeFs;
+#[cfg(test)]
+use heads::HEAD_TTL;
 use heads::Heads;
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +80,9 @@ pub struct MountConfig {
     /// Changes when the agent is replaced (the sidecar's transport sees a
     /// new agent key): the file connection is dialled anew at once.
     pub agents: Option<tokio::sync::watch::Receiver<u64>>,
+    /// `--volume-cache`: keep names, attributes and missing names until the
+    /// agent reports a change (see `cache`); off, the kernel keeps nothing.
+    pub cache: bool,
 }
 
 /// How long requests wait for the agent by default (`--volume-timeout`).
@@ -84,7 +91,7 @@ pub const RETRY_FOR: Duration = Duration::from_secs(30);
 impl MountConfig {
     /// `server`'s volumes under `root`, waiting [`RETRY_FOR`] for a lost connection.
     pub fn new(server: SocketAddr, root: PathBuf) -> Self {
-        MountConfig { server, root, retry_for: RETRY_FOR, agents: None }
+        MountConfig { server, root, retry_for: RETRY_FOR, agents: None, cache: true }
     }
 
     /// The agent's file service inside the tunnel, mounts under `SIDECAR_VOLUMES_DIR`.
@@ -101,6 +108,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug)]
 pub struct MountHandle {
     sessions: Arc<Mutex<Vec<(PathBuf, BackgroundSession)>>>,
+    client: FileClient,
 }
 
 impl MountHandle {
@@ -112,13 +120,23 @@ impl MountHandle {
     /// Unmounts every volume off the async runtime (the e2e tests' mount
     /// fixture awaits it; the sidecar relies on Drop).
     pub async fn unmount(self) {
+        self.report();
         let sessions = std::mem::take(&mut *lock(&self.sessions));
         let _ = tokio::task::spawn_blocking(move || unmount_sessions(sessions)).await;
+    }
+
+    /// Logs how many requests the mounts sent: the volume benchmarks read
+    /// it for a workload's round trips.
+    fn report(&self) {
+        tracing::info!(requests = self.client.requests(), "file requests sent over the mounts' life");
     }
 }
 
 impl Drop for MountHandle {
     fn drop(&mut self) {
+        if !lock(&self.sessions).is_empty() {
+            self.report();
+        }
         unmount_sessions(std::mem::take(&mut *lock(&self.sessions)));
     }
 }
@@ -142,38 +160,52 @@ fn unmount_sessions(sessions: Vec<(PathBuf, BackgroundSession)>) {
 pub async fn mount_all(cfg: MountConfig, shutdown: CancellationToken) -> Result<MountHandle, FuseError> {
     let redial = client::Redial { server: cfg.server, retry_for: cfg.retry_for, agents: cfg.agents };
     let (client, mounts) = FileClient::connect(redial, CONNECT_TIMEOUT).await?;
-    mount_with(client, &mounts, &cfg.root, shutdown).await
+    mount_with(client, &mounts, &cfg.root, Lifetimes::new(cfg.cache), shutdown).await
 }
 
-/// Mounts each of `mounts` under `root` through `client`.
+/// Mounts each of `mounts` under `root` through `client`, keeping entries
+/// for `lifetimes`.
 pub async fn mount_with(
     client: FileClient,
     mounts: &[files::MountInfo],
     root: &Path,
+    lifetimes: Lifetimes,
     shutdown: CancellationToken,
 ) -> Result<MountHandle, FuseError> {
     unmount_under(root);
-    let handle = MountHandle { sessions: Arc::new(Mutex::new(Vec::new())) };
+    let handle = MountHandle { sessions: Arc::new(Mutex::new(Vec::new())), client: client.clone() };
     let heads = Arc::new(Mutex::new(Heads::default()));
+    let mut invalidators = Vec::new();
     for (i, m) in mounts.iter().enumerate() {
         let path = root.join(files::mount_dir_name(i, &m.name));
         let index = u16::try_from(i).map_err(|_| FuseError::Protocol("too many mounts".into()))?;
-        let fs = VolumeFs::new(index, client.clone(), heads.clone(), tokio::runtime::Handle::current());
+        let fs = VolumeFs::new(index, client.clone(), heads.clone(), tokio::runtime::Handle::current(), lifetimes);
+        let invalidator = fs.invalidator();
         let config = mount_config(m);
         let at = path.clone();
         // Mounting waits for the kernel's INIT: keep it off the async threads.
         let session = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&at)?;
-            let session = Session::new(fs, &at, &config)?.spawn()?;
+            let session = Session::new(fs, &at, &config)?;
+            let notifier = session.notifier();
+            let session = session.spawn()?;
             readahead::widen(&at);
-            Ok(session)
+            Ok((session, notifier))
         })
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r)
         .map_err(|source| FuseError::Mount { name: m.name.clone(), path: path.clone(), source })?;
         tracing::info!(volume = %m.name, path = %path.display(), read_only = m.read_only, "volume mounted");
-        lock(&handle.sessions).push((path, session));
+        lock(&handle.sessions).push((path, session.0));
+        invalidators.push((invalidator, session.1));
+    }
+    // With the cache off the kernel keeps nothing, so reports are dropped.
+    if let Some(changes) = client.take_changes().filter(|_| !lifetimes.entry.is_zero()) {
+        std::thread::Builder::new()
+            .name("tpd-volumes-invalidate".into())
+            .spawn(move || cache::apply(changes, &invalidators))
+            .map_err(|source| FuseError::Mount { name: "(all)".into(), path: root.to_path_buf(), source })?;
     }
     let sessions = handle.sessions.clone();
     tokio::spawn(async move {

@@ -14,6 +14,7 @@
 //! sidecar answers closes at once too.
 
 mod ops;
+mod watch;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -120,7 +121,14 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static
     let (mut rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<(u64, Response)>(IN_FLIGHT * 2);
     let writer = tokio::spawn(write_responses(wr, rx));
-    let result = read_requests(&mut rd, mounts, tx).await;
+    let watcher = watch::Watcher::new()
+        .inspect_err(|e| tracing::warn!(error = %e, "no inotify: the client's caches will not hear of changes"))
+        .ok();
+    let pushing = watcher.clone().map(|w| tokio::spawn(w.run(tx.clone())));
+    let result = read_requests(&mut rd, mounts, watcher, tx).await;
+    if let Some(p) = pushing {
+        p.abort();
+    }
     // The reader dropped its sender; the writer ends once in-flight answers are out.
     let written = writer.await.map_err(std::io::Error::other)?;
     result.and(written.map_err(FilesError::Io))
@@ -129,6 +137,7 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static
 async fn read_requests<R: AsyncRead + Unpin>(
     rd: &mut R,
     mounts: Arc<MountTable>,
+    watcher: Option<Arc<watch::Watcher>>,
     tx: mpsc::Sender<(u64, Response)>,
 ) -> Result<(), FilesError> {
     let handles = Arc::new(Handles::default());
@@ -161,6 +170,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
         }
         // Looking one name up is one syscall: answering it here saves two
         // thread hand-offs on the path every stat and open waits for.
+        if let Some(w) = &watcher {
+            w.before(&mounts, &req);
+        }
         if matches!(req, Request::Stat { .. } | Request::Readlink { .. }) {
             send(&tx, id, ops::handle(&mounts, &handles, req)).await;
             continue;

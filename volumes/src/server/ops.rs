@@ -218,6 +218,13 @@ impl<'a> Target<'a> {
     }
 }
 
+/// A descriptor (O_PATH) of the directory `path` names, or with `parent`
+/// of the one holding it, resolved as every request's path is.
+pub fn dir_of(table: &MountTable, mount: u16, path: &[u8], parent: bool) -> Result<OwnedFd, Errno> {
+    let t = Target::resolve(table, mount, path)?;
+    if parent || t.name.is_none() { Ok(t.dir) } else { t.open(OFlags::PATH | OFlags::DIRECTORY, Mode::empty()) }
+}
+
 /// Keeps only the open(2) flags a client may choose.
 fn open_flags(raw: u32, create: bool) -> OFlags {
     let allowed = OFlags::RWMODE | OFlags::APPEND | OFlags::TRUNC | OFlags::DIRECTORY | OFlags::SYNC | OFlags::DSYNC;

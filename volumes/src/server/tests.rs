@@ -38,8 +38,19 @@ impl Client {
         resp
     }
 
-    /// The next answer, whichever request it is for.
+    /// The next answer, whichever request it is for; change reports
+    /// pushed meanwhile are skipped.
     async fn next_answer(&mut self) -> (u64, Response) {
+        loop {
+            match self.next_message().await {
+                (files::PUSHED, Response::Changed { .. }) => continue,
+                answer => return answer,
+            }
+        }
+    }
+
+    /// The next message from the server, pushed ones included.
+    async fn next_message(&mut self) -> (u64, Response) {
         loop {
             if let Some(answer) = files::decode::<Response>(&mut self.buf).expect("decodable") {
                 return answer;

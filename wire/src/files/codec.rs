@@ -283,6 +283,7 @@ pub(super) mod kind {
     pub const LINK: u8 = 7;
     pub const STATFS_R: u8 = 8;
     pub const ERROR: u8 = 9;
+    pub const CHANGED: u8 = 10;
 }
 
 impl Message for Request {
@@ -452,6 +453,12 @@ impl Message for Response {
                 out.put_u8(kind::ERROR);
                 out.put_i32(*e);
             }
+            Changed { mount, dir, name } => {
+                out.put_u8(kind::CHANGED);
+                out.put_u16(*mount);
+                put_bytes(out, dir);
+                put_bytes(out, name);
+            }
         }
         None
     }
@@ -485,6 +492,7 @@ impl Message for Response {
             kind::LINK => Link(get_vec(b)?),
             kind::STATFS_R => Statfs(self::StatFs::decode(b)?),
             kind::ERROR => Error(take(b).map(i32::from_be_bytes)?),
+            kind::CHANGED => Changed { mount: get_u16(b)?, dir: get_vec(b)?, name: get_vec(b)? },
             _ => return Err("unknown response kind"),
         })
     }

@@ -27,8 +27,14 @@ use serde::{Deserialize, Serialize};
 /// Version of the file protocol; see the module docs. 2: [`Response::Opened`]
 /// carries the content of small files opened for reading. 3: writes through
 /// one handle run in the order they were sent (the sidecar answers writes,
-/// appends included, before they are done).
-pub const FILES_VERSION: u16 = 3;
+/// appends included, before they are done). 4: the server pushes
+/// [`Response::Changed`] for changes it sees in the directories the client
+/// has used.
+pub const FILES_VERSION: u16 = 4;
+
+/// The request id of a message the server sends unasked
+/// ([`Response::Changed`]); the client numbers its requests from 1.
+pub const PUSHED: u64 = 0;
 
 /// Largest read or write one request carries (the FUSE client's `max_write`
 /// and `max_read`): large requests keep sequential IO at wire speed.
@@ -329,6 +335,16 @@ pub enum Response {
     Statfs(StatFs),
     /// A Linux errno value.
     Error(i32),
+    /// Sent unasked, under id [`PUSHED`]: entry `name` of directory `dir`
+    /// (mount-relative; `name` empty for the directory itself) was
+    /// created, removed, renamed, written or had its attributes changed,
+    /// by anyone (the server watches each directory the client has looked
+    /// into, with inotify). The client drops what it keeps of it.
+    Changed {
+        mount: u16,
+        dir: Vec<u8>,
+        name: Vec<u8>,
+    },
 }
 
 mod codec;

@@ -124,6 +124,7 @@ fn response() -> impl Strategy<Value = Response> {
             }
         ),
         any::<i32>().prop_map(Error),
+        (any::<u16>(), bytes(), bytes()).prop_map(|(mount, dir, name)| Changed { mount, dir, name }),
     ]
 }
 

@@ -81,10 +81,10 @@ pub enum Which {
 }
 
 pub fn run(which: Which, json: bool, minutes: u64, wan: &wan::Flags, root: &Path) -> anyhow::Result<()> {
-    let session_rtt_only = matches!(which, Which::Session) && !wan.shapes_more_than_rtt();
+    let session_rtt_only = matches!(which, Which::Session) && !wan.only_for_the_link();
     if wan.given() && !matches!(which, Which::Wan) && !session_rtt_only {
         anyhow::bail!(
-            "--rtt, --loss and --rate shape the link of `cargo xtask bench wan` (and --rtt the API server's of `bench session`), not of this suite"
+            "--rtt, --loss, --rate and --volumes belong to `cargo xtask bench wan` (--rtt also to `bench session`: the API server's), not to this suite"
         );
     }
     stop_on_signals()?;

@@ -37,6 +37,8 @@ use tpd_wire::files::{VolumeMount, mount_dir_name, mounts_env_value};
 use super::Figure;
 use super::cpu::Processes;
 
+mod npm;
+
 const BIG_MIB: usize = 256;
 const STAT_FILES: usize = 5_000;
 const SMALL_FILES: usize = 1_000;
@@ -95,12 +97,12 @@ impl Run {
     }
 }
 
-struct Workload {
-    name: &'static str,
-    unit: &'static str,
-    run: fn(&Path) -> Result<Duration>,
+pub struct Workload {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub run: fn(&Path) -> Result<Duration>,
     /// (tpd, sshfs, local) durations -> the figures' values.
-    figure: fn(Duration, Duration, Duration) -> (f64, f64, f64),
+    pub figure: fn(Duration, Duration, Duration) -> (f64, f64, f64),
 }
 
 fn mib_per_s(d: Duration) -> f64 {
@@ -110,7 +112,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-const WORKLOADS: &[Workload] = &[
+pub const WORKLOADS: &[Workload] = &[
     Workload {
         name: "seq read 256 MiB",
         unit: "MiB/s",
@@ -126,10 +128,13 @@ const WORKLOADS: &[Workload] = &[
     Workload { name: "stat 5,000 files", unit: "ms", run: stat_many, figure: |t, s, l| (ms(t), ms(s), ms(l)) },
     Workload { name: "read 1,000 x 4 KiB", unit: "ms", run: read_small, figure: |t, s, l| (ms(t), ms(s), ms(l)) },
     Workload { name: "find over the tree", unit: "ms", run: find_tree, figure: |t, s, l| (ms(t), ms(s), ms(l)) },
+    Workload { name: "npm ls-style walk", unit: "ms", run: npm::walk, figure: |t, s, l| (ms(t), ms(s), ms(l)) },
 ];
 
-/// big (256 MiB), many/ (5,000 files), small/ (1,000 x 4 KiB), deep/ (nested).
-fn make_tree(src: &Path) -> Result<()> {
+/// big (256 MiB), many/ (5,000 files), small/ (1,000 x 4 KiB), deep/
+/// (nested), app/ (a node_modules tree, see [`npm`]).
+pub fn make_tree(src: &Path) -> Result<()> {
+    npm::make(&src.join(npm::APP))?;
     for d in ["many", "small"] {
         std::fs::create_dir_all(src.join(d))?;
     }
@@ -212,9 +217,14 @@ fn read_small(root: &Path) -> Result<Duration> {
     })
 }
 
+/// `find` over everything but the node_modules tree (its own workload).
 fn find_tree(root: &Path) -> Result<Duration> {
     timed(|| {
-        let out = Command::new("find").arg(root).output().context("running find")?;
+        let out = Command::new("find")
+            .arg(root)
+            .args(["-path", &root.join(npm::APP).to_string_lossy(), "-prune", "-o", "-print"])
+            .output()
+            .context("running find")?;
         anyhow::ensure!(out.status.success(), "find failed");
         let lines = out.stdout.iter().filter(|b| **b == b'\n').count();
         anyhow::ensure!(lines > STAT_FILES + SMALL_FILES, "find saw only {lines} entries");
@@ -284,7 +294,7 @@ fn measure_loopback(bin: &Path, src: &Path, work: &Path, w: &Workload) -> Result
 }
 
 /// `(agent, sidecar)` images: this version's, or `TPD_AGENT_IMAGE` / `TPD_SIDECAR_IMAGE`.
-fn tunnel_images() -> (String, String) {
+pub fn tunnel_images() -> (String, String) {
     let image = |var: &str, repo: &str| std::env::var(var).unwrap_or_else(|_| format!("{repo}:{}", tpd_wire::VERSION));
     (
         image("TPD_AGENT_IMAGE", tpd_wire::names::AGENT_IMAGE_REPO),
@@ -300,19 +310,36 @@ fn measure_tunnel(images: &(String, String), src: &Path, w: &Workload) -> Result
     Run::of(&serving, || (w.run)(&mount.paths[0]))
 }
 
-/// sshd on 127.0.0.1 with a throwaway host and client key, for sshfs.
-struct Sshd {
+/// sshd with a throwaway host and client key, for sshfs: on 127.0.0.1, or
+/// in another network namespace ([`Sshd::start_at`]).
+pub struct Sshd {
     child: Child,
     port: u16,
     key: PathBuf,
+    at: Option<SshAt>,
+}
+
+/// sshd in `server_netns` on `listen`, and sshfs's ssh client in
+/// `client_netns` (the FUSE daemon stays in ours, so the mount is ours).
+#[derive(Debug, Clone)]
+pub struct SshAt {
+    pub server_netns: String,
+    pub listen: std::net::Ipv4Addr,
+    pub client_netns: String,
 }
 
 impl Sshd {
     fn start(work: &Path) -> Result<Self> {
+        Sshd::start_at(work, None)
+    }
+
+    pub fn start_at(work: &Path, at: Option<SshAt>) -> Result<Self> {
+        let listen = at.as_ref().map_or(std::net::Ipv4Addr::LOCALHOST, |a| a.listen);
         let dir = work.join("ssh");
         std::fs::create_dir_all(&dir)?;
         let (host_key, key) = (dir.join("host_key"), dir.join("client_key"));
         for k in [&host_key, &key] {
+            let _ = std::fs::remove_file(k);
             let ok = Command::new("ssh-keygen")
                 .args(["-q", "-t", "ed25519", "-N", "", "-f"])
                 .arg(k)
@@ -326,7 +353,7 @@ impl Sshd {
         std::fs::write(
             &config,
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+                "Port {port}\nListenAddress {listen}\nHostKey {}\nAuthorizedKeysFile {}\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
                  PermitRootLogin prohibit-password\nPidFile {}\nSubsystem sftp internal-sftp\n",
                 host_key.display(),
@@ -335,41 +362,60 @@ impl Sshd {
             ),
         )?;
         std::fs::create_dir_all("/run/sshd")?;
-        let child = Command::new("/usr/sbin/sshd")
+        let child = in_netns(at.as_ref().map(|a| a.server_netns.as_str()), "/usr/sbin/sshd")
             .args(["-D", "-e", "-f"])
             .arg(&config)
             .stderr(Stdio::null())
             .spawn()
             .context("starting sshd (apt-get install openssh-server sshfs)")?;
-        let sshd = Sshd { child, port, key };
+        let sshd = Sshd { child, port, key, at };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "sshd did not listen on 127.0.0.1:{port}");
+        while !sshd.listening() {
+            anyhow::ensure!(Instant::now() < deadline, "sshd did not listen on {listen}:{port}");
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(sshd)
     }
 
+    /// Whether sshd accepts connections yet, asked from its own namespace.
+    fn listening(&self) -> bool {
+        let Some(at) = &self.at else { return std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() };
+        let connect = format!("import socket; socket.create_connection(('{}', {}), 1)", at.listen, self.port);
+        in_netns(Some(&at.server_netns), "python3").args(["-c", &connect]).output().is_ok_and(|o| o.status.success())
+    }
+
     fn measure(&self, src: &Path, work: &Path, w: &Workload) -> Result<Run> {
+        let mnt = self.mount(src, work)?;
+        let result =
+            daemon_serving(&mnt).and_then(|sshfs| Run::of(&Processes::new([self.child.id(), sshfs]), || (w.run)(&mnt)));
+        let _ = Command::new("fusermount").arg("-u").arg(&mnt).status();
+        result
+    }
+
+    /// Mounts `src` with sshfs (default options) at `work/sshfs`; the caller
+    /// unmounts it with `fusermount -u`.
+    pub fn mount(&self, src: &Path, work: &Path) -> Result<PathBuf> {
         let mnt = work.join("sshfs");
         std::fs::create_dir_all(&mnt)?;
+        let mut options = format!(
+            "IdentityFile={},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,LogLevel=ERROR",
+            self.key.display()
+        );
+        if let Some(at) = &self.at {
+            // sshfs splits ssh_command on spaces.
+            options.push_str(&format!(",ssh_command=ip netns exec {} ssh", at.client_netns));
+        }
+        let listen = self.at.as_ref().map_or(std::net::Ipv4Addr::LOCALHOST, |a| a.listen);
         let status = Command::new("sshfs")
-            .arg(format!("root@127.0.0.1:{}", src.display()))
+            .arg(format!("root@{listen}:{}", src.display()))
             .arg(&mnt)
-            .args(["-p", &self.port.to_string(), "-o"])
-            .arg(format!(
-                "IdentityFile={},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,LogLevel=ERROR",
-                self.key.display()
-            ))
+            .args(["-p", &self.port.to_string(), "-o", &options])
             .status()
             .context("running sshfs")?;
         if !status.success() {
             bail!("sshfs mount failed ({status})");
         }
-        let result =
-            daemon_serving(&mnt).and_then(|sshfs| Run::of(&Processes::new([self.child.id(), sshfs]), || (w.run)(&mnt)));
-        let _ = Command::new("fusermount").arg("-u").arg(&mnt).status();
-        result
+        Ok(mnt)
     }
 }
 
@@ -392,6 +438,14 @@ impl Drop for Sshd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `program`, run in network namespace `netns` when one is given.
+fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    let Some(netns) = netns else { return Command::new(program) };
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns, program]);
+    cmd
 }
 
 fn free_port() -> Result<u16> {

@@ -24,6 +24,9 @@
 //!   (cached, and uncached: across the tunnel); and boringtun-cli and
 //!   wireguard-go as cluster gateways over the link beside the UDP transport.
 //!
+//! With `--volumes`, the volume workloads instead ([`volumes`]): tpd's
+//! volume bridge across the link against sshfs over it.
+//!
 //! Needs root, /dev/net/tun, iproute2, iptables and python3 for the link,
 //! and Docker with the tpd and test images for the tunnel; no cluster.
 
@@ -39,6 +42,7 @@ use super::probe::{PROBE, figure, numbers, percentile};
 use tpd_e2e::dataplane::Via;
 
 mod tunnel;
+mod volumes;
 
 /// The probe server's port on the cluster side.
 const PORT: u16 = 5201;
@@ -52,7 +56,7 @@ const HTTP_REQUESTS: u32 = 600;
 const NEW_CONNECTIONS: u32 = 200;
 
 /// `--rtt`, `--loss`, `--rate`: one profile of the link instead of the
-/// default ones.
+/// default ones; `--volumes`: the volume workloads over it.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Flags {
     /// `bench wan`: round-trip time of the emulated link [default: 20];
@@ -65,16 +69,30 @@ pub struct Flags {
     /// `bench wan`: rate of each direction [default: no limit but the relay's].
     #[arg(long, value_name = "MBIT")]
     rate: Option<f64>,
+    /// `bench wan`: measure the volume workloads (tpd's volume bridge
+    /// against sshfs over the same link) instead of the tunnel's figures.
+    /// Long: sshfs pays a round trip per file (minutes per profile).
+    #[arg(long)]
+    volumes: bool,
+    /// `bench wan --volumes`: only the workloads whose name contains this
+    /// (e.g. `find`, `npm`).
+    #[arg(long, value_name = "TEXT", requires = "volumes")]
+    only: Option<String>,
 }
 
 impl Flags {
     pub fn given(&self) -> bool {
+        self.rtt.is_some() || self.loss.is_some() || self.rate.is_some() || self.volumes
+    }
+
+    /// Whether the profiles were chosen (else the defaults run).
+    fn profile_given(&self) -> bool {
         self.rtt.is_some() || self.loss.is_some() || self.rate.is_some()
     }
 
-    /// `--loss` or `--rate`: what only the WAN link can do.
-    pub fn shapes_more_than_rtt(&self) -> bool {
-        self.loss.is_some() || self.rate.is_some()
+    /// `--loss`, `--rate` or `--volumes`: what only `bench wan` takes.
+    pub fn only_for_the_link(&self) -> bool {
+        self.loss.is_some() || self.rate.is_some() || self.volumes
     }
 
     /// `--rtt`, which `bench session` also takes (the API server's RTT).
@@ -85,7 +103,7 @@ impl Flags {
     /// The profiles to measure: the flags' one, or the defaults.
     fn profiles(&self) -> Result<Vec<Spec>> {
         let ms = Duration::from_millis;
-        if !self.given() {
+        if !self.profile_given() {
             return Ok(vec![
                 Spec { rtt: ms(20), loss: 0.0, rate_mbit: None },
                 Spec { rtt: ms(50), loss: 0.005, rate_mbit: None },
@@ -105,6 +123,9 @@ impl Flags {
 }
 
 pub fn run(flags: &Flags) -> Result<Vec<Figure>> {
+    if flags.volumes {
+        return volumes::run(&flags.profiles()?, flags.only.as_deref());
+    }
     let mut figures = Vec::new();
     for spec in flags.profiles()? {
         super::go_on()?;
