@@ -334,8 +334,7 @@ impl Engine {
     }
 
     /// Times the handshakes whose ACK came this round. A socket still
-    /// opening waits; one that ended before its ACK (reset, swept) is
-    /// dropped.
+    /// opening waits; one reset before its ACK is dropped.
     fn time_handshakes(&mut self, now: Instant) {
         if self.handshakes.is_empty() {
             return;
@@ -344,11 +343,14 @@ impl Engine {
         // `forget` takes a socket's handshake with it: every handle is valid.
         self.handshakes.retain(|&(handle, sent)| match sockets.get::<Socket>(handle).state() {
             State::Listen | State::SynReceived => true,
-            State::Established => {
+            // Reset before its ACK.
+            State::Closed => false,
+            // Established, or already closing: the ACK may have come in
+            // one round with the peer's data and FIN.
+            _ => {
                 path.on_handshake((now - sent).into());
                 false
             }
-            _ => false,
         });
     }
 
@@ -700,6 +702,20 @@ mod tests {
         assert_eq!(got.len(), data.len());
         assert!(got == data);
         assert_eq!(connections, 1);
+    }
+
+    /// The stack times each handshake, SYN|ACK to ACK, to size the send
+    /// buffers of the connections after it.
+    #[tokio::test]
+    async fn a_handshake_times_the_tunnel_round_trip() {
+        let (tcp, mut out, _accepted) = stack(echo);
+        assert_eq!(tcp.shared.engine().path.rtt(), None);
+        let mut peer = Peer::new();
+        let h = peer.connect(40002);
+        let (got, _) = exchange(&tcp, &mut out, &mut peer, h, b"ping", usize::MAX).await;
+        assert_eq!(got, b"ping");
+        let rtt = tcp.shared.engine().path.rtt().expect("the handshake was not timed");
+        assert!(rtt < std::time::Duration::from_secs(1), "{rtt:?}");
     }
 
     /// ipstack 1.0 resent only when the peer sent again; a lost last segment
