@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, mpsc};
 use tpd_wire::ip::{self, Flow};
 
-use crate::window::SendWindow;
+use crate::window::{Grant, PathWindows, SendWindow};
 
 /// Per-connection receive buffer: the window offered to the sidecar.
 /// Pages are only touched as data flows.
@@ -119,6 +119,8 @@ impl phy::Device for Queues {
 
 struct Entry {
     flow: Flow,
+    /// Its send buffer, given back to the path's budget when it goes.
+    grant: Grant,
     /// When its [`TcpConn`] was dropped; the socket is then ours to close.
     orphaned: Option<std::time::Instant>,
 }
@@ -130,6 +132,10 @@ struct Engine {
     by_flow: HashMap<Flow, SocketHandle>,
     entries: HashMap<SocketHandle, Entry>,
     window: Arc<SendWindow>,
+    path: PathWindows,
+    /// Connections whose SYN|ACK went out at the instant given and whose
+    /// ACK has not come yet: their handshake times the tunnel's round trip.
+    handshakes: Vec<(SocketHandle, Instant)>,
 }
 
 struct Shared {
@@ -177,6 +183,8 @@ impl Tcp {
             by_flow: HashMap::new(),
             entries: HashMap::new(),
             window,
+            path: PathWindows::default(),
+            handshakes: Vec::new(),
         };
         let shared = Arc::new(Shared { engine: Mutex::new(engine), poke: Notify::new() });
         let run = tokio::spawn(run(shared.clone(), rx, send, accept)).abort_handle();
@@ -243,6 +251,7 @@ async fn run(shared: Arc<Shared>, mut input: mpsc::Receiver<Vec<u8>>, send: Outp
             for packet in batch.drain(..) {
                 e.ingest(packet, now, &shared, &mut accepted);
             }
+            e.time_handshakes(now);
             e.iface.poll_maintenance(now);
             while e.iface.poll_egress(now, &mut e.queues, &mut e.sockets)
                 == smoltcp::iface::PollResult::SocketStateChanged
@@ -298,26 +307,51 @@ impl Engine {
             return;
         }
         if p.is_tcp_open() && !self.keeps_socket(p.flow) {
-            let (tx, congestion) = self.window.for_new_connection();
-            let mut socket = Socket::new(SocketBuffer::new(vec![0u8; RX_BUFFER]), SocketBuffer::new(vec![0u8; tx]));
+            let grant = self.path.open(&self.window);
+            let tx = SocketBuffer::new(vec![0u8; grant.tx]);
+            let mut socket = Socket::new(SocketBuffer::new(vec![0u8; RX_BUFFER]), tx);
             socket.set_nagle_enabled(false);
-            socket.set_congestion_control(congestion);
+            socket.set_congestion_control(grant.congestion);
             socket.set_timeout(Some(TIMEOUT));
             socket.set_keep_alive(Some(KEEP_ALIVE));
             let dst = p.flow.dst;
             let endpoint = IpListenEndpoint { addr: Some(IpAddress::Ipv4(*dst.ip())), port: dst.port() };
             if socket.listen(endpoint).is_err() {
+                self.path.close(&grant);
                 return;
             }
             let handle = self.sockets.add(socket);
             self.by_flow.insert(p.flow, handle);
-            self.entries.insert(handle, Entry { flow: p.flow, orphaned: None });
+            self.entries.insert(handle, Entry { flow: p.flow, grant, orphaned: None });
+            // The SYN|ACK goes out this round.
+            self.handshakes.push((handle, now));
             accepted.push((TcpConn { shared: shared.clone(), handle }, p.flow.src, p.flow.dst));
         }
         self.queues.rx.push_back(packet);
         while !self.queues.rx.is_empty() {
             self.iface.poll_ingress_single(now, &mut self.queues, &mut self.sockets);
         }
+    }
+
+    /// Times the handshakes whose ACK came this round. A socket still
+    /// opening waits; one reset before its ACK is dropped.
+    fn time_handshakes(&mut self, now: Instant) {
+        if self.handshakes.is_empty() {
+            return;
+        }
+        let (sockets, path) = (&self.sockets, &mut self.path);
+        // `forget` takes a socket's handshake with it: every handle is valid.
+        self.handshakes.retain(|&(handle, sent)| match sockets.get::<Socket>(handle).state() {
+            State::Listen | State::SynReceived => true,
+            // Reset before its ACK.
+            State::Closed => false,
+            // Established, or already closing: the ACK may have come in
+            // one round with the peer's data and FIN.
+            _ => {
+                path.on_handshake((now - sent).into());
+                false
+            }
+        });
     }
 
     /// Removes sockets that are closed and no longer owned, and closes the
@@ -366,10 +400,12 @@ impl Engine {
 
     /// Removes a socket nobody owns any more.
     fn forget(&mut self, handle: SocketHandle) {
-        if let Some(entry) = self.entries.remove(&handle)
-            && self.by_flow.get(&entry.flow) == Some(&handle)
-        {
-            self.by_flow.remove(&entry.flow);
+        self.handshakes.retain(|&(h, _)| h != handle);
+        if let Some(entry) = self.entries.remove(&handle) {
+            self.path.close(&entry.grant);
+            if self.by_flow.get(&entry.flow) == Some(&handle) {
+                self.by_flow.remove(&entry.flow);
+            }
         }
         self.sockets.remove(handle);
     }
@@ -666,6 +702,20 @@ mod tests {
         assert_eq!(got.len(), data.len());
         assert!(got == data);
         assert_eq!(connections, 1);
+    }
+
+    /// The stack times each handshake, SYN|ACK to ACK, to size the send
+    /// buffers of the connections after it.
+    #[tokio::test]
+    async fn a_handshake_times_the_tunnel_round_trip() {
+        let (tcp, mut out, _accepted) = stack(echo);
+        assert_eq!(tcp.shared.engine().path.rtt(), None);
+        let mut peer = Peer::new();
+        let h = peer.connect(40002);
+        let (got, _) = exchange(&tcp, &mut out, &mut peer, h, b"ping", usize::MAX).await;
+        assert_eq!(got, b"ping");
+        let rtt = tcp.shared.engine().path.rtt().expect("the handshake was not timed");
+        assert!(rtt < std::time::Duration::from_secs(1), "{rtt:?}");
     }
 
     /// ipstack 1.0 resent only when the peer sent again; a lost last segment
