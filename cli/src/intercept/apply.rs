@@ -426,15 +426,8 @@ async fn patch_service(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::jiff::SignedDuration;
+    use crate::intercept::record::renewed_ago as entry;
     use tpd_wire::intercept;
-
-    fn entry(session: &str, renewed_secs_ago: i64, now: Timestamp) -> Entry {
-        let filter =
-            Filter { headers: [("x-dev".into(), session.into())].into(), path_prefix: None, ..Filter::default() };
-        let at = now - SignedDuration::from_secs(renewed_secs_ago);
-        Entry::new(session, &format!("{session}@laptop"), at, &[8080], &filter)
-    }
 
     #[test]
     fn a_swap_of_an_intercepted_deployment_names_who_intercepts_it() {

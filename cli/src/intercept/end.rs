@@ -209,15 +209,7 @@ pub async fn repair(client: &kube::Client, d: &Deployment) -> anyhow::Result<boo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::jiff::SignedDuration;
-    use tpd_wire::intercept::Filter;
-
-    fn entry(session: &str, renewed_secs_ago: i64, now: Timestamp) -> Entry {
-        let filter =
-            Filter { headers: [("x-dev".into(), session.into())].into(), path_prefix: None, ..Filter::default() };
-        let at = now - SignedDuration::from_secs(renewed_secs_ago);
-        Entry::new(session, &format!("{session}@laptop"), at, &[8080], &filter)
-    }
+    use crate::intercept::record::renewed_ago as entry;
 
     #[test]
     fn the_last_session_waits_out_only_sessions_that_missed_a_renewal() {

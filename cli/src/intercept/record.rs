@@ -208,6 +208,15 @@ impl Leased for Renewing {
     }
 }
 
+/// A session's entry as the other sessions' tests need it: `session`'s
+/// header filter, renewed `renewed_secs_ago` before `now`.
+#[cfg(test)]
+pub fn renewed_ago(session: &str, renewed_secs_ago: i64, now: Timestamp) -> Entry {
+    let filter = Filter { headers: [("x-dev".into(), session.into())].into(), path_prefix: None, ..Filter::default() };
+    let at = now - SignedDuration::from_secs(renewed_secs_ago);
+    Entry::new(session, &format!("{session}@laptop"), at, &[8080], &filter)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
