@@ -24,7 +24,24 @@ use super::MountTable;
 
 /// Most directories one connection watches; later ones are served without
 /// (their changes show when the client's cache lifetime ends).
-pub const MAX_WATCHES: usize = 8192;
+const MAX_WATCHES: usize = 8192;
+/// Watches count against the node's `fs.inotify.max_user_watches` for the
+/// agent's uid, which it shares with every process of that uid on the node
+/// (root's include the kubelet's and the container runtime's): the agent
+/// takes at most this fraction of it, so it never starves them.
+const SHARE_OF_NODE: usize = 8;
+/// What a connection watches when the node's limit cannot be read.
+const UNKNOWN_NODE_WATCHES: usize = 1024;
+
+/// Most directories one connection watches on this node.
+fn max_watches() -> usize {
+    let node = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches").ok();
+    watches_for(node.and_then(|n| n.trim().parse().ok()))
+}
+
+fn watches_for(node_limit: Option<usize>) -> usize {
+    node_limit.map_or(UNKNOWN_NODE_WATCHES, |n| n / SHARE_OF_NODE).min(MAX_WATCHES)
+}
 
 /// What a watch reports: entries made, removed, renamed, written or changed.
 fn mask() -> WatchFlags {
@@ -51,6 +68,8 @@ struct Dirs {
 pub struct Watcher {
     fd: AsyncFd<OwnedFd>,
     dirs: Mutex<Dirs>,
+    /// [`max_watches`], read once per connection.
+    max: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -63,7 +82,7 @@ impl Watcher {
         // SAFETY: an OwnedFd is open and stays the same descriptor until
         // the AsyncFd, which owns it, is dropped.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
-        Ok(Arc::new(Watcher { fd, dirs: Mutex::default() }))
+        Ok(Arc::new(Watcher { fd, dirs: Mutex::default(), max: max_watches() }))
     }
 
     /// Watches the directories `req` teaches the client about, before it is served.
@@ -88,7 +107,7 @@ impl Watcher {
         };
         let key = (mount, dir.to_vec());
         let mut dirs = lock(&self.dirs);
-        if dirs.watched.contains(&key) || dirs.watched.len() >= MAX_WATCHES {
+        if dirs.watched.contains(&key) || dirs.watched.len() >= self.max {
             return;
         }
         // Resolved confined, then watched through its descriptor.
@@ -145,5 +164,17 @@ impl Watcher {
             }
         }
         changes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_takes_an_eighth_of_the_nodes_watches_at_most_8192() {
+        assert_eq!(watches_for(Some(8192)), 1024, "the old default limit: most stays for the node");
+        assert_eq!(watches_for(Some(1_048_576)), 8192);
+        assert_eq!(watches_for(None), 1024);
     }
 }
