@@ -7,7 +7,9 @@
 //! its SYN arrives: over a stream transport, enough for [`PATH_RATE`]
 //! over the round trip the last handshakes took ([`PathWindows`]), within
 //! bounds, and what goes above the floor comes from one budget for the
-//! whole stack ([`BUDGET_ABOVE_FLOOR`]). Over UDP the window stays fitted
+//! whole stack ([`BUDGET_ABOVE_FLOOR`]). Its receive buffer, the window
+//! it offers the sidecar for uploads, is sized the same way over either
+//! transport ([`RX_FLOOR`]). Over UDP the send window stays fitted
 //! to the sidecar's buffer whatever the path: smoltcp does not pace, so a
 //! connection's window leaves as one burst, and larger bursts were lost
 //! (see [`TX_UDP_MAX`]).
@@ -53,6 +55,15 @@ const PATH_RATE: u64 = 125;
 /// connections can hold beyond the floor: a few bulk transfers get their
 /// full window, more share what is left, and none gets less than its floor.
 const BUDGET_ABOVE_FLOOR: usize = 32 * 1024 * 1024;
+/// Every connection's receive buffer, the window it offers the sidecar,
+/// is at least this; sized to the path up to [`RX_MAX`], from a budget of
+/// its own ([`BUDGET_ABOVE_FLOOR`] again). The sender of an upload is the
+/// developer's kernel TCP, with its own congestion control over either
+/// transport, so unlike a send window this is safe over UDP too. A fixed
+/// 512 KiB held one upload at 20 ms to 25 MiB/s (writes to a volume over
+/// the WAN lab's link: 19.6-21.9 MiB/s, BENCHMARKS.md).
+const RX_FLOOR: usize = 512 * 1024;
+const RX_MAX: usize = 8 * 1024 * 1024;
 /// Handshake round trips kept. The estimate is their least: one handshake
 /// slowed by a queue (a bulk transfer ahead of it in the tunnel) or by a
 /// resent SYN|ACK does not inflate it, and a changed path shows within
@@ -85,6 +96,12 @@ struct Bounds {
     floor: usize,
     cap: usize,
     congestion: CongestionControl,
+}
+
+impl Bounds {
+    fn range(&self) -> (usize, usize) {
+        (self.floor, self.cap)
+    }
 }
 
 impl SendWindow {
@@ -125,13 +142,21 @@ fn udp_cap_for(receive_buffer: usize) -> usize {
     (receive_buffer / 4).clamp(TX_UDP_MIN, TX_UDP_MAX)
 }
 
-/// A new connection's send buffer and congestion control, and what it
-/// holds of the budget until [`PathWindows::close`].
+/// A new connection's send and receive buffers and congestion control,
+/// and what it holds of the budgets until [`PathWindows::close`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
     pub tx: usize,
+    pub rx: usize,
     pub congestion: CongestionControl,
-    above_floor: usize,
+    above_floor: Held,
+}
+
+/// Buffer held above the floors, send and receive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Held {
+    tx: usize,
+    rx: usize,
 }
 
 /// The stack's view of the path: the tunnel's round trip as the last
@@ -140,7 +165,7 @@ pub struct Grant {
 #[derive(Debug, Default)]
 pub struct PathWindows {
     rtts: VecDeque<Duration>,
-    above_floor: usize,
+    above_floor: Held,
 }
 
 impl PathWindows {
@@ -160,26 +185,30 @@ impl PathWindows {
     /// Sizes a connection opening now over the transport `shared` names.
     pub fn open(&mut self, shared: &SendWindow) -> Grant {
         let bounds = shared.bounds();
-        let tx = size(self.rtt(), bounds, BUDGET_ABOVE_FLOOR.saturating_sub(self.above_floor));
-        let above_floor = tx - bounds.floor;
-        self.above_floor += above_floor;
-        Grant { tx, congestion: bounds.congestion, above_floor }
+        let left = |held: usize| BUDGET_ABOVE_FLOOR.saturating_sub(held);
+        let tx = size(self.rtt(), bounds.range(), left(self.above_floor.tx));
+        let rx = size(self.rtt(), (RX_FLOOR, RX_MAX), left(self.above_floor.rx));
+        let above_floor = Held { tx: tx - bounds.floor, rx: rx - RX_FLOOR };
+        self.above_floor.tx += above_floor.tx;
+        self.above_floor.rx += above_floor.rx;
+        Grant { tx, rx, congestion: bounds.congestion, above_floor }
     }
 
-    /// Returns what a connection that is gone held of the budget.
+    /// Returns what a connection that is gone held of the budgets.
     pub fn close(&mut self, grant: &Grant) {
-        self.above_floor -= grant.above_floor;
+        self.above_floor.tx -= grant.above_floor.tx;
+        self.above_floor.rx -= grant.above_floor.rx;
     }
 }
 
-/// [`PATH_RATE`] over `rtt`, within `bounds`, taking no more than `budget`
-/// above the floor. Without a round trip yet, the floor.
-fn size(rtt: Option<Duration>, bounds: Bounds, budget: usize) -> usize {
-    let Some(rtt) = rtt else { return bounds.floor };
+/// [`PATH_RATE`] over `rtt`, within `(floor, cap)`, taking no more than
+/// `budget` above the floor. Without a round trip yet, the floor.
+fn size(rtt: Option<Duration>, (floor, cap): (usize, usize), budget: usize) -> usize {
+    let Some(rtt) = rtt else { return floor };
     let bdp = usize::try_from(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).saturating_mul(PATH_RATE))
         .unwrap_or(usize::MAX);
-    let want = bdp.clamp(bounds.floor, bounds.cap.max(bounds.floor));
-    bounds.floor + (want - bounds.floor).min(budget)
+    let want = bdp.clamp(floor, cap.max(floor));
+    floor + (want - floor).min(budget)
 }
 
 #[cfg(test)]
@@ -205,7 +234,7 @@ mod tests {
     /// 1 Gbit/s over the round trip, within the transport's floor and cap.
     #[test]
     fn a_send_buffer_covers_the_path_rate_over_the_round_trip() {
-        let stream = SendWindow::default().bounds();
+        let stream = SendWindow::default().bounds().range();
         assert_eq!(size(None, stream, usize::MAX), MIB, "no round trip yet: the floor");
         assert_eq!(size(Some(ms(1)), stream, usize::MAX), MIB);
         assert_eq!(size(Some(ms(20)), stream, usize::MAX), 2_500_000);
@@ -221,10 +250,10 @@ mod tests {
     fn the_udp_window_is_fitted_to_the_buffer_not_the_path() {
         let shared = SendWindow::default();
         shared.set_lossy(true);
-        assert_eq!(size(Some(ms(20)), shared.bounds(), usize::MAX), TX_UDP_MAX);
+        assert_eq!(size(Some(ms(20)), shared.bounds().range(), usize::MAX), TX_UDP_MAX);
         assert_eq!(shared.fit_udp(2 * 212_992), 104 * 1024);
-        assert_eq!(size(Some(ms(20)), shared.bounds(), usize::MAX), 104 * 1024);
-        assert_eq!(size(None, shared.bounds(), usize::MAX), 104 * 1024);
+        assert_eq!(size(Some(ms(20)), shared.bounds().range(), usize::MAX), 104 * 1024);
+        assert_eq!(size(None, shared.bounds().range(), usize::MAX), 104 * 1024);
     }
 
     /// The estimate is the least recent handshake, so a slow one passes
@@ -268,5 +297,21 @@ mod tests {
         assert_eq!((udp.tx, udp.congestion), (TX_UDP_MAX, CongestionControl::Reno));
         shared.set_lossy(false);
         assert_eq!(path.open(&shared).congestion, CongestionControl::None);
+    }
+
+    /// The window offered for uploads follows the path over either
+    /// transport (the developer's kernel TCP sends them, with its own
+    /// congestion control), from a budget of its own.
+    #[test]
+    fn the_receive_window_follows_the_path_over_either_transport() {
+        let (shared, mut path) = (SendWindow::default(), PathWindows::default());
+        assert_eq!(path.open(&shared).rx, RX_FLOOR, "no round trip yet");
+        path.on_handshake(ms(20));
+        assert_eq!(path.open(&shared).rx, 2_500_000);
+        shared.set_lossy(true);
+        let udp = path.open(&shared);
+        assert_eq!((udp.tx, udp.rx), (TX_UDP_MAX, 2_500_000));
+        let near = PathWindows { rtts: [ms(1)].into(), ..PathWindows::default() }.open(&shared);
+        assert_eq!(near.rx, RX_FLOOR, "a near path keeps the floor");
     }
 }

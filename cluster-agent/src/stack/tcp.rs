@@ -25,10 +25,6 @@ use tpd_wire::ip::{self, Flow};
 
 use crate::window::{Grant, PathWindows, SendWindow};
 
-/// Per-connection receive buffer: the window offered to the sidecar.
-/// Pages are only touched as data flows.
-const RX_BUFFER: usize = 512 * 1024;
-
 /// A connection with nothing received for this long (keep-alives are
 /// answered by a live peer) is aborted.
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -309,7 +305,7 @@ impl Engine {
         if p.is_tcp_open() && !self.keeps_socket(p.flow) {
             let grant = self.path.open(&self.window);
             let tx = SocketBuffer::new(vec![0u8; grant.tx]);
-            let mut socket = Socket::new(SocketBuffer::new(vec![0u8; RX_BUFFER]), tx);
+            let mut socket = Socket::new(SocketBuffer::new(vec![0u8; grant.rx]), tx);
             socket.set_nagle_enabled(false);
             socket.set_congestion_control(grant.congestion);
             socket.set_timeout(Some(TIMEOUT));
