@@ -19,10 +19,12 @@ use rustix::fs::{Mode, OFlags};
 use rustix::mount::{FsMountFlags, FsOpenFlags, FsPickFlags, MountAttrFlags};
 use tpd_wire::files;
 
-/// As much as one read request carries: the kernel then keeps a whole
-/// request ahead of the reader. 512 KiB to 2 MiB measured alike through the
-/// tunnel, 128 KiB about 40% slower.
-const READ_AHEAD_KB: u32 = files::MAX_IO / 1024;
+/// Four read requests' worth: a sequential reader then has up to four
+/// requests in flight. Near the cluster 512 KiB to 8 MiB measured alike
+/// (128 KiB about 40% slower); across a WAN the window is what one round
+/// trip can bring, and at 1 MiB reads at 20 ms stopped at 41 MiB/s
+/// (BENCHMARKS.md, "Volumes over the link").
+pub(super) const READ_AHEAD_KB: u32 = 4 * files::MAX_IO / 1024;
 
 /// Widens the readahead of the mount at `point`. Best effort: without
 /// sysfs access (rootless Docker, an AppArmor profile) reads still work, at
