@@ -1,10 +1,35 @@
-//! The file protocol's attributes as the kernel sees them (for how long it
-//! may trust them: see `cache`).
+//! The file protocol's attributes as the kernel sees them, and how long it
+//! keeps them ([`Lifetimes`]; how the agent's reports end that early: see
+//! `cache`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
 use tpd_wire::files::{self, Attr, TimeSet, Timespec};
+
+/// How long names, attributes and missing names are kept with the cache on.
+pub const CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// What the mounts keep, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// Names and attributes (the kernel's entry and attribute timeouts, and
+    /// listings answering lookups); zero keeps nothing.
+    pub entry: Duration,
+    /// Whether a missing name is kept as long (a negative entry).
+    pub negative: bool,
+}
+
+impl Lifetimes {
+    /// `--volume-cache=on` or `off`.
+    pub fn new(cache: bool) -> Self {
+        if cache {
+            Lifetimes { entry: CACHE_TTL, negative: true }
+        } else {
+            Lifetimes { entry: Duration::ZERO, negative: false }
+        }
+    }
+}
 
 fn time(t: Timespec) -> SystemTime {
     let nanos = Duration::new(t.sec.unsigned_abs(), t.nsec);
@@ -64,5 +89,16 @@ pub fn file_attr(ino: u64, a: &Attr) -> FileAttr {
         // (what a 4 KiB block size gets from `cp`) paid 8 round trips per MiB.
         blksize: files::MAX_IO,
         flags: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_keeps_nothing_and_on_keeps_missing_names() {
+        assert_eq!(Lifetimes::new(false), Lifetimes { entry: Duration::ZERO, negative: false });
+        assert_eq!(Lifetimes::new(true), Lifetimes { entry: CACHE_TTL, negative: true });
     }
 }

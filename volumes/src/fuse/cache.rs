@@ -2,13 +2,13 @@
 //! reports make them drop it (`--volume-cache`).
 //!
 //! With the cache on (the default), the kernel keeps names, attributes and
-//! missing names (negative entries) for [`CACHE_TTL`], and a directory's
+//! missing names (negative entries) for [`CACHE_TTL`](super::attr::CACHE_TTL), and a directory's
 //! listing answers lookups in it as long. That is safe because the agent
 //! watches every directory the mounts have looked into and reports each
 //! change ([`tpd_wire::files::Response::Changed`]); the [`Invalidator`]
 //! then drops the kernel's entry and attributes (FUSE's
 //! `notify_inval_entry`/`notify_inval_inode`) and the listing, so a change
-//! shows one trip from the agent after inotify saw it. [`CACHE_TTL`] only
+//! shows one trip from the agent after inotify saw it. `CACHE_TTL` only
 //! bounds what inotify cannot see (another machine writing to a network
 //! file system, directories past the agent's watch limit, a connection
 //! that was re-established). With the cache off the kernel keeps nothing:
@@ -18,7 +18,6 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use fuser::{INodeNo, Notifier};
 
@@ -26,30 +25,7 @@ use super::client::Change;
 use super::heads::Heads;
 use super::listing::Listings;
 use super::lock;
-
-/// How long names, attributes and missing names are kept with the cache on.
-pub const CACHE_TTL: Duration = Duration::from_secs(30);
-
-/// What the mounts keep, and for how long.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lifetimes {
-    /// Names and attributes (the kernel's entry and attribute timeouts, and
-    /// listings answering lookups); zero keeps nothing.
-    pub entry: Duration,
-    /// Whether a missing name is kept as long (a negative entry).
-    pub negative: bool,
-}
-
-impl Lifetimes {
-    /// `--volume-cache=on` or `off`.
-    pub fn new(cache: bool) -> Self {
-        if cache {
-            Lifetimes { entry: CACHE_TTL, negative: true }
-        } else {
-            Lifetimes { entry: Duration::ZERO, negative: false }
-        }
-    }
-}
+use super::path::{join, split};
 
 /// Finds the kernel's inode numbers of mount-relative paths.
 pub trait InodeOf: Send + Sync {
@@ -71,7 +47,7 @@ impl Invalidator {
         let (dir, name) = if name.is_empty() { split(dir) } else { (dir, name) };
         lock(&self.listings).forget(dir);
         lock(&self.heads).changed();
-        let path = super::fs::join(dir, OsStr::from_bytes(name));
+        let path = join(dir, name);
         lock(&self.listings).forget(&path);
         // Errors only say the kernel did not hold that entry or inode.
         if let Some(parent) = self.inodes.inode_of(dir) {
@@ -93,30 +69,5 @@ pub fn apply(changes: Receiver<Change>, mounts: &[(Invalidator, Notifier)]) {
         if let Some((invalidator, notifier)) = mounts.get(usize::from(mount)) {
             invalidator.changed(notifier, &dir, &name);
         }
-    }
-}
-
-/// `(parent, last component)` of a mount-relative path; the root is its own.
-fn split(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|b| *b == b'/') {
-        Some(slash) => (&path[..slash], &path[slash + 1..]),
-        None => (&[], path),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn off_keeps_nothing_and_on_keeps_missing_names() {
-        assert_eq!(Lifetimes::new(false), Lifetimes { entry: Duration::ZERO, negative: false });
-        assert_eq!(Lifetimes::new(true), Lifetimes { entry: CACHE_TTL, negative: true });
-    }
-
-    #[test]
-    fn a_directory_changing_is_its_entry_in_its_parent() {
-        assert_eq!(split(b"a/b/c"), (&b"a/b"[..], &b"c"[..]));
-        assert_eq!(split(b"a"), (&b""[..], &b"a"[..]));
     }
 }

@@ -43,12 +43,14 @@ use fuser::{
 use tokio::runtime::Handle;
 use tpd_wire::files::{self, DirEntry, Request as Req, Response, SetAttr};
 
+use super::attr::Lifetimes;
 use super::attr::{file_attr, kind, timeset};
-use super::cache::{InodeOf, Invalidator, Lifetimes};
+use super::cache::{InodeOf, Invalidator};
 use super::client::FileClient;
 use super::heads::Heads;
 use super::listing::{Listings, Lookup};
 use super::lock;
+use super::path::join;
 use super::writes::{self, WriteBehind};
 
 const ROOT: u64 = 1;
@@ -106,15 +108,6 @@ impl InodeOf for Mutex<Inodes> {
     }
 }
 
-pub(super) fn join(parent: &[u8], name: &OsStr) -> Vec<u8> {
-    let mut p = parent.to_vec();
-    if !p.is_empty() {
-        p.push(b'/');
-    }
-    p.extend_from_slice(name.as_bytes());
-    p
-}
-
 /// The FUSE side of one remote volume.
 #[derive(Debug)]
 pub struct VolumeFs {
@@ -160,7 +153,7 @@ impl VolumeFs {
     }
 
     fn child(&self, parent: INodeNo, name: &OsStr) -> Result<Vec<u8>, Errno> {
-        Ok(join(&self.path(parent)?, name))
+        Ok(join(&self.path(parent)?, name.as_bytes()))
     }
 
     /// Runs `f` on the runtime with the client once the writes answered so
@@ -293,7 +286,7 @@ impl Filesystem for VolumeFs {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
-        let path = join(&dir, name);
+        let path = join(&dir, name.as_bytes());
         let mount = self.mount;
         // Bound first: the guard must not live through the arms, which lock again.
         let found = lock(&self.listings).lookup(&dir, name.as_bytes(), Instant::now());
@@ -643,7 +636,7 @@ impl Filesystem for VolumeFs {
                 Err(e) => return reply.error(e),
             };
             for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-                let ino = lock(inodes).ino(&join(dir, OsStr::from_bytes(&e.name)));
+                let ino = lock(inodes).ino(&join(dir, &e.name));
                 if reply.add(INodeNo(ino), i as u64 + 1, kind(e.attr.mode), OsStr::from_bytes(&e.name)) {
                     break;
                 }
@@ -661,7 +654,7 @@ impl Filesystem for VolumeFs {
                 Err(e) => return reply.error(e),
             };
             for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-                let ino = lock(inodes).ino(&join(dir, OsStr::from_bytes(&e.name)));
+                let ino = lock(inodes).ino(&join(dir, &e.name));
                 let attr = file_attr(ino, &e.attr);
                 if reply.add(INodeNo(ino), i as u64 + 1, OsStr::from_bytes(&e.name), &ttl, &attr, Generation(0)) {
                     break;

@@ -20,13 +20,13 @@
 //! Pure: time comes in as an argument.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tpd_wire::files::{Attr, DirEntry};
 
-use super::cache::Lifetimes;
+use super::attr::Lifetimes;
+use super::path::join;
 
 /// Lookups in one directory, within the attribute lifetime, after which it
 /// is listed instead.
@@ -168,11 +168,6 @@ impl Listings {
         self.generation += 1;
         self.dirs.remove(dir);
     }
-}
-
-/// `dir/name`, mount-relative.
-fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    super::fs::join(dir, std::ffi::OsStr::from_bytes(name))
 }
 
 #[cfg(test)]

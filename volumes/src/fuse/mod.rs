@@ -23,6 +23,7 @@ mod client;
 mod fs;
 mod heads;
 mod listing;
+mod path;
 mod readahead;
 #[cfg(test)]
 mod tests;
@@ -37,7 +38,7 @@ use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use tokio_util::sync::CancellationToken;
 use tpd_wire::{files, names};
 
-use cache::Lifetimes;
+use attr::Lifetimes;
 pub use client::FileClient;
 use fs::VolumeFs;
 #[cfg(test)]
