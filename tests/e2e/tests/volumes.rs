@@ -358,7 +358,7 @@ fn volumes_through_the_tunnel() {
     // The sidecar widened each mount's readahead past the kernel's 128 KiB
     // from inside its container, where /sys is read-only.
     for path in &tunnel.paths {
-        assert_eq!(read_ahead_kb(path), (files::MAX_IO / 1024).to_string(), "{}", path.display());
+        assert_eq!(read_ahead_kb(path), tpd_volumes::fuse::READ_AHEAD_KB.to_string(), "{}", path.display());
     }
     // It lifted the read-only flag of its namespace's sysfs for that write
     // only: /sys is read-only again, for the mount and its superblock.

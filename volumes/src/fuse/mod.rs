@@ -44,6 +44,7 @@ use fs::VolumeFs;
 #[cfg(test)]
 use heads::HEAD_TTL;
 use heads::Heads;
+pub use readahead::READ_AHEAD_KB;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {

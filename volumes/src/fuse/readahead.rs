@@ -24,7 +24,7 @@ use tpd_wire::files;
 /// (128 KiB about 40% slower); across a WAN the window is what one round
 /// trip can bring, and at 1 MiB reads at 20 ms stopped at 41 MiB/s
 /// (BENCHMARKS.md, "Volumes over the link").
-pub(super) const READ_AHEAD_KB: u32 = 4 * files::MAX_IO / 1024;
+pub const READ_AHEAD_KB: u32 = 4 * files::MAX_IO / 1024;
 
 /// Widens the readahead of the mount at `point`. Best effort: without
 /// sysfs access (rootless Docker, an AppArmor profile) reads still work, at

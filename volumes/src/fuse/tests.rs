@@ -305,7 +305,7 @@ async fn large_files_and_concurrent_readers() {
     let device = super::device_of(&std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo"), &rw)
         .expect("the mount's device");
     let window = std::fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb")).expect("read_ahead_kb");
-    assert_eq!(window.trim(), super::readahead::READ_AHEAD_KB.to_string(), "readahead of {device}");
+    assert_eq!(window.trim(), super::READ_AHEAD_KB.to_string(), "readahead of {device}");
     blocking(move || {
         // 32 MiB of non-repeating bytes, written locally in odd-sized chunks.
         let data: Vec<u8> = (0..32u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
